@@ -1,0 +1,129 @@
+"""Detect objects with a saved Pix2Seq model: images in, detections out as JSON and as pictures.
+
+    python examples/detect.py --model outputs/pix2seq-synthetic --output_dir detections image1.jpg images_folder/
+
+Writes `<output_dir>/detections.json` (one entry per image: file, size, and each detection's label, score and absolute
+xyxy box) and `<output_dir>/<image name>.png` with the boxes, labels and scores drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoModelForObjectDetection, AutoProcessor
+
+import pix2seq_hf  # noqa: F401  (registers the Pix2Seq classes with the Auto factories)
+from pix2seq_hf.visualization import draw_detections
+
+
+logger = logging.getLogger("detect")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="Image files and/or folders of images.")
+    parser.add_argument("--model", required=True, help="Folder (or Hub id) of a saved Pix2Seq model and processor.")
+    parser.add_argument("--output_dir", default="detections", help="Where the JSON and the pictures go.")
+    parser.add_argument("--threshold", type=float, default=0.3, help="Lowest score kept.")
+    parser.add_argument("--top_p", type=float, default=None, help="Nucleus sampling mass (the model's default: 0.4).")
+    parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling, for repeatable detections.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_pictures", action="store_true", help="Write the JSON only.")
+    return parser.parse_args(argv)
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """Expands folders into their image files (sorted); raises `FileNotFoundError` for a path that does not exist."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No image file or folder at {path}")
+    if not files:
+        raise FileNotFoundError(f"No images found in {paths}")
+    return files
+
+
+def load_image(path: Path) -> Image.Image | None:
+    """Opens an image, or returns `None` (with a warning) when the file is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as error:
+        logger.warning("Skipping %s: not a readable image (%s)", path, error)
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model = AutoModelForObjectDetection.from_pretrained(args.model).to(args.device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    processor.check_model_compatible(model)
+    generation_kwargs = {"do_sample": False} if args.greedy else {}
+    if args.top_p is not None and not args.greedy:
+        generation_kwargs["top_p"] = args.top_p
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = collect_images(args.images)
+    loaded = [(path, load_image(path)) for path in files]
+    skipped = [str(path) for path, image in loaded if image is None]
+    loaded = [(path, image) for path, image in loaded if image is not None]
+    torch.manual_seed(args.seed)
+
+    results = []
+    for start in range(0, len(loaded), args.batch_size):
+        batch = loaded[start : start + args.batch_size]
+        images = [image for _, image in batch]
+        inputs = processor(images=images, return_tensors="pt").to(args.device)
+        with torch.no_grad():
+            outputs = model.generate(inputs["pixel_values"], **generation_kwargs)
+        detections = processor.post_process_object_detection(
+            outputs, threshold=args.threshold, target_sizes=[(image.height, image.width) for image in images]
+        )
+        for (path, image), found in zip(batch, detections):
+            found = {key: value.cpu() for key, value in found.items()}
+            results.append(
+                {
+                    "file": str(path),
+                    "width": image.width,
+                    "height": image.height,
+                    "detections": [
+                        {
+                            "label": model.config.id2label.get(int(label), str(int(label))),
+                            "label_id": int(label),
+                            "score": round(float(score), 4),
+                            "box": [round(float(v), 2) for v in box],
+                        }
+                        for score, label, box in zip(found["scores"], found["labels"], found["boxes"])
+                    ],
+                }
+            )
+            if not args.no_pictures:
+                picture = draw_detections(image, found, model.config.id2label)
+                picture.save(output_dir / f"{path.stem}.png")
+            logger.info("%s: %d detections", path, len(found["scores"]))
+
+    with open(output_dir / "detections.json", "w") as handle:
+        json.dump({"model": args.model, "threshold": args.threshold, "skipped": skipped, "images": results}, handle, indent=2)
+    logger.info("Wrote %s (%d images, %d skipped)", output_dir / "detections.json", len(results), len(skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

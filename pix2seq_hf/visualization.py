@@ -1,0 +1,53 @@
+"""Drawing detections on images (with `torchvision.utils.draw_bounding_boxes`)."""
+
+from __future__ import annotations
+
+import colorsys
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes
+
+
+def _label_colour(label: int) -> tuple[int, int, int]:
+    """A distinct, stable colour per class (golden-ratio hue steps)."""
+    hue = (label * 0.618033988749895) % 1.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(red * 255), int(green * 255), int(blue * 255)
+
+
+def draw_detections(
+    image: Image.Image,
+    detections: dict,
+    id2label: dict[int, str] | None = None,
+    threshold: float = 0.0,
+    width: int = 2,
+) -> Image.Image:
+    """
+    Draws boxes with their label and score on a copy of `image`.
+
+    Args:
+        image (`PIL.Image.Image`): the original image.
+        detections (`dict`): one entry of `post_process_object_detection`: `scores` [n], `labels` [n] and `boxes`
+            [n, 4] (absolute xyxy in the pixels of `image`), tensors or lists.
+        id2label (`dict[int, str]`, *optional*): class names; the label id is written when missing.
+        threshold (`float`, *optional*, defaults to 0.0): detections below this score are not drawn.
+        width (`int`, *optional*, defaults to 2): line width in pixels.
+
+    Returns:
+        `PIL.Image.Image`: an RGB image with the detections drawn.
+    """
+    image_tensor = F.pil_to_tensor(image.convert("RGB"))
+    scores = torch.as_tensor(detections["scores"], dtype=torch.float32).reshape(-1)
+    labels = torch.as_tensor(detections["labels"], dtype=torch.int64).reshape(-1)
+    boxes = torch.as_tensor(detections["boxes"], dtype=torch.float32).reshape(-1, 4)
+    keep = scores >= threshold
+    scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+    if len(boxes) == 0:
+        return F.to_pil_image(image_tensor)
+    id2label = id2label or {}
+    captions = [f"{id2label.get(int(label), str(int(label)))} {float(score):.2f}" for label, score in zip(labels, scores)]
+    colours = [_label_colour(int(label)) for label in labels]
+    drawn = draw_bounding_boxes(image_tensor, boxes, labels=captions, colors=colours, width=width)
+    return F.to_pil_image(drawn)
