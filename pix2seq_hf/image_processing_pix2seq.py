@@ -1,0 +1,556 @@
+"""Image processor for Pix2Seq: resize, pad to a square canvas, rescale/normalise, and detection post-processing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as tvF
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb as convert_to_rgb_pil
+from transformers.image_transforms import group_images_by_shape, reorder_images
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    AnnotationFormat,
+    ChannelDimension,
+    ImageInput,
+    ImageType,
+    PILImageResampling,
+    SizeDict,
+    get_image_type,
+    infer_channel_dimension_format,
+    is_pil_image,
+    is_valid_image,
+    make_flat_list_of_images,
+    validate_annotations,
+)
+from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import TensorType
+
+
+# PIL modes holding more than 8 bits per pixel. Pillow opens 16-bit PNG/TIFF files as "I;16*" or, for some files and
+# older versions, as 32-bit "I"; both are read as 16-bit data here.
+_PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_UINT16_MAX = 65535.0
+
+
+class Pix2SeqImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    pad_value (`float`, *optional*, defaults to `self.pad_value`):
+        Value of the padded canvas pixels, in the units of the image after rescaling and before normalisation (0.3
+        with the default `do_rescale=True` is the official Pix2Seq value; with `do_normalize=True` the padding is
+        normalised like every other pixel).
+    """
+
+    pad_value: float
+
+
+def get_size_for_longest_edge(image_size: tuple[int, int], longest_edge: int) -> tuple[int, int]:
+    """
+    Size `(height, width)` of an image of size `image_size` resized, keeping its aspect ratio, so that its longer side
+    is `longest_edge`. The shorter side is rounded to the nearest pixel and is at least 1.
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"Cannot resize an empty image of size (height={height}, width={width}).")
+    if height >= width:
+        return longest_edge, max(1, math.floor(width * longest_edge / height + 0.5))
+    return max(1, math.floor(height * longest_edge / width + 0.5)), longest_edge
+
+
+def _field(outputs: Any, name: str) -> Any:
+    """Reads `name` from a `ModelOutput`/mapping or an object with attributes; `None` when absent."""
+    if isinstance(outputs, Mapping):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+def _target_size_list(target_sizes, batch_size: int) -> list[tuple[int, int]] | None:
+    """Turns `target_sizes` (list of `(height, width)` or tensor `[batch_size, 2]`) into a list of int pairs."""
+    if target_sizes is None:
+        return None
+    if isinstance(target_sizes, (torch.Tensor, np.ndarray)):
+        if target_sizes.ndim != 2 or target_sizes.shape[1] != 2:
+            raise ValueError(f"`target_sizes` must have shape (batch_size, 2), got {tuple(target_sizes.shape)}.")
+        target_sizes = target_sizes.tolist()
+    if len(target_sizes) != batch_size:
+        raise ValueError(
+            f"Got {len(target_sizes)} target sizes for a batch of {batch_size} images; pass one (height, width) per "
+            "image."
+        )
+    sizes = []
+    for size in target_sizes:
+        height, width = (int(v) for v in size)
+        if height < 1 or width < 1:
+            raise ValueError(f"Target sizes must be positive (height, width) pairs, got {tuple(size)}.")
+        sizes.append((height, width))
+    return sizes
+
+
+class Pix2SeqImageProcessor(TorchvisionBackend):
+    r"""
+    Image processor of Pix2Seq (torchvision backend).
+
+    Every image is resized, keeping its aspect ratio, so that its longer side is `size["longest_edge"]` (640), then
+    padded at the bottom and right to the square canvas `longest_edge x longest_edge` with `pad_value` (0.3 in [0, 1]
+    pixel units, as the official code). Pixels are rescaled to [0, 1] (`do_rescale`) and, optionally, normalised with
+    `image_mean`/`image_std` (`do_normalize=False` by default, as the official code; set it with the ImageNet
+    statistics for ImageNet-pretrained timm backbones). Boxes are given to the model normalised to the canvas, so a
+    canvas-normalised box maps back to the original image as `box * max(height, width)`.
+
+    Inputs may be PIL images, NumPy arrays or torch tensors, channels first or last (`input_data_format` settles
+    ambiguous shapes such as `1 x 1 x 3`), grayscale, RGBA (composited on white) or 16-bit (PIL "I;16"/"I" images and
+    `uint16` arrays are scaled by `255 / 65535` to the 8-bit range first, so `rescale_factor` works for every input).
+
+    With `annotations` (COCO detection format, as DETR's image processor takes them), the output also holds `labels`:
+    one dict per image with `boxes` (`[N, 4]`, `(x_min, y_min, x_max, y_max)` normalised to the canvas),
+    `class_labels` (`category_id` as given), `image_id`, `orig_size` (`(height, width)` of the input) and `size`
+    (`(height, width)` of the resized image on the canvas, before padding). Crowd annotations (`iscrowd=1`) are left
+    out, as DETR does. Boxes are clipped to the image; a box that is not finite or has no area after clipping is an
+    error (the data layer filters such boxes before this point).
+
+    With `do_resize=False` the images are not resized and must already fit on the canvas (e.g. after scale-jitter and
+    random-crop augmentation); boxes are still normalised to the canvas.
+    """
+
+    valid_kwargs = Pix2SeqImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+
+    resample = PILImageResampling.BILINEAR
+    size = {"longest_edge": 640}
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = False
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    do_pad = True
+    pad_value = 0.3
+    do_convert_rgb = True
+
+    def __init__(self, **kwargs: Unpack[Pix2SeqImageProcessorKwargs]) -> None:
+        super().__init__(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Input preparation
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _standardize_kwargs(self, size=None, **kwargs) -> dict:
+        """Accepts `size` as an int or `{"longest_edge": int}`: the canvas is always square."""
+        if size is not None:
+            if isinstance(size, int) and not isinstance(size, bool):
+                size = {"longest_edge": size}
+            size = dict(size) if isinstance(size, (Mapping, SizeDict)) else size
+            if not isinstance(size, dict) or set(size) != {"longest_edge"}:
+                raise ValueError(
+                    f"Pix2Seq resizes the longer image side and pads to a square canvas: `size` must be an int or "
+                    f'{{"longest_edge": int}}, got {size}.'
+                )
+            longest_edge = size["longest_edge"]
+            if not isinstance(longest_edge, int) or isinstance(longest_edge, bool) or longest_edge < 1:
+                raise ValueError(f'`size["longest_edge"]` must be a positive int, got {longest_edge!r}.')
+            size = SizeDict(longest_edge=longest_edge)
+        return super()._standardize_kwargs(size=size, **kwargs)
+
+    def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
+        """Flattens the input into a list of images; unlike the base class, also accepts 2D (grayscale) arrays."""
+        images = self.fetch_images(images)
+        if is_valid_image(images) and not is_pil_image(images) and images.ndim == 2:
+            return [images]
+        if (
+            isinstance(images, (list, tuple))
+            and len(images) > 0
+            and all(is_valid_image(image) and (is_pil_image(image) or image.ndim in (2, 3)) for image in images)
+        ):
+            return list(images)
+        return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+
+    def process_image(
+        self,
+        image: ImageInput,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        device: torch.device | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Converts one PIL image, array or tensor into a channels-first tensor: `uint8` for 8-bit inputs, `float32` in
+        the 8-bit range [0, 255] for 16-bit inputs, unchanged dtype otherwise; RGB when `do_convert_rgb`.
+        """
+        image_type = get_image_type(image)
+        if image_type not in (ImageType.PIL, ImageType.TORCH, ImageType.NUMPY):
+            raise ValueError(f"Unsupported image type {type(image)}; pass PIL images, NumPy arrays or torch tensors.")
+
+        is_16bit = False
+        if image_type == ImageType.PIL:
+            if image.mode in _PIL_16BIT_MODES:
+                array = np.array(image)
+                if array.min() < 0 or array.max() > _UINT16_MAX:
+                    raise ValueError(
+                        f"PIL image of mode {image.mode!r} has values in [{array.min()}, {array.max()}]; only 16-bit "
+                        "data (0..65535) is supported for integer modes."
+                    )
+                image = torch.from_numpy(array.astype(np.float32))
+                is_16bit = True
+            elif do_convert_rgb and (image.mode != "RGB" or "transparency" in image.info):
+                image = torch.from_numpy(convert_to_rgb_pil(image, return_numpy=True))
+            else:
+                image = torch.from_numpy(np.array(image))
+            # `np.array` of a PIL image is (H, W) or (H, W, C).
+            input_data_format = ChannelDimension.LAST
+        elif image_type == ImageType.NUMPY:
+            image = np.ascontiguousarray(image)
+            if not image.dtype.isnative:  # e.g. big-endian 16-bit data, which torch cannot wrap
+                image = image.astype(image.dtype.newbyteorder("="))
+            image = torch.from_numpy(image)
+
+        if image.dtype == torch.uint16:
+            image = image.to(torch.float32)
+            is_16bit = True
+
+        if image.ndim == 2:
+            image = image.unsqueeze(0)
+            input_data_format = ChannelDimension.FIRST
+        if image.ndim != 3:
+            raise ValueError(f"Expected an image with 2 or 3 dimensions, got shape {tuple(image.shape)}.")
+        if input_data_format is None:
+            input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+        # No `.contiguous()` here: torchvision resizes channels-last uint8 memory fastest, and stacking copies anyway.
+        if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+            image = image.permute(2, 0, 1)
+
+        if is_16bit:
+            # To [0, 1] for the RGB(A) conversion, then to the 8-bit range that `rescale_factor` expects.
+            image = image / _UINT16_MAX
+            if do_convert_rgb:
+                image = self.convert_to_rgb(image, input_data_format=ChannelDimension.FIRST)
+            image = image * 255.0
+        elif do_convert_rgb and image_type != ImageType.PIL:
+            image = self.convert_to_rgb(image, input_data_format=ChannelDimension.FIRST)
+
+        if device is not None:
+            image = image.to(device)
+        return image
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Geometry
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def resize(
+        self,
+        image: torch.Tensor,
+        size: SizeDict,
+        resample: PILImageResampling | tvF.InterpolationMode | int | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Resizes `image` (`[..., C, H, W]`) keeping its aspect ratio so that its longer side is `size.longest_edge`;
+        `size` may also give an exact `height` and `width`.
+        """
+        if size.longest_edge is not None:
+            height, width = get_size_for_longest_edge(image.shape[-2:], size.longest_edge)
+        elif size.height is not None and size.width is not None:
+            height, width = size.height, size.width
+        else:
+            raise ValueError(f'`size` must be {{"longest_edge": int}} or give `height` and `width`, got {size}.')
+        if (height, width) == tuple(image.shape[-2:]):
+            return image
+        return super().resize(image, SizeDict(height=height, width=width), resample=resample, **kwargs)
+
+    def prepare_annotation(self, annotation: dict, image_size: tuple[int, int]) -> dict:
+        """
+        Reads one image's COCO detection annotation into a target in the pixel coordinates of the input image.
+
+        Args:
+            annotation (`dict`): `{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id": int,
+                "iscrowd": 0 | 1 (optional)}, ...]}`, boxes in absolute pixels.
+            image_size (`tuple[int, int]`): `(height, width)` of the image.
+
+        Returns:
+            `dict` with `boxes` (`tv_tensors.BoundingBoxes`, XYXY, clipped to the image), `class_labels`
+            (`LongTensor[N]`), `image_id` (`LongTensor[1]`) and `orig_size` (`LongTensor[2]`).
+
+        Raises:
+            `ValueError` naming the image id, the annotation index and the value for a malformed, non-finite or (after
+            clipping) empty box, or a non-integer `category_id`/`image_id`.
+        """
+        height, width = int(image_size[0]), int(image_size[1])
+        image_id = annotation["image_id"]
+        if isinstance(image_id, torch.Tensor) and image_id.numel() == 1:
+            image_id = image_id.item()
+        if not isinstance(image_id, (int, np.integer)) or isinstance(image_id, bool):
+            raise ValueError(f"`image_id` must be an int, got {image_id!r}.")
+        image_id = int(image_id)
+
+        xywh, class_labels, indices = [], [], []
+        for index, obj in enumerate(annotation["annotations"]):
+            if obj.get("iscrowd", 0):
+                continue
+            if "bbox" not in obj or "category_id" not in obj:
+                raise ValueError(
+                    f"Image {image_id}, annotation {index}: expected the keys 'bbox' and 'category_id', got "
+                    f"{sorted(obj)}."
+                )
+            bbox = obj["bbox"]
+            try:
+                bbox = [float(v) for v in (bbox.tolist() if hasattr(bbox, "tolist") else bbox)]
+            except (TypeError, ValueError):
+                raise ValueError(f"Image {image_id}, annotation {index}: 'bbox' must be 4 numbers, got {bbox!r}.")
+            if len(bbox) != 4:
+                raise ValueError(f"Image {image_id}, annotation {index}: 'bbox' must be 4 numbers, got {bbox!r}.")
+            if not all(math.isfinite(v) for v in bbox):
+                raise ValueError(f"Image {image_id}, annotation {index}: 'bbox' {bbox} is not finite (NaN or inf).")
+            category_id = obj["category_id"]
+            if isinstance(category_id, torch.Tensor) and category_id.numel() == 1:
+                category_id = category_id.item()
+            if isinstance(category_id, (float, np.floating)) and float(category_id).is_integer():
+                category_id = int(category_id)
+            if not isinstance(category_id, (int, np.integer)) or isinstance(category_id, bool):
+                raise ValueError(
+                    f"Image {image_id}, annotation {index}: 'category_id' must be an int, got {category_id!r}."
+                )
+            xywh.append(bbox)
+            class_labels.append(int(category_id))
+            indices.append(index)
+
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor(xywh, dtype=torch.float64).reshape(-1, 4), format="XYWH", canvas_size=(height, width)
+        )
+        boxes = tvF.clamp_bounding_boxes(tvF.convert_bounding_box_format(boxes, new_format="XYXY"))
+        empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if empty.any():
+            position = int(empty.nonzero()[0, 0])
+            raise ValueError(
+                f"Image {image_id}, annotation {indices[position]}: box {xywh[position]} (x, y, w, h) has no area "
+                f"inside the {width}x{height} image (clipped to {boxes[position].tolist()} as x_min, y_min, x_max, "
+                "y_max). Remove degenerate boxes before processing."
+            )
+        return {
+            "boxes": boxes,
+            "class_labels": torch.tensor(class_labels, dtype=torch.int64),
+            "image_id": torch.tensor([image_id], dtype=torch.int64),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+        }
+
+    def boxes_to_canvas(self, boxes: tv_tensors.BoundingBoxes, resized_size: tuple[int, int], canvas_size: int):
+        """
+        Maps XYXY pixel boxes of an image onto the canvas: resized with the image to `resized_size`, padded
+        bottom/right to `canvas_size x canvas_size`, then divided by `canvas_size`. Returns a `FloatTensor[N, 4]`.
+        """
+        boxes = tvF.resize(boxes, size=list(resized_size))
+        boxes = tvF.pad(boxes, padding=[0, 0, canvas_size - resized_size[1], canvas_size - resized_size[0]])
+        return (boxes.as_subclass(torch.Tensor) / canvas_size).to(torch.float32)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Preprocessing
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def preprocess(
+        self,
+        images: ImageInput,
+        annotations: dict | list[dict] | None = None,
+        **kwargs: Unpack[Pix2SeqImageProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        Prepares images (and, optionally, their COCO detection annotations) for the model.
+
+        Args:
+            images (`ImageInput`):
+                An image or a batch of images (PIL, NumPy or torch; channels first or last; 8- or 16-bit).
+            annotations (`dict` or `list[dict]`, *optional*):
+                COCO detection annotations, one `{"image_id", "annotations": [{"bbox", "category_id", "iscrowd"?}]}`
+                per image, boxes `[x, y, w, h]` in absolute pixels.
+            **kwargs:
+                Overrides of the processor's settings (`size`, `do_rescale`, `do_normalize`, `image_mean`,
+                `image_std`, `pad_value`, `input_data_format`, `return_tensors`, ...).
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` (`[batch_size, 3, S, S]`) and, with annotations, `labels` (see the
+            class docstring).
+        """
+        return super().preprocess(images, annotations, **kwargs)
+
+    def _preprocess(
+        self,
+        images: list[torch.Tensor],
+        annotations: dict | list[dict] | None,
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling | tvF.InterpolationMode | int | None,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | tuple[float, ...] | None,
+        image_std: float | tuple[float, ...] | None,
+        do_pad: bool,
+        pad_value: float,
+        return_tensors: str | TensorType | None,
+        disable_grouping: bool | None,
+        do_center_crop: bool | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        if not do_pad:
+            raise ValueError(
+                "Pix2Seq places every image on a square canvas and normalises boxes to it; `do_pad=False` is not "
+                "supported."
+            )
+        if do_center_crop:
+            raise ValueError("`do_center_crop=True` is not supported: cropping would cut objects out of the image.")
+        if size is None or size.longest_edge is None:
+            raise ValueError(f'`size` must be {{"longest_edge": int}}, got {size}.')
+        canvas = size.longest_edge
+
+        targets = None
+        if annotations is not None:
+            if isinstance(annotations, dict):
+                annotations = [annotations]
+            if len(annotations) != len(images):
+                raise ValueError(
+                    f"The number of images ({len(images)}) and annotations ({len(annotations)}) do not match."
+                )
+            validate_annotations(AnnotationFormat.COCO_DETECTION, (AnnotationFormat.COCO_DETECTION,), annotations)
+            targets = [
+                self.prepare_annotation(annotation, image.shape[-2:]) for image, annotation in zip(images, annotations)
+            ]
+
+        if not do_resize:
+            for index, image in enumerate(images):
+                if max(image.shape[-2:]) > canvas:
+                    raise ValueError(
+                        f"Image {index} has size {tuple(image.shape[-2:])}, larger than the {canvas}x{canvas} canvas; "
+                        "set `do_resize=True` or crop it first."
+                    )
+        grouped_images, grouped_images_index = group_images_by_shape(images, disable_grouping=disable_grouping)
+        processed_groups = {}
+        for shape, stacked_images in grouped_images.items():
+            if do_resize:
+                stacked_images = self.resize(stacked_images, size=size, resample=resample)
+            # Float before padding, so that a fractional `pad_value` survives whatever the input dtype.
+            stacked_images = stacked_images.to(torch.float32)
+            if do_rescale:
+                stacked_images = self.rescale(stacked_images, rescale_factor)
+            processed_groups[shape] = stacked_images
+        processed = reorder_images(processed_groups, grouped_images_index)
+        resized_sizes = [tuple(image.shape[-2:]) for image in processed]
+
+        pad_size = SizeDict(height=canvas, width=canvas)
+        processed = self.pad(processed, pad_size=pad_size, fill_value=pad_value, disable_grouping=disable_grouping)
+        pixel_values = torch.stack(processed, dim=0)
+        if do_normalize:
+            pixel_values = self.normalize(pixel_values, image_mean, image_std)
+
+        encoded = BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+        if targets is not None:
+            labels = []
+            for target, resized_size in zip(targets, resized_sizes):
+                target["boxes"] = self.boxes_to_canvas(target["boxes"], resized_size, canvas)
+                target["size"] = torch.tensor(resized_size, dtype=torch.int64)
+                labels.append(BatchFeature(target, tensor_type=return_tensors))
+            encoded["labels"] = labels
+        return encoded
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Post-processing
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def post_process_detections(
+        self,
+        detections: list[dict[str, torch.Tensor]],
+        threshold: float = 0.5,
+        target_sizes: TensorType | list[tuple[int, int]] | None = None,
+        top_k: int | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        Filters, sorts and rescales per-image detections whose boxes are normalised to the canvas.
+
+        Args:
+            detections (`list[dict]`): per image, `scores` (`[N]`), `labels` (`[N]`) and `boxes` (`[N, 4]`, XYXY
+                normalised to the padded square canvas).
+            threshold (`float`): keep detections with a score strictly above it.
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `[batch_size, 2]`, *optional*):
+                `(height, width)` of each original image. Boxes are then mapped to its pixels (`box * max(height,
+                width)`, clipped to the image). Without it boxes stay normalised to the canvas.
+            top_k (`int`, *optional*): keep at most the `top_k` best-scoring detections per image.
+
+        Returns:
+            `list[dict]`: per image, `scores`, `labels` and `boxes` (XYXY), sorted by score, best first.
+        """
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"`top_k` must be a non-negative int or None, got {top_k!r}.")
+        sizes = _target_size_list(target_sizes, len(detections))
+        results = []
+        for index, detection in enumerate(detections):
+            scores, labels, boxes = detection["scores"], detection["labels"], detection["boxes"]
+            keep = scores > threshold
+            scores, labels, boxes = scores[keep], labels[keep], boxes[keep].to(torch.float32)
+            order = torch.sort(scores, descending=True, stable=True).indices
+            if top_k is not None:
+                order = order[:top_k]
+            scores, labels, boxes = scores[order], labels[order], boxes[order]
+            if sizes is not None:
+                height, width = sizes[index]
+                boxes = tv_tensors.BoundingBoxes(boxes * max(height, width), format="XYXY", canvas_size=(height, width))
+                boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
+            results.append({"scores": scores, "labels": labels, "boxes": boxes})
+        return results
+
+    def post_process_object_detection(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        target_sizes: TensorType | list[tuple[int, int]] | None = None,
+        top_k: int | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        Turns the detection output of [`Pix2SeqForObjectDetection`] (`model(pixel_values)`) into DETR-style results.
+
+        Args:
+            outputs (`Pix2SeqObjectDetectionOutput`):
+                Has `scores` (`[B, N]`), `labels` (`[B, N]`), `pred_boxes` (`[B, N, 4]`, XYXY normalised to the
+                canvas) and, optionally, `object_mask` (`[B, N]`, `True` for real detection slots).
+            threshold (`float`, *optional*, defaults to 0.5):
+                Keep detections with a score strictly above it (`0.0` keeps all, as the official COCO evaluation).
+            target_sizes (`torch.Tensor` of shape `[B, 2]` or `list[tuple[int, int]]`, *optional*):
+                `(height, width)` of each original image; boxes are then returned in its pixels, clipped to it.
+                Without it boxes are normalised to the canvas.
+            top_k (`int`, *optional*):
+                Keep at most the `top_k` best-scoring detections per image.
+
+        Returns:
+            `list[dict]`: per image, `scores`, `labels` and `boxes` (`(x_min, y_min, x_max, y_max)`), best first.
+
+        Raises:
+            `TypeError` for `model.generate` outputs (token sequences need the box codec: use
+            `Pix2SeqProcessor.post_process_object_detection`).
+        """
+        pred_boxes, scores, labels = (_field(outputs, name) for name in ("pred_boxes", "scores", "labels"))
+        if isinstance(outputs, torch.Tensor) or pred_boxes is None or scores is None or labels is None:
+            raise TypeError(
+                "`Pix2SeqImageProcessor.post_process_object_detection` expects the detection output of "
+                "`Pix2SeqForObjectDetection` (`model(pixel_values)`, with `scores`, `labels` and `pred_boxes`), got "
+                f"{type(outputs).__name__}. Outputs of `model.generate` are token sequences: decode them with "
+                "`Pix2SeqProcessor.post_process_object_detection`, which holds the box codec."
+            )
+        if scores.ndim == 2 and scores.shape[-1] != pred_boxes.shape[-2]:
+            raise ValueError(
+                f"`scores` {tuple(scores.shape)} and `pred_boxes` {tuple(pred_boxes.shape)} disagree on the number "
+                "of detection slots."
+            )
+        object_mask = _field(outputs, "object_mask")
+        if object_mask is None:
+            object_mask = torch.ones_like(scores, dtype=torch.bool)
+        detections = [
+            {"scores": s[m], "labels": l[m], "boxes": b[m]}
+            for s, l, b, m in zip(scores, labels, pred_boxes, object_mask.bool())
+        ]
+        return self.post_process_detections(detections, threshold=threshold, target_sizes=target_sizes, top_k=top_k)
+
+
+__all__ = ["Pix2SeqImageProcessor", "get_size_for_longest_edge"]

@@ -1,0 +1,1109 @@
+"""PyTorch Pix2Seq model: a vision encoder and a causal Transformer decoder that writes objects as tokens."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoBackbone
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitNormalization,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+from transformers.modeling_utils import (
+    ALL_ATTENTION_FUNCTIONS,
+    PreTrainedModel,
+    get_torch_context_manager_or_global_device,
+)
+from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .box_codec import Pix2SeqBoxCodec
+from .configuration_pix2seq import Pix2SeqConfig
+from .generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
+
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pix2SeqObjectDetectionOutput(ModelOutput):
+    r"""
+    Detections of [`Pix2SeqForObjectDetection`] called without decoder inputs (`model(pixel_values)`), shaped like
+    DETR's output so that `post_process_object_detection` and the object-detection pipeline work unchanged.
+
+    Detections are packed at the start of the `N` slots, in the order the model wrote them; `object_mask` marks the
+    slots that hold one. `N` is `config.max_objects` (or more, when generation was allowed to write more objects).
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, N, num_classes)`):
+            Log-probabilities of the real classes at the class token of each detected object (softmax over the full
+            vocabulary, restricted to the class tokens, so a row sums to at most 1 after `exp`). Empty slots hold the
+            most negative finite value of the dtype.
+        pred_boxes (`torch.FloatTensor` of shape `(batch_size, N, 4)`):
+            Boxes `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas. Zeros in empty slots.
+        scores (`torch.FloatTensor` of shape `(batch_size, N)`):
+            Probability of the predicted class. Zero in empty slots.
+        labels (`torch.LongTensor` of shape `(batch_size, N)`):
+            Predicted class (`0..num_classes-1`, the best real class even when the model wrote the noise token). `-1`
+            in empty slots.
+        object_mask (`torch.BoolTensor` of shape `(batch_size, N)`):
+            `True` for slots holding a detection.
+        sequences (`torch.LongTensor` of shape `(batch_size, 1 + T)`):
+            The generated tokens, detection prompt first.
+    """
+
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    labels: torch.LongTensor | None = None
+    object_mask: torch.BoolTensor | None = None
+    sequences: torch.LongTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_2d_sincos_position_embedding(
+    height: int, width: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
+    """
+    Fixed 2D sine-cosine position embedding of a `height x width` grid, as the official Pix2Seq code builds it.
+
+    The first half of the channels encodes the row, the second half the column; each half is `[sin, cos]` of the
+    position times `1 / 10000 ** (i / (dim // 4))`. Positions are normalised to `index / (n - 1) * 2 * pi` (0 for a
+    single row or column), so the embedding is defined for any feature-map size.
+
+    Returns:
+        `torch.Tensor` of shape `(height * width, dim)`, rows in row-major (height, then width) order.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"The 2D sine-cosine position embedding needs a width divisible by 4, got {dim}.")
+    quarter = dim // 4
+    inv_freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter))
+
+    def axis_codes(length: int) -> torch.Tensor:
+        positions = torch.arange(length, dtype=torch.float32, device=device)
+        positions = positions / max(length - 1, 1) * (2 * math.pi)
+        angles = positions[:, None] * inv_freq[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    rows = axis_codes(height)[:, None, :].expand(height, width, 2 * quarter)
+    columns = axis_codes(width)[None, :, :].expand(height, width, 2 * quarter)
+    return torch.cat([rows, columns], dim=-1).reshape(height * width, dim).to(dtype)
+
+
+class Pix2SeqDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob` while training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; `query/key/value` are `(batch, heads, length, head_dim)`, the mask is additive."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class Pix2SeqAttention(nn.Module):
+    """
+    Multi-head attention: self-attention (optionally causal, with a growing cache) or cross-attention to the encoded
+    image, whose keys and values are computed once per image and then read from the cache at every decoding step.
+    """
+
+    def __init__(
+        self,
+        config: Pix2SeqConfig,
+        hidden_size: int,
+        num_heads: int,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
+
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch, length, hidden)`): the queries' input.
+            key_value_states (`torch.Tensor` of shape `(batch, memory_length, hidden)`, *optional*):
+                The encoded image, for cross-attention.
+            attention_mask (`torch.Tensor`, *optional*): the mask from `create_causal_mask` (or `None`).
+            cache (`EncoderDecoderCache`, *optional*): the decoder cache.
+
+        Returns:
+            `(attn_output, attn_weights)`; `attn_weights` is `None` unless eager attention is used.
+        """
+        is_cross_attention = key_value_states is not None
+        input_shape = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+
+        layer_cache = None
+        reuse_cross_attention = False
+        if cache is not None:
+            if is_cross_attention:
+                layer_cache = cache.cross_attention_cache
+                reuse_cross_attention = bool(cache.is_updated.get(self.layer_idx, False))
+            else:
+                layer_cache = cache.self_attention_cache
+
+        if reuse_cross_attention:
+            key_states = layer_cache.layers[self.layer_idx].keys
+            value_states = layer_cache.layers[self.layer_idx].values
+        else:
+            source = key_value_states if is_cross_attention else hidden_states
+            kv_shape = (*source.shape[:-1], -1, self.head_dim)
+            key_states = self.k_proj(source).view(kv_shape).transpose(1, 2)
+            value_states = self.v_proj(source).view(kv_shape).transpose(1, 2)
+            if layer_cache is not None:
+                key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
+                if is_cross_attention:
+                    cache.is_updated[self.layer_idx] = True
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=self.is_causal,
+            output_attentions=output_attentions,
+        )
+        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class Pix2SeqMLP(nn.Module):
+    """Feed-forward block `fc2(dropout(act(fc1(x))))`; dropout acts on the hidden units (the official `drop_units`)."""
+
+    def __init__(self, config: Pix2SeqConfig, hidden_size: int, ffn_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_dim)
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.dropout)
+        self.fc2 = nn.Linear(ffn_dim, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.activation_fn(self.fc1(hidden_states))))
+
+
+class Pix2SeqEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm Transformer encoder layer: `x + drop_path(attn(ln(x)))`, then `x + drop_path(mlp(ln(x)))`."""
+
+    def __init__(self, config: Pix2SeqConfig, layer_idx: int):
+        super().__init__()
+        hidden_size = config.encoder_hidden_size
+        self.self_attn_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Pix2SeqAttention(config, hidden_size, config.encoder_attention_heads, layer_idx=layer_idx)
+        self.final_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Pix2SeqMLP(config, hidden_size, config.encoder_ffn_dim)
+        self.drop_path = Pix2SeqDropPath(config.drop_path_rate)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self_attn(
+            self.self_attn_layer_norm(hidden_states), output_attentions=output_attentions
+        )
+        hidden_states = hidden_states + self.drop_path(attn_output)
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
+        return hidden_states, attn_weights
+
+
+class Pix2SeqBridge(nn.Module):
+    """
+    Maps the encoded image to the decoder width: linear, LayerNorm, fixed 2D sine-cosine positions, then one pre-LN
+    feed-forward block with a residual connection (the official `proj`, `proj_ln`, `proj_mlp`).
+    """
+
+    def __init__(self, config: Pix2SeqConfig):
+        super().__init__()
+        hidden_size = config.decoder_hidden_size
+        self.projection = nn.Linear(config.encoder_hidden_size, hidden_size)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Pix2SeqMLP(config, hidden_size, config.decoder_ffn_dim)
+        self.drop_path = Pix2SeqDropPath(config.drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        hidden_states = self.layer_norm(self.projection(hidden_states))
+        hidden_states = hidden_states + build_2d_sincos_position_embedding(
+            height, width, hidden_states.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device
+        )
+        return hidden_states + self.drop_path(self.mlp(self.mlp_layer_norm(hidden_states)))
+
+
+class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
+    """
+    Pre-LayerNorm Transformer decoder layer: causal self-attention, cross-attention to the encoded image and a
+    feed-forward block, each as `x + drop_path(block(ln(x)))`.
+    """
+
+    def __init__(self, config: Pix2SeqConfig, layer_idx: int):
+        super().__init__()
+        hidden_size, heads = config.decoder_hidden_size, config.decoder_attention_heads
+        self.self_attn_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Pix2SeqAttention(config, hidden_size, heads, is_causal=True, layer_idx=layer_idx)
+        self.encoder_attn_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.encoder_attn = Pix2SeqAttention(config, hidden_size, heads, layer_idx=layer_idx)
+        self.final_layer_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Pix2SeqMLP(config, hidden_size, config.decoder_ffn_dim)
+        self.drop_path = Pix2SeqDropPath(config.drop_path_rate)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attn_output, self_attn_weights = self.self_attn(
+            self.self_attn_layer_norm(hidden_states),
+            attention_mask=attention_mask,
+            cache=cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.drop_path(attn_output)
+
+        attn_output, cross_attn_weights = self.encoder_attn(
+            self.encoder_attn_layer_norm(hidden_states),
+            key_value_states=encoder_hidden_states,
+            cache=cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.drop_path(attn_output)
+
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
+        return hidden_states, self_attn_weights, cross_attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Pix2SeqPreTrainedModel(PreTrainedModel):
+    """Base class of the Pix2Seq models: configuration, weight initialisation and loading."""
+
+    # Set explicitly: with postponed annotations, transformers cannot read the class from `config: Pix2SeqConfig`.
+    config_class = Pix2SeqConfig
+    config: Pix2SeqConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Pix2SeqEncoderLayer", "Pix2SeqDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """
+        Truncated normal (`config.init_std`) for linear and embedding weights, zero biases, LayerNorm to identity.
+        The backbone (a `PreTrainedModel` of its own) is initialised by its own `_init_weights` (timm's init for timm
+        backbones), never by this one.
+        """
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+def _build_backbone(config: Pix2SeqConfig) -> nn.Module:
+    """
+    Builds the vision backbone from `config.backbone_config` with `AutoBackbone`.
+
+    timm backbones get `pretrained=config.use_pretrained_backbone` (skipped while `from_pretrained` builds the model
+    on the meta device: the checkpoint provides the weights) and `config.backbone_model_kwargs` for
+    `timm.create_model`. A transformers backbone with `use_pretrained_backbone` is loaded from the checkpoint its
+    config came from.
+    """
+    backbone_config = config.backbone_config
+    loading_checkpoint = get_torch_context_manager_or_global_device() == torch.device("meta")
+    if backbone_config.model_type == "timm_backbone":
+        kwargs = dict(config.backbone_model_kwargs or {})
+        kwargs["pretrained"] = bool(config.use_pretrained_backbone) and not loading_checkpoint
+        return AutoBackbone.from_config(backbone_config, **kwargs)
+    if config.backbone_model_kwargs:
+        raise ValueError(
+            "`backbone_model_kwargs` are keyword arguments of `timm.create_model` and only apply to timm backbones; "
+            f"the backbone is a `{backbone_config.model_type}` model. Put its options in `backbone_config`."
+        )
+    if config.use_pretrained_backbone and not loading_checkpoint:
+        name = getattr(backbone_config, "_name_or_path", "")
+        if not name:
+            raise ValueError(
+                "`use_pretrained_backbone=True` with a transformers backbone needs a `backbone_config` loaded with "
+                "`from_pretrained` (its checkpoint name is where the weights come from); got a config without one."
+            )
+        return AutoBackbone.from_pretrained(name, config=backbone_config)
+    return AutoBackbone.from_config(backbone_config)
+
+
+class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
+    """
+    Vision encoder: backbone (last feature map) -> dropout -> linear -> LayerNorm -> + 2D sine-cosine positions ->
+    `config.encoder_layers` pre-LN Transformer layers -> LayerNorm -> bridge to the decoder width.
+
+    Its `last_hidden_state` is what the decoder attends to (after the bridge, `decoder_hidden_size` wide); its
+    `hidden_states` are the Transformer encoder's (`encoder_hidden_size` wide): the input of the first layer, the
+    outputs of the following layers, the last one after the final LayerNorm.
+    """
+
+    def __init__(self, config: Pix2SeqConfig):
+        super().__init__(config)
+        for name in ("encoder_hidden_size", "decoder_hidden_size"):
+            if getattr(config, name) % 4 != 0:
+                raise ValueError(
+                    f"`{name}={getattr(config, name)}` must be divisible by 4 for the 2D sine-cosine position embedding."
+                )
+        self.backbone = _build_backbone(config)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.input_projection = nn.Linear(self.backbone.channels[-1], config.encoder_hidden_size)
+        self.input_layer_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList([Pix2SeqEncoderLayer(config, i) for i in range(config.encoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
+        self.bridge = Pix2SeqBridge(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images, as prepared by [`Pix2SeqImageProcessor`].
+            output_attentions / output_hidden_states (`bool`, *optional*):
+                Return the encoder self-attention weights (eager attention only) / hidden states.
+            return_dict (`bool`, *optional*):
+                Return a tuple instead of a [`BaseModelOutput`] when `False`.
+
+        Returns:
+            [`BaseModelOutput`] with `last_hidden_state` of shape `(batch_size, feature_height * feature_width,
+            decoder_hidden_size)`.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if pixel_values is None or pixel_values.ndim != 4:
+            shape = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(f"`pixel_values` must have shape (batch_size, channels, height, width), got {shape}.")
+
+        feature_map = self.backbone(pixel_values, return_dict=True).feature_maps[-1]
+        height, width = feature_map.shape[-2:]
+        hidden_states = feature_map.flatten(2).transpose(1, 2)
+        hidden_states = self.input_layer_norm(self.input_projection(self.input_dropout(hidden_states)))
+        hidden_states = hidden_states + build_2d_sincos_position_embedding(
+            height, width, hidden_states.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device
+        )
+
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, output_attentions=output_attentions)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if output_attentions:
+                all_attentions.append(attn_weights)
+        hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states[-1] = hidden_states
+
+        return BaseModelOutput(
+            last_hidden_state=self.bridge(hidden_states, height, width),
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+
+
+class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
+    """
+    Causal Transformer decoder: token embeddings (shared with the output projection, no `sqrt(d)` scaling) plus
+    learned positions -> dropout -> `config.decoder_layers` pre-LN layers -> LayerNorm.
+    """
+
+    def __init__(self, config: Pix2SeqConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.decoder_hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([Pix2SeqDecoderLayer(config, i) for i in range(config.decoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_hidden_states: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`):
+                Decoder tokens (only the new ones when `cache` holds the previous ones).
+            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, memory_length, decoder_hidden_size)`):
+                The encoded image (`Pix2SeqEncoder` output).
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + target_length)`, *optional*):
+                Padding mask of the decoder tokens (1 = attend). Pix2Seq sequences need none: padding is EOS.
+            cache (`EncoderDecoderCache`, *optional*):
+                Self-attention keys/values of the previous tokens and the cross-attention keys/values of the image.
+            use_cache (`bool`, *optional*):
+                Create and return a cache when none is given.
+
+        Returns:
+            [`BaseModelOutputWithPastAndCrossAttentions`] with `last_hidden_state`, `cache`, `hidden_states`,
+            `attentions` (self-attention) and `cross_attentions`.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
+            logger.warning_once(
+                "`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`."
+            )
+            use_cache = False
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
+            raise TypeError(
+                f"Pix2Seq needs an `EncoderDecoderCache` (self- and cross-attention caches), got {type(cache).__name__}."
+            )
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+
+        if bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
+            bad = int(input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0])
+            raise ValueError(
+                f"`decoder_input_ids` contain token id {bad}, outside the vocabulary [0, {self.config.vocab_size}) "
+                f"(`vocab_size={self.config.vocab_size}`): they were built with another token layout than the model's."
+            )
+        target_length = input_ids.shape[1]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if past_length + target_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The decoder was asked for positions up to {past_length + target_length}, beyond "
+                f"`max_position_embeddings={self.config.max_position_embeddings}`: decode at most "
+                f"{self.config.max_position_embeddings - 1} new tokens after the prompt (`max_new_tokens`)."
+            )
+        positions = torch.arange(past_length, past_length + target_length, device=input_ids.device)
+        inputs_embeds = self.embed_tokens(input_ids)
+        hidden_states = self.dropout(inputs_embeds + self.embed_positions(positions)[None])
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache.self_attention_cache if cache is not None else None,
+        )
+
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_self_attentions = [] if output_attentions else None
+        all_cross_attentions = [] if output_attentions else None
+        for layer in self.layers:
+            hidden_states, self_attn_weights, cross_attn_weights = layer(
+                hidden_states,
+                causal_mask,
+                encoder_hidden_states,  # positional, so that gradient checkpointing passes its gradient through
+                cache=cache,
+                output_attentions=output_attentions,
+            )
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if output_attentions:
+                all_self_attentions.append(self_attn_weights)
+                all_cross_attentions.append(cross_attn_weights)
+        hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states[-1] = hidden_states
+
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_self_attentions) if output_attentions else None,
+            cross_attentions=tuple(all_cross_attentions) if output_attentions else None,
+        )
+
+
+class Pix2SeqModel(Pix2SeqPreTrainedModel):
+    """
+    The bare Pix2Seq encoder-decoder, returning the decoder's last hidden states (no output projection).
+
+    Example:
+
+    ```python
+    >>> from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
+    >>> from pix2seq_hf.modeling_pix2seq import Pix2SeqModel
+
+    >>> model = Pix2SeqModel(Pix2SeqConfig(backbone="resnet50"))
+    >>> outputs = model(pixel_values, decoder_input_ids=decoder_input_ids)
+    >>> outputs.last_hidden_state.shape  # (batch_size, target_length, decoder_hidden_size)
+    ```
+    """
+
+    def __init__(self, config: Pix2SeqConfig):
+        super().__init__(config)
+        self.encoder = Pix2SeqEncoder(config)
+        self.decoder = Pix2SeqDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.decoder.embed_tokens = value
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: EncoderDecoderCache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> Seq2SeqModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`, *optional*):
+                Images; not needed when `encoder_outputs` is given.
+            decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`):
+                Decoder tokens, starting with the detection prompt (`config.bos_token_id`).
+            decoder_attention_mask (`torch.Tensor` of shape `(batch_size, target_length)`, *optional*):
+                Padding mask of the decoder tokens; the causal mask is always applied.
+            encoder_outputs (`BaseModelOutput` or `tuple`, *optional*):
+                Output of `model.get_encoder()(pixel_values)`, to run the encoder once for several decoder calls.
+            cache (`EncoderDecoderCache`, *optional*):
+                Keys/values of previous decoding steps (also accepted as `past_key_values`).
+            use_cache (`bool`, *optional*):
+                Return the cache for the next decoding step.
+            output_attentions / output_hidden_states (`bool`, *optional*):
+                Return attention weights (eager attention only) / hidden states of the encoder and the decoder.
+            return_dict (`bool`, *optional*):
+                Return a tuple instead of a [`Seq2SeqModelOutput`] when `False`.
+        """
+        if decoder_input_ids is None:
+            raise ValueError("`Pix2SeqModel` needs `decoder_input_ids` (the detection prompt, then the sequence).")
+        if encoder_outputs is None:
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values` or `encoder_outputs`.")
+            encoder_outputs = self.encoder(
+                pixel_values,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
+
+        decoder_outputs = self.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            attention_mask=decoder_attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs from targets: the start token, then the targets minus the last one, `-100` replaced by pad."""
+    shifted = labels.new_zeros(labels.shape)
+    shifted[:, 1:] = labels[:, :-1].clone()
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def check_label_ids(labels: torch.Tensor, vocab_size: int) -> None:
+    """Raises `ValueError` naming the first target id outside `[0, vocab_size)` that is not `-100` (ignored)."""
+    invalid = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(invalid.any()):
+        value = int(labels[invalid][0])
+        raise ValueError(
+            f"`labels` contain token id {value}, outside the vocabulary [0, {vocab_size}) (`vocab_size={vocab_size}`) "
+            "and not -100 (ignored). The sequences were probably built with another token layout than the model's; "
+            "build the processor from this model's config (`Pix2SeqProcessor.from_pretrained` of the same checkpoint)."
+        )
+
+
+def pix2seq_sequence_loss(
+    logits: torch.Tensor, labels: torch.Tensor, eos_token_id: int, eos_token_weight: float
+) -> torch.Tensor:
+    """
+    Weighted full-vocabulary cross-entropy of Pix2Seq (DESIGN.md section 4).
+
+    Each target has weight 0 when it is `-100`, `eos_token_weight` when it is the EOS/padding token, 1 otherwise; the
+    loss is `sum(w * ce) / sum(w)` (0 when every weight is 0).
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, length, vocab_size)`)
+        labels (`torch.LongTensor` of shape `(batch_size, length)`)
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+
+    Raises:
+        `ValueError` when a target is outside the vocabulary (and not `-100`).
+    """
+    vocab_size = logits.shape[-1]
+    check_label_ids(labels, vocab_size)
+    ce = nn.functional.cross_entropy(
+        logits.reshape(-1, vocab_size).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    weights = torch.ones_like(ce)
+    weights = weights.masked_fill(labels == eos_token_id, float(eos_token_weight))
+    weights = weights.masked_fill(labels == -100, 0.0)
+    total = weights.sum()
+    return (weights * ce).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
+    """
+    Pix2Seq object detector: [`Pix2SeqModel`] with an output projection tied to the token embeddings (plus a bias).
+
+    - `model(pixel_values, decoder_input_ids=..., labels=...)` returns the weighted sequence loss and the logits
+      (training).
+    - `model.generate(pixel_values)` decodes object sequences with the model's generation config (nucleus sampling,
+      top-p 0.4, up to `5 * max_objects` tokens) and returns `sequences` plus the raw per-step `logits` the processor
+      needs for scores (`return_dict_in_generate=True, output_logits=True` are the defaults; with
+      `return_dict_in_generate=False` you get a plain tensor of tokens and no scores).
+    - `model(pixel_values)` runs that generation and returns a DETR-shaped [`Pix2SeqObjectDetectionOutput`], so that
+      `processor.post_process_object_detection(outputs, threshold, target_sizes)` and
+      `pipeline("object-detection")` work as for DETR.
+
+    Decoding options, as generation-config attributes or `generate` keyword arguments (see
+    [`Pix2SeqLogitsProcessor`]): `token_grammar`, `eos_bias`, `min_objects`, `suppress_eos`, `suppress_noise_class`,
+    `official_top_p`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+    def __init__(self, config: Pix2SeqConfig):
+        super().__init__(config)
+        self.model = Pix2SeqModel(config)
+        # The output projection: its weight is the token embedding (tied), its bias the official output bias.
+        self.lm_head = nn.Linear(config.decoder_hidden_size, config.vocab_size, bias=True)
+        self._box_codec = None
+        self.post_init()
+        if self.generation_config is not None:
+            self.generation_config = self.default_generation_config(config, self.generation_config)
+
+    # ----- generation config ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def default_generation_config(config: Pix2SeqConfig, base=None):
+        """
+        The generation defaults of Pix2Seq (DESIGN.md section 7): nucleus sampling with top-p 0.4 and no top-k, up to
+        `5 * max_objects` new tokens, the detection prompt as decoder start, EOS/padding, a dict output with the raw
+        logits, and the defaults of the Pix2Seq decoding options (`PIX2SEQ_GENERATION_DEFAULTS`).
+
+        Args:
+            config (`Pix2SeqConfig`): the model config.
+            base (`GenerationConfig`, *optional*): a generation config to update (copied).
+        """
+        from transformers import GenerationConfig
+
+        generation_config = copy.deepcopy(base) if base is not None else GenerationConfig()
+        generation_config.update(
+            do_sample=True,
+            top_p=0.4,
+            top_k=0,
+            max_new_tokens=5 * config.max_objects,
+            bos_token_id=config.bos_token_id,
+            decoder_start_token_id=config.decoder_start_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        for name, value in PIX2SEQ_GENERATION_DEFAULTS.items():
+            setattr(generation_config, name, value)
+        generation_config._from_model_config = False
+        generation_config._original_object_hash = hash(generation_config)
+        return generation_config
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        """
+        Loads the checkpoint's `generation_config.json` (see `GenerationMixin`). A checkpoint without one gets the
+        Pix2Seq defaults rather than transformers' generic ones; a file without the Pix2Seq decoding options gets
+        their defaults.
+        """
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        if self.generation_config is None:
+            return
+        if getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = self.default_generation_config(self.config)
+        for name, value in PIX2SEQ_GENERATION_DEFAULTS.items():
+            if not hasattr(self.generation_config, name):
+                setattr(self.generation_config, name, value)
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        # The Pix2Seq decoding options are not `GenerationConfig` fields: take them out of the keyword arguments
+        # (transformers would treat them as model inputs) and set them on the prepared config, defaults first.
+        options = {name: kwargs.pop(name) for name in PIX2SEQ_GENERATION_DEFAULTS if name in kwargs}
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for name, default in PIX2SEQ_GENERATION_DEFAULTS.items():
+            if name in options:
+                setattr(generation_config, name, options[name])
+            elif not hasattr(generation_config, name):
+                setattr(generation_config, name, getattr(self.generation_config, name, default))
+        return generation_config, model_kwargs
+
+    def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
+        # Images have no attention mask and the decoder prompt is never padded: transformers' warning that padding
+        # (= EOS here, by design) cannot be told from the prompt concerns text prompts only.
+        super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
+
+    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
+        """
+        transformers' processors and warpers, with [`Pix2SeqLogitsProcessor`] first (before any warper) and, with
+        `official_top_p=True`, [`Pix2SeqTopPLogitsWarper`] in place of transformers' top-p warper.
+        """
+        official_top_p = bool(getattr(generation_config, "official_top_p", False))
+        use_official_top_p = (
+            official_top_p
+            and generation_config.do_sample
+            and generation_config.top_p is not None
+            and generation_config.top_p < 1.0
+        )
+        hf_config = generation_config
+        if use_official_top_p:
+            hf_config = copy.copy(generation_config)
+            hf_config.top_p = None
+        processors = super()._get_logits_processor(hf_config, *args, **kwargs)
+
+        processors.insert(
+            0,
+            Pix2SeqLogitsProcessor(
+                self.config.token_layout,
+                prompt_length=1,
+                token_grammar=getattr(generation_config, "token_grammar", True),
+                eos_bias=getattr(generation_config, "eos_bias", 0.0),
+                min_objects=getattr(generation_config, "min_objects", 0),
+                suppress_eos=getattr(generation_config, "suppress_eos", False),
+                suppress_noise_class=getattr(generation_config, "suppress_noise_class", False),
+            ),
+        )
+        if use_official_top_p:
+            # Same place as transformers' top-p: after temperature/top-k, before min-p and the other warpers.
+            later = (MinPLogitsWarper, TypicalLogitsWarper, EpsilonLogitsWarper, EtaLogitsWarper, LogitNormalization)
+            index = next((i for i, p in enumerate(processors) if isinstance(p, later)), len(processors))
+            processors.insert(index, Pix2SeqTopPLogitsWarper(generation_config.top_p))
+        return processors
+
+    # ----- modules ----------------------------------------------------------------------------------------------------
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    @property
+    def box_codec(self) -> Pix2SeqBoxCodec:
+        """The box codec of this model's token layout (reads detections out of generated tokens)."""
+        layout = self.config.token_layout
+        if self._box_codec is None or self._box_codec.layout != layout:
+            self._box_codec = Pix2SeqBoxCodec(layout)
+        return self._box_codec
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    # ----- forward ----------------------------------------------------------------------------------------------------
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: EncoderDecoderCache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> Seq2SeqLMOutput | Pix2SeqObjectDetectionOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images, as prepared by [`Pix2SeqImageProcessor`] (not needed with `encoder_outputs`).
+            decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+                Decoder inputs, detection prompt first (from [`Pix2SeqProcessor`] for training). Built from `labels`
+                (shifted right after the prompt, `-100` as padding) when only `labels` are given.
+            labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+                Target tokens; `-100` is ignored, EOS/padding weighs `config.eos_token_weight`.
+            decoder_attention_mask, encoder_outputs, cache (or `past_key_values`), use_cache, output_attentions,
+            output_hidden_states, return_dict:
+                As in [`Pix2SeqModel`].
+
+        Returns:
+            With `decoder_input_ids` and/or `labels`: [`Seq2SeqLMOutput`] with `loss` (when `labels` are given),
+            `logits` of shape `(batch_size, target_length, vocab_size)`, `cache` and the optional attentions and hidden
+            states. With neither: the detections, [`Pix2SeqObjectDetectionOutput`] (see [`~detect`]).
+
+        Raises:
+            `ValueError` when `labels` hold ids outside `[0, vocab_size)` other than `-100`.
+        """
+        if decoder_input_ids is None and labels is None:
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values` (to detect objects) or `decoder_input_ids`/`labels`.")
+            return self.detect(pixel_values)
+
+        if labels is not None:
+            check_label_ids(labels, self.config.vocab_size)
+            use_cache = False
+            if decoder_input_ids is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+
+        outputs = self.model(
+            pixel_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+
+        loss = None
+        if labels is not None:
+            loss = pix2seq_sequence_loss(
+                logits, labels.to(logits.device), self.config.eos_token_id, self.config.eos_token_weight
+            )
+
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+
+    # ----- detection --------------------------------------------------------------------------------------------------
+
+    def detect(self, pixel_values: torch.FloatTensor, **generate_kwargs) -> Pix2SeqObjectDetectionOutput:
+        """
+        Detects objects: `generate` with the model's generation config (overridable with `generate_kwargs`), then
+        [`~detections_from_generation`].
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
+            generate_kwargs: options for `generate` (e.g. `top_p=0.4`, `min_objects=1`, `do_sample=False`).
+
+        Returns:
+            [`Pix2SeqObjectDetectionOutput`].
+        """
+        generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_logits": True}
+        return self.detections_from_generation(self.generate(pixel_values, **generate_kwargs))
+
+    def detections_from_generation(self, generate_output) -> Pix2SeqObjectDetectionOutput:
+        """
+        Turns a `generate` output (with `sequences` and the raw per-step `logits`) into DETR-shaped detections.
+
+        The generated tokens are read in objects of five. Each group is decoded by the box codec
+        (`Pix2SeqBoxCodec.decode`: box from the coordinate tokens, class and score from the raw logits at the class
+        token, restricted to the real classes) as a one-object sequence, so that every detection keeps track of where
+        the model wrote it; a group counts when the codec decodes an object from it and it ends before the first EOS.
+
+        Returns:
+            [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots.
+        """
+        sequences = generate_output["sequences"]
+        step_logits = generate_output.get("logits") if hasattr(generate_output, "get") else None
+        if step_logits is None:
+            raise ValueError(
+                "The `generate` output has no raw `logits`; call `generate(..., return_dict_in_generate=True, "
+                "output_logits=True)` (the model's defaults)."
+            )
+        logits = torch.stack(tuple(step_logits), dim=1) if isinstance(step_logits, (tuple, list)) else step_logits
+        batch_size, num_steps, vocab_size = logits.shape
+        layout = self.config.token_layout
+        num_groups = num_steps // 5
+        generated = sequences[:, sequences.shape[1] - num_steps :]
+
+        group_tokens = generated[:, : 5 * num_groups].reshape(batch_size * num_groups, 5)
+        group_logits = logits[:, : 5 * num_groups].reshape(batch_size * num_groups, 5, vocab_size)
+        decoded = self.box_codec.decode(group_tokens, group_logits) if num_groups > 0 else []
+        found = torch.tensor([len(d["labels"]) > 0 for d in decoded], dtype=torch.bool)
+        boxes = torch.zeros(batch_size * num_groups, 4)
+        scores = torch.zeros(batch_size * num_groups)
+        labels = torch.full((batch_size * num_groups,), -1, dtype=torch.long)
+        for index in found.nonzero().flatten().tolist():
+            boxes[index] = decoded[index]["boxes"][0].detach().float().cpu()
+            scores[index] = float(decoded[index]["scores"][0])
+            labels[index] = int(decoded[index]["labels"][0])
+
+        # A group counts only when no EOS came before its last token.
+        ended = (generated == layout.eos_token_id).cumsum(dim=1) > 0
+        valid = found.view(batch_size, num_groups) & ~ended[:, 4 : 5 * num_groups : 5].cpu()
+        class_log_probs = torch.log_softmax(logits[:, 4 : 5 * num_groups : 5].float(), dim=-1)
+        class_log_probs = class_log_probs[..., layout.class_token_offset : layout.class_token_end].cpu()
+
+        # Valid groups first, in the order the model wrote them, then padding up to `num_slots`.
+        order = torch.sort((~valid).int(), dim=1, stable=True).indices
+        sorted_valid = valid.gather(1, order)
+        num_slots = max(self.config.max_objects, int(valid.sum(dim=1).max()) if num_groups > 0 else 0)
+
+        def pack(values: torch.Tensor, fill) -> torch.Tensor:
+            """`[B, G, ...]` per group -> `[B, num_slots, ...]`: valid entries first, `fill` elsewhere."""
+            trailing = [1] * (values.ndim - 2)
+            values = values.gather(1, order.view(batch_size, num_groups, *trailing).expand_as(values))
+            mask = sorted_valid.view(batch_size, num_groups, *trailing)
+            values = torch.where(mask, values, torch.as_tensor(fill, dtype=values.dtype))
+            packed = torch.full((batch_size, num_slots, *values.shape[2:]), fill, dtype=values.dtype)
+            kept = min(num_slots, num_groups)
+            packed[:, :kept] = values[:, :kept]
+            return packed.to(logits.device)
+
+        return Pix2SeqObjectDetectionOutput(
+            logits=pack(class_log_probs, torch.finfo(torch.float32).min),
+            pred_boxes=pack(boxes.view(batch_size, num_groups, 4), 0.0),
+            scores=pack(scores.view(batch_size, num_groups), 0.0),
+            labels=pack(labels.view(batch_size, num_groups), -1),
+            object_mask=pack(valid, False),
+            sequences=sequences,
+        )
+
+
+__all__ = [
+    "Pix2SeqDecoder",
+    "Pix2SeqEncoder",
+    "Pix2SeqForObjectDetection",
+    "Pix2SeqModel",
+    "Pix2SeqObjectDetectionOutput",
+    "Pix2SeqPreTrainedModel",
+    "build_2d_sincos_position_embedding",
+    "check_label_ids",
+    "pix2seq_sequence_loss",
+    "shift_tokens_right",
+]

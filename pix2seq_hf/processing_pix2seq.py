@@ -1,0 +1,327 @@
+"""Pix2Seq processor: the image processor plus the box codec that writes and reads token sequences."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+import torch
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import TensorType
+
+from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
+from .image_processing_pix2seq import Pix2SeqImageProcessor, _field
+
+
+_GENERATE_HINT = (
+    "Call `model.generate(pixel_values, return_dict_in_generate=True, output_logits=True)` (the defaults of "
+    "Pix2Seq's generation config) so that the output carries both `sequences` and the raw `logits`: the class "
+    "scores are read from the raw logits."
+)
+
+
+class Pix2SeqProcessor(ProcessorMixin):
+    r"""
+    Pix2Seq processor: a [`Pix2SeqImageProcessor`] and the box codec (token layout + sequence augmentation).
+
+    `processor(images, annotations=...)` returns `pixel_values` and, with annotations, the training inputs
+    `decoder_input_ids` and `labels` (`[batch_size, 5 * max_objects]`) built by [`Pix2SeqBoxCodec`];
+    `processor.post_process_object_detection(outputs, ...)` turns model outputs (the detection output of
+    `model(pixel_values)` or the output of `model.generate`) into DETR-style detections.
+
+    The token layout fields and the codec options are init arguments, saved in `processor_config.json` by
+    `save_pretrained` and restored by `from_pretrained`. [`~Pix2SeqProcessor.from_config`] builds a processor that
+    matches a model config.
+
+    Args:
+        image_processor ([`Pix2SeqImageProcessor`], *optional*):
+            The image processor; a default one (640 canvas) when not given.
+        num_bins, num_classes, vocab_size, pad_token_id, eos_token_id, bos_token_id, noise_token_id,
+        class_token_offset, coord_token_offset, max_objects:
+            The token layout ([`Pix2SeqTokenLayout`]); must match the model's config (see
+            [`~Pix2SeqProcessor.check_model_compatible`]). Images with more than `max_objects` objects keep
+            `max_objects` of them (after ordering) in their training sequence.
+        object_order (`str`, *optional*, defaults to `"random"`):
+            Order of the objects in a training sequence (see [`Pix2SeqBoxCodec`]).
+        sequence_augmentation (`bool`, *optional*, defaults to `True`):
+            Pad training sequences with noise objects (paper section 2.3); without it, real objects then EOS.
+        class_corruption_prob (`float`, *optional*, defaults to 0.5):
+            Probability that a class token of the decoder input is replaced by a random class rather than the noise
+            token.
+    """
+
+    def __init__(
+        self,
+        image_processor: Pix2SeqImageProcessor | None = None,
+        num_bins: int = 1000,
+        num_classes: int = 80,
+        vocab_size: int = 3000,
+        pad_token_id: int = 0,
+        eos_token_id: int = 0,
+        bos_token_id: int = 10,
+        noise_token_id: int = 30,
+        class_token_offset: int = 100,
+        coord_token_offset: int = 1000,
+        max_objects: int = 100,
+        object_order: str = "random",
+        sequence_augmentation: bool = True,
+        class_corruption_prob: float = 0.5,
+        **kwargs,
+    ):
+        if image_processor is None:
+            image_processor = Pix2SeqImageProcessor()
+        self.num_bins = num_bins
+        self.num_classes = num_classes
+        self.vocab_size = vocab_size
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = bos_token_id
+        self.noise_token_id = noise_token_id
+        self.class_token_offset = class_token_offset
+        self.coord_token_offset = coord_token_offset
+        self.max_objects = max_objects
+        self.object_order = object_order
+        self.sequence_augmentation = sequence_augmentation
+        self.class_corruption_prob = class_corruption_prob
+
+        self.token_layout = Pix2SeqTokenLayout(
+            **{field.name: getattr(self, field.name) for field in fields(Pix2SeqTokenLayout)}
+        )
+        self.token_layout.validate()
+        self.box_codec = Pix2SeqBoxCodec(self.token_layout, **self.codec_options)
+        super().__init__(image_processor, **kwargs)
+
+    @property
+    def codec_options(self) -> dict[str, Any]:
+        """The options of the box codec (everything but the token layout)."""
+        return {
+            "object_order": self.object_order,
+            "sequence_augmentation": self.sequence_augmentation,
+            "class_corruption_prob": self.class_corruption_prob,
+        }
+
+    @classmethod
+    def from_config(
+        cls, config, image_processor: Pix2SeqImageProcessor | None = None, **codec_options
+    ) -> Pix2SeqProcessor:
+        """
+        Builds a processor whose token layout is the one of `config` (a `Pix2SeqConfig`, or a model holding one).
+
+        Args:
+            config (`Pix2SeqConfig` or `Pix2SeqForObjectDetection`): where the token layout is read from.
+            image_processor ([`Pix2SeqImageProcessor`], *optional*): defaults to a default image processor.
+            **codec_options: `object_order`, `sequence_augmentation`, `class_corruption_prob`.
+        """
+        config = getattr(config, "config", config)
+        layout = Pix2SeqTokenLayout.from_config(config)
+        return cls(image_processor=image_processor, **layout.to_dict(), **codec_options)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # The only sub-processor is always a `Pix2SeqImageProcessor`: load it directly rather than through
+        # `AutoImageProcessor`, so that loading does not depend on the Auto registration having run.
+        return [Pix2SeqImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        annotations: dict | list[dict] | None = None,
+        return_tensors: str | TensorType | None = "pt",
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Prepares images and, optionally, training sequences.
+
+        Args:
+            images (`ImageInput`):
+                An image or a batch of images (see [`Pix2SeqImageProcessor`]).
+            annotations (`dict` or `list[dict]`, *optional*):
+                COCO detection annotations, one `{"image_id", "annotations": [{"bbox": [x, y, w, h],
+                "category_id", "iscrowd"?}]}` per image; `category_id` must be a contiguous label in
+                `[0, num_classes)`.
+            return_tensors (`str` or `TensorType`, *optional*, defaults to `"pt"`):
+                Type of the returned arrays.
+            generator (`torch.Generator`, *optional*):
+                Random generator of the sequence augmentation (object order, noise objects, class corruption).
+            **kwargs:
+                Passed to the image processor (`size`, `do_normalize`, `input_data_format`, ...).
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` and, with annotations, `decoder_input_ids` and `labels`
+            (`[batch_size, 5 * max_objects]`), ready for `model(**inputs)`.
+        """
+        if images is None:
+            raise ValueError("`Pix2SeqProcessor` needs `images`.")
+        if annotations is not None:
+            annotations = [annotations] if isinstance(annotations, dict) else list(annotations)
+            self._check_category_ids(annotations)
+
+        inputs = self.image_processor(images, annotations=annotations, return_tensors="pt", **kwargs)
+        data = {"pixel_values": inputs["pixel_values"]}
+        if annotations is not None:
+            targets = inputs["labels"]
+            sequences = self.box_codec.batch_build_training_sequences(
+                [target["boxes"] for target in targets],
+                [target["class_labels"] for target in targets],
+                generator=generator,
+            )
+            data["decoder_input_ids"] = sequences["decoder_input_ids"]
+            data["labels"] = sequences["labels"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _check_category_ids(self, annotations: list[dict]) -> None:
+        """Raises `ValueError` for a `category_id` outside `[0, num_classes)`, naming image, annotation and id."""
+        for annotation in annotations:
+            if not isinstance(annotation, Mapping) or "annotations" not in annotation:
+                continue  # the image processor reports malformed annotations
+            for index, obj in enumerate(annotation["annotations"]):
+                category_id = obj.get("category_id") if isinstance(obj, Mapping) else None
+                if isinstance(category_id, torch.Tensor) and category_id.numel() == 1:
+                    category_id = category_id.item()
+                if isinstance(category_id, numbers.Real) and not 0 <= category_id < self.num_classes:
+                    raise ValueError(
+                        f"Image {annotation.get('image_id')}, annotation {index}: category_id {category_id} is "
+                        f"outside [0, num_classes={self.num_classes}). Map dataset category ids to contiguous "
+                        "labels 0..num_classes-1 before the processor (see `id2label`)."
+                    )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Outputs
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _sequences_and_logits(self, sequences, logits=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Normalises generated tokens for the codec: reads a `generate` output, stacks a tuple of per-step logits into
+        `[B, T, V]`, and drops the leading detection prompt (BOS) column when present.
+        """
+        if not isinstance(sequences, torch.Tensor):
+            if logits is None:
+                logits = _field(sequences, "logits")
+            sequences = _field(sequences, "sequences")
+            if not isinstance(sequences, torch.Tensor):
+                raise TypeError(f"Expected a LongTensor of token ids or a `generate` output, got {type(sequences)}.")
+        if sequences.ndim != 2:
+            raise ValueError(f"`sequences` must have shape [batch_size, length], got {tuple(sequences.shape)}.")
+        if isinstance(logits, (tuple, list)):
+            logits = torch.stack(tuple(logits), dim=1)
+        if logits is not None:
+            if logits.ndim != 3 or logits.shape[0] != sequences.shape[0]:
+                raise ValueError(
+                    f"`logits` must have shape [batch_size, length, vocab_size] matching `sequences` "
+                    f"{tuple(sequences.shape)}, got {tuple(logits.shape)}."
+                )
+            if logits.shape[-1] != self.vocab_size:
+                raise ValueError(
+                    f"The logits have {logits.shape[-1]} entries per step but the processor's token layout has "
+                    f"`vocab_size={self.vocab_size}`: the processor does not belong to this model (see "
+                    "`Pix2SeqProcessor.check_model_compatible`)."
+                )
+            # `generate` returns the prompt followed by one token per step; the logits cover the steps only.
+            if sequences.shape[1] == logits.shape[1] + 1:
+                sequences = sequences[:, 1:]
+            elif sequences.shape[1] != logits.shape[1]:
+                raise ValueError(
+                    f"`sequences` has {sequences.shape[1]} tokens but `logits` has {logits.shape[1]} steps; expected "
+                    "as many steps as generated tokens (after the prompt)."
+                )
+        elif sequences.shape[1] > 0 and bool((sequences[:, 0] == self.bos_token_id).all()):
+            sequences = sequences[:, 1:]
+        return sequences, logits
+
+    def batch_decode(self, sequences, logits=None) -> list[dict[str, torch.Tensor]]:
+        """
+        Reads objects out of generated token sequences with the box codec.
+
+        Args:
+            sequences (`torch.LongTensor` of shape `[B, T]` or a `generate` output):
+                Generated tokens, with or without the leading detection prompt.
+            logits (`torch.FloatTensor` `[B, T, V]` or tuple of `T` tensors `[B, V]`, *optional*):
+                Raw logits of each generated token (taken from a `generate` output when not given); without them
+                every object scores 1.
+
+        Returns:
+            `list[dict]`: per image, `boxes` (`[N, 4]`, XYXY normalised to the canvas), `labels` and `scores`.
+        """
+        sequences, logits = self._sequences_and_logits(sequences, logits)
+        return self.box_codec.decode(sequences, logits)
+
+    def post_process_object_detection(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        target_sizes: TensorType | list[tuple[int, int]] | None = None,
+        top_k: int | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        Turns model outputs into DETR-style detections: `[{"scores", "labels", "boxes"}]`, boxes
+        `(x_min, y_min, x_max, y_max)` in the pixels of the original images when `target_sizes` is given (normalised
+        to the canvas otherwise), best score first.
+
+        Args:
+            outputs:
+                Either the detection output of `model(pixel_values)` (`scores`, `labels`, `pred_boxes`, handled by
+                [`Pix2SeqImageProcessor.post_process_object_detection`]) or the output of `model.generate` with
+                `sequences` (`[B, 1 + T]`, prompt first) and raw `logits` (tuple of `T` tensors `[B, vocab_size]`).
+            threshold (`float`, *optional*, defaults to 0.5):
+                Keep detections with a score strictly above it.
+            target_sizes (`torch.Tensor` `[B, 2]` or `list[tuple[int, int]]`, *optional*):
+                `(height, width)` of each original image.
+            top_k (`int`, *optional*):
+                Keep at most the `top_k` best-scoring detections per image.
+
+        Raises:
+            `TypeError` for a bare tensor of token ids or a `generate` output without raw logits; `ValueError` when
+            the logits do not fit the processor's vocabulary.
+        """
+        if isinstance(outputs, torch.Tensor):
+            raise TypeError(
+                "`post_process_object_detection` got a bare tensor of token ids; it needs the raw logits too. "
+                + _GENERATE_HINT
+            )
+        if _field(outputs, "pred_boxes") is not None:
+            return self.image_processor.post_process_object_detection(
+                outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k
+            )
+        if _field(outputs, "sequences") is None:
+            raise TypeError(
+                "Expected the detection output of `Pix2SeqForObjectDetection` (with `pred_boxes`) or the output of "
+                f"`model.generate` (with `sequences` and `logits`), got {type(outputs).__name__}."
+            )
+        if _field(outputs, "logits") is None:
+            raise TypeError("The `generate` output has no raw `logits`. " + _GENERATE_HINT)
+        detections = self.batch_decode(outputs)
+        return self.image_processor.post_process_detections(
+            detections, threshold=threshold, target_sizes=target_sizes, top_k=top_k
+        )
+
+    def check_model_compatible(self, model_or_config) -> None:
+        """
+        Raises `ValueError` naming every token layout field on which the processor and the model disagree.
+
+        Args:
+            model_or_config: a `Pix2SeqForObjectDetection`, a `Pix2SeqConfig` or a `Pix2SeqTokenLayout`.
+        """
+        config = getattr(model_or_config, "config", model_or_config)
+        if isinstance(config, Pix2SeqTokenLayout):
+            layout = config
+        else:
+            try:
+                layout = Pix2SeqTokenLayout.from_config(config)
+            except AttributeError as error:
+                raise TypeError(
+                    f"Expected a Pix2Seq model, config or token layout, got {type(model_or_config).__name__} "
+                    f"({error})."
+                ) from None
+        self.token_layout.check_compatible(layout, what="model config")
+
+
+__all__ = ["Pix2SeqProcessor"]
