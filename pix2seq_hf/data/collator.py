@@ -1,0 +1,247 @@
+"""The collator that turns examples of the common format (see `schema.py`) into the batches Pix2Seq trains on."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import PIL.Image
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as tvF
+
+from .images import open_image
+from .transforms import apply_transforms
+
+
+logger = logging.getLogger(__name__)
+
+SIZE_MISMATCH_POLICIES = ("warn", "error", "skip")
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed that depends only on `parts` (ints and strings), stable across processes and runs."""
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class Pix2SeqCollator:
+    """
+    Collates examples of the common detection format into a Pix2Seq batch.
+
+    Training (`training=True`): crowd objects are dropped; each image is augmented `num_augmentations` times by
+    `transforms` (each copy independently; `num_augmentations=2` is the paper's "two augmentations of each image per
+    batch"), then the processor pads the augmented images onto its canvas (`do_resize=False`: augmentation leaves
+    them at most canvas-sized) and writes the training sequences. Without `transforms` the processor resizes.
+
+    Evaluation (`training=False`): no augmentation; the processor resizes and pads; the batch also carries the ground
+    truth for COCO metrics, crowd objects included.
+
+    Randomness is reproducible and independent of batch composition, DataLoader workers and resumption: the
+    augmentation of copy `k` of image `image_id` in epoch `e` is seeded with `derive_seed(seed, e, image_id, k)`, and
+    the sequence augmentation of a batch with `derive_seed(seed, e, image_ids of the batch)` (`"eval"` instead of the
+    epoch for evaluation batches). Call `set_epoch` at the start of each epoch (before the DataLoader is iterated).
+
+    Args:
+        processor (`Pix2SeqProcessor`):
+            Called as `processor(images=..., annotations=..., return_tensors="pt", generator=..., **image_kwargs)`;
+            annotations are `{"image_id", "annotations": [{"bbox": [x, y, w, h], "category_id", "iscrowd"}]}` with
+            absolute pixel boxes and contiguous labels.
+        transforms (`Callable`, *optional*):
+            Training augmentation on `{"image", "boxes", "labels"}` (see `build_train_transforms`); must leave images
+            at most `canvas x canvas`. Ignored for evaluation.
+        training (`bool`, *optional*, defaults to `True`): training or evaluation batches.
+        num_augmentations (`int`, *optional*, defaults to 1): augmented copies of each image (training only); the
+            batch holds `num_augmentations * len(examples)` images, the copies of one image next to each other.
+        seed (`int`, *optional*, defaults to 0): the seed of all randomness of the collator.
+        return_sequences (`bool`, *optional*, defaults to `True`): also return `decoder_input_ids` and `labels`
+            (for evaluation batches: to compute a validation loss).
+        return_targets (`bool`, *optional*): return the ground truth (`targets`); defaults to `not training`.
+        on_size_mismatch (`str`, *optional*, defaults to `"warn"`): when a decoded image's size differs from the
+            example's `width`/`height` (e.g. an EXIF rotation applied by `datasets` but not to the boxes): "warn"
+            (once; use the decoded image, boxes clipped to it and dropped when nothing is left), "error", or "skip"
+            the example. Counted in `stats["size_mismatches"]` (in the process that collates: with DataLoader
+            workers, in each worker).
+
+    Returns (of `__call__`):
+        `dict` with `pixel_values` (`[B, 3, S, S]`), with `return_sequences` `decoder_input_ids` and `labels`
+        (`[B, L]`), and with `return_targets` `targets`: per image a dict with `image_id` (`LongTensor[1]`),
+        `orig_size` (`LongTensor[2]`, `(height, width)` of the decoded image), `boxes` (`FloatTensor[N, 4]`,
+        `(x_min, y_min, x_max, y_max)` in its pixels), `labels` (`LongTensor[N]`), `iscrowd` (`LongTensor[N]`) and
+        `area` (`FloatTensor[N]`). Targets come one per example (not per augmented copy) and describe the
+        un-augmented image.
+    """
+
+    def __init__(
+        self,
+        processor,
+        transforms: Callable | None = None,
+        training: bool = True,
+        num_augmentations: int = 1,
+        seed: int = 0,
+        return_sequences: bool = True,
+        return_targets: bool | None = None,
+        on_size_mismatch: str = "warn",
+    ):
+        if not isinstance(num_augmentations, int) or num_augmentations < 1:
+            raise ValueError(f"`num_augmentations` must be a positive int, got {num_augmentations!r}.")
+        if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
+            raise ValueError(f"`on_size_mismatch` must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}.")
+        self.processor = processor
+        self.transforms = transforms
+        self.training = training
+        self.num_augmentations = num_augmentations if training else 1
+        self.seed = int(seed)
+        self.return_sequences = return_sequences
+        self.return_targets = (not training) if return_targets is None else return_targets
+        self.on_size_mismatch = on_size_mismatch
+        self.epoch = 0
+        self.stats = {"size_mismatches": 0, "skipped_examples": 0}
+        self._warned_size_mismatch = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch, which (with `seed`) determines the augmentation of every image."""
+        self.epoch = int(epoch)
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _image(self, example: Mapping, record: str) -> PIL.Image.Image | None:
+        """The example's image as a PIL image, or `None` when it is skipped for a size mismatch."""
+        value = example.get("image")
+        if value is None:
+            raise ValueError(f"{record}: the example has no 'image'; its keys are {sorted(example)}.")
+        if not isinstance(value, (PIL.Image.Image, dict)):
+            raise TypeError(
+                f"{record}: 'image' must be a PIL image or a datasets.Image dict, got {type(value).__name__}."
+            )
+        image = open_image(value, record, decode=True)
+        expected = (example.get("width"), example.get("height"))
+        if None not in expected and tuple(int(v) for v in expected) != image.size:
+            self.stats["size_mismatches"] += 1
+            message = (
+                f"{record}: the decoded image is {image.size[0]}x{image.size[1]} but the example says "
+                f"{expected[0]}x{expected[1]} (an EXIF orientation applied when decoding?); its boxes may not match."
+            )
+            if self.on_size_mismatch == "error":
+                raise ValueError(message)
+            if self.on_size_mismatch == "skip":
+                self.stats["skipped_examples"] += 1
+                logger.warning(message + " Skipped.")
+                return None
+            if not self._warned_size_mismatch:
+                logger.warning(message + " Using the decoded image (warned once; see `collator.stats`).")
+                self._warned_size_mismatch = True
+        return image
+
+    @staticmethod
+    def _objects(example: Mapping, record: str) -> dict[str, torch.Tensor]:
+        """Boxes (xywh), labels, crowd flags and areas of an example as tensors."""
+        objects = example.get("objects")
+        if not isinstance(objects, Mapping) or "bbox" not in objects or "category" not in objects:
+            raise ValueError(
+                f"{record}: expected 'objects' with 'bbox' and 'category' (the common format; see "
+                f"`prepare_detection_dataset`), got {objects!r:.200}."
+            )
+        boxes = torch.as_tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+        num = boxes.shape[0]
+        labels = torch.as_tensor(objects["category"], dtype=torch.int64).reshape(-1)
+        iscrowd = torch.as_tensor(objects.get("iscrowd") or [0] * num, dtype=torch.int64).reshape(-1)
+        areas = objects.get("area")
+        area = torch.as_tensor(areas, dtype=torch.float32).reshape(-1) if areas else boxes[:, 2] * boxes[:, 3]
+        if not labels.numel() == iscrowd.numel() == area.numel() == num:
+            raise ValueError(f"{record}: 'objects' fields have different lengths.")
+        return {"boxes": boxes, "labels": labels, "iscrowd": iscrowd, "area": area}
+
+    @staticmethod
+    def _fit_to_image(objects: dict[str, torch.Tensor], image: PIL.Image.Image) -> dict[str, torch.Tensor]:
+        """Clips boxes to the decoded image and drops those left empty (after a size mismatch)."""
+        boxes = tv_tensors.BoundingBoxes(objects["boxes"], format="XYWH", canvas_size=(image.height, image.width))
+        boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
+        keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+        return {"boxes": boxes[keep], **{key: objects[key][keep] for key in ("labels", "iscrowd", "area")}}
+
+    @staticmethod
+    def _annotation(image_id: int, boxes: torch.Tensor, labels: torch.Tensor, iscrowd: torch.Tensor | None = None):
+        """A COCO detection annotation for the processor (xywh absolute pixel boxes)."""
+        crowd = iscrowd.tolist() if iscrowd is not None else [0] * len(labels)
+        return {
+            "image_id": image_id,
+            "annotations": [
+                {"bbox": box, "category_id": label, "iscrowd": flag}
+                for box, label, flag in zip(boxes.tolist(), labels.tolist(), crowd)
+            ],
+        }
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("Cannot collate an empty list of examples.")
+        augment = self.training and self.transforms is not None
+        images, annotations, targets, image_ids = [], [], [], []
+        for example in examples:
+            if "image_id" not in example:
+                raise ValueError(f"An example has no 'image_id'; its keys are {sorted(example)}.")
+            image_id = int(example["image_id"])
+            record = f"image_id {image_id}"
+            image = self._image(example, record)
+            if image is None:
+                continue
+            objects = self._objects(example, record)
+            if (example.get("width"), example.get("height")) != (image.width, image.height):
+                objects = self._fit_to_image(objects, image)
+            image_ids.append(image_id)
+            if not self.training:
+                images.append(image)
+                annotations.append(self._annotation(image_id, objects["boxes"], objects["labels"], objects["iscrowd"]))
+                if self.return_targets:
+                    targets.append(self._target(image_id, image, objects))
+                continue
+            real = objects["iscrowd"] == 0
+            boxes, labels = objects["boxes"][real], objects["labels"][real]
+            if self.return_targets:
+                targets.append(self._target(image_id, image, objects))
+            pixels = tvF.pil_to_tensor(image.convert("RGB")) if augment else image
+            for copy in range(self.num_augmentations):
+                if augment:
+                    seed = derive_seed(self.seed, self.epoch, image_id, copy)
+                    out_image, out_boxes, out_labels = apply_transforms(
+                        self.transforms, pixels, boxes, labels, seed=seed
+                    )
+                    images.append(out_image)
+                    annotations.append(self._annotation(image_id, out_boxes, out_labels))
+                else:
+                    images.append(pixels)
+                    annotations.append(self._annotation(image_id, boxes, labels))
+        if not images:
+            raise ValueError(f"Every example of the batch was skipped ({self.stats}).")
+
+        batch_seed = derive_seed(self.seed, self.epoch if self.training else "eval", tuple(image_ids))
+        kwargs = {"do_resize": False, "input_data_format": "channels_first"} if augment else {}
+        if self.return_sequences:
+            generator = torch.Generator().manual_seed(batch_seed)
+            inputs = self.processor(
+                images=images, annotations=annotations, return_tensors="pt", generator=generator, **kwargs
+            )
+        else:
+            inputs = self.processor(images=images, return_tensors="pt", **kwargs)
+        batch = {"pixel_values": inputs["pixel_values"]}
+        if self.return_sequences:
+            batch["decoder_input_ids"] = inputs["decoder_input_ids"]
+            batch["labels"] = inputs["labels"]
+        if self.return_targets:
+            batch["targets"] = targets
+        return batch
+
+    @staticmethod
+    def _target(image_id: int, image: PIL.Image.Image, objects: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ground truth of one image for COCO evaluation (boxes XYXY in the pixels of the decoded image)."""
+        boxes = tvF.convert_bounding_box_format(objects["boxes"], old_format="XYWH", new_format="XYXY", inplace=False)
+        return {
+            "image_id": torch.tensor([image_id], dtype=torch.int64),
+            "orig_size": torch.tensor([image.height, image.width], dtype=torch.int64),
+            "boxes": boxes,
+            "labels": objects["labels"],
+            "iscrowd": objects["iscrowd"],
+            "area": objects["area"],
+        }

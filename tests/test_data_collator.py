@@ -1,0 +1,229 @@
+"""Tests of `Pix2SeqCollator`: what it gives the processor, reproducibility, evaluation targets, batch shapes."""
+
+import io
+import logging
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as tvF
+
+from pix2seq_hf.data.collator import Pix2SeqCollator, derive_seed
+from pix2seq_hf.data.synthetic import make_synthetic_detection_dataset
+from pix2seq_hf.data.transforms import build_train_transforms
+
+
+CANVAS = 64
+
+
+class RecordingProcessor:
+    """
+    Stands in for `Pix2SeqProcessor` where a test checks what the collator hands to it: records every call and
+    returns the real processor's output keys (pixels resized unless `do_resize=False`, padded to the canvas; random
+    token ids from the given generator).
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, annotations=None, return_tensors="pt", generator=None, **kwargs):
+        self.calls.append({"images": images, "annotations": annotations, "generator": generator, **kwargs})
+        pixel_values = torch.zeros(len(images), 3, CANVAS, CANVAS)
+        for index, image in enumerate(images):
+            tensor = image if isinstance(image, torch.Tensor) else tvF.pil_to_tensor(image.convert("RGB"))
+            if kwargs.get("do_resize", True):
+                tensor = tvF.resize(tensor, size=None, max_size=CANVAS)
+            assert max(tensor.shape[-2:]) <= CANVAS
+            pixel_values[index, :, : tensor.shape[1], : tensor.shape[2]] = tensor.float() / 255
+        out = {"pixel_values": pixel_values}
+        if annotations is not None:
+            out["decoder_input_ids"] = torch.randint(0, 50, (len(images), 10), generator=generator)
+            out["labels"] = torch.randint(0, 50, (len(images), 10), generator=generator)
+        return out
+
+
+def _example(image_id, size=(80, 60), objects=(), crowd=()):
+    """An example in the common format with a white rectangle for each object."""
+    image = Image.new("RGB", size)
+    for x, y, w, h in list(objects) + list(crowd):
+        image.paste((255, 255, 255), (x, y, x + w, y + h))
+    boxes = [list(map(float, b)) for b in list(objects) + list(crowd)]
+    return {
+        "image": image,
+        "image_id": image_id,
+        "width": size[0],
+        "height": size[1],
+        "objects": {
+            "id": list(range(len(boxes))),
+            "area": [b[2] * b[3] for b in boxes],
+            "bbox": boxes,
+            "category": [1] * len(objects) + [2] * len(crowd),
+            "iscrowd": [0] * len(objects) + [1] * len(crowd),
+        },
+    }
+
+
+EXAMPLES = [
+    _example(11, objects=[(5, 5, 20, 10)], crowd=[(40, 30, 20, 20)]),
+    _example(12, size=(50, 90), objects=[(10, 20, 15, 15), (30, 60, 10, 20)]),
+    _example(13, size=(30, 30)),
+]
+
+
+def test_training_batch_goes_through_augmentation_then_the_processor_without_resize():
+    processor = RecordingProcessor()
+    collator = Pix2SeqCollator(processor, transforms=build_train_transforms("finetune", CANVAS), seed=1)
+    batch = collator(EXAMPLES)
+    assert set(batch) == {"pixel_values", "decoder_input_ids", "labels"}
+    assert batch["pixel_values"].shape == (3, 3, CANVAS, CANVAS)
+    call = processor.calls[-1]
+    assert call["do_resize"] is False and call["input_data_format"] == "channels_first"
+    assert isinstance(call["generator"], torch.Generator)
+    assert [a["image_id"] for a in call["annotations"]] == [11, 12, 13]
+    for image, annotation in zip(call["images"], call["annotations"]):
+        assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and max(image.shape[-2:]) <= CANVAS
+        for obj in annotation["annotations"]:
+            assert obj["category_id"] == 1  # the crowd object (label 2) never reaches a training sequence
+            x, y, w, h = obj["bbox"]
+            assert w >= 1 and h >= 1 and x >= 0 and y >= 0
+            assert x + w <= image.shape[2] + 1e-4 and y + h <= image.shape[1] + 1e-4
+            # The box still frames white pixels of the augmented image.
+            inside = image[:, int(y) : int(y + h + 0.999), int(x) : int(x + w + 0.999)]
+            assert inside.float().mean() > 100
+
+
+def test_training_is_reproducible_per_image_whatever_the_batch():
+    transforms = build_train_transforms("scratch", CANVAS)
+    first = Pix2SeqCollator(RecordingProcessor(), transforms=transforms, seed=5)(EXAMPLES)
+    again = Pix2SeqCollator(RecordingProcessor(), transforms=transforms, seed=5)(EXAMPLES)
+    for key in first:
+        assert torch.equal(first[key], again[key])
+    # Image 12's augmentation does not depend on its batch neighbours or position (workers, resumption).
+    alone = Pix2SeqCollator(RecordingProcessor(), transforms=transforms, seed=5)(EXAMPLES[1:2][::-1])
+    assert torch.equal(alone["pixel_values"][0], first["pixel_values"][1])
+    # Another epoch or seed gives another augmentation.
+    collator = Pix2SeqCollator(RecordingProcessor(), transforms=transforms, seed=5)
+    collator.set_epoch(1)
+    assert not torch.equal(collator(EXAMPLES)["pixel_values"], first["pixel_values"])
+    other_seed = Pix2SeqCollator(RecordingProcessor(), transforms=transforms, seed=6)(EXAMPLES)
+    assert not torch.equal(other_seed["pixel_values"], first["pixel_values"])
+    assert derive_seed(5, 0, 12, 0) == derive_seed(5, 0, 12, 0) != derive_seed(5, 1, 12, 0)
+
+
+def test_two_augmentations_per_image():
+    processor = RecordingProcessor()
+    collator = Pix2SeqCollator(processor, transforms=build_train_transforms("finetune", CANVAS), num_augmentations=2)
+    batch = collator(EXAMPLES[:2])
+    assert batch["pixel_values"].shape[0] == 4 and batch["labels"].shape[0] == 4
+    assert [a["image_id"] for a in processor.calls[-1]["annotations"]] == [11, 11, 12, 12]
+    assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
+    with pytest.raises(ValueError, match="num_augmentations"):
+        Pix2SeqCollator(processor, num_augmentations=0)
+
+
+def test_training_without_transforms_lets_the_processor_resize():
+    processor = RecordingProcessor()
+    Pix2SeqCollator(processor, transforms=None)(EXAMPLES)
+    call = processor.calls[-1]
+    assert "do_resize" not in call and isinstance(call["images"][0], Image.Image)
+    assert call["annotations"][0]["annotations"] == [{"bbox": [5.0, 5.0, 20.0, 10.0], "category_id": 1, "iscrowd": 0}]
+
+
+def test_evaluation_batch_has_ground_truth_with_crowd_objects():
+    processor = RecordingProcessor()
+    collator = Pix2SeqCollator(processor, transforms=build_train_transforms("finetune", CANVAS), training=False)
+    batch = collator(EXAMPLES)
+    call = processor.calls[-1]
+    assert "do_resize" not in call  # the processor's normal resize; no augmentation at evaluation
+    assert call["images"][0] is EXAMPLES[0]["image"]
+    first = batch["targets"][0]
+    assert first["image_id"].tolist() == [11] and first["orig_size"].tolist() == [60, 80]
+    assert first["boxes"].tolist() == [[5, 5, 25, 15], [40, 30, 60, 50]]  # XYXY pixels
+    assert first["labels"].tolist() == [1, 2] and first["iscrowd"].tolist() == [0, 1]
+    assert first["area"].tolist() == [200, 400]
+    assert batch["targets"][2]["boxes"].shape == (0, 4)
+    # Evaluation sequences (for a validation loss) are the same on every call.
+    assert torch.equal(collator(EXAMPLES)["labels"], batch["labels"])
+    no_sequences = Pix2SeqCollator(RecordingProcessor(), training=False, return_sequences=False)(EXAMPLES)
+    assert set(no_sequences) == {"pixel_values", "targets"}
+
+
+def test_undecoded_images_and_size_mismatch(caplog):
+    buffer = io.BytesIO()
+    EXAMPLES[1]["image"].save(buffer, format="PNG")
+    raw = dict(EXAMPLES[1], image={"bytes": buffer.getvalue(), "path": None})
+    assert Pix2SeqCollator(RecordingProcessor(), training=False)([raw])["targets"][0]["orig_size"].tolist() == [90, 50]
+
+    wrong = dict(EXAMPLES[1], width=90, height=50)  # e.g. an EXIF rotation applied when decoding
+    collator = Pix2SeqCollator(RecordingProcessor(), training=False)
+    with caplog.at_level(logging.WARNING):
+        collator([wrong, wrong])
+    assert collator.stats["size_mismatches"] == 2
+    # Boxes are clipped to the decoded image; one left with nothing is dropped.
+    outside = dict(_example(14, size=(50, 90), objects=[(40, 5, 30, 10), (60, 5, 10, 10)]), width=90, height=50)
+    target = collator([outside])["targets"][0]
+    assert target["boxes"].tolist() == [[40, 5, 50, 15]] and target["labels"].tolist() == [1]
+    assert sum("the decoded image is 50x90 but the example says 90x50" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="image_id 12: the decoded image is 50x90"):
+        Pix2SeqCollator(RecordingProcessor(), on_size_mismatch="error")([wrong])
+    skipping = Pix2SeqCollator(RecordingProcessor(), training=False, on_size_mismatch="skip")
+    batch = skipping([EXAMPLES[0], wrong])
+    assert [t["image_id"].item() for t in batch["targets"]] == [11] and batch["pixel_values"].shape[0] == 1
+    assert skipping.stats["skipped_examples"] == 1
+    with pytest.raises(ValueError, match="Every example of the batch was skipped"):
+        skipping([wrong])
+    with pytest.raises(ValueError, match="expected 'objects' with 'bbox' and 'category'"):
+        Pix2SeqCollator(RecordingProcessor())([{"image": EXAMPLES[0]["image"], "image_id": 1, "objects": {}}])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# With the real processor
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _real_processor():
+    from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor
+    from pix2seq_hf.processing_pix2seq import Pix2SeqProcessor
+
+    return Pix2SeqProcessor(
+        image_processor=Pix2SeqImageProcessor(size={"longest_edge": CANVAS}),
+        num_bins=100,
+        num_classes=5,
+        vocab_size=300,
+        noise_token_id=30,
+        class_token_offset=40,
+        coord_token_offset=200,
+        max_objects=10,
+    )
+
+
+def test_collator_with_the_real_processor_on_synthetic_data():
+    processor = _real_processor()
+    dataset = make_synthetic_detection_dataset(6, seed=0, image_size=96)
+    examples = [dataset[i] for i in range(len(dataset))]
+    train = Pix2SeqCollator(processor, transforms=build_train_transforms("finetune", CANVAS), num_augmentations=2)
+    batch = train(examples)
+    assert batch["pixel_values"].shape == (12, 3, CANVAS, CANVAS)
+    assert batch["decoder_input_ids"].shape == batch["labels"].shape == (12, 50)
+    assert (batch["decoder_input_ids"][:, 0] == processor.bos_token_id).all()
+    again = Pix2SeqCollator(processor, transforms=build_train_transforms("finetune", CANVAS), num_augmentations=2)
+    assert all(torch.equal(batch[key], again(examples)[key]) for key in batch)
+
+    evaluation = Pix2SeqCollator(processor, training=False)(examples)
+    assert evaluation["pixel_values"].shape == (6, 3, CANVAS, CANVAS)
+    assert evaluation["labels"].shape == (6, 50)
+    assert len(evaluation["targets"]) == 6
+    assert evaluation["targets"][0]["orig_size"].tolist() == [96, 96]
+    assert evaluation["targets"][0]["boxes"].shape[0] == len(examples[0]["objects"]["bbox"])
+
+
+def test_collator_in_a_dataloader_with_a_prepared_dataset():
+    from torch.utils.data import DataLoader
+
+    dataset = make_synthetic_detection_dataset(8, seed=1, image_size=64)
+    collator = Pix2SeqCollator(_real_processor(), transforms=build_train_transforms("scratch", CANVAS), seed=3)
+    loader = DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=collator, num_workers=0)
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0]["pixel_values"].shape == (4, 3, CANVAS, CANVAS)
+    assert isinstance(dataset.features["image"], datasets.Image)

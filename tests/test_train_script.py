@@ -1,0 +1,138 @@
+"""End-to-end tests of examples/train.py, examples/detect.py and examples/evaluate.py on tiny synthetic data."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY_RUN = [
+    "--synthetic_train_size", "24",
+    "--synthetic_validation_size", "6",
+    "--image_size", "64",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "6",
+    "--num_warmup_steps", "1",
+    "--num_visualizations", "2",
+    "--seed", "3",
+]  # fmt: skip
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    return _load_example("train")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_module):
+    """4 steps with a checkpoint every 2 and an evaluation at step 2."""
+    output_dir = tmp_path_factory.mktemp("run") / "model"
+    argv = TINY_RUN + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2"]
+    assert train_module.main(argv + ["--output_dir", str(output_dir)]) == 0
+    return output_dir
+
+
+def test_training_writes_a_loadable_model_metrics_and_pictures(trained):
+    import pix2seq_hf  # noqa: F401
+    from transformers import AutoModelForObjectDetection, AutoProcessor
+
+    results = json.loads((trained / "all_results.json").read_text())
+    for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100"):
+        assert isinstance(results[key], float)
+    assert results["train_steps"] == 4 and results["world_size"] == 1
+    assert [entry["step"] for entry in results["history"]] == [2, 4]
+    assert all(entry["loss"] > 0 for entry in results["history"])
+    assert len(results["visualizations"]) == 2 and all(Path(p).is_file() for p in results["visualizations"])
+    assert (trained / "model.safetensors").is_file() and (trained / "step_2").is_dir() and (trained / "step_4").is_dir()
+
+    model = AutoModelForObjectDetection.from_pretrained(trained)
+    processor = AutoProcessor.from_pretrained(trained)
+    processor.check_model_compatible(model)
+    assert model.config.id2label[0] == "circle"
+    assert model.config.use_pretrained_backbone is False
+
+
+def test_resume_is_exact(trained, train_module, tmp_path):
+    """Stopping after 2 steps (the step_2 checkpoint) and resuming for 2 more equals 4 uninterrupted steps."""
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(trained / "step_2", resumed / "step_2")
+    argv = TINY_RUN + ["--max_train_steps", "4", "--num_visualizations", "0"]
+    assert train_module.main(argv + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]) == 0
+
+    uninterrupted = load_file(trained / "step_4" / "model.safetensors")
+    after_resume = load_file(resumed / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(after_resume[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # Resuming from step 2 must have changed the weights (the test could not fail otherwise).
+    at_step_2 = load_file(trained / "step_2" / "model.safetensors")
+    assert any(not torch.equal(at_step_2[name], tensor) for name, tensor in uninterrupted.items())
+    assert json.loads((resumed / "all_results.json").read_text())["train_steps"] == 4
+
+
+def test_resume_without_checkpoint_names_the_folder(train_module, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no step_N checkpoint"):
+        train_module.main(TINY_RUN + ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+
+
+def test_detect_script_writes_json_and_pictures(trained, tmp_path):
+    from PIL import Image
+
+    detect = _load_example("detect")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (90, 60), (10, 200, 30)).save(images / "green.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert detect.main([str(images), "--model", str(trained), "--output_dir", str(out), "--threshold", "0"]) == 0
+    report = json.loads((out / "detections.json").read_text())
+    assert report["skipped"] == [str(images / "broken.png")]
+    (entry,) = report["images"]
+    assert (entry["width"], entry["height"]) == (90, 60)
+    for detection in entry["detections"]:
+        x0, y0, x1, y1 = detection["box"]
+        assert 0 <= x0 <= x1 <= 90 and 0 <= y0 <= y1 <= 60
+    assert (out / "green.png").is_file()
+
+
+def test_evaluate_script_reports_coco_metrics(trained, tmp_path):
+    evaluate_script = _load_example("evaluate")
+    output = tmp_path / "metrics.json"
+    argv = ["--model", str(trained), "--synthetic_validation_size", "6", "--output_file", str(output), "--batch_size", "6"]
+    assert evaluate_script.main(argv) == 0
+    report = json.loads(output.read_text())
+    assert set(report["metrics"]) >= {"map", "map_50", "mar_100"}
+    assert report["num_images"] == 6 and isinstance(report["predictions"], list)
+
+
+def test_two_processes_train_together(tmp_path):
+    """torchrun starts two CPU processes that Accelerate joins over gloo (world size 2 in the log and results)."""
+    output_dir = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+        str(EXAMPLES / "train.py"), *TINY_RUN, "--max_train_steps", "2", "--output_dir", str(output_dir),
+        "--num_visualizations", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "MULTI_CPU, world size 2, process 0" in log and "MULTI_CPU, world size 2, process 1" in log
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["world_size"] == 2 and results["train_steps"] == 2
+    assert isinstance(results["map"], float)
