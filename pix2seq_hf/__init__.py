@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MA
 
 from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from .configuration_pix2seq import Pix2SeqConfig
-from .generation_pix2seq import Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
+from .generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import (
     Pix2SeqForObjectDetection,
@@ -38,6 +38,7 @@ AutoProcessor.register(Pix2SeqConfig, Pix2SeqProcessor, exist_ok=True)
 MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault("pix2seq", "Pix2SeqForObjectDetection")
 
 __all__ = [
+    "PIX2SEQ_GENERATION_DEFAULTS",
     "Pix2SeqBoxCodec",
     "Pix2SeqConfig",
     "Pix2SeqForObjectDetection",

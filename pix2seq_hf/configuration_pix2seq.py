@@ -49,7 +49,8 @@ class Pix2SeqConfig(PreTrainedConfig):
         activation_function (`str`, *optional*, defaults to `"gelu"`):
             Activation of the feed-forward blocks.
         dropout (`float`, *optional*, defaults to 0.1):
-            Dropout on feed-forward outputs, embeddings and the backbone projection.
+            Dropout on the feed-forward hidden units (the official `drop_units`), embeddings and the backbone
+            projection.
         attention_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on attention probabilities.
         drop_path_rate (`float`, *optional*, defaults to 0.1):
@@ -210,6 +211,11 @@ class Pix2SeqConfig(PreTrainedConfig):
             heads = getattr(self, f"{part}_attention_heads")
             if hidden % heads != 0:
                 raise ValueError(f"`{part}_hidden_size={hidden}` is not a multiple of `{part}_attention_heads={heads}`.")
+            if hidden % 4 != 0:
+                raise ValueError(
+                    f"`{part}_hidden_size={hidden}` must be a multiple of 4 (sin and cos of two axes share the width "
+                    "of the 2D position embedding)."
+                )
         if self.encoder_layers < 0 or self.decoder_layers < 1:
             raise ValueError(
                 f"Need `encoder_layers >= 0` and `decoder_layers >= 1`, got {self.encoder_layers} and "

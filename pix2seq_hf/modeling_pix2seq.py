@@ -46,9 +46,9 @@ from .generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, Pix2SeqLogitsProces
 logger = logging.get_logger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Outputs
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -86,9 +86,9 @@ class Pix2SeqObjectDetectionOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Building blocks
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def build_2d_sincos_position_embedding(
@@ -355,9 +355,9 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, self_attn_weights, cross_attn_weights
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Models
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class Pix2SeqPreTrainedModel(PreTrainedModel):
@@ -392,27 +392,60 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
+def _load_pretrained_timm_weights(backbone: nn.Module, backbone_config, model_kwargs: dict) -> None:
+    """
+    Loads timm's pretrained weights into a `TimmBackbone` built without them.
+
+    `TimmBackbone(pretrained=True)` loads them, but its `_init_weights` (run by `post_init`) then resets every
+    BatchNorm's running statistics; so the backbone is built randomly initialised and the pretrained timm model (built
+    with the arguments `TimmBackbone` gives `timm.create_model`) is copied into it afterwards.
+    """
+    import timm
+
+    pretrained = timm.create_model(
+        backbone_config.backbone,
+        pretrained=True,
+        features_only=backbone_config.features_only,
+        in_chans=model_kwargs.get("in_chans", backbone_config.num_channels),
+        out_indices=backbone_config.out_indices if backbone_config.out_indices is not None else (-1,),
+        output_stride=backbone_config.output_stride,
+        **{key: value for key, value in model_kwargs.items() if key != "in_chans"},
+    )
+    missing, unexpected = backbone._backbone.load_state_dict(pretrained.state_dict(), strict=False)
+    # Frozen BatchNorm layers (`freeze_batch_norm_2d`) have no `num_batches_tracked`.
+    unexpected = [key for key in unexpected if not key.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"The pretrained timm model `{backbone_config.backbone}` does not match the backbone: missing "
+            f"{missing}, unexpected {unexpected}."
+        )
+
+
 def _build_backbone(config: Pix2SeqConfig) -> nn.Module:
     """
     Builds the vision backbone from `config.backbone_config` with `AutoBackbone`.
 
-    timm backbones get `pretrained=config.use_pretrained_backbone` (skipped while `from_pretrained` builds the model
-    on the meta device: the checkpoint provides the weights) and `config.backbone_model_kwargs` for
-    `timm.create_model`. A transformers backbone with `use_pretrained_backbone` is loaded from the checkpoint its
-    config came from.
+    timm backbones get `config.backbone_model_kwargs` for `timm.create_model` and, with
+    `config.use_pretrained_backbone`, timm's pretrained weights (not while `from_pretrained` builds the model on the
+    meta device: the checkpoint provides the weights then). A transformers backbone with `use_pretrained_backbone` is
+    loaded from the checkpoint its config came from.
     """
     backbone_config = config.backbone_config
-    loading_checkpoint = get_torch_context_manager_or_global_device() == torch.device("meta")
+    use_pretrained = bool(config.use_pretrained_backbone)
+    if get_torch_context_manager_or_global_device() == torch.device("meta"):
+        use_pretrained = False
     if backbone_config.model_type == "timm_backbone":
-        kwargs = dict(config.backbone_model_kwargs or {})
-        kwargs["pretrained"] = bool(config.use_pretrained_backbone) and not loading_checkpoint
-        return AutoBackbone.from_config(backbone_config, **kwargs)
+        model_kwargs = dict(config.backbone_model_kwargs or {})
+        backbone = AutoBackbone.from_config(backbone_config, pretrained=False, **model_kwargs)
+        if use_pretrained:
+            _load_pretrained_timm_weights(backbone, backbone_config, model_kwargs)
+        return backbone
     if config.backbone_model_kwargs:
         raise ValueError(
             "`backbone_model_kwargs` are keyword arguments of `timm.create_model` and only apply to timm backbones; "
             f"the backbone is a `{backbone_config.model_type}` model. Put its options in `backbone_config`."
         )
-    if config.use_pretrained_backbone and not loading_checkpoint:
+    if use_pretrained:
         name = getattr(backbone_config, "_name_or_path", "")
         if not name:
             raise ValueError(
@@ -438,7 +471,8 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         for name in ("encoder_hidden_size", "decoder_hidden_size"):
             if getattr(config, name) % 4 != 0:
                 raise ValueError(
-                    f"`{name}={getattr(config, name)}` must be divisible by 4 for the 2D sine-cosine position embedding."
+                    f"`{name}={getattr(config, name)}` must be divisible by 4 for the 2D sine-cosine position "
+                    "embedding."
                 )
         self.backbone = _build_backbone(config)
         self.input_dropout = nn.Dropout(config.dropout)
@@ -567,7 +601,8 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
             use_cache = False
         if cache is not None and not isinstance(cache, EncoderDecoderCache):
             raise TypeError(
-                f"Pix2Seq needs an `EncoderDecoderCache` (self- and cross-attention caches), got {type(cache).__name__}."
+                "Pix2Seq needs an `EncoderDecoderCache` (self- and cross-attention caches), got "
+                f"{type(cache).__name__}."
             )
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
@@ -808,7 +843,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         if self.generation_config is not None:
             self.generation_config = self.default_generation_config(config, self.generation_config)
 
-    # ----- generation config ------------------------------------------------------------------------------------------
+    # ----- generation config -----------------------------------------------------------------------------------------
 
     @staticmethod
     def default_generation_config(config: Pix2SeqConfig, base=None):
@@ -892,18 +927,21 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             hf_config.top_p = None
         processors = super()._get_logits_processor(hf_config, *args, **kwargs)
 
-        processors.insert(
-            0,
-            Pix2SeqLogitsProcessor(
-                self.config.token_layout,
-                prompt_length=1,
-                token_grammar=getattr(generation_config, "token_grammar", True),
-                eos_bias=getattr(generation_config, "eos_bias", 0.0),
-                min_objects=getattr(generation_config, "min_objects", 0),
-                suppress_eos=getattr(generation_config, "suppress_eos", False),
-                suppress_noise_class=getattr(generation_config, "suppress_noise_class", False),
-            ),
-        )
+        # A `Pix2SeqLogitsProcessor` passed to `generate(logits_processor=...)` replaces the configured one.
+        grammar = [p for p in processors if isinstance(p, Pix2SeqLogitsProcessor)]
+        if not grammar:
+            grammar = [
+                Pix2SeqLogitsProcessor(
+                    self.config.token_layout,
+                    prompt_length=1,
+                    token_grammar=getattr(generation_config, "token_grammar", True),
+                    eos_bias=getattr(generation_config, "eos_bias", 0.0),
+                    min_objects=getattr(generation_config, "min_objects", 0),
+                    suppress_eos=getattr(generation_config, "suppress_eos", False),
+                    suppress_noise_class=getattr(generation_config, "suppress_noise_class", False),
+                )
+            ]
+        processors = LogitsProcessorList(grammar + [p for p in processors if p not in grammar])
         if use_official_top_p:
             # Same place as transformers' top-p: after temperature/top-k, before min-p and the other warpers.
             later = (MinPLogitsWarper, TypicalLogitsWarper, EpsilonLogitsWarper, EtaLogitsWarper, LogitNormalization)
@@ -911,7 +949,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             processors.insert(index, Pix2SeqTopPLogitsWarper(generation_config.top_p))
         return processors
 
-    # ----- modules ----------------------------------------------------------------------------------------------------
+    # ----- modules ---------------------------------------------------------------------------------------------------
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -930,7 +968,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
-    # ----- forward ----------------------------------------------------------------------------------------------------
+    # ----- forward ---------------------------------------------------------------------------------------------------
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -1009,7 +1047,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             encoder_attentions=outputs.encoder_attentions,
         )
 
-    # ----- detection --------------------------------------------------------------------------------------------------
+    # ----- detection -------------------------------------------------------------------------------------------------
 
     def detect(self, pixel_values: torch.FloatTensor, **generate_kwargs) -> Pix2SeqObjectDetectionOutput:
         """

@@ -47,6 +47,15 @@ def tiny_config(**overrides) -> Pix2SeqConfig:
     return Pix2SeqConfig(**kwargs)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, and the test machine's few cores are shared: avoid oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -79,9 +88,9 @@ def assert_parses(sequence: torch.Tensor, max_new_tokens: int, noise_allowed: bo
     assert all(token == EOS for token in generated[end:])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Pix2SeqLogitsProcessor on crafted inputs
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_each_slot_allows_only_its_tokens():
@@ -165,9 +174,9 @@ def test_official_top_p_keeps_mass_at_most_p():
         Pix2SeqTopPLogitsWarper(0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Generation config and processor order
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def processors_for(model, **kwargs):
@@ -189,6 +198,23 @@ def test_pix2seq_processor_runs_first(model):
     assert names.index("Pix2SeqTopPLogitsWarper") > names.index("TemperatureLogitsWarper")
 
 
+def test_user_grammar_processor_replaces_the_configured_one(model):
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    mine = Pix2SeqLogitsProcessor(LAYOUT, suppress_eos=True)
+    generation_config, _ = model._prepare_generation_config(None)
+    processors = model._get_logits_processor(
+        generation_config=generation_config,
+        input_ids_seq_length=1,
+        logits_processor=LogitsProcessorList([mine]),
+        device="cpu",
+    )
+    assert processors[0] is mine
+    assert sum(isinstance(p, Pix2SeqLogitsProcessor) for p in processors) == 1
+    output = model.generate(make_pixels(1), eos_bias=100.0, logits_processor=LogitsProcessorList([mine]))
+    assert output.sequences.shape == (1, 51)  # the user's processor never allows EOS
+
+
 def test_options_work_without_generation_config_entries(model):
     """A generation config without the Pix2Seq entries (e.g. a user's own) still accepts them as kwargs."""
     from transformers import GenerationConfig
@@ -199,9 +225,9 @@ def test_options_work_without_generation_config_entries(model):
     assert (output.sequences[:, 1:] != EOS).all()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # generate
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_sampled_sequences_parse_under_the_grammar(model):
@@ -236,7 +262,7 @@ def test_greedy_generation_same_with_and_without_cache(model):
     uncached = model.generate(pixels, do_sample=False, suppress_eos=True, use_cache=False)
     assert cached.sequences.shape == (3, 51)
     assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.logits, uncached.logits):
+    for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -285,9 +311,9 @@ def test_beam_search_respects_the_grammar(model):
         assert_parses(sequence, 15)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Detection output (model(pixel_values))
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_forward_without_decoder_inputs_detects(model):
@@ -387,3 +413,24 @@ def test_detections_keep_writing_order_stop_at_eos_and_grow_past_max_objects(mod
 
     with pytest.raises(ValueError, match="output_logits=True"):
         model.detections_from_generation(GenerateEncoderDecoderOutput(sequences=sequences))
+
+
+def test_object_detection_pipeline():
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor
+
+    torch.manual_seed(0)
+    detector = Pix2SeqForObjectDetection(tiny_config(id2label={i: f"class_{i}" for i in range(NUM_CLASSES)})).eval()
+    image_processor = Pix2SeqImageProcessor(size={"longest_edge": 64})
+    object_detector = pipeline("object-detection", model=detector, image_processor=image_processor)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    torch.manual_seed(1)
+    results = object_detector(image, threshold=0.0)
+    assert 1 <= len(results) <= 10
+    for result in results:
+        assert result["label"].startswith("class_") and 0 < result["score"] <= 1
+        box = result["box"]
+        assert 0 <= box["xmin"] <= box["xmax"] <= 70 and 0 <= box["ymin"] <= box["ymax"] <= 50

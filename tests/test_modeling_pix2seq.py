@@ -70,14 +70,23 @@ def make_labels(batch_size: int = 2, num_objects: int = 3, length: int = 25, see
     return labels
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, and the test machine's few cores are shared: avoid oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def model():
     return make_model()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Size
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_tiny_config_is_small(model):
@@ -97,9 +106,9 @@ def test_r50_parameter_count():
     assert 36_000_000 < num_parameters < 38_000_000
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Loss
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def hand_loss(logits: torch.Tensor, labels: torch.Tensor, eos_weight: float) -> torch.Tensor:
@@ -187,9 +196,9 @@ def test_label_outside_vocabulary_raises(model, bad_id):
         model(make_pixels(), labels=labels)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Outputs
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_tuple_and_dict_outputs_agree(model):
@@ -199,9 +208,9 @@ def test_tuple_and_dict_outputs_agree(model):
     assert isinstance(as_tuple, tuple)
     expected = as_dict.to_tuple()
     assert len(as_tuple) == len(expected)
-    for a, b in zip(as_tuple, expected):
+    for a, b in zip(as_tuple, expected, strict=True):
         if isinstance(a, tuple):
-            for x, y in zip(a, b):
+            for x, y in zip(a, b, strict=True):
                 torch.testing.assert_close(x, y)
         else:
             torch.testing.assert_close(a, b)
@@ -342,9 +351,9 @@ def test_2d_sincos_positions():
         build_2d_sincos_position_embedding(2, 2, 10)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Initialisation, tying, saving and loading
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_init_weights_covers_every_parameter():
@@ -406,7 +415,7 @@ def test_save_and_load_round_trip(tmp_path, model):
     actual = loaded(pixels, labels=labels)
     torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(actual.loss, expected.loss, rtol=0, atol=0)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -420,9 +429,9 @@ def test_checkpoint_without_generation_config_gets_pix2seq_defaults(tmp_path, mo
     assert generation_config.min_objects == 0 and generation_config.official_top_p is False
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Backbones
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_timm_vit_backbone_any_resolution():
@@ -450,3 +459,36 @@ def test_transformers_backbone():
 def test_decoder_input_outside_vocabulary_raises(model):
     with pytest.raises(ValueError, match=rf"token id {VOCAB + 5}.*vocab_size={VOCAB}"):
         model(make_pixels(1), decoder_input_ids=torch.tensor([[BOS, VOCAB + 5]]))
+
+
+def test_pretrained_timm_backbone_weights_survive_initialisation(tmp_path):
+    """timm weights (here from a local file) are kept, BatchNorm statistics included; loading never refetches them."""
+    import timm
+
+    reference = timm.create_model("test_resnet", pretrained=False)
+    with torch.no_grad():
+        for name, buffer in reference.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.fill_(0.5)
+            elif name.endswith("running_var"):
+                buffer.fill_(2.0)
+        for parameter in reference.parameters():
+            parameter.add_(0.123)
+    weights = tmp_path / "test_resnet.pth"
+    torch.save(reference.state_dict(), weights)
+
+    model = make_model(
+        use_pretrained_backbone=True, backbone_model_kwargs={"pretrained_cfg_overlay": {"file": str(weights)}}
+    )
+    backbone_state = model.model.encoder.backbone._backbone.state_dict()
+    expected = reference.state_dict()
+    shared = [key for key in backbone_state if key in expected]
+    assert len(shared) == len(backbone_state)
+    for key in shared:
+        assert torch.equal(backbone_state[key], expected[key]), key
+
+    model.save_pretrained(tmp_path / "checkpoint")
+    weights.unlink()  # from_pretrained must take the backbone from the checkpoint, not from timm
+    loaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path / "checkpoint")
+    for key, value in loaded.model.encoder.backbone._backbone.state_dict().items():
+        assert torch.equal(value, expected[key]), key
