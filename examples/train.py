@@ -72,7 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--synthetic_validation_size", type=int, default=200)
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--max_eval_samples", type=int, default=None)
-    data.add_argument("--augmentation", default="finetune", choices=sorted(AUGMENTATION_PRESETS))
+    data.add_argument(
+        "--augmentation",
+        default=None,
+        choices=sorted(AUGMENTATION_PRESETS),
+        help="Training augmentation (default: 'light' on the synthetic set, the official 'finetune' recipe otherwise).",
+    )
     data.add_argument("--num_augmentations", type=int, default=1, help="Augmented copies of each image per batch (paper: 2).")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -264,6 +269,9 @@ def main(argv=None) -> int:
     model, processor = build_model_and_processor(args, id2label)
     logger.info(f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     canvas = processor.image_processor.size["longest_edge"]
+    if args.augmentation is None:
+        synthetic = not (args.dataset_name or args.coco_annotations)
+        args.augmentation = "light" if synthetic else "finetune"
     train_collator = Pix2SeqCollator(
         processor,
         transforms=build_train_transforms(args.augmentation, canvas),

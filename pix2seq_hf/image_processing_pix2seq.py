@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,6 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
-
 
 # PIL modes holding more than 8 bits per pixel. Pillow opens 16-bit PNG/TIFF files as "I;16*" or, for some files and
 # older versions, as 32-bit "I"; both are read as 16-bit data here.
@@ -496,7 +495,9 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             scores, labels, boxes = scores[order], labels[order], boxes[order]
             if sizes is not None:
                 height, width = sizes[index]
-                boxes = tv_tensors.BoundingBoxes(boxes * max(height, width), format="XYXY", canvas_size=(height, width))
+                boxes = tv_tensors.BoundingBoxes(
+                    boxes * max(height, width), format="XYXY", canvas_size=(height, width)
+                )
                 boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
             results.append({"scores": scores, "labels": labels, "boxes": boxes})
         return results

@@ -16,7 +16,6 @@ from transformers.utils import TensorType
 from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from .image_processing_pix2seq import Pix2SeqImageProcessor, _field
 
-
 _GENERATE_HINT = (
     "Call `model.generate(pixel_values, return_dict_in_generate=True, output_logits=True)` (the defaults of "
     "Pix2Seq's generation config) so that the output carries both `sequences` and the raw `logits`: the class "
@@ -52,6 +51,10 @@ class Pix2SeqProcessor(ProcessorMixin):
         class_corruption_prob (`float`, *optional*, defaults to 0.5):
             Probability that a class token of the decoder input is replaced by a random class rather than the noise
             token.
+        duplicate_jitter (`float`, *optional*, defaults to 0.05):
+            Sigma of the jitter of duplicate noise boxes, as a share of the box size.
+        random_box_size_std (`float`, *optional*, defaults to 0.5):
+            Sigma of the size of random noise boxes.
     """
 
     def __init__(
@@ -70,6 +73,8 @@ class Pix2SeqProcessor(ProcessorMixin):
         object_order: str = "random",
         sequence_augmentation: bool = True,
         class_corruption_prob: float = 0.5,
+        duplicate_jitter: float = 0.05,
+        random_box_size_std: float = 0.5,
         **kwargs,
     ):
         if image_processor is None:
@@ -87,6 +92,8 @@ class Pix2SeqProcessor(ProcessorMixin):
         self.object_order = object_order
         self.sequence_augmentation = sequence_augmentation
         self.class_corruption_prob = class_corruption_prob
+        self.duplicate_jitter = duplicate_jitter
+        self.random_box_size_std = random_box_size_std
 
         self.token_layout = Pix2SeqTokenLayout(
             **{field.name: getattr(self, field.name) for field in fields(Pix2SeqTokenLayout)}
@@ -102,6 +109,8 @@ class Pix2SeqProcessor(ProcessorMixin):
             "object_order": self.object_order,
             "sequence_augmentation": self.sequence_augmentation,
             "class_corruption_prob": self.class_corruption_prob,
+            "duplicate_jitter": self.duplicate_jitter,
+            "random_box_size_std": self.random_box_size_std,
         }
 
     @classmethod
@@ -114,7 +123,8 @@ class Pix2SeqProcessor(ProcessorMixin):
         Args:
             config (`Pix2SeqConfig` or `Pix2SeqForObjectDetection`): where the token layout is read from.
             image_processor ([`Pix2SeqImageProcessor`], *optional*): defaults to a default image processor.
-            **codec_options: `object_order`, `sequence_augmentation`, `class_corruption_prob`.
+            **codec_options: `object_order`, `sequence_augmentation`, `class_corruption_prob`, `duplicate_jitter`,
+                `random_box_size_std`.
         """
         config = getattr(config, "config", config)
         layout = Pix2SeqTokenLayout.from_config(config)

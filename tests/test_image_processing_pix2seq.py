@@ -12,7 +12,6 @@ from torchvision.transforms.v2 import functional as tvF
 
 from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor, get_size_for_longest_edge
 
-
 S = 64  # canvas used by most tests
 
 
@@ -105,6 +104,8 @@ def test_invalid_settings_are_errors(processor):
         processor(image, do_pad=False)
     with pytest.raises(ValueError, match="larger than the 64x64 canvas"):
         processor(Image.fromarray(random_uint8(10, 70)), do_resize=False)
+    with pytest.raises(ValueError, match="empty image"):
+        processor(np.zeros((0, 5, 3), dtype=np.uint8), input_data_format="channels_last")
 
 
 def test_int_size_means_longest_edge():
@@ -288,7 +289,10 @@ def test_image_without_objects(processor):
     ],
 )
 def test_bad_boxes_are_errors(processor, bbox, message):
-    annotation = {"image_id": 11, "annotations": [{"bbox": [0, 0, 2, 2], "category_id": 0}, {"bbox": bbox, "category_id": 0}]}
+    annotation = {
+        "image_id": 11,
+        "annotations": [{"bbox": [0, 0, 2, 2], "category_id": 0}, {"bbox": bbox, "category_id": 0}],
+    }
     with pytest.raises(ValueError, match=message):
         processor(Image.fromarray(random_uint8(10, 20)), annotations=annotation)
 
@@ -343,11 +347,17 @@ def test_post_process_top_k(processor):
 def test_post_process_target_sizes_non_square(processor, as_tensor):
     sizes = [(200, 400), (300, 100)]  # landscape, portrait
     target_sizes = torch.tensor(sizes) if as_tensor else sizes
-    results = processor.post_process_object_detection(fake_detection_output(), threshold=0.5, target_sizes=target_sizes)
+    results = processor.post_process_object_detection(
+        fake_detection_output(), threshold=0.5, target_sizes=target_sizes
+    )
     # Landscape 200 x 400: canvas side = 400; the full-canvas box is clipped to the image.
-    torch.testing.assert_close(results[0]["boxes"], torch.tensor([[0.0, 0.0, 400.0, 200.0], [40.0, 40.0, 200.0, 120.0]]))
+    torch.testing.assert_close(
+        results[0]["boxes"], torch.tensor([[0.0, 0.0, 400.0, 200.0], [40.0, 40.0, 200.0, 120.0]])
+    )
     # Portrait 300 x 100: canvas side = 300; x is clipped at 100.
-    torch.testing.assert_close(results[1]["boxes"], torch.tensor([[75.0, 150.0, 100.0, 285.0], [0.0, 0.0, 30.0, 30.0]]))
+    torch.testing.assert_close(
+        results[1]["boxes"], torch.tensor([[75.0, 150.0, 100.0, 285.0], [0.0, 0.0, 30.0, 30.0]])
+    )
 
 
 def test_post_process_accepts_model_output_mapping(processor):

@@ -14,7 +14,6 @@ from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
 from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor
 from pix2seq_hf.processing_pix2seq import Pix2SeqProcessor
 
-
 S = 64
 LAYOUT = dict(
     num_bins=100,
@@ -110,6 +109,8 @@ def test_defaults_match_the_official_layout():
         "object_order": "random",
         "sequence_augmentation": True,
         "class_corruption_prob": 0.5,
+        "duplicate_jitter": 0.05,
+        "random_box_size_std": 0.5,
     }
 
 
@@ -144,6 +145,8 @@ def test_save_and_load(tmp_path):
         object_order="area",
         sequence_augmentation=False,
         class_corruption_prob=0.25,
+        duplicate_jitter=0.1,
+        random_box_size_std=0.3,
     )
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
@@ -153,6 +156,7 @@ def test_save_and_load(tmp_path):
     assert saved["object_order"] == "area"
     assert saved["sequence_augmentation"] is False
     assert saved["class_corruption_prob"] == 0.25
+    assert saved["duplicate_jitter"] == 0.1 and saved["random_box_size_std"] == 0.3
     assert saved["image_processor"]["size"] == {"longest_edge": 96}
     assert saved["image_processor"]["pad_value"] == 0.25
 
@@ -238,7 +242,9 @@ def test_category_id_out_of_range_is_an_error():
     processor = make_processor()
     for category_id in (5, -1, np.int64(7)):
         annotation = coco(42, (1, 1, 4, 4, 0), (2, 2, 4, 4, category_id))
-        with pytest.raises(ValueError, match=rf"Image 42, annotation 1: category_id {category_id} is outside \[0, num_classes=5\)"):
+        with pytest.raises(
+            ValueError, match=rf"Image 42, annotation 1: category_id {category_id} is outside \[0, num_classes=5\)"
+        ):
             processor(image(10, 10), annotations=annotation)
 
 
@@ -304,7 +310,7 @@ def test_generate_output_scores_threshold_and_top_k():
     assert everything[0]["labels"].tolist() == [1, 3]
     torch.testing.assert_close(everything[0]["scores"], torch.tensor(expected_scores[0]))
     torch.testing.assert_close(everything[1]["scores"], torch.tensor(expected_scores[1]))
-    q = lambda v: quantise(v) / (BINS - 1)  # noqa: E731
+    q = lambda v: quantise(v) / (BINS - 1)
     torch.testing.assert_close(everything[0]["boxes"][0], torch.tensor([q(0.1), q(0.2), q(0.5), q(0.6)]))
 
     threshold = (expected_scores[0][0] + expected_scores[0][1]) / 2
@@ -312,7 +318,9 @@ def test_generate_output_scores_threshold_and_top_k():
     assert [r["labels"].tolist() for r in filtered] == [[1], [3] if expected_scores[1][0] > threshold else []]
     best = processor.post_process_object_detection(output, threshold=0.0, top_k=1)
     assert [r["labels"].tolist() for r in best] == [[1], [3]]
-    sized = processor.post_process_object_detection(output, threshold=0.0, target_sizes=torch.tensor([[100, 50], [20, 40]]))
+    sized = processor.post_process_object_detection(
+        output, threshold=0.0, target_sizes=torch.tensor([[100, 50], [20, 40]])
+    )
     # Image 1 is 20 x 40: canvas side 40, and y is clipped at 20.
     torch.testing.assert_close(sized[1]["boxes"], torch.tensor([[40 * q(0.5), 20.0, 40.0, 20.0]]))
 
@@ -343,3 +351,62 @@ def test_post_process_rejects_what_it_cannot_decode():
     wrong_vocab = GenerateEncoderDecoderOutput(sequences=output.sequences, logits=(torch.zeros(1, 3000),) * 5)
     with pytest.raises(ValueError, match="vocab_size=300"):
         processor.post_process_object_detection(wrong_vocab)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# With the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection
+
+    torch.manual_seed(0)
+    return Pix2SeqForObjectDetection(tiny_config(max_position_embeddings=64)).eval()
+
+
+def test_processor_and_model_end_to_end(tiny_model, tmp_path):
+    processor = Pix2SeqProcessor.from_config(tiny_model, image_processor=Pix2SeqImageProcessor(size=S))
+    processor.check_model_compatible(tiny_model)
+    images = [image(30, 50, seed=1), image(50, 30, seed=2)]
+    annotations = [coco(1, (10, 5, 20, 10, 3)), coco(2, (2, 2, 10, 30, 0), (15, 20, 10, 10, 4))]
+    inputs = processor(images, annotations=annotations, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = tiny_model(**inputs).loss
+    assert torch.isfinite(loss)
+
+    sizes = [(30, 50), (50, 30)]
+    pixel_values = inputs["pixel_values"]
+    with torch.no_grad():
+        torch.manual_seed(3)
+        detection = tiny_model(pixel_values)
+        torch.manual_seed(3)
+        generated = tiny_model.generate(pixel_values)
+    from_detection = processor.post_process_object_detection(detection, threshold=0.0, target_sizes=sizes)
+    from_generate = processor.post_process_object_detection(generated, threshold=0.0, target_sizes=sizes)
+    # Both routes read the same sampled tokens (same seed) and must agree.
+    for a, b, (height, width) in zip(from_detection, from_generate, sizes):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+        assert a["labels"].tolist() == b["labels"].tolist()
+        assert torch.all(a["scores"][:-1] >= a["scores"][1:])
+        assert torch.all(a["boxes"] >= 0)
+        assert torch.all(a["boxes"][:, 0::2] <= width) and torch.all(a["boxes"][:, 1::2] <= height)
+        assert torch.all((a["labels"] >= 0) & (a["labels"] < 5))
+
+    assert sum(len(result["scores"]) for result in from_detection) > 0  # the comparison above was not vacuous
+
+    # The processor saved next to the model comes back through AutoProcessor.
+    from transformers import AutoProcessor
+
+    processor.save_pretrained(tmp_path)
+    tiny_model.config.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, Pix2SeqProcessor) and loaded.to_dict() == processor.to_dict()
+
+
+def test_layout_mismatch_with_model_is_reported(tiny_model):
+    processor = Pix2SeqProcessor(**{**LAYOUT, "num_classes": 7})
+    with pytest.raises(ValueError, match="num_classes: 7 here vs 5 in the model config"):
+        processor.check_model_compatible(tiny_model)
