@@ -8,6 +8,7 @@ from pix2seq_hf.box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
 from pix2seq_hf.generation_pix2seq import Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
 from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqObjectDetectionOutput
+from helpers import tiny_config as shared_tiny_config
 
 
 VOCAB, COORD, CLASS, NOISE, EOS, BOS, NUM_CLASSES, NUM_BINS = 300, 200, 40, 30, 0, 10, 5, 100
@@ -28,23 +29,7 @@ CLASSES = set(range(CLASS, CLASS + NUM_CLASSES))
 
 
 def tiny_config(**overrides) -> Pix2SeqConfig:
-    kwargs = dict(
-        backbone="test_resnet",
-        use_pretrained_backbone=False,
-        encoder_hidden_size=32,
-        decoder_hidden_size=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        **{k: v for k, v in LAYOUT.to_dict().items() if k != "pad_token_id"},
-        pad_token_id=EOS,
-        max_position_embeddings=64,
-    )
-    kwargs.update(overrides)
-    return Pix2SeqConfig(**kwargs)
+    return shared_tiny_config(layers=2, **overrides)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -17,35 +17,15 @@ from pix2seq_hf.modeling_pix2seq import (
     build_2d_sincos_position_embedding,
     shift_tokens_right,
 )
+from helpers import tiny_config as shared_tiny_config
 
 
 VOCAB, COORD, CLASS, NOISE, EOS, BOS = 300, 200, 40, 30, 0, 10
 
 
 def tiny_config(**overrides) -> Pix2SeqConfig:
-    """A model well under 1M parameters (timm `test_resnet`: 96 channels at stride 32, so 2x2 features at 64x64)."""
-    kwargs = dict(
-        backbone="test_resnet",
-        use_pretrained_backbone=False,
-        encoder_hidden_size=32,
-        decoder_hidden_size=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        num_bins=100,
-        vocab_size=VOCAB,
-        coord_token_offset=COORD,
-        class_token_offset=CLASS,
-        noise_token_id=NOISE,
-        num_classes=5,
-        max_objects=10,
-        max_position_embeddings=64,
-    )
-    kwargs.update(overrides)
-    return Pix2SeqConfig(**kwargs)
+    """A model well under 1M parameters (see `helpers.tiny_config`)."""
+    return shared_tiny_config(layers=2, **overrides)
 
 
 def make_model(seed: int = 0, **overrides) -> Pix2SeqForObjectDetection:

@@ -13,6 +13,7 @@ from pix2seq_hf.box_codec import Pix2SeqTokenLayout
 from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
 from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor
 from pix2seq_hf.processing_pix2seq import Pix2SeqProcessor
+from helpers import tiny_config as shared_tiny_config
 
 S = 64
 LAYOUT = dict(
@@ -37,21 +38,7 @@ def make_processor(**codec_options):
 
 
 def tiny_config(**overrides):
-    kwargs = dict(
-        backbone="test_resnet",
-        use_pretrained_backbone=False,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_hidden_size=32,
-        decoder_hidden_size=32,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        **LAYOUT,
-    )
-    kwargs.update(overrides)
-    return Pix2SeqConfig(**kwargs)
+    return shared_tiny_config(layers=1, **overrides)
 
 
 def image(height, width, seed=0):
@@ -123,7 +110,7 @@ def test_from_config_and_compatibility():
     processor.check_model_compatible(SimpleNamespace(config=config))  # a model holding the config
     processor.check_model_compatible(config.token_layout)
 
-    other = tiny_config(num_bins=50, max_objects=20)
+    other = tiny_config(num_bins=50, max_objects=20, max_position_embeddings=128)
     with pytest.raises(ValueError) as error:
         processor.check_model_compatible(other)
     message = str(error.value)
