@@ -2,6 +2,7 @@
 
 import io
 import logging
+import math
 
 import datasets
 import pytest
@@ -227,3 +228,36 @@ def test_collator_in_a_dataloader_with_a_prepared_dataset():
     batches = list(loader)
     assert len(batches) == 2 and batches[0]["pixel_values"].shape == (4, 3, CANVAS, CANVAS)
     assert isinstance(dataset.features["image"], datasets.Image)
+
+
+def test_real_processor_sequences_frame_the_augmented_objects():
+    # White rectangles on black: after augmentation, padding and tokenisation, every real object of the target
+    # sequence must frame white pixels of `pixel_values` (coordinates read back from the tokens).
+    processor = _real_processor()
+    collator = Pix2SeqCollator(processor, transforms=build_train_transforms("finetune", CANVAS), seed=2)
+    layout = processor.token_layout
+    checked = 0
+    for epoch in range(4):
+        collator.set_epoch(epoch)
+        batch = collator(EXAMPLES[:2])
+        for pixels, labels in zip(batch["pixel_values"], batch["labels"]):
+            objects = labels[: 5 * layout.max_objects].reshape(-1, 5)
+            real = objects[:, 0] >= layout.coord_token_offset
+            for tokens in objects[real]:
+                assert layout.class_token_offset <= tokens[4] < layout.class_token_end
+                ymin, xmin, ymax, xmax = (
+                    (tokens[:4] - layout.coord_token_offset).float() / (layout.num_bins - 1) * CANVAS
+                ).tolist()
+                # The centre is white, and so is the inside (a pixel in from each side, where resizing blurs).
+                assert pixels[:, int((ymin + ymax) / 2), int((xmin + xmax) / 2)].min() > 0.9
+                inside = pixels[
+                    :, math.ceil(ymin) + 1 : math.floor(ymax) - 1, math.ceil(xmin) + 1 : math.floor(xmax) - 1
+                ]
+                assert inside.numel() == 0 or inside.min() > 0.9, (ymin, xmin, ymax, xmax)
+                # Just outside the box, the image is black or padding (the objects are far apart).
+                outside = pixels[
+                    :, max(round(ymin) - 2, 0) : round(ymax) + 2, max(round(xmin) - 2, 0) : round(xmax) + 2
+                ]
+                assert (outside > 0.9).all(dim=0).sum() <= (ymax - ymin + 1) * (xmax - xmin + 1)
+                checked += 1
+    assert checked >= 8

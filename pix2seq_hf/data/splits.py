@@ -33,6 +33,7 @@ SPLIT_OPTIONS: dict[str, object] = {
     "synthetic_validation_size": 200,
     "synthetic_image_size": 128,
     "synthetic_num_classes": 5,
+    "synthetic_max_objects": 10,
     "max_train_samples": None,
     "max_eval_samples": None,
     "check_images": None,
@@ -107,6 +108,7 @@ def _synthetic_split(size: int, options: dict, split: str) -> DetectionSplit:
         seed=options["seed"],
         image_size=options["synthetic_image_size"],
         num_classes=options["synthetic_num_classes"],
+        max_objects=options["synthetic_max_objects"],
         split=split,
     )
     id2label = get_id2label(dataset)
@@ -123,7 +125,8 @@ def load_detection_splits(args: argparse.Namespace | Mapping | None = None, **ov
     - `dataset_name`: a dataset folder saved with `save_to_disk`, or a `datasets.load_dataset` name or path, in
       CPPE-5 or xyxy style (`prepare_detection_dataset`, splits `train_split` / `validation_split`);
     - neither: the synthetic shapes set (`synthetic_train_size` / `synthetic_validation_size` images of
-      `synthetic_image_size` pixels, seeded with `seed`).
+      `synthetic_image_size` pixels with `synthetic_num_classes` shapes and 1 to `synthetic_max_objects` objects,
+      seeded with `seed`).
 
     The validation split is read with the training split's label map (a category the training split does not have
     is an error). `validation_split="none"` (or no validation json) gives no validation split.
