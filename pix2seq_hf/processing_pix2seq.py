@@ -51,6 +51,9 @@ class Pix2SeqProcessor(ProcessorMixin):
         class_corruption_prob (`float`, *optional*, defaults to 0.5):
             Probability that a class token of the decoder input is replaced by a random class rather than the noise
             token.
+        duplicate_noise_share (`float`, *optional*):
+            Share of the noise objects that are duplicates of real ones; `None` (the official code) draws it
+            uniformly per image.
         duplicate_jitter (`float`, *optional*, defaults to 0.05):
             Sigma of the jitter of duplicate noise boxes, as a share of the box size.
         random_box_size_std (`float`, *optional*, defaults to 0.5):
@@ -73,6 +76,7 @@ class Pix2SeqProcessor(ProcessorMixin):
         object_order: str = "random",
         sequence_augmentation: bool = True,
         class_corruption_prob: float = 0.5,
+        duplicate_noise_share: float | None = None,
         duplicate_jitter: float = 0.05,
         random_box_size_std: float = 0.5,
         **kwargs,
@@ -92,6 +96,7 @@ class Pix2SeqProcessor(ProcessorMixin):
         self.object_order = object_order
         self.sequence_augmentation = sequence_augmentation
         self.class_corruption_prob = class_corruption_prob
+        self.duplicate_noise_share = duplicate_noise_share
         self.duplicate_jitter = duplicate_jitter
         self.random_box_size_std = random_box_size_std
 
@@ -109,6 +114,7 @@ class Pix2SeqProcessor(ProcessorMixin):
             "object_order": self.object_order,
             "sequence_augmentation": self.sequence_augmentation,
             "class_corruption_prob": self.class_corruption_prob,
+            "duplicate_noise_share": self.duplicate_noise_share,
             "duplicate_jitter": self.duplicate_jitter,
             "random_box_size_std": self.random_box_size_std,
         }
@@ -123,7 +129,7 @@ class Pix2SeqProcessor(ProcessorMixin):
         Args:
             config (`Pix2SeqConfig` or `Pix2SeqForObjectDetection`): where the token layout is read from.
             image_processor ([`Pix2SeqImageProcessor`], *optional*): defaults to a default image processor.
-            **codec_options: `object_order`, `sequence_augmentation`, `class_corruption_prob`, `duplicate_jitter`,
+            **codec_options: `object_order`, `sequence_augmentation`, `class_corruption_prob`, `duplicate_noise_share`, `duplicate_jitter`,
                 `random_box_size_std`.
         """
         config = getattr(config, "config", config)

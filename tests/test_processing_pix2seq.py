@@ -96,6 +96,7 @@ def test_defaults_match_the_official_layout():
         "object_order": "random",
         "sequence_augmentation": True,
         "class_corruption_prob": 0.5,
+        "duplicate_noise_share": None,
         "duplicate_jitter": 0.05,
         "random_box_size_std": 0.5,
     }
