@@ -414,8 +414,9 @@ def test_load_detection_splits_from_saved_hf_dataset(tmp_path):
 
 def test_load_detection_splits_synthetic_default():
     splits = load_detection_splits(
-        synthetic_train_size=6, synthetic_validation_size=3, synthetic_image_size=32, seed=1
+        synthetic_train_size=6, synthetic_validation_size=3, synthetic_image_size=32, synthetic_max_objects=2, seed=1
     )
+    assert all(1 <= len(objects["bbox"]) <= 2 for objects in splits.train["objects"])
     assert len(splits.train) == 6 and len(splits.validation) == 3
     assert splits.id2label == {0: "circle", 1: "square", 2: "triangle", 3: "cross", 4: "ring"}
     assert splits.source == "synthetic shapes"
