@@ -46,14 +46,12 @@ from pix2seq_hf.data import (
     build_train_transforms,
     load_detection_splits,
 )
-from pix2seq_hf.evaluation import evaluate_model
+from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
 from pix2seq_hf.presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
 from pix2seq_hf.visualization import draw_detections
 
 
 logger = get_logger(__name__)
-
-METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
