@@ -225,9 +225,14 @@ class Pix2SeqBoxCodec:
         random_box_size_std: float = 0.5,
     ):
         if not isinstance(layout, Pix2SeqTokenLayout):
-            raise TypeError(
-                f"`layout` must be a `Pix2SeqTokenLayout` (e.g. `config.token_layout`), got {type(layout).__name__}."
-            )
+            # With remote code the config and the model import this module separately, so the layout may be the same
+            # dataclass from another copy of the module: accept anything that carries every layout field.
+            names = [f.name for f in fields(Pix2SeqTokenLayout)]
+            if not all(hasattr(layout, name) for name in names):
+                raise TypeError(
+                    f"`layout` must be a `Pix2SeqTokenLayout` (e.g. `config.token_layout`), got {type(layout).__name__}."
+                )
+            layout = Pix2SeqTokenLayout(**{name: getattr(layout, name) for name in names})
         if object_order not in OBJECT_ORDERS:
             raise ValueError(f"Unknown object_order {object_order!r}; choose one of {OBJECT_ORDERS}.")
         if not isinstance(sequence_augmentation, bool):
