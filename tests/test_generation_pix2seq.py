@@ -32,15 +32,6 @@ def tiny_config(**overrides) -> Pix2SeqConfig:
     return shared_tiny_config(layers=2, **overrides)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread, and the test machine's few cores are shared: avoid oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -50,15 +50,6 @@ def make_labels(batch_size: int = 2, num_objects: int = 3, length: int = 25, see
     return labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread, and the test machine's few cores are shared: avoid oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     return make_model()

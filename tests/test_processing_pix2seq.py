@@ -13,21 +13,11 @@ from pix2seq_hf.box_codec import Pix2SeqTokenLayout
 from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
 from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor
 from pix2seq_hf.processing_pix2seq import Pix2SeqProcessor
+from helpers import TINY_LAYOUT
 from helpers import tiny_config as shared_tiny_config
 
 S = 64
-LAYOUT = dict(
-    num_bins=100,
-    num_classes=5,
-    vocab_size=300,
-    pad_token_id=0,
-    eos_token_id=0,
-    bos_token_id=10,
-    noise_token_id=30,
-    class_token_offset=40,
-    coord_token_offset=200,
-    max_objects=10,
-)
+LAYOUT = dict(TINY_LAYOUT)
 L = 5 * LAYOUT["max_objects"]
 BOS, EOS, NOISE = LAYOUT["bos_token_id"], LAYOUT["eos_token_id"], LAYOUT["noise_token_id"]
 CLASS0, COORD0, BINS = LAYOUT["class_token_offset"], LAYOUT["coord_token_offset"], LAYOUT["num_bins"]
