@@ -25,6 +25,13 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     "suppress_eos": False,
     # The noise class token is never sampled (the class read from the logits is a real class either way).
     "suppress_noise_class": False,
+    # Early stop for models that never end on their own (sequence augmentation trains them to write noise objects up to
+    # the maximum length): an image gets EOS at the next object boundary once this many objects in a row scored below
+    # `early_stop_threshold`. 0 turns it off.
+    "early_stop_patience": 0,
+    # The score (probability of the best real class at the class token, from the raw logits, as in the detections)
+    # under which an object counts towards `early_stop_patience`.
+    "early_stop_threshold": 0.0,
     # Use the official code's top-p rule (keep the largest set of tokens whose mass stays <= top_p) instead of the
     # paper's / transformers' rule (the smallest set whose mass reaches top_p).
     "official_top_p": False,
@@ -45,7 +52,11 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
     - EOS receives `eos_bias` (before masking), is masked while fewer than `min_objects` objects have been written,
       and is never allowed with `suppress_eos`;
     - rows that already wrote EOS may only continue with EOS (= padding), so that their logits stay valid for
-      sampling while the rest of the batch finishes.
+      sampling while the rest of the batch finishes;
+    - early stop (`early_stop_patience > 0`): a row whose last `early_stop_patience` objects all scored below
+      `early_stop_threshold` gets EOS forced at the next object boundary (once it has `min_objects` objects). The
+      score of an object is read from this processor's input at the class slot, which must therefore be the raw
+      logits (the model puts this processor first).
 
     Every row of a batch has the same length during generation, so the slot is the same for all rows and the masks
     are computed once per step and broadcast over the batch.
@@ -65,6 +76,11 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
             Never allow EOS: decode to the maximum length.
         suppress_noise_class (`bool`, *optional*, defaults to `False`):
             Never allow the noise class token.
+        early_stop_patience (`int`, *optional*, defaults to 0):
+            End a row after this many consecutive objects scored below `early_stop_threshold` (0: never). Cannot be
+            combined with `suppress_eos`.
+        early_stop_threshold (`float`, *optional*, defaults to 0.0):
+            Score in `[0, 1]` (softmax over the full vocabulary, best real class) under which an object is "low".
 
     Example:
 
@@ -82,6 +98,8 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         min_objects: int = 0,
         suppress_eos: bool = False,
         suppress_noise_class: bool = False,
+        early_stop_patience: int = 0,
+        early_stop_threshold: float = 0.0,
     ):
         token_layout.validate()
         for name, value in (
@@ -91,7 +109,11 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a bool, got {value!r}.")
-        for name, value in (("prompt_length", prompt_length), ("min_objects", min_objects)):
+        for name, value in (
+            ("prompt_length", prompt_length),
+            ("min_objects", min_objects),
+            ("early_stop_patience", early_stop_patience),
+        ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"`{name}` must be an int, got {value!r}.")
             if value < 0:
@@ -101,6 +123,14 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         eos_bias = float(eos_bias)
         if math.isnan(eos_bias) or eos_bias == math.inf:
             raise ValueError(f"`eos_bias` must be a finite number or -inf, got {eos_bias}.")
+        if isinstance(early_stop_threshold, bool) or not isinstance(early_stop_threshold, (int, float)):
+            raise TypeError(f"`early_stop_threshold` must be a number, got {early_stop_threshold!r}.")
+        if not 0.0 <= early_stop_threshold <= 1.0:
+            raise ValueError(f"`early_stop_threshold` is a score in [0, 1], got {early_stop_threshold}.")
+        if early_stop_patience > 0 and suppress_eos:
+            raise ValueError(
+                "`early_stop_patience` ends rows with EOS, which `suppress_eos=True` forbids: use one or the other."
+            )
 
         self.token_layout = token_layout
         self.prompt_length = prompt_length
@@ -109,6 +139,10 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         self.min_objects = min_objects
         self.suppress_eos = suppress_eos
         self.suppress_noise_class = suppress_noise_class
+        self.early_stop_patience = early_stop_patience
+        self.early_stop_threshold = float(early_stop_threshold)
+        # Per row: how many objects in a row scored below the threshold (reset at the start of every generation).
+        self._low_score_run: torch.Tensor | None = None
 
         vocab_size = token_layout.vocab_size
         coordinates = torch.zeros(vocab_size, dtype=torch.bool)
@@ -162,6 +196,7 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
                 f"`input_ids` has {input_ids.shape[1]} tokens, fewer than the prompt length {self.prompt_length}."
             )
         eos = self.token_layout.eos_token_id
+        stop = self._early_stop_rows(num_generated, scores) if self.early_stop_patience > 0 else None
         scores = scores.clone()
         if self.eos_bias != 0.0:
             scores[:, eos] += self.eos_bias
@@ -169,13 +204,42 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         allowed = self.allowed_tokens(num_generated).to(scores.device)
         scores = scores.masked_fill(~allowed, -float("inf"))
 
-        # Rows that already ended keep writing EOS (transformers pads them with it anyway).
+        # Rows that already ended keep writing EOS (transformers pads them with it anyway); early-stopped rows end.
         ended = (input_ids[:, self.prompt_length :] == eos).any(dim=1)
+        if stop is not None:
+            ended = ended | stop
         if num_generated > 0 and bool(ended.any()):
             only_eos = torch.full_like(scores[0], -float("inf"))
             only_eos[eos] = 0.0
             scores = torch.where(ended[:, None], only_eos, scores)
         return scores
+
+    def _early_stop_rows(self, num_generated: int, raw_scores: torch.FloatTensor) -> torch.BoolTensor | None:
+        """
+        Tracks the run of low-scoring objects of each row and says which rows must end now.
+
+        At a class slot, the score of the object being written is the probability of its best real class under the
+        raw logits (softmax over the full vocabulary); a score below `early_stop_threshold` extends the row's run, any
+        other score resets it. At an object boundary (after at least `min_objects` objects), rows whose run reached
+        `early_stop_patience` must end.
+
+        Returns:
+            `torch.BoolTensor` of shape `[batch_size]` at object boundaries, else `None`.
+        """
+        batch_size = raw_scores.shape[0]
+        run = self._low_score_run
+        if num_generated == 0 or run is None or run.shape[0] != batch_size or run.device != raw_scores.device:
+            run = self._low_score_run = torch.zeros(batch_size, dtype=torch.long, device=raw_scores.device)
+        slot, num_objects = num_generated % 5, num_generated // 5
+        if slot == 4:
+            layout = self.token_layout
+            probs = torch.softmax(raw_scores.float(), dim=-1)
+            score = probs[:, layout.class_token_offset : layout.class_token_end].max(dim=-1).values
+            self._low_score_run = torch.where(score < self.early_stop_threshold, run + 1, torch.zeros_like(run))
+            return None
+        if slot == 0 and num_objects > 0 and num_objects >= self.min_objects:
+            return run >= self.early_stop_patience
+        return None
 
 
 class Pix2SeqTopPLogitsWarper(LogitsProcessor):

@@ -828,7 +828,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
 
     Decoding options, as generation-config attributes or `generate` keyword arguments (see
     [`Pix2SeqLogitsProcessor`]): `token_grammar`, `eos_bias`, `min_objects`, `suppress_eos`, `suppress_noise_class`,
-    `official_top_p`.
+    `early_stop_patience`, `early_stop_threshold`, `official_top_p`.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
@@ -939,6 +939,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
                     min_objects=getattr(generation_config, "min_objects", 0),
                     suppress_eos=getattr(generation_config, "suppress_eos", False),
                     suppress_noise_class=getattr(generation_config, "suppress_noise_class", False),
+                    early_stop_patience=getattr(generation_config, "early_stop_patience", 0),
+                    early_stop_threshold=getattr(generation_config, "early_stop_threshold", 0.0),
                 )
             ]
         processors = LogitsProcessorList(grammar + [p for p in processors if p not in grammar])

@@ -1,0 +1,270 @@
+"""Tests of fast decoding: the static-cache loop (`fast_generation.py`) and the early-stop option of the grammar."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+
+import pix2seq_hf.fast_generation as fast_generation
+from pix2seq_hf.box_codec import Pix2SeqTokenLayout
+from pix2seq_hf.fast_generation import Pix2SeqStaticDecoding, decoder_step
+from pix2seq_hf.generation_pix2seq import Pix2SeqLogitsProcessor
+from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection
+from helpers import TINY_LAYOUT, tiny_config
+
+
+EOS, BOS, CLASS, NUM_CLASSES, COORD = 0, 10, 40, 5, 200
+LAYOUT = Pix2SeqTokenLayout(**TINY_LAYOUT)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = Pix2SeqForObjectDetection(tiny_config())
+    # Larger decoder weights than the default init, so that the images and the tokens matter to the logits.
+    with torch.no_grad():
+        for name, parameter in model.model.decoder.named_parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def make_pixels(batch_size: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+class EndRowsAt(LogitsProcessor):
+    """Test helper: forces EOS for row `i` at the object boundary after `objects[i]` objects."""
+
+    def __init__(self, objects: list[int]):
+        self.objects = objects
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids.shape[1] - 1
+        for row, count in enumerate(self.objects):
+            if generated == 5 * count:
+                scores[row] = -float("inf")
+                scores[row, EOS] = 0.0
+        return scores
+
+
+def assert_same_generation(reference, fast, atol=1e-4):
+    assert torch.equal(reference.sequences, fast.sequences)
+    assert len(reference.logits) == len(fast.logits)
+    ended = (reference.sequences[:, 1:] == EOS).cumsum(dim=1) > 0
+    for step, (expected, actual) in enumerate(zip(reference.logits, fast.logits)):
+        # Rows that finished before this step are not computed by the fast loop (zeros by design).
+        live = ~ended[:, step - 1] if step > 0 else torch.ones(len(expected), dtype=torch.bool)
+        torch.testing.assert_close(actual[live], expected[live], atol=atol, rtol=1e-4)
+        assert torch.all(actual[~live] == 0)
+
+
+def test_greedy_static_decoding_equals_the_stock_loop_and_drops_finished_rows(model, monkeypatch):
+    pixels = make_pixels()
+    kwargs = dict(do_sample=False, max_new_tokens=40, logits_processor=LogitsProcessorList([EndRowsAt([2, 5, 3])]))
+    reference = model.generate(pixels, **kwargs)
+
+    batch_sizes = []
+
+    def recording_step(prepared, token_ids, *args):
+        batch_sizes.append(token_ids.shape[0])
+        return decoder_step(prepared, token_ids, *args)
+
+    monkeypatch.setattr(fast_generation, "decoder_step", recording_step)
+    fast = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    assert_same_generation(reference, fast)
+    assert reference.sequences.shape[1] == 1 + 5 * 5 + 1
+    # Row 0 ends after 2 objects, row 2 after 3, row 1 after 5: the decoder runs 3, then 2, then 1 rows.
+    assert batch_sizes == [3] * 11 + [2] * 5 + [1] * 10
+
+
+def test_sampling_draws_the_same_tokens_as_the_stock_loop(model):
+    pixels = make_pixels()
+    kwargs = dict(max_new_tokens=30, top_p=0.9, logits_processor=LogitsProcessorList([EndRowsAt([4, 1, 6])]))
+    torch.manual_seed(3)
+    reference = model.generate(pixels, **kwargs)
+    torch.manual_seed(3)
+    fast = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    assert_same_generation(reference, fast)
+    # The rows differ (the image and the sampling matter), so the comparison is not a trivial one.
+    assert not torch.equal(reference.sequences[0, :5], reference.sequences[1, :5])
+
+
+def test_detections_and_output_formats_match(model):
+    pixels = make_pixels(2)
+    decoding = Pix2SeqStaticDecoding()
+    reference = model.detect(pixels, do_sample=False, min_objects=3, max_new_tokens=20)
+    fast = model.detect(pixels, do_sample=False, min_objects=3, max_new_tokens=20, custom_generate=decoding)
+    for name in ("pred_boxes", "labels", "object_mask", "sequences"):
+        assert torch.equal(getattr(reference, name), getattr(fast, name)), name
+    torch.testing.assert_close(fast.scores, reference.scores)
+
+    tokens = model.generate(
+        pixels, do_sample=False, max_new_tokens=10, return_dict_in_generate=False, custom_generate=decoding
+    )
+    assert torch.equal(tokens, reference.sequences[:, :11])
+    scored = model.generate(pixels, do_sample=False, max_new_tokens=10, output_scores=True, custom_generate=decoding)
+    assert len(scored.scores) == 10 and torch.isinf(scored.scores[0]).any()  # processed: the grammar's -inf
+
+
+def test_compiled_step_equals_the_eager_step_and_follows_weight_updates(model):
+    pixels = make_pixels(2)
+    kwargs = dict(do_sample=False, max_new_tokens=15, min_objects=3)
+    eager = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    decoding = Pix2SeqStaticDecoding(compile=True)  # weights frozen into the compiled step
+    compiled = model.generate(pixels, custom_generate=decoding, **kwargs)
+    assert_same_generation(eager, compiled, atol=1e-5)
+    # A second call with the same shapes reuses the compiled step.
+    again = model.generate(pixels, custom_generate=decoding, **kwargs)
+    assert torch.equal(again.sequences, compiled.sequences)
+    # Weights changed in place (as by an optimizer step): the frozen constants must not be stale.
+    changed = Pix2SeqForObjectDetection(tiny_config()).eval()
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.model.decoder.layers[0].mlp.fc1.weight.mul_(-1.0)
+    expected = changed.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    updated = changed.generate(pixels, custom_generate=decoding, **kwargs)
+    assert_same_generation(expected, updated, atol=1e-5)
+    assert not torch.allclose(updated.logits[0], compiled.logits[0])
+
+
+def test_bfloat16_decoding_keeps_the_grammar_and_close_logits(model):
+    pixels = make_pixels(2)
+    kwargs = dict(do_sample=False, max_new_tokens=10, min_objects=2)
+    reference = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    half = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(dtype=torch.bfloat16), **kwargs)
+    assert half.sequences.shape == reference.sequences.shape
+    generated = half.sequences[:, 1:]
+    assert torch.all((generated[:, [0, 1, 2, 3, 5, 6, 7, 8]] >= COORD))
+    class_slots = generated[:, [4, 9]]
+    assert torch.all(((class_slots >= CLASS) & (class_slots < CLASS + NUM_CLASSES)) | (class_slots == 30))
+    assert half.logits[0].dtype == torch.float32
+    torch.testing.assert_close(half.logits[0], reference.logits[0], atol=0.1, rtol=0.05)
+
+
+def test_static_decoding_rejects_what_it_cannot_do(model):
+    pixels = make_pixels(1)
+    decoding = Pix2SeqStaticDecoding()
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(pixels, custom_generate=decoding, num_beams=2, do_sample=False, max_new_tokens=5)
+    with pytest.raises(ValueError, match="attentions or hidden states"):
+        model.generate(pixels, custom_generate=decoding, output_attentions=True, max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        model.generate(pixels, custom_generate=decoding, max_new_tokens=80)
+    with pytest.raises(ValueError, match="dtype"):
+        Pix2SeqStaticDecoding(dtype=torch.int8)
+    with pytest.raises(TypeError, match="compile"):
+        Pix2SeqStaticDecoding(compile="yes")
+
+
+# ----- early stop ----------------------------------------------------------------------------------------------------
+
+
+def class_logits(batch_size: int, best_probability: list[float]) -> torch.Tensor:
+    """Raw logits at a class slot whose best real class has (about) the given probability in each row."""
+    scores = torch.full((batch_size, LAYOUT.vocab_size), -30.0)
+    for row, probability in enumerate(best_probability):
+        scores[row, CLASS] = torch.log(torch.tensor(probability))
+        scores[row, COORD] = torch.log(torch.tensor(1.0 - probability))
+    return scores
+
+
+def run_processor(processor, row_scores: list[list[float]]) -> list[torch.Tensor]:
+    """
+    Feeds one sequence per row, `row_scores[row][k]` being the class score of the row's object `k` (random logits at
+    coordinate slots), then one more step; returns the processed scores of every step.
+    """
+    batch_size, num_objects = len(row_scores), len(row_scores[0])
+    input_ids = torch.full((batch_size, 1), BOS)
+    outputs = []
+    for step in range(5 * num_objects + 1):
+        slot, index = step % 5, step // 5
+        if slot == 4:
+            scores = class_logits(batch_size, [row[index] for row in row_scores])
+        else:
+            scores = torch.randn(batch_size, LAYOUT.vocab_size)
+        outputs.append(processor(input_ids, scores))
+        token = CLASS if slot == 4 else COORD
+        input_ids = torch.cat([input_ids, torch.full((batch_size, 1), token)], dim=1)
+    return outputs
+
+
+def only_eos(scores: torch.Tensor) -> list[bool]:
+    """Per row: whether EOS is the only token left."""
+    return [torch.isfinite(row).nonzero().flatten().tolist() == [EOS] for row in scores]
+
+
+def test_early_stop_forces_eos_after_a_run_of_low_scores():
+    processor = Pix2SeqLogitsProcessor(LAYOUT, early_stop_patience=2, early_stop_threshold=0.5)
+    rows = [
+        [0.1, 0.2, 0.9, 0.9],  # two low objects first: ends after object 2
+        [0.2, 0.9, 0.3, 0.4],  # its run restarts after object 2: ends after object 4
+        [0.9, 0.9, 0.9, 0.9],  # never
+    ]
+    outputs = run_processor(processor, rows)
+    at_boundary = {count: only_eos(outputs[5 * count]) for count in range(1, 5)}
+    assert at_boundary[1] == [False, False, False]
+    assert at_boundary[2] == [True, False, False]
+    assert at_boundary[4][1:] == [True, False]
+    # Inside an object nothing is forced.
+    assert not any(only_eos(outputs[5 * 2 + 1])[1:])
+
+
+def test_early_stop_waits_for_min_objects_and_is_off_by_default():
+    rows = [[0.1, 0.1, 0.1, 0.1]]
+    processor = Pix2SeqLogitsProcessor(LAYOUT, early_stop_patience=1, early_stop_threshold=0.5, min_objects=3)
+    outputs = run_processor(processor, rows)
+    assert [only_eos(outputs[5 * count])[0] for count in range(1, 5)] == [False, False, True, True]
+    outputs = run_processor(Pix2SeqLogitsProcessor(LAYOUT), rows)
+    assert not any(only_eos(outputs[5 * count])[0] for count in range(1, 5))
+
+
+def test_early_stop_options_are_checked():
+    with pytest.raises(ValueError, match="suppress_eos"):
+        Pix2SeqLogitsProcessor(LAYOUT, early_stop_patience=2, suppress_eos=True)
+    with pytest.raises(ValueError, match="early_stop_threshold"):
+        Pix2SeqLogitsProcessor(LAYOUT, early_stop_patience=2, early_stop_threshold=1.5)
+    with pytest.raises(TypeError, match="early_stop_patience"):
+        Pix2SeqLogitsProcessor(LAYOUT, early_stop_patience=2.0)
+    with pytest.raises(ValueError, match="early_stop_patience"):
+        Pix2SeqLogitsProcessor(LAYOUT, early_stop_patience=-1)
+
+
+def test_generate_stops_images_early_in_both_loops(model):
+    pixels = make_pixels()
+    kwargs = dict(do_sample=False, max_new_tokens=50, eos_bias=-float("inf"))
+    full = model.generate(pixels, **kwargs)
+    assert full.sequences.shape[1] == 51  # without early stop the model never ends
+    # Every object scores below 1.0: each image ends after `patience` objects, or `min_objects`.
+    stopped = model.generate(pixels, early_stop_patience=2, early_stop_threshold=1.0, **kwargs)
+    assert stopped.sequences.shape[1] == 1 + 10 + 1
+    assert torch.equal(stopped.sequences[:, :11], full.sequences[:, :11])
+    assert torch.all(stopped.sequences[:, 11] == EOS)
+    later = model.generate(pixels, early_stop_patience=2, early_stop_threshold=1.0, min_objects=4, **kwargs)
+    assert later.sequences.shape[1] == 1 + 20 + 1
+    # A threshold of 0 never stops; the static loop agrees with the stock one.
+    never = model.generate(pixels, early_stop_patience=1, early_stop_threshold=0.0, **kwargs)
+    assert torch.equal(never.sequences, full.sequences)
+    fast = model.generate(
+        pixels, early_stop_patience=2, early_stop_threshold=1.0, custom_generate=Pix2SeqStaticDecoding(), **kwargs
+    )
+    assert torch.equal(fast.sequences, stopped.sequences)
+
+
+def test_prepared_weights_follow_parameter_updates_and_drop_finished_off_keeps_logits(model):
+    pixels = make_pixels(2)
+    torch.manual_seed(1)
+    changed = Pix2SeqForObjectDetection(tiny_config()).eval()
+    changed.load_state_dict(model.state_dict())
+    decoding = Pix2SeqStaticDecoding(drop_finished=False)
+    kwargs = dict(do_sample=False, max_new_tokens=15, logits_processor=LogitsProcessorList([EndRowsAt([1, 3])]))
+    before = changed.generate(pixels, custom_generate=decoding, **kwargs)
+    # Rows that finished are still computed: the logits equal the stock loop's everywhere.
+    reference = changed.generate(pixels, **kwargs)
+    for expected, actual in zip(reference.logits, before.logits):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        changed.model.decoder.layers[0].mlp.fc1.weight.mul_(-1.0)  # in place, as an optimizer step does
+    after = changed.generate(pixels, custom_generate=decoding, **kwargs)
+    expected = changed.generate(pixels, **kwargs)
+    torch.testing.assert_close(after.logits[0], expected.logits[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(after.logits[0], before.logits[0])
