@@ -27,5 +27,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3", "tensorboard"],
+        # examples/benchmark.py: transformers' DETR loss matches boxes with scipy's Hungarian solver.
+        "benchmark": ["scipy"],
     },
 )
