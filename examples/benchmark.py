@@ -330,7 +330,7 @@ class Runner:
         if loop == "uncached":
             return {"use_cache": False}
         if loop in ("stock", "stock eager attention"):
-            return {}
+            return {"custom_generate": None}  # `detect` would otherwise pick the static loop
         raise ValueError(f"Unknown loop {loop!r}")
 
     @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Learning check: train a preset on a few synthetic images, then detect on those same images and print COCO mAP.
 
-    python examples/overfit_check.py --num_images 32 --steps 800
+    python examples/overfit_check.py --num_images 32 --steps 800 [--save_dir outputs/overfit]
 
 A model, codec, generation and post-processing that work together fit a small set: on this 2-core CPU the `tiny`
 preset reaches train-set mAP ~0.66 after 800 steps (about 9 minutes). Prints one line per evaluation.
@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--eval_every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save_dir", default=None, help="Save the fitted model and processor here (save_pretrained).")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -68,6 +69,11 @@ def main(argv=None) -> None:
                 )
             if step >= args.steps:
                 break
+    if args.save_dir:
+        model.eval()
+        model.save_pretrained(args.save_dir)
+        processor.save_pretrained(args.save_dir)
+        print(f"saved to {args.save_dir}", flush=True)
 
 
 if __name__ == "__main__":

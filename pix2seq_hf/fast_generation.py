@@ -305,6 +305,11 @@ class Pix2SeqStaticDecoding:
         self._prepared_key = None
         self._step = None
 
+    @staticmethod
+    def accepts_processor(processor) -> bool:
+        """Whether this loop can call `processor`: it passes `input_ids` and `scores` only."""
+        return len(inspect.signature(processor.__call__).parameters) <= 2
+
     def _compile(self, prepared: _PreparedDecoder) -> Callable:
         """
         `torch.compile` of the step, by default with `max_autotune` (on CPU it also tries inductor's own GEMM kernels,
@@ -425,7 +430,7 @@ class Pix2SeqStaticDecoding:
         # per token); this loop passes no extra arguments, so it checks once and calls them directly.
         processors = list(logits_processor)
         for processor in processors:
-            if len(inspect.signature(processor.__call__).parameters) > 2:
+            if not self.accepts_processor(processor):
                 raise ValueError(
                     f"{type(processor).__name__} needs arguments beyond `input_ids` and `scores`, which "
                     "`Pix2SeqStaticDecoding` does not pass; use the stock `generate` loop."

@@ -268,3 +268,52 @@ def test_prepared_weights_follow_parameter_updates_and_drop_finished_off_keeps_l
     expected = changed.generate(pixels, **kwargs)
     torch.testing.assert_close(after.logits[0], expected.logits[0], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(after.logits[0], before.logits[0])
+
+
+# ----- the loop `detect` picks ---------------------------------------------------------------------------------------
+
+
+def test_detect_decodes_in_the_static_loop_by_default_with_the_stock_loops_result(model, monkeypatch):
+    pixels = make_pixels(2)
+    calls = []
+    original_call = Pix2SeqStaticDecoding.__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls.append(self)
+        return original_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pix2SeqStaticDecoding, "__call__", recording_call)
+    torch.manual_seed(5)
+    default = model.detect(pixels, max_new_tokens=20)
+    assert len(calls) == 1
+    torch.manual_seed(5)
+    stock = model.detect(pixels, max_new_tokens=20, custom_generate=None)
+    assert len(calls) == 1
+    for name in ("pred_boxes", "labels", "object_mask", "sequences"):
+        assert torch.equal(getattr(default, name), getattr(stock, name)), name
+    torch.testing.assert_close(default.scores, stock.scores)
+    # `model(pixel_values)` goes through `detect`, and reuses the same prepared loop.
+    model(pixels)
+    assert len(calls) == 2 and calls[1] is calls[0]
+
+
+@pytest.mark.parametrize("kwargs", [{"output_attentions": True}, {"use_cache": False}, "training"])
+def test_detect_falls_back_to_the_stock_loop_for_what_only_it_does(model, monkeypatch, kwargs):
+    def fail(*args, **kwargs):
+        raise AssertionError("the static loop was used")
+
+    monkeypatch.setattr(Pix2SeqStaticDecoding, "__call__", fail)
+    pixels = make_pixels(1)
+    if kwargs == "training":
+        model.train()
+        try:
+            model.detect(pixels, max_new_tokens=10)
+        finally:
+            model.eval()
+    else:
+        model.detect(pixels, max_new_tokens=10, **kwargs)
+
+
+def test_detect_rejects_beam_search(model):
+    with pytest.raises(ValueError, match="num_beams=2"):
+        model.detect(make_pixels(1), max_new_tokens=10, num_beams=2, do_sample=False)
