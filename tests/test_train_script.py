@@ -23,6 +23,7 @@ TINY_RUN = [
     "--num_warmup_steps", "1",
     "--num_visualizations", "2",
     "--seed", "3",
+    "--num_threads", "1",
 ]  # fmt: skip
 
 
@@ -88,6 +89,32 @@ def test_resume_is_exact(trained, train_module, tmp_path):
 def test_resume_without_checkpoint_names_the_folder(train_module, tmp_path):
     with pytest.raises(FileNotFoundError, match="no step_N checkpoint"):
         train_module.main(TINY_RUN + ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+
+
+def test_optimizer_slows_the_transformer_encoder_only(train_module):
+    import argparse
+
+    from pix2seq_hf import Pix2SeqForObjectDetection
+    from helpers import tiny_config
+
+    model = Pix2SeqForObjectDetection(tiny_config())
+    args = argparse.Namespace(
+        learning_rate=1e-3, encoder_lr_scale=0.1, weight_decay=0.05, adam_beta1=0.9, adam_beta2=0.95
+    )
+    optimizer = train_module.build_optimizer(model, args)
+    setting = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            setting[id(parameter)] = (group["lr"], group["weight_decay"])
+    named = dict(model.named_parameters())
+    assert len(setting) == len(named)
+    assert setting[id(named["model.encoder.input_projection.weight"])] == (pytest.approx(1e-4), 0.05)
+    assert setting[id(named["model.encoder.layers.0.self_attn_layer_norm.weight"])] == (pytest.approx(1e-4), 0.0)
+    assert setting[id(named["model.encoder.bridge.projection.weight"])] == (pytest.approx(1e-4), 0.05)
+    backbone_conv = next(name for name in named if name.startswith("model.encoder.backbone.") and "conv" in name)
+    assert setting[id(named[backbone_conv])] == (1e-3, 0.05)
+    assert setting[id(named["model.decoder.layers.0.encoder_attn.k_proj.weight"])] == (1e-3, 0.05)
+    assert setting[id(named["model.decoder.layers.0.encoder_attn.k_proj.bias"])] == (1e-3, 0.0)
 
 
 def test_detect_script_writes_json_and_pictures(trained, tmp_path):
