@@ -1061,9 +1061,10 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
 
         Decoding runs in [`~fast_generation.Pix2SeqStaticDecoding`], the static-cache loop (the tokens of transformers'
         loop, in about 60% of its time per token on CPU; see `docs/performance.md`), unless `generate_kwargs` ask for
-        what only transformers' loop does (attentions, hidden states, beams, `use_cache=False`, logits processors that
-        take extra arguments) or the model is in training mode (dropout). `custom_generate=None` picks transformers'
-        loop; any other `custom_generate` (e.g. `Pix2SeqStaticDecoding(compile=True)`) is used as given.
+        what only transformers' loop does (attentions, hidden states, `use_cache=False`, logits processors that take
+        extra arguments) or the model is in training mode (dropout). `custom_generate=None` picks transformers' loop;
+        any other `custom_generate` (e.g. `Pix2SeqStaticDecoding(compile=True)`) is used as given. Beam search is
+        refused: each object's score is read from the logits of one sequence per image.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
