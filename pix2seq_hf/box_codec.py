@@ -164,6 +164,23 @@ def dequantize_coordinates(bins: torch.Tensor, num_bins: int) -> torch.FloatTens
     return torch.as_tensor(bins).float() / (num_bins - 1)
 
 
+def best_class_scores(class_logits: torch.Tensor, token_layout) -> tuple[torch.FloatTensor, torch.LongTensor]:
+    """
+    The score and label of objects from the raw logits at their class token: the best real class under a softmax
+    over the full vocabulary (noise, coordinates and EOS take their share of the mass, so an unsure object scores low).
+
+    Args:
+        class_logits (`torch.Tensor` of shape `(..., vocab_size)`): raw logits at class tokens.
+        token_layout (`Pix2SeqTokenLayout`): where the class tokens are.
+
+    Returns:
+        `(scores, labels)`, each of shape `(...)`: probabilities in `[0, 1]` and labels in `[0, num_classes)`.
+    """
+    log_probs = torch.log_softmax(class_logits.float(), dim=-1)
+    best, labels = log_probs[..., token_layout.class_token_offset : token_layout.class_token_end].max(dim=-1)
+    return best.exp(), labels
+
+
 def _truncated_normal(shape, std: float, generator: torch.Generator | None) -> torch.Tensor:
     """Normal(0, std) samples truncated at +-2 std (as `tf.random.truncated_normal`, used by the official code)."""
     if std == 0:
@@ -559,12 +576,7 @@ class Pix2SeqBoxCodec:
         )
 
         if logits is not None:
-            class_logits = logits[:, 4 : 5 * num_groups : 5].float()
-            log_probs = torch.log_softmax(class_logits, dim=-1)[
-                ..., layout.class_token_offset : layout.class_token_end
-            ]
-            best, labels = log_probs.max(dim=-1)
-            scores = best.exp()
+            scores, labels = best_class_scores(logits[:, 4 : 5 * num_groups : 5], layout)
         else:
             labels = class_tokens - layout.class_token_offset
             scores = torch.ones(batch_size, num_groups, device=sequences.device)
@@ -611,6 +623,7 @@ __all__ = [
     "OBJECT_ORDERS",
     "Pix2SeqBoxCodec",
     "Pix2SeqTokenLayout",
+    "best_class_scores",
     "dequantize_coordinates",
     "quantize_coordinates",
 ]

@@ -7,7 +7,7 @@ import math
 import torch
 from transformers.generation.logits_process import LogitsProcessor
 
-from .box_codec import Pix2SeqTokenLayout
+from .box_codec import Pix2SeqTokenLayout, best_class_scores
 
 
 # Generation-config attributes read by `Pix2SeqForObjectDetection._get_logits_processor`, with their defaults. They are
@@ -232,9 +232,7 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
             run = self._low_score_run = torch.zeros(batch_size, dtype=torch.long, device=raw_scores.device)
         slot, num_objects = num_generated % 5, num_generated // 5
         if slot == 4:
-            layout = self.token_layout
-            probs = torch.softmax(raw_scores.float(), dim=-1)
-            score = probs[:, layout.class_token_offset : layout.class_token_end].max(dim=-1).values
+            score, _ = best_class_scores(raw_scores, self.token_layout)
             self._low_score_run = torch.where(score < self.early_stop_threshold, run + 1, torch.zeros_like(run))
             return None
         if slot == 0 and num_objects > 0 and num_objects >= self.min_objects:
