@@ -1081,17 +1081,20 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
                 "`detect` reads each object's score from the logits of one sequence per image: it samples or decodes "
                 f"greedily, got `num_beams={num_beams}`."
             )
-        if "custom_generate" not in generate_kwargs and self._static_decoding_applies(generate_kwargs):
+        use_static = "custom_generate" not in generate_kwargs
+        if use_static and self._static_decoding_applies(generate_kwargs, generation_config):
             if self._static_decoding is None:
                 self._static_decoding = Pix2SeqStaticDecoding()
             generate_kwargs["custom_generate"] = self._static_decoding
         return self.detections_from_generation(self.generate(pixel_values, **generate_kwargs))
 
-    def _static_decoding_applies(self, generate_kwargs: dict) -> bool:
-        """Whether `generate(**generate_kwargs)` can run in the static-cache loop with the same result."""
+    def _static_decoding_applies(self, generate_kwargs: dict, generation_config) -> bool:
+        """
+        Whether `generate(**generate_kwargs)` (with `generation_config`, the one it will use) can run in the
+        static-cache loop with the same result.
+        """
         if self.training:
             return False
-        generation_config = generate_kwargs.get("generation_config") or self.generation_config
 
         def option(name: str):
             return generate_kwargs.get(name, getattr(generation_config, name, None))
