@@ -1,19 +1,40 @@
-"""Logits processors for Pix2Seq decoding: the token grammar of object sequences and the official top-p rule."""
+"""
+Generation for Pix2Seq: the generation-config defaults and transformers' hooks ([`Pix2SeqGenerationMixin`]), the
+logits processors (the token grammar of object sequences, the official top-p rule) and the reading of generated
+tokens into DETR-shaped detections.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import LogitsProcessor
+from transformers import GenerationConfig
+from transformers.generation import GenerationMixin
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitNormalization,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.utils import ModelOutput
 
 from .box_codec import Pix2SeqTokenLayout, best_class_scores
+from .fast_generation import Pix2SeqStaticDecoding
 
 
-# Generation-config attributes read by `Pix2SeqForObjectDetection._get_logits_processor`, with their defaults. They are
-# stored as custom entries of the model's `GenerationConfig` (saved in `generation_config.json`) and can be given to
-# `generate` as keyword arguments, e.g. `model.generate(pixel_values, eos_bias=-1.0, min_objects=5)`.
+# The Pix2Seq decoding options, with their defaults (the one place they are written). They are stored as custom entries
+# of the model's `GenerationConfig` (saved in `generation_config.json`) and can be given to `generate` as keyword
+# arguments, e.g. `model.generate(pixel_values, eos_bias=-1.0, min_objects=5)`.
 PIX2SEQ_GENERATION_DEFAULTS = {
+    # Decode greedy/sampling requests in the static-cache loop (`fast_generation.Pix2SeqStaticDecoding`: the model's
+    # own decoder, no per-step `generate` bookkeeping) whenever it gives the same result; False: transformers' loop.
+    "static_decoding": True,
     # Slots 0-3 of an object only coordinate tokens, slot 4 only class (or noise) tokens, EOS only between objects.
     "token_grammar": True,
     # Added to the EOS logit before any masking: negative values make the model write more objects.
@@ -271,4 +292,304 @@ class Pix2SeqTopPLogitsWarper(LogitsProcessor):
         return scores.masked_fill(scores < threshold, self.filter_value)
 
 
-__all__ = ["PIX2SEQ_GENERATION_DEFAULTS", "Pix2SeqLogitsProcessor", "Pix2SeqTopPLogitsWarper"]
+# ---------------------------------------------------------------------------------------------------------------------
+# Detections and the generation mixin
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pix2SeqObjectDetectionOutput(ModelOutput):
+    r"""
+    Detections of [`Pix2SeqForObjectDetection`] called without decoder inputs (`model(pixel_values)`), shaped like
+    DETR's output so that `post_process_object_detection` and the object-detection pipeline work unchanged.
+
+    Detections are packed at the start of the `N` slots, in the order the model wrote them; `object_mask` marks the
+    slots that hold one. `N` is `config.max_objects` (or more, when generation was allowed to write more objects).
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, N, num_classes)`):
+            Log-probabilities of the real classes at the class token of each detected object (softmax over the full
+            vocabulary, restricted to the class tokens, so a row sums to at most 1 after `exp`). Empty slots hold the
+            most negative finite value of the dtype.
+        pred_boxes (`torch.FloatTensor` of shape `(batch_size, N, 4)`):
+            Boxes `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas. Zeros in empty slots.
+        scores (`torch.FloatTensor` of shape `(batch_size, N)`):
+            Probability of the predicted class. Zero in empty slots.
+        labels (`torch.LongTensor` of shape `(batch_size, N)`):
+            Predicted class (`0..num_classes-1`, the best real class even when the model wrote the noise token). `-1`
+            in empty slots.
+        object_mask (`torch.BoolTensor` of shape `(batch_size, N)`):
+            `True` for slots holding a detection.
+        sequences (`torch.LongTensor` of shape `(batch_size, 1 + T)`):
+            The generated tokens, detection prompt first.
+    """
+
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    labels: torch.LongTensor | None = None
+    object_mask: torch.BoolTensor | None = None
+    sequences: torch.LongTensor | None = None
+
+
+
+class Pix2SeqGenerationMixin(GenerationMixin):
+    """
+    `generate` for Pix2Seq: transformers' [`GenerationMixin`] with the Pix2Seq generation defaults, the Pix2Seq
+    decoding options (`PIX2SEQ_GENERATION_DEFAULTS`) as generation-config attributes, [`Pix2SeqLogitsProcessor`] first
+    among the logits processors, and greedy decoding / sampling in [`Pix2SeqStaticDecoding`] (the model's own decoder
+    over a static cache) whenever it gives the same result as transformers' loop; beam search, attentions, hidden
+    states, `use_cache=False`, training mode, `static_decoding=False` and the other options only transformers' loop
+    supports run there. Also [`~detect`]: `generate`, then the detections read out of the tokens.
+
+    Expects the model to have `config` (a `Pix2SeqConfig`) and `box_codec`.
+    """
+
+    # ----- generation config -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def default_generation_config(config, base: GenerationConfig | None = None) -> GenerationConfig:
+        """
+        The generation defaults of Pix2Seq: nucleus sampling with top-p 0.4 and no top-k (the paper's setting), up to
+        `5 * max_objects` new tokens, the detection prompt as decoder start, EOS/padding, a dict output with the raw
+        logits (the scores of the objects are read from them), and `PIX2SEQ_GENERATION_DEFAULTS`.
+
+        Args:
+            config (`Pix2SeqConfig`): the model config.
+            base (`GenerationConfig`, *optional*): a generation config to update (copied).
+
+        Returns:
+            `GenerationConfig`.
+        """
+        generation_config = copy.deepcopy(base) if base is not None else GenerationConfig()
+        generation_config.update(
+            do_sample=True,
+            top_p=0.4,
+            top_k=0,
+            max_new_tokens=5 * config.max_objects,
+            bos_token_id=config.bos_token_id,
+            decoder_start_token_id=config.decoder_start_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        for name, value in PIX2SEQ_GENERATION_DEFAULTS.items():
+            setattr(generation_config, name, value)
+        generation_config._from_model_config = False
+        generation_config._original_object_hash = hash(generation_config)
+        return generation_config
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        """
+        Loads the checkpoint's `generation_config.json` (see `GenerationMixin`). A checkpoint without one gets the
+        Pix2Seq defaults rather than transformers' generic ones; a file without the Pix2Seq decoding options gets
+        their defaults.
+        """
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        if self.generation_config is None:
+            return
+        if getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = self.default_generation_config(self.config)
+        for name, value in PIX2SEQ_GENERATION_DEFAULTS.items():
+            if not hasattr(self.generation_config, name):
+                setattr(self.generation_config, name, value)
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        # The Pix2Seq decoding options are not `GenerationConfig` fields: take them out of the keyword arguments
+        # (transformers would treat them as model inputs) and set them on the prepared config, defaults first.
+        options = {name: kwargs.pop(name) for name in PIX2SEQ_GENERATION_DEFAULTS if name in kwargs}
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for name, default in PIX2SEQ_GENERATION_DEFAULTS.items():
+            if name in options:
+                setattr(generation_config, name, options[name])
+            elif not hasattr(generation_config, name):
+                setattr(generation_config, name, getattr(self.generation_config, name, default))
+        return generation_config, model_kwargs
+
+    def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
+        # Images have no attention mask and the decoder prompt is never padded: transformers' warning that padding
+        # (= EOS here, by design) cannot be told from the prompt concerns text prompts only.
+        super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
+
+    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
+        """
+        transformers' processors and warpers, with [`Pix2SeqLogitsProcessor`] first (before any warper) and, with
+        `official_top_p=True`, [`Pix2SeqTopPLogitsWarper`] in place of transformers' top-p warper.
+        """
+        options = {name: getattr(generation_config, name, default) for name, default in PIX2SEQ_GENERATION_DEFAULTS.items()}
+        use_official_top_p = (
+            bool(options["official_top_p"])
+            and generation_config.do_sample
+            and generation_config.top_p is not None
+            and generation_config.top_p < 1.0
+        )
+        hf_config = generation_config
+        if use_official_top_p:
+            hf_config = copy.copy(generation_config)
+            hf_config.top_p = None
+        processors = super()._get_logits_processor(hf_config, *args, **kwargs)
+
+        # A `Pix2SeqLogitsProcessor` passed to `generate(logits_processor=...)` replaces the configured one.
+        grammar = [p for p in processors if isinstance(p, Pix2SeqLogitsProcessor)]
+        if not grammar:
+            grammar = [
+                Pix2SeqLogitsProcessor(
+                    self.config.token_layout,
+                    prompt_length=1,
+                    **{name: options[name] for name in _GRAMMAR_OPTIONS},
+                )
+            ]
+        processors = LogitsProcessorList(grammar + [p for p in processors if p not in grammar])
+        if use_official_top_p:
+            # Same place as transformers' top-p: after temperature/top-k, before min-p and the other warpers.
+            later = (MinPLogitsWarper, TypicalLogitsWarper, EpsilonLogitsWarper, EtaLogitsWarper, LogitNormalization)
+            index = next((i for i, p in enumerate(processors) if isinstance(p, later)), len(processors))
+            processors.insert(index, Pix2SeqTopPLogitsWarper(generation_config.top_p))
+        return processors
+
+    # ----- the decoding loop -----------------------------------------------------------------------------------------
+
+    @property
+    def static_decoding(self) -> Pix2SeqStaticDecoding:
+        """The static-cache loop of this model (kept: it holds the compiled step when compilation is on)."""
+        decoding = self.__dict__.get("_pix2seq_static_decoding")
+        if decoding is None:
+            decoding = self.__dict__["_pix2seq_static_decoding"] = Pix2SeqStaticDecoding()
+        return decoding
+
+    def static_decoding_applies(self, generation_config, logits_processor=None, model_kwargs=None) -> bool:
+        """
+        Whether greedy decoding / sampling with `generation_config` (as prepared by `generate`), `logits_processor`
+        and `model_kwargs` gives the same result in [`Pix2SeqStaticDecoding`] as in transformers' loop.
+        """
+        if self.training or not getattr(generation_config, "static_decoding", True):
+            return False
+        if generation_config.output_attentions or generation_config.output_hidden_states:
+            return False
+        if generation_config.use_cache is False or generation_config.cache_implementation is not None:
+            return False
+        if (model_kwargs or {}).get("use_cache") is False:
+            return False
+        return all(Pix2SeqStaticDecoding.accepts_processor(processor) for processor in logits_processor or [])
+
+    def _sample(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus: bool = False,
+        streamer=None,
+        **model_kwargs,
+    ):
+        """Greedy decoding and sampling: in [`Pix2SeqStaticDecoding`] where it applies, else transformers' loop."""
+        if not synced_gpus and self.static_decoding_applies(generation_config, logits_processor, model_kwargs):
+            return self.static_decoding(
+                self, input_ids, logits_processor, stopping_criteria, generation_config, streamer=streamer, **model_kwargs
+            )
+        return super()._sample(
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
+
+    # ----- detection -------------------------------------------------------------------------------------------------
+
+    def detect(self, pixel_values: torch.FloatTensor, **generate_kwargs) -> Pix2SeqObjectDetectionOutput:
+        """
+        Detects objects: `generate` with the model's generation config (overridable with `generate_kwargs`), then
+        [`~detections_from_generation`]. Beam search is refused: each object's score is read from the logits of one
+        sequence per image.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
+            generate_kwargs: options for `generate` (e.g. `top_p=0.4`, `min_objects=1`, `do_sample=False`).
+
+        Returns:
+            [`Pix2SeqObjectDetectionOutput`].
+        """
+        generation_config = generate_kwargs.get("generation_config") or self.generation_config
+        num_beams = generate_kwargs.get("num_beams", generation_config.num_beams)
+        if num_beams not in (None, 1):
+            raise ValueError(
+                "`detect` reads each object's score from the logits of one sequence per image: it samples or decodes "
+                f"greedily, got `num_beams={num_beams}`."
+            )
+        generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_logits": True}
+        return self.detections_from_generation(self.generate(pixel_values, **generate_kwargs))
+
+    def detections_from_generation(self, generate_output) -> Pix2SeqObjectDetectionOutput:
+        """
+        Turns a `generate` output (with `sequences` and the raw per-step `logits`) into DETR-shaped detections, read by
+        `Pix2SeqBoxCodec.decode_groups` (box from the coordinate tokens; class and score from the raw logits at the
+        class token, restricted to the real classes; reading stops at the first EOS).
+
+        Returns:
+            [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots, the
+            objects of each image first, in the order the model wrote them.
+        """
+        sequences = generate_output["sequences"]
+        step_logits = generate_output.get("logits") if hasattr(generate_output, "get") else None
+        if step_logits is None:
+            raise ValueError(
+                "The `generate` output has no raw `logits`; call `generate(..., return_dict_in_generate=True, "
+                "output_logits=True)` (the model's defaults)."
+            )
+        logits = torch.stack(tuple(step_logits), dim=1) if isinstance(step_logits, (tuple, list)) else step_logits
+        batch_size, num_steps, _ = logits.shape
+        layout = self.config.token_layout
+        groups = self.box_codec.decode_groups(sequences[:, sequences.shape[1] - num_steps :], logits)
+        valid = groups["mask"]
+        num_groups = valid.shape[1]
+        class_log_probs = torch.log_softmax(logits[:, 4 : 5 * num_groups : 5].float(), dim=-1)
+        class_log_probs = class_log_probs[..., layout.class_token_offset : layout.class_token_end]
+
+        # Objects first, in the order the model wrote them, then empty slots up to `num_slots`.
+        order = torch.sort((~valid).int(), dim=1, stable=True).indices
+        num_slots = max(self.config.max_objects, int(valid.sum(dim=1).max()) if num_groups > 0 else 0)
+        kept = min(num_slots, num_groups)
+
+        def pack(values: torch.Tensor, fill) -> torch.Tensor:
+            """`[B, G, ...]` per group -> `[B, num_slots, ...]`: objects first, `fill` elsewhere."""
+            trailing = [1] * (values.ndim - 2)
+            mask = valid.view(batch_size, num_groups, *trailing)
+            values = torch.where(mask, values, torch.as_tensor(fill, dtype=values.dtype, device=values.device))
+            values = values.gather(1, order.view(batch_size, num_groups, *trailing).expand_as(values))
+            packed = values.new_full((batch_size, num_slots, *values.shape[2:]), fill)
+            packed[:, :kept] = values[:, :kept]
+            return packed
+
+        return Pix2SeqObjectDetectionOutput(
+            logits=pack(class_log_probs, torch.finfo(torch.float32).min),
+            pred_boxes=pack(groups["boxes"].float(), 0.0),
+            scores=pack(groups["scores"].float(), 0.0),
+            labels=pack(groups["labels"], -1),
+            object_mask=pack(valid, False),
+            sequences=sequences,
+        )
+
+
+# The options of `PIX2SEQ_GENERATION_DEFAULTS` that configure `Pix2SeqLogitsProcessor`.
+_GRAMMAR_OPTIONS = (
+    "token_grammar",
+    "eos_bias",
+    "min_objects",
+    "suppress_eos",
+    "suppress_noise_class",
+    "early_stop_patience",
+    "early_stop_threshold",
+)
+
+
+__all__ = [
+    "PIX2SEQ_GENERATION_DEFAULTS",
+    "Pix2SeqGenerationMixin",
+    "Pix2SeqLogitsProcessor",
+    "Pix2SeqObjectDetectionOutput",
+    "Pix2SeqTopPLogitsWarper",
+]

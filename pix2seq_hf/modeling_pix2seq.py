@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,15 +11,6 @@ from transformers import AutoBackbone
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.generation import GenerationMixin
-from transformers.generation.logits_process import (
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
-    LogitNormalization,
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TypicalLogitsWarper,
-)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -35,13 +24,12 @@ from transformers.modeling_utils import (
     PreTrainedModel,
     get_torch_context_manager_or_global_device,
 )
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
-from .fast_generation import Pix2SeqStaticDecoding
-from .generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
+from .generation_pix2seq import Pix2SeqGenerationMixin, Pix2SeqObjectDetectionOutput
 
 
 logger = logging.get_logger(__name__)
@@ -50,41 +38,6 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pix2SeqObjectDetectionOutput(ModelOutput):
-    r"""
-    Detections of [`Pix2SeqForObjectDetection`] called without decoder inputs (`model(pixel_values)`), shaped like
-    DETR's output so that `post_process_object_detection` and the object-detection pipeline work unchanged.
-
-    Detections are packed at the start of the `N` slots, in the order the model wrote them; `object_mask` marks the
-    slots that hold one. `N` is `config.max_objects` (or more, when generation was allowed to write more objects).
-
-    Args:
-        logits (`torch.FloatTensor` of shape `(batch_size, N, num_classes)`):
-            Log-probabilities of the real classes at the class token of each detected object (softmax over the full
-            vocabulary, restricted to the class tokens, so a row sums to at most 1 after `exp`). Empty slots hold the
-            most negative finite value of the dtype.
-        pred_boxes (`torch.FloatTensor` of shape `(batch_size, N, 4)`):
-            Boxes `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas. Zeros in empty slots.
-        scores (`torch.FloatTensor` of shape `(batch_size, N)`):
-            Probability of the predicted class. Zero in empty slots.
-        labels (`torch.LongTensor` of shape `(batch_size, N)`):
-            Predicted class (`0..num_classes-1`, the best real class even when the model wrote the noise token). `-1`
-            in empty slots.
-        object_mask (`torch.BoolTensor` of shape `(batch_size, N)`):
-            `True` for slots holding a detection.
-        sequences (`torch.LongTensor` of shape `(batch_size, 1 + T)`):
-            The generated tokens, detection prompt first.
-    """
-
-    logits: torch.FloatTensor | None = None
-    pred_boxes: torch.FloatTensor | None = None
-    scores: torch.FloatTensor | None = None
-    labels: torch.LongTensor | None = None
-    object_mask: torch.BoolTensor | None = None
-    sequences: torch.LongTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -605,24 +558,27 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 "Pix2Seq needs an `EncoderDecoderCache` (self- and cross-attention caches), got "
                 f"{type(cache).__name__}."
             )
+        if cache is None:
+            # Whole sequences (training, scoring): checked once. Decoding steps are not (no host synchronisation per
+            # token); their tokens come from the model's own vocabulary.
+            check_decoder_input_ids(input_ids, self.config.vocab_size)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
 
-        if bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
-            bad = int(input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0])
-            raise ValueError(
-                f"`decoder_input_ids` contain token id {bad}, outside the vocabulary [0, {self.config.vocab_size}) "
-                f"(`vocab_size={self.config.vocab_size}`): they were built with another token layout than the model's."
-            )
         target_length = input_ids.shape[1]
         past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length + target_length > self.config.max_position_embeddings:
+        if isinstance(past_length, torch.Tensor):
+            # A static cache counts positions on the device (no host synchronisation); its size bounds them.
+            max_length = cache.get_max_length()
+        else:
+            max_length = past_length + target_length
+        if max_length > self.config.max_position_embeddings:
             raise ValueError(
-                f"The decoder was asked for positions up to {past_length + target_length}, beyond "
+                f"The decoder was asked for positions up to {max_length}, beyond "
                 f"`max_position_embeddings={self.config.max_position_embeddings}`: decode at most "
                 f"{self.config.max_position_embeddings - 1} new tokens after the prompt (`max_new_tokens`)."
             )
-        positions = torch.arange(past_length, past_length + target_length, device=input_ids.device)
+        positions = torch.arange(target_length, device=input_ids.device) + past_length
         inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(positions)[None])
 
@@ -770,6 +726,17 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
+def check_decoder_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raises `ValueError` naming the first decoder input id outside `[0, vocab_size)`."""
+    invalid = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(invalid.any()):
+        bad = int(input_ids[invalid][0])
+        raise ValueError(
+            f"`decoder_input_ids` contain token id {bad}, outside the vocabulary [0, {vocab_size}) "
+            f"(`vocab_size={vocab_size}`): they were built with another token layout than the model's."
+        )
+
+
 def check_label_ids(labels: torch.Tensor, vocab_size: int) -> None:
     """Raises `ValueError` naming the first target id outside `[0, vocab_size)` that is not `-100` (ignored)."""
     invalid = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
@@ -786,23 +753,21 @@ def pix2seq_sequence_loss(
     logits: torch.Tensor, labels: torch.Tensor, eos_token_id: int, eos_token_weight: float
 ) -> torch.Tensor:
     """
-    Weighted full-vocabulary cross-entropy of Pix2Seq (DESIGN.md section 4).
+    Weighted full-vocabulary cross-entropy of Pix2Seq: every token of the sequence (coordinates, class, noise, EOS) is
+    a target over the whole vocabulary, as in the paper.
 
     Each target has weight 0 when it is `-100`, `eos_token_weight` when it is the EOS/padding token, 1 otherwise; the
     loss is `sum(w * ce) / sum(w)` (0 when every weight is 0).
 
     Args:
         logits (`torch.Tensor` of shape `(batch_size, length, vocab_size)`)
-        labels (`torch.LongTensor` of shape `(batch_size, length)`)
+        labels (`torch.LongTensor` of shape `(batch_size, length)`): ids in `[0, vocab_size)` or `-100` (the model's
+            `forward` checks them with [`check_label_ids`] before running; this function does not repeat it).
 
     Returns:
         `torch.Tensor`: the scalar loss.
-
-    Raises:
-        `ValueError` when a target is outside the vocabulary (and not `-100`).
     """
     vocab_size = logits.shape[-1]
-    check_label_ids(labels, vocab_size)
     ce = nn.functional.cross_entropy(
         logits.reshape(-1, vocab_size).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(labels.shape)
@@ -813,7 +778,7 @@ def pix2seq_sequence_loss(
     return (weights * ce).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
-class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
+class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
     """
     Pix2Seq object detector: [`Pix2SeqModel`] with an output projection tied to the token embeddings (plus a bias).
 
@@ -822,14 +787,14 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
     - `model.generate(pixel_values)` decodes object sequences with the model's generation config (nucleus sampling,
       top-p 0.4, up to `5 * max_objects` tokens) and returns `sequences` plus the raw per-step `logits` the processor
       needs for scores (`return_dict_in_generate=True, output_logits=True` are the defaults; with
-      `return_dict_in_generate=False` you get a plain tensor of tokens and no scores).
+      `return_dict_in_generate=False` you get a plain tensor of tokens and no scores). It decodes in the static-cache
+      loop of [`Pix2SeqGenerationMixin`] unless asked for what only transformers' loop does.
     - `model(pixel_values)` runs that generation and returns a DETR-shaped [`Pix2SeqObjectDetectionOutput`], so that
       `processor.post_process_object_detection(outputs, threshold, target_sizes)` and
       `pipeline("object-detection")` work as for DETR.
 
-    Decoding options, as generation-config attributes or `generate` keyword arguments (see
-    [`Pix2SeqLogitsProcessor`]): `token_grammar`, `eos_bias`, `min_objects`, `suppress_eos`, `suppress_noise_class`,
-    `early_stop_patience`, `early_stop_threshold`, `official_top_p`.
+    Decoding options, as generation-config attributes or `generate` keyword arguments: see
+    `PIX2SEQ_GENERATION_DEFAULTS` and [`Pix2SeqLogitsProcessor`].
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
@@ -840,119 +805,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
         # The output projection: its weight is the token embedding (tied), its bias the official output bias.
         self.lm_head = nn.Linear(config.decoder_hidden_size, config.vocab_size, bias=True)
         self._box_codec = None
-        # The decoding loop of `detect` (holds the decoder weights laid out for it, built at the first detection).
-        self._static_decoding = None
         self.post_init()
         if self.generation_config is not None:
             self.generation_config = self.default_generation_config(config, self.generation_config)
-
-    # ----- generation config -----------------------------------------------------------------------------------------
-
-    @staticmethod
-    def default_generation_config(config: Pix2SeqConfig, base=None):
-        """
-        The generation defaults of Pix2Seq (DESIGN.md section 7): nucleus sampling with top-p 0.4 and no top-k, up to
-        `5 * max_objects` new tokens, the detection prompt as decoder start, EOS/padding, a dict output with the raw
-        logits, and the defaults of the Pix2Seq decoding options (`PIX2SEQ_GENERATION_DEFAULTS`).
-
-        Args:
-            config (`Pix2SeqConfig`): the model config.
-            base (`GenerationConfig`, *optional*): a generation config to update (copied).
-        """
-        from transformers import GenerationConfig
-
-        generation_config = copy.deepcopy(base) if base is not None else GenerationConfig()
-        generation_config.update(
-            do_sample=True,
-            top_p=0.4,
-            top_k=0,
-            max_new_tokens=5 * config.max_objects,
-            bos_token_id=config.bos_token_id,
-            decoder_start_token_id=config.decoder_start_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        for name, value in PIX2SEQ_GENERATION_DEFAULTS.items():
-            setattr(generation_config, name, value)
-        generation_config._from_model_config = False
-        generation_config._original_object_hash = hash(generation_config)
-        return generation_config
-
-    def adjust_generation_fn(self, generation_config, *args, **kwargs):
-        """
-        Loads the checkpoint's `generation_config.json` (see `GenerationMixin`). A checkpoint without one gets the
-        Pix2Seq defaults rather than transformers' generic ones; a file without the Pix2Seq decoding options gets
-        their defaults.
-        """
-        super().adjust_generation_fn(generation_config, *args, **kwargs)
-        if self.generation_config is None:
-            return
-        if getattr(self.generation_config, "_from_model_config", False):
-            self.generation_config = self.default_generation_config(self.config)
-        for name, value in PIX2SEQ_GENERATION_DEFAULTS.items():
-            if not hasattr(self.generation_config, name):
-                setattr(self.generation_config, name, value)
-
-    def _prepare_generation_config(self, generation_config, **kwargs):
-        # The Pix2Seq decoding options are not `GenerationConfig` fields: take them out of the keyword arguments
-        # (transformers would treat them as model inputs) and set them on the prepared config, defaults first.
-        options = {name: kwargs.pop(name) for name in PIX2SEQ_GENERATION_DEFAULTS if name in kwargs}
-        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
-        for name, default in PIX2SEQ_GENERATION_DEFAULTS.items():
-            if name in options:
-                setattr(generation_config, name, options[name])
-            elif not hasattr(generation_config, name):
-                setattr(generation_config, name, getattr(self.generation_config, name, default))
-        return generation_config, model_kwargs
-
-    def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
-        # Images have no attention mask and the decoder prompt is never padded: transformers' warning that padding
-        # (= EOS here, by design) cannot be told from the prompt concerns text prompts only.
-        super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
-
-    def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
-        """
-        transformers' processors and warpers, with [`Pix2SeqLogitsProcessor`] first (before any warper) and, with
-        `official_top_p=True`, [`Pix2SeqTopPLogitsWarper`] in place of transformers' top-p warper.
-        """
-        official_top_p = bool(getattr(generation_config, "official_top_p", False))
-        use_official_top_p = (
-            official_top_p
-            and generation_config.do_sample
-            and generation_config.top_p is not None
-            and generation_config.top_p < 1.0
-        )
-        hf_config = generation_config
-        if use_official_top_p:
-            hf_config = copy.copy(generation_config)
-            hf_config.top_p = None
-        processors = super()._get_logits_processor(hf_config, *args, **kwargs)
-
-        # A `Pix2SeqLogitsProcessor` passed to `generate(logits_processor=...)` replaces the configured one.
-        grammar = [p for p in processors if isinstance(p, Pix2SeqLogitsProcessor)]
-        if not grammar:
-            grammar = [
-                Pix2SeqLogitsProcessor(
-                    self.config.token_layout,
-                    prompt_length=1,
-                    token_grammar=getattr(generation_config, "token_grammar", True),
-                    eos_bias=getattr(generation_config, "eos_bias", 0.0),
-                    min_objects=getattr(generation_config, "min_objects", 0),
-                    suppress_eos=getattr(generation_config, "suppress_eos", False),
-                    suppress_noise_class=getattr(generation_config, "suppress_noise_class", False),
-                    early_stop_patience=getattr(generation_config, "early_stop_patience", 0),
-                    early_stop_threshold=getattr(generation_config, "early_stop_threshold", 0.0),
-                )
-            ]
-        processors = LogitsProcessorList(grammar + [p for p in processors if p not in grammar])
-        if use_official_top_p:
-            # Same place as transformers' top-p: after temperature/top-k, before min-p and the other warpers.
-            later = (MinPLogitsWarper, TypicalLogitsWarper, EpsilonLogitsWarper, EtaLogitsWarper, LogitNormalization)
-            index = next((i for i, p in enumerate(processors) if isinstance(p, later)), len(processors))
-            processors.insert(index, Pix2SeqTopPLogitsWarper(generation_config.top_p))
-        return processors
 
     # ----- modules ---------------------------------------------------------------------------------------------------
 
@@ -1050,128 +905,6 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
-        )
-
-    # ----- detection -------------------------------------------------------------------------------------------------
-
-    def detect(self, pixel_values: torch.FloatTensor, **generate_kwargs) -> Pix2SeqObjectDetectionOutput:
-        """
-        Detects objects: `generate` with the model's generation config (overridable with `generate_kwargs`), then
-        [`~detections_from_generation`].
-
-        Decoding runs in [`~fast_generation.Pix2SeqStaticDecoding`], the static-cache loop (the tokens of transformers'
-        loop, in about 60% of its time per token on CPU; see `docs/performance.md`), unless `generate_kwargs` ask for
-        what only transformers' loop does (attentions, hidden states, `use_cache=False`, logits processors that take
-        extra arguments) or the model is in training mode (dropout). `custom_generate=None` picks transformers' loop;
-        any other `custom_generate` (e.g. `Pix2SeqStaticDecoding(compile=True)`) is used as given. Beam search is
-        refused: each object's score is read from the logits of one sequence per image.
-
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
-            generate_kwargs: options for `generate` (e.g. `top_p=0.4`, `min_objects=1`, `do_sample=False`).
-
-        Returns:
-            [`Pix2SeqObjectDetectionOutput`].
-        """
-        generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_logits": True}
-        generation_config = generate_kwargs.get("generation_config") or self.generation_config
-        num_beams = generate_kwargs.get("num_beams", generation_config.num_beams)
-        if num_beams not in (None, 1):
-            raise ValueError(
-                "`detect` reads each object's score from the logits of one sequence per image: it samples or decodes "
-                f"greedily, got `num_beams={num_beams}`."
-            )
-        use_static = "custom_generate" not in generate_kwargs
-        if use_static and self._static_decoding_applies(generate_kwargs, generation_config):
-            if self._static_decoding is None:
-                self._static_decoding = Pix2SeqStaticDecoding()
-            generate_kwargs["custom_generate"] = self._static_decoding
-        return self.detections_from_generation(self.generate(pixel_values, **generate_kwargs))
-
-    def _static_decoding_applies(self, generate_kwargs: dict, generation_config) -> bool:
-        """
-        Whether `generate(**generate_kwargs)` (with `generation_config`, the one it will use) can run in the
-        static-cache loop with the same result.
-        """
-        if self.training:
-            return False
-
-        def option(name: str):
-            return generate_kwargs.get(name, getattr(generation_config, name, None))
-
-        if option("output_attentions") or option("output_hidden_states") or option("use_cache") is False:
-            return False
-        if generate_kwargs.get("synced_gpus") or generate_kwargs.get("assistant_model") is not None:
-            return False
-        processors = generate_kwargs.get("logits_processor") or []
-        return all(Pix2SeqStaticDecoding.accepts_processor(processor) for processor in processors)
-
-    def detections_from_generation(self, generate_output) -> Pix2SeqObjectDetectionOutput:
-        """
-        Turns a `generate` output (with `sequences` and the raw per-step `logits`) into DETR-shaped detections.
-
-        The generated tokens are read in objects of five. Each group is decoded by the box codec
-        (`Pix2SeqBoxCodec.decode`: box from the coordinate tokens, class and score from the raw logits at the class
-        token, restricted to the real classes) as a one-object sequence, so that every detection keeps track of where
-        the model wrote it; a group counts when the codec decodes an object from it and it ends before the first EOS.
-
-        Returns:
-            [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots.
-        """
-        sequences = generate_output["sequences"]
-        step_logits = generate_output.get("logits") if hasattr(generate_output, "get") else None
-        if step_logits is None:
-            raise ValueError(
-                "The `generate` output has no raw `logits`; call `generate(..., return_dict_in_generate=True, "
-                "output_logits=True)` (the model's defaults)."
-            )
-        logits = torch.stack(tuple(step_logits), dim=1) if isinstance(step_logits, (tuple, list)) else step_logits
-        batch_size, num_steps, vocab_size = logits.shape
-        layout = self.config.token_layout
-        num_groups = num_steps // 5
-        generated = sequences[:, sequences.shape[1] - num_steps :]
-
-        group_tokens = generated[:, : 5 * num_groups].reshape(batch_size * num_groups, 5)
-        group_logits = logits[:, : 5 * num_groups].reshape(batch_size * num_groups, 5, vocab_size)
-        decoded = self.box_codec.decode(group_tokens, group_logits) if num_groups > 0 else []
-        found = torch.tensor([len(d["labels"]) > 0 for d in decoded], dtype=torch.bool)
-        boxes = torch.zeros(batch_size * num_groups, 4)
-        scores = torch.zeros(batch_size * num_groups)
-        labels = torch.full((batch_size * num_groups,), -1, dtype=torch.long)
-        for index in found.nonzero().flatten().tolist():
-            boxes[index] = decoded[index]["boxes"][0].detach().float().cpu()
-            scores[index] = float(decoded[index]["scores"][0])
-            labels[index] = int(decoded[index]["labels"][0])
-
-        # A group counts only when no EOS came before its last token.
-        ended = (generated == layout.eos_token_id).cumsum(dim=1) > 0
-        valid = found.view(batch_size, num_groups) & ~ended[:, 4 : 5 * num_groups : 5].cpu()
-        class_log_probs = torch.log_softmax(logits[:, 4 : 5 * num_groups : 5].float(), dim=-1)
-        class_log_probs = class_log_probs[..., layout.class_token_offset : layout.class_token_end].cpu()
-
-        # Valid groups first, in the order the model wrote them, then padding up to `num_slots`.
-        order = torch.sort((~valid).int(), dim=1, stable=True).indices
-        sorted_valid = valid.gather(1, order)
-        num_slots = max(self.config.max_objects, int(valid.sum(dim=1).max()) if num_groups > 0 else 0)
-
-        def pack(values: torch.Tensor, fill) -> torch.Tensor:
-            """`[B, G, ...]` per group -> `[B, num_slots, ...]`: valid entries first, `fill` elsewhere."""
-            trailing = [1] * (values.ndim - 2)
-            values = values.gather(1, order.view(batch_size, num_groups, *trailing).expand_as(values))
-            mask = sorted_valid.view(batch_size, num_groups, *trailing)
-            values = torch.where(mask, values, torch.as_tensor(fill, dtype=values.dtype))
-            packed = torch.full((batch_size, num_slots, *values.shape[2:]), fill, dtype=values.dtype)
-            kept = min(num_slots, num_groups)
-            packed[:, :kept] = values[:, :kept]
-            return packed.to(logits.device)
-
-        return Pix2SeqObjectDetectionOutput(
-            logits=pack(class_log_probs, torch.finfo(torch.float32).min),
-            pred_boxes=pack(boxes.view(batch_size, num_groups, 4), 0.0),
-            scores=pack(scores.view(batch_size, num_groups), 0.0),
-            labels=pack(labels.view(batch_size, num_groups), -1),
-            object_mask=pack(valid, False),
-            sequences=sequences,
         )
 
 
