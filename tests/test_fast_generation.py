@@ -1,4 +1,4 @@
-"""Tests of fast decoding: the static-cache loop (`fast_generation.py`) and the early-stop option of the grammar."""
+"""Tests of the decoding loop `generate` runs by default (`fast_generation.py`) and of the early-stop option."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 import pix2seq_hf.fast_generation as fast_generation
 from pix2seq_hf.box_codec import Pix2SeqTokenLayout
 from pix2seq_hf.fast_generation import Pix2SeqStaticDecoding, decoder_step
+from pix2seq_hf.generation_pix2seq import Pix2SeqGenerationMixin
 from pix2seq_hf.generation_pix2seq import Pix2SeqLogitsProcessor
 from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection
 from helpers import TINY_LAYOUT, tiny_config
@@ -47,6 +48,9 @@ class EndRowsAt(LogitsProcessor):
         return scores
 
 
+STOCK = dict(static_decoding=False)  # transformers' own loop
+
+
 def assert_same_generation(reference, fast, atol=1e-4):
     assert torch.equal(reference.sequences, fast.sequences)
     assert len(reference.logits) == len(fast.logits)
@@ -58,19 +62,25 @@ def assert_same_generation(reference, fast, atol=1e-4):
         assert torch.all(actual[~live] == 0)
 
 
-def test_greedy_static_decoding_equals_the_stock_loop_and_drops_finished_rows(model, monkeypatch):
-    pixels = make_pixels()
-    kwargs = dict(do_sample=False, max_new_tokens=40, logits_processor=LogitsProcessorList([EndRowsAt([2, 5, 3])]))
-    reference = model.generate(pixels, **kwargs)
-
+def record_steps(monkeypatch) -> list[int]:
+    """Records the batch size of every call of the static loop's decoder step."""
     batch_sizes = []
 
-    def recording_step(prepared, token_ids, *args):
+    def recording_step(model, token_ids, *args):
         batch_sizes.append(token_ids.shape[0])
-        return decoder_step(prepared, token_ids, *args)
+        return decoder_step(model, token_ids, *args)
 
     monkeypatch.setattr(fast_generation, "decoder_step", recording_step)
-    fast = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    return batch_sizes
+
+
+def test_generate_decodes_greedily_in_the_static_loop_with_the_stock_tokens_and_drops_finished_rows(model, monkeypatch):
+    pixels = make_pixels()
+    kwargs = dict(do_sample=False, max_new_tokens=40, logits_processor=LogitsProcessorList([EndRowsAt([2, 5, 3])]))
+    batch_sizes = record_steps(monkeypatch)
+    reference = model.generate(pixels, **STOCK, **kwargs)
+    assert batch_sizes == []
+    fast = model.generate(pixels, **kwargs)  # the default loop
     assert_same_generation(reference, fast)
     assert reference.sequences.shape[1] == 1 + 5 * 5 + 1
     # Row 0 ends after 2 objects, row 2 after 3, row 1 after 5: the decoder runs 3, then 2, then 1 rows.
@@ -81,35 +91,74 @@ def test_sampling_draws_the_same_tokens_as_the_stock_loop(model):
     pixels = make_pixels()
     kwargs = dict(max_new_tokens=30, top_p=0.9, logits_processor=LogitsProcessorList([EndRowsAt([4, 1, 6])]))
     torch.manual_seed(3)
-    reference = model.generate(pixels, **kwargs)
+    reference = model.generate(pixels, **STOCK, **kwargs)
     torch.manual_seed(3)
-    fast = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    fast = model.generate(pixels, **kwargs)
     assert_same_generation(reference, fast)
     # The rows differ (the image and the sampling matter), so the comparison is not a trivial one.
     assert not torch.equal(reference.sequences[0, :5], reference.sequences[1, :5])
 
 
+@pytest.mark.parametrize(
+    "widths",
+    [
+        # R50-like decoder: width 256, 8 heads, FFN 1024.
+        dict(decoder_hidden_size=256, decoder_attention_heads=8, decoder_ffn_dim=1024),
+        # ViT-B-like: encoder 768 wide, decoder 512 wide with 16 heads, FFN 2048.
+        dict(
+            encoder_hidden_size=768,
+            encoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_hidden_size=512,
+            decoder_attention_heads=16,
+            decoder_ffn_dim=2048,
+        ),
+    ],
+    ids=["r50_widths", "vit_widths"],
+)
+def test_static_loop_equals_the_stock_loop_at_real_widths(widths):
+    torch.manual_seed(0)
+    wide = Pix2SeqForObjectDetection(tiny_config(layers=1, **widths)).eval()
+    with torch.no_grad():
+        for name, parameter in wide.model.decoder.named_parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0.0, 0.1)
+    pixels = make_pixels(2)
+    kwargs = dict(max_new_tokens=25, min_objects=5)
+    for sampling in (dict(do_sample=False), dict(do_sample=True, top_p=0.4)):
+        torch.manual_seed(7)
+        reference = wide.generate(pixels, **STOCK, **sampling, **kwargs)
+        torch.manual_seed(7)
+        fast = wide.generate(pixels, **sampling, **kwargs)
+        assert_same_generation(reference, fast)
+
+
 def test_detections_and_output_formats_match(model):
     pixels = make_pixels(2)
-    decoding = Pix2SeqStaticDecoding()
-    reference = model.detect(pixels, do_sample=False, min_objects=3, max_new_tokens=20)
-    fast = model.detect(pixels, do_sample=False, min_objects=3, max_new_tokens=20, custom_generate=decoding)
+    reference = model.detect(pixels, do_sample=False, min_objects=3, max_new_tokens=20, **STOCK)
+    fast = model.detect(pixels, do_sample=False, min_objects=3, max_new_tokens=20)
     for name in ("pred_boxes", "labels", "object_mask", "sequences"):
         assert torch.equal(getattr(reference, name), getattr(fast, name)), name
     torch.testing.assert_close(fast.scores, reference.scores)
+    # The detections are what the box codec reads out of the tokens.
+    generated = model.generate(pixels, do_sample=False, min_objects=3, max_new_tokens=20)
+    decoded = model.box_codec.decode(generated.sequences[:, 1:], torch.stack(generated.logits, dim=1))
+    for index, objects in enumerate(decoded):
+        count = int(fast.object_mask[index].sum())
+        assert count == len(objects["labels"]) >= 3
+        assert torch.equal(fast.labels[index, :count], objects["labels"])
+        torch.testing.assert_close(fast.pred_boxes[index, :count], objects["boxes"])
 
-    tokens = model.generate(
-        pixels, do_sample=False, max_new_tokens=10, return_dict_in_generate=False, custom_generate=decoding
-    )
+    tokens = model.generate(pixels, do_sample=False, max_new_tokens=10, return_dict_in_generate=False)
     assert torch.equal(tokens, reference.sequences[:, :11])
-    scored = model.generate(pixels, do_sample=False, max_new_tokens=10, output_scores=True, custom_generate=decoding)
+    scored = model.generate(pixels, do_sample=False, max_new_tokens=10, output_scores=True)
     assert len(scored.scores) == 10 and torch.isinf(scored.scores[0]).any()  # processed: the grammar's -inf
 
 
 def test_compiled_step_equals_the_eager_step_and_follows_weight_updates(model):
     pixels = make_pixels(2)
     kwargs = dict(do_sample=False, max_new_tokens=15, min_objects=3)
-    eager = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    eager = model.generate(pixels, **kwargs)
     decoding = Pix2SeqStaticDecoding(compile=True)  # weights frozen into the compiled step
     compiled = model.generate(pixels, custom_generate=decoding, **kwargs)
     assert_same_generation(eager, compiled, atol=1e-5)
@@ -121,24 +170,10 @@ def test_compiled_step_equals_the_eager_step_and_follows_weight_updates(model):
     changed.load_state_dict(model.state_dict())
     with torch.no_grad():
         changed.model.decoder.layers[0].mlp.fc1.weight.mul_(-1.0)
-    expected = changed.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
+    expected = changed.generate(pixels, **kwargs)
     updated = changed.generate(pixels, custom_generate=decoding, **kwargs)
     assert_same_generation(expected, updated, atol=1e-5)
     assert not torch.allclose(updated.logits[0], compiled.logits[0])
-
-
-def test_bfloat16_decoding_keeps_the_grammar_and_close_logits(model):
-    pixels = make_pixels(2)
-    kwargs = dict(do_sample=False, max_new_tokens=10, min_objects=2)
-    reference = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(), **kwargs)
-    half = model.generate(pixels, custom_generate=Pix2SeqStaticDecoding(dtype=torch.bfloat16), **kwargs)
-    assert half.sequences.shape == reference.sequences.shape
-    generated = half.sequences[:, 1:]
-    assert torch.all((generated[:, [0, 1, 2, 3, 5, 6, 7, 8]] >= COORD))
-    class_slots = generated[:, [4, 9]]
-    assert torch.all(((class_slots >= CLASS) & (class_slots < CLASS + NUM_CLASSES)) | (class_slots == 30))
-    assert half.logits[0].dtype == torch.float32
-    torch.testing.assert_close(half.logits[0], reference.logits[0], atol=0.1, rtol=0.05)
 
 
 def test_static_decoding_rejects_what_it_cannot_do(model):
@@ -149,9 +184,7 @@ def test_static_decoding_rejects_what_it_cannot_do(model):
     with pytest.raises(ValueError, match="attentions or hidden states"):
         model.generate(pixels, custom_generate=decoding, output_attentions=True, max_new_tokens=5)
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
-        model.generate(pixels, custom_generate=decoding, max_new_tokens=80)
-    with pytest.raises(ValueError, match="dtype"):
-        Pix2SeqStaticDecoding(dtype=torch.int8)
+        model.generate(pixels, max_new_tokens=80)
     with pytest.raises(TypeError, match="compile"):
         Pix2SeqStaticDecoding(compile="yes")
 
@@ -244,36 +277,25 @@ def test_generate_stops_images_early_in_both_loops(model):
     # A threshold of 0 never stops; the static loop agrees with the stock one.
     never = model.generate(pixels, early_stop_patience=1, early_stop_threshold=0.0, **kwargs)
     assert torch.equal(never.sequences, full.sequences)
-    fast = model.generate(
-        pixels, early_stop_patience=2, early_stop_threshold=1.0, custom_generate=Pix2SeqStaticDecoding(), **kwargs
-    )
-    assert torch.equal(fast.sequences, stopped.sequences)
+    stock = model.generate(pixels, early_stop_patience=2, early_stop_threshold=1.0, **STOCK, **kwargs)
+    assert torch.equal(stock.sequences, stopped.sequences)
 
 
-def test_prepared_weights_follow_parameter_updates_and_drop_finished_off_keeps_logits(model):
+def test_drop_finished_off_keeps_every_rows_logits(model):
     pixels = make_pixels(2)
-    torch.manual_seed(1)
-    changed = Pix2SeqForObjectDetection(tiny_config()).eval()
-    changed.load_state_dict(model.state_dict())
     decoding = Pix2SeqStaticDecoding(drop_finished=False)
     kwargs = dict(do_sample=False, max_new_tokens=15, logits_processor=LogitsProcessorList([EndRowsAt([1, 3])]))
-    before = changed.generate(pixels, custom_generate=decoding, **kwargs)
+    kept = model.generate(pixels, custom_generate=decoding, **kwargs)
     # Rows that finished are still computed: the logits equal the stock loop's everywhere.
-    reference = changed.generate(pixels, **kwargs)
-    for expected, actual in zip(reference.logits, before.logits):
+    reference = model.generate(pixels, **STOCK, **kwargs)
+    for expected, actual in zip(reference.logits, kept.logits, strict=True):
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
-    with torch.no_grad():
-        changed.model.decoder.layers[0].mlp.fc1.weight.mul_(-1.0)  # in place, as an optimizer step does
-    after = changed.generate(pixels, custom_generate=decoding, **kwargs)
-    expected = changed.generate(pixels, **kwargs)
-    torch.testing.assert_close(after.logits[0], expected.logits[0], atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(after.logits[0], before.logits[0])
 
 
-# ----- the loop `detect` picks ---------------------------------------------------------------------------------------
+# ----- which loop runs -----------------------------------------------------------------------------------------------
 
 
-def test_detect_decodes_in_the_static_loop_by_default_with_the_stock_loops_result(model, monkeypatch):
+def test_every_entry_point_decodes_in_the_static_loop_by_default(model, monkeypatch):
     pixels = make_pixels(2)
     calls = []
     original_call = Pix2SeqStaticDecoding.__call__
@@ -287,18 +309,29 @@ def test_detect_decodes_in_the_static_loop_by_default_with_the_stock_loops_resul
     default = model.detect(pixels, max_new_tokens=20)
     assert len(calls) == 1
     torch.manual_seed(5)
-    stock = model.detect(pixels, max_new_tokens=20, custom_generate=None)
+    stock = model.detect(pixels, max_new_tokens=20, **STOCK)
     assert len(calls) == 1
     for name in ("pred_boxes", "labels", "object_mask", "sequences"):
         assert torch.equal(getattr(default, name), getattr(stock, name)), name
     torch.testing.assert_close(default.scores, stock.scores)
-    # `model(pixel_values)` goes through `detect`, and reuses the same prepared loop.
+    # `model(pixel_values)` goes through `detect`, `generate` with nothing extra passed too; one loop per model.
     model(pixels)
-    assert len(calls) == 2 and calls[1] is calls[0]
+    model.generate(pixels, top_p=0.4)
+    assert len(calls) == 3 and calls[2] is calls[1] is calls[0]
 
 
-@pytest.mark.parametrize("kwargs", [{"output_attentions": True}, {"use_cache": False}, "training"])
-def test_detect_falls_back_to_the_stock_loop_for_what_only_it_does(model, monkeypatch, kwargs):
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"output_attentions": True},
+        {"output_hidden_states": True},
+        {"use_cache": False},
+        {"static_decoding": False},
+        {"num_beams": 2, "do_sample": False},
+        "training",
+    ],
+)
+def test_generate_falls_back_to_the_stock_loop_for_what_only_it_does(model, monkeypatch, kwargs):
     def fail(*args, **kwargs):
         raise AssertionError("the static loop was used")
 
@@ -307,13 +340,20 @@ def test_detect_falls_back_to_the_stock_loop_for_what_only_it_does(model, monkey
     if kwargs == "training":
         model.train()
         try:
-            model.detect(pixels, max_new_tokens=10)
+            model.generate(pixels, max_new_tokens=10)
         finally:
             model.eval()
     else:
-        model.detect(pixels, max_new_tokens=10, **kwargs)
+        model.generate(pixels, max_new_tokens=10, **kwargs)
 
 
 def test_detect_rejects_beam_search(model):
     with pytest.raises(ValueError, match="num_beams=2"):
         model.detect(make_pixels(1), max_new_tokens=10, num_beams=2, do_sample=False)
+
+
+def test_the_model_takes_its_generation_from_the_mixin():
+    assert issubclass(Pix2SeqForObjectDetection, Pix2SeqGenerationMixin)
+    # The model class itself defines none of the generation plumbing.
+    for name in ("_sample", "_get_logits_processor", "_prepare_generation_config", "detect", "default_generation_config"):
+        assert name not in vars(Pix2SeqForObjectDetection), name
