@@ -10,7 +10,7 @@ import torch
 @dataclass(frozen=True)
 class Pix2SeqTokenLayout:
     """
-    Where each kind of token lives in the Pix2Seq vocabulary (DESIGN.md section 3).
+    Where each kind of token lives in the Pix2Seq vocabulary (see docs/concepts.md).
 
     Args:
         num_bins (`int`): number of quantisation bins per coordinate.
@@ -426,7 +426,7 @@ class Pix2SeqBoxCodec:
 
     def build_training_sequence(self, boxes, labels, generator: torch.Generator | None = None) -> dict:
         """
-        Builds the decoder input and the target of one image (DESIGN.md section 4).
+        Builds the decoder input and the target of one image (sequence augmentation: see docs/concepts.md).
 
         Real objects are ordered (`object_order`) and truncated to `max_objects`. With sequence augmentation the
         sequence is topped up to `max_objects` objects with noise objects; in the target a noise object has the noise

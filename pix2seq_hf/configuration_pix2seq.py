@@ -62,7 +62,7 @@ class Pix2SeqConfig(PreTrainedConfig):
         max_position_embeddings (`int`, *optional*, defaults to 512):
             Learned decoder positions; must cover `5 * max_objects + 1` tokens.
 
-    Tokens (DESIGN.md section 3):
+    Tokens (the vocabulary layout: see docs/concepts.md):
         num_bins (`int`, *optional*, defaults to 1000):
             Quantisation bins per coordinate (at least 2).
         num_classes (`int`, *optional*):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .configuration_pix2seq import Pix2SeqConfig
 
 
-# Sizes from the paper and the official release (DESIGN.md section 6). `image_size` is the canvas the preset is meant
+# Sizes from the paper and the official release (see docs/model.md). `image_size` is the canvas the preset is meant
 # for; `normalize` says whether pixels get ImageNet mean/std (pretrained timm backbones) or stay in [0, 1] (official).
 PRESETS: dict[str, dict] = {
     # A small model for the synthetic shapes set and for CPU experiments: ResNet-18 cut at stride 16 (C4, 256 channels),

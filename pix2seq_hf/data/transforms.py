@@ -1,5 +1,5 @@
 """
-Training augmentation of Pix2Seq (DESIGN.md section 5), built from `torchvision.transforms.v2` on
+Training image augmentation of Pix2Seq (scale jitter, crop, flip, as the paper trains), built from `torchvision.transforms.v2` on
 `tv_tensors.BoundingBoxes`, so that every piece of box geometry is torchvision's.
 
 A training sample is a dict `{"image": tv_tensors.Image, "boxes": tv_tensors.BoundingBoxes, "labels": LongTensor}`;
