@@ -1,6 +1,6 @@
 """
-Training image augmentation of Pix2Seq (scale jitter, crop, flip, as the paper trains), built from `torchvision.transforms.v2` on
-`tv_tensors.BoundingBoxes`, so that every piece of box geometry is torchvision's.
+Training image augmentation of Pix2Seq (scale jitter, crop, flip, as the paper trains), built from
+`torchvision.transforms.v2` on `tv_tensors.BoundingBoxes`, so that every piece of box geometry is torchvision's.
 
 A training sample is a dict `{"image": tv_tensors.Image, "boxes": tv_tensors.BoundingBoxes, "labels": LongTensor}`;
 the transforms return the same structure. After augmentation the image is at most `canvas x canvas`: the processor
