@@ -339,8 +339,8 @@ class Pix2SeqGenerationMixin(GenerationMixin):
     decoding options (`PIX2SEQ_GENERATION_DEFAULTS`) as generation-config attributes, [`Pix2SeqLogitsProcessor`] first
     among the logits processors, and greedy decoding / sampling in [`Pix2SeqStaticDecoding`] (the model's own decoder
     over a static cache) whenever it gives the same result as transformers' loop; beam search, attentions, hidden
-    states, `use_cache=False`, training mode, `static_decoding=False` and the other options only transformers' loop
-    supports run there. Also [`~detect`]: `generate`, then the detections read out of the tokens.
+    states, `use_cache=False`, a `cache_implementation`, flex attention, training mode, `static_decoding=False` and the
+    other options only transformers' loop supports run there. Also [`~detect`]: `generate`, then the detections read out of the tokens.
 
     Expects the model to have `config` (a `Pix2SeqConfig`) and `box_codec`.
     """
@@ -470,6 +470,10 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         if generation_config.use_cache is False or generation_config.cache_implementation is not None:
             return False
         if (model_kwargs or {}).get("use_cache") is False:
+            return False
+        # Flex attention over a static cache gives other tokens than over transformers' dynamic cache (transformers'
+        # own `cache_implementation="static"` route too): decode it in transformers' loop.
+        if self.config._attn_implementation == "flex_attention":
             return False
         return all(Pix2SeqStaticDecoding.accepts_processor(processor) for processor in logits_processor or [])
 

@@ -24,7 +24,10 @@ from transformers.modeling_utils import (
     PreTrainedModel,
     get_torch_context_manager_or_global_device,
 )
-from transformers.utils import can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .box_codec import Pix2SeqBoxCodec
@@ -147,7 +150,7 @@ class Pix2SeqAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
-        output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
@@ -198,7 +201,7 @@ class Pix2SeqAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
             is_causal=self.is_causal,
-            output_attentions=output_attentions,
+            **kwargs,
         )
         attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights
@@ -230,15 +233,10 @@ class Pix2SeqEncoderLayer(GradientCheckpointingLayer):
         self.mlp = Pix2SeqMLP(config, hidden_size, config.encoder_ffn_dim)
         self.drop_path = Pix2SeqDropPath(config.drop_path_rate)
 
-    def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.self_attn(
-            self.self_attn_layer_norm(hidden_states), output_attentions=output_attentions
-        )
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), **kwargs)
         hidden_states = hidden_states + self.drop_path(attn_output)
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
-        return hidden_states, attn_weights
+        return hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
 
 
 class Pix2SeqBridge(nn.Module):
@@ -287,26 +285,21 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor,
         cache: EncoderDecoderCache | None = None,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        attn_output, self_attn_weights = self.self_attn(
-            self.self_attn_layer_norm(hidden_states),
-            attention_mask=attention_mask,
-            cache=cache,
-            output_attentions=output_attentions,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs
         )
         hidden_states = hidden_states + self.drop_path(attn_output)
 
-        attn_output, cross_attn_weights = self.encoder_attn(
+        attn_output, _ = self.encoder_attn(
             self.encoder_attn_layer_norm(hidden_states),
             key_value_states=encoder_hidden_states,
             cache=cache,
-            output_attentions=output_attentions,
+            **kwargs,
         )
         hidden_states = hidden_states + self.drop_path(attn_output)
-
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
-        return hidden_states, self_attn_weights, cross_attn_weights
+        return hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -326,8 +319,12 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Pix2SeqEncoderLayer", "Pix2SeqDecoderLayer"]
     _supports_sdpa = True
+    _supports_flex_attn = True
+    # Not declared (untested here): flash attention, which needs CUDA and the `flash-attn` kernels.
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    # The decoder compiles as one graph over a static cache (`generate(cache_implementation="static")`, and the
+    # compiled step of `Pix2SeqStaticDecoding`).
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -416,9 +413,11 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
     `config.encoder_layers` pre-LN Transformer layers -> LayerNorm -> bridge to the decoder width.
 
     Its `last_hidden_state` is what the decoder attends to (after the bridge, `decoder_hidden_size` wide); its
-    `hidden_states` are the Transformer encoder's (`encoder_hidden_size` wide): the input of the first layer, the
-    outputs of the following layers, the last one after the final LayerNorm.
+    `hidden_states` are the Transformer encoder's (`encoder_hidden_size` wide): the input of the first layer, then the
+    output of every layer (before the final LayerNorm, as in ViT).
     """
+
+    _can_record_outputs = {"hidden_states": Pix2SeqEncoderLayer, "attentions": Pix2SeqAttention}
 
     def __init__(self, config: Pix2SeqConfig):
         super().__init__(config)
@@ -437,13 +436,8 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         self.bridge = Pix2SeqBridge(config)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.FloatTensor,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-    ) -> BaseModelOutput:
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -457,10 +451,6 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
             [`BaseModelOutput`] with `last_hidden_state` of shape `(batch_size, feature_height * feature_width,
             decoder_hidden_size)`.
         """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         if pixel_values is None or pixel_values.ndim != 4:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"`pixel_values` must have shape (batch_size, channels, height, width), got {shape}.")
@@ -473,23 +463,9 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
             height, width, hidden_states.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device
         )
 
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        all_attentions = [] if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, output_attentions=output_attentions)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(attn_weights)
-        hidden_states = self.layer_norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states[-1] = hidden_states
-
-        return BaseModelOutput(
-            last_hidden_state=self.bridge(hidden_states, height, width),
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-        )
+            hidden_states = layer(hidden_states, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.bridge(self.layer_norm(hidden_states), height, width))
 
 
 class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
@@ -497,6 +473,12 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
     Causal Transformer decoder: token embeddings (shared with the output projection, no `sqrt(d)` scaling) plus
     learned positions -> dropout -> `config.decoder_layers` pre-LN layers -> LayerNorm.
     """
+
+    _can_record_outputs = {
+        "hidden_states": Pix2SeqDecoderLayer,
+        "attentions": OutputRecorder(Pix2SeqAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(Pix2SeqAttention, index=1, layer_name="encoder_attn"),
+    }
 
     def __init__(self, config: Pix2SeqConfig):
         super().__init__(config)
@@ -514,7 +496,8 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
-    @can_return_tuple
+    @merge_with_config_defaults
+    @capture_outputs
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -523,8 +506,7 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         Args:
@@ -543,16 +525,6 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
             [`BaseModelOutputWithPastAndCrossAttentions`] with `last_hidden_state`, `cache`, `hidden_states`,
             `attentions` (self-attention) and `cross_attentions`.
         """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
-            logger.warning_once(
-                "`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`."
-            )
-            use_cache = False
         if cache is not None and not isinstance(cache, EncoderDecoderCache):
             raise TypeError(
                 "Pix2Seq needs an `EncoderDecoderCache` (self- and cross-attention caches), got "
@@ -589,32 +561,16 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
             cache=cache.self_attention_cache if cache is not None else None,
         )
 
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        all_self_attentions = [] if output_attentions else None
-        all_cross_attentions = [] if output_attentions else None
         for layer in self.layers:
-            hidden_states, self_attn_weights, cross_attn_weights = layer(
+            hidden_states = layer(
                 hidden_states,
                 causal_mask,
                 encoder_hidden_states,  # positional, so that gradient checkpointing passes its gradient through
                 cache=cache,
-                output_attentions=output_attentions,
+                **kwargs,
             )
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                all_self_attentions.append(self_attn_weights)
-                all_cross_attentions.append(cross_attn_weights)
-        hidden_states = self.layer_norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states[-1] = hidden_states
-
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_self_attentions) if output_attentions else None,
-            cross_attentions=tuple(all_cross_attentions) if output_attentions else None,
+            last_hidden_state=self.layer_norm(hidden_states), cache=cache if use_cache else None
         )
 
 
@@ -656,8 +612,7 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
         encoder_outputs: BaseModelOutput | tuple | None = None,
         cache: EncoderDecoderCache | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqModelOutput:
         r"""
         Args:
@@ -673,22 +628,15 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
                 Keys/values of previous decoding steps (also accepted as `past_key_values`).
             use_cache (`bool`, *optional*):
                 Return the cache for the next decoding step.
-            output_attentions / output_hidden_states (`bool`, *optional*):
-                Return attention weights (eager attention only) / hidden states of the encoder and the decoder.
-            return_dict (`bool`, *optional*):
-                Return a tuple instead of a [`Seq2SeqModelOutput`] when `False`.
+            kwargs (`TransformersKwargs`): `output_attentions` / `output_hidden_states` (attention weights, eager
+                attention only / hidden states of the encoder and the decoder), `return_dict` (a tuple when `False`).
         """
         if decoder_input_ids is None:
             raise ValueError("`Pix2SeqModel` needs `decoder_input_ids` (the detection prompt, then the sequence).")
         if encoder_outputs is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` or `encoder_outputs`.")
-            encoder_outputs = self.encoder(
-                pixel_values,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=True,
-            )
+            encoder_outputs = self.encoder(pixel_values, **{**kwargs, "return_dict": True})
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(
                 last_hidden_state=encoder_outputs[0],
@@ -702,9 +650,7 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
             attention_mask=decoder_attention_mask,
             cache=cache,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+            **{**kwargs, "return_dict": True},
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
@@ -841,8 +787,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         encoder_outputs: BaseModelOutput | tuple | None = None,
         cache: EncoderDecoderCache | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqLMOutput | Pix2SeqObjectDetectionOutput:
         r"""
         Args:
@@ -853,8 +798,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
                 (shifted right after the prompt, `-100` as padding) when only `labels` are given.
             labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
                 Target tokens; `-100` is ignored, EOS/padding weighs `config.eos_token_weight`.
-            decoder_attention_mask, encoder_outputs, cache (or `past_key_values`), use_cache, output_attentions,
-            output_hidden_states, return_dict:
+            decoder_attention_mask, encoder_outputs, cache (or `past_key_values`), use_cache, kwargs
+            (`output_attentions`, `output_hidden_states`, `return_dict`):
                 As in [`Pix2SeqModel`].
 
         Returns:
@@ -883,9 +828,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             encoder_outputs=encoder_outputs,
             cache=cache,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+            **{**kwargs, "return_dict": True},
         )
         logits = self.lm_head(outputs.last_hidden_state)
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import CompileConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -221,6 +222,30 @@ def test_sdpa_matches_eager():
     torch.testing.assert_close(
         sdpa(pixels, labels=labels).logits, eager(pixels, labels=labels).logits, rtol=1e-5, atol=1e-5
     )
+
+
+def test_flex_attention_matches_sdpa_in_inference():
+    sdpa = make_model()
+    flex = make_model()
+    # The backbone (timm) has no attention of its own to dispatch.
+    flex.set_attn_implementation({"": "flex_attention", "backbone_config": "eager"})
+    assert flex.config._attn_implementation == "flex_attention"
+    pixels, labels = make_pixels(), make_labels()
+    with torch.no_grad():  # flex attention has no backward on CPU
+        torch.testing.assert_close(
+            flex(pixels, labels=labels).logits, sdpa(pixels, labels=labels).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_the_decoder_compiles_as_one_graph_over_a_static_cache():
+    model = make_model()
+    pixels = make_pixels()
+    kwargs = dict(do_sample=False, max_new_tokens=6, static_decoding=False)
+    reference = model.generate(pixels, **kwargs)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    compiled = model.generate(pixels, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled.sequences, reference.sequences)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
