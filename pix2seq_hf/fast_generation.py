@@ -105,27 +105,37 @@ class Pix2SeqStaticDecoding:
         then packs them for its own GEMM kernels), built again when the model's parameters changed (new tensors or
         in-place updates).
         """
+        compile_kwargs = self._compile_kwargs(model, generation_config)
         tensors = list(model.parameters())
         try:
-            key = (id(model), tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+            weights = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+            key = (id(model), repr(compile_kwargs), weights)
         except RuntimeError:  # inference tensors have no version counter
             key = None
         if self._compiled is None or key is None or key != self._compiled_key:
-            compile_config = getattr(generation_config, "compile_config", None)
-            kwargs = {"fullgraph": True, "dynamic": False}
-            if compile_config is not None:
-                kwargs.update(compile_config.to_dict())
-                kwargs.pop("_compile_all_devices", None)
-            options = dict(kwargs.get("options") or {})
-            if kwargs.get("mode") is None:
-                options.setdefault("freezing", True)
-                kwargs["options"] = options
-            else:
-                kwargs.pop("options", None)
-            # A new function object per weight version, so that dynamo does not reuse a step with other constants.
-            self._compiled = torch.compile(lambda *args: decoder_step(*args), **kwargs)
+            self._compiled = torch.compile(lambda *args: decoder_step(*args), **compile_kwargs)
             self._compiled_key = key
         return self._compiled
+
+    @staticmethod
+    def _compile_kwargs(model, generation_config) -> dict:
+        """
+        `torch.compile` arguments: one graph of fixed shapes, from the generation config's `compile_config` where
+        given. On CUDA its `mode` applies (by default `"reduce-overhead"`: CUDA graphs); elsewhere, where CUDA graphs do
+        not exist, the weights are frozen into the step instead (inductor's `freezing`, plus the config's `options`).
+        """
+        compile_config = getattr(generation_config, "compile_config", None)
+        kwargs = {"fullgraph": True, "dynamic": False}
+        options = {}
+        if compile_config is not None:
+            kwargs.update(fullgraph=compile_config.fullgraph, dynamic=compile_config.dynamic)
+            kwargs["backend"] = compile_config.backend
+            options = dict(compile_config.options or {})
+            if model.device.type == "cuda" and compile_config.mode is not None:
+                kwargs["mode"] = compile_config.mode
+                return kwargs
+        kwargs["options"] = {"freezing": True, **options}
+        return kwargs
 
     @torch.no_grad()
     def __call__(
