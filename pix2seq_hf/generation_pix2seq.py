@@ -35,6 +35,9 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # Use the official code's top-p rule (keep the largest set of tokens whose mass stays <= top_p) instead of the
     # paper's / transformers' rule (the smallest set whose mass reaches top_p).
     "official_top_p": False,
+    # Decode as the official evaluation: no Pix2Seq logits processor at all (no grammar, EOS fed back like any token).
+    # Set by `official_evaluation.official_evaluation_generation_config`, which also turns off stopping at EOS.
+    "official_evaluation": False,
 }
 
 

@@ -950,6 +950,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
                 setattr(generation_config, name, options[name])
             elif not hasattr(generation_config, name):
                 setattr(generation_config, name, getattr(self.generation_config, name, default))
+        if generation_config.official_evaluation:
+            # The official evaluation never stops at EOS (an unset EOS would be filled in from the model's config).
+            generation_config.eos_token_id = None
         return generation_config, model_kwargs
 
     def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
@@ -977,7 +980,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, GenerationMixin):
 
         # A `Pix2SeqLogitsProcessor` passed to `generate(logits_processor=...)` replaces the configured one.
         grammar = [p for p in processors if isinstance(p, Pix2SeqLogitsProcessor)]
-        if not grammar:
+        if not grammar and not getattr(generation_config, "official_evaluation", False):
             grammar = [
                 Pix2SeqLogitsProcessor(
                     self.config.token_layout,
