@@ -36,6 +36,17 @@ class Pix2SeqConfig(PreTrainedConfig):
             Keyword arguments given to `timm.create_model`, e.g. `{"dynamic_img_size": True}` for ViT backbones.
         num_channels (`int`, *optional*, defaults to 3):
             Number of input image channels.
+        stem_pool_padding (`str`, *optional*, defaults to `"symmetric"`):
+            Padding of the stem max-pool of a timm ResNet backbone: `"symmetric"` (timm's) or `"same"` (TensorFlow's
+            `'SAME'`, which pads only bottom/right on even sizes; what the official Pix2Seq ResNets were trained with,
+            set by the checkpoint converter).
+        encoder_stem (`str`, *optional*, defaults to `"backbone"`):
+            What turns pixels into the encoder's tokens: `"backbone"` (the backbone's last feature map, then a linear
+            projection to `encoder_hidden_size`) or `"patch"` (the official Pix2Seq ViT: a `patch_size` convolution
+            with bias straight to `encoder_hidden_size`; no backbone, no class token, fixed 2D sine-cosine positions,
+            so the `encoder_layers` pre-LN layers are the ViT).
+        patch_size (`int`, *optional*, defaults to 16):
+            Patch size of the `"patch"` stem.
 
     Encoder and decoder:
         encoder_hidden_size / decoder_hidden_size (`int`, *optional*, defaults to 256):
@@ -113,6 +124,9 @@ class Pix2SeqConfig(PreTrainedConfig):
     use_pretrained_backbone: bool = False
     backbone_model_kwargs: dict | None = None
     num_channels: int = 3
+    stem_pool_padding: str = "symmetric"
+    encoder_stem: str = "backbone"
+    patch_size: int = 16
 
     encoder_hidden_size: int = 256
     encoder_layers: int = 6
@@ -147,6 +161,12 @@ class Pix2SeqConfig(PreTrainedConfig):
     eos_token_weight: float | int = 0.1
 
     def __post_init__(self, **kwargs):
+        if self.encoder_stem not in ("backbone", "patch"):
+            raise ValueError(f'`encoder_stem` must be "backbone" or "patch", got {self.encoder_stem!r}.')
+        if self.stem_pool_padding not in ("symmetric", "same"):
+            raise ValueError(f'`stem_pool_padding` must be "symmetric" or "same", got {self.stem_pool_padding!r}.')
+        if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size < 1:
+            raise ValueError(f"`patch_size` must be a positive int, got {self.patch_size!r}.")
         if self.backbone_config is None:
             backbone = kwargs.pop("backbone", None) or "resnet50"
             use_timm_backbone = kwargs.pop("use_timm_backbone", True)

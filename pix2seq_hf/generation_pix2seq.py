@@ -56,6 +56,9 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # Use the official code's top-p rule (keep the largest set of tokens whose mass stays <= top_p) instead of the
     # paper's / transformers' rule (the smallest set whose mass reaches top_p).
     "official_top_p": False,
+    # Decode as the official evaluation: no Pix2Seq logits processor at all (no grammar, EOS fed back like any token).
+    # Set by `official_evaluation.official_evaluation_generation_config`, which also turns off stopping at EOS.
+    "official_evaluation": False,
 }
 
 
@@ -405,6 +408,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                 setattr(generation_config, name, options[name])
             elif not hasattr(generation_config, name):
                 setattr(generation_config, name, getattr(self.generation_config, name, default))
+        if generation_config.official_evaluation:
+            # The official evaluation never stops at EOS (an unset EOS would be filled in from the model's config).
+            generation_config.eos_token_id = None
         return generation_config, model_kwargs
 
     def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
@@ -432,7 +438,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
 
         # A `Pix2SeqLogitsProcessor` passed to `generate(logits_processor=...)` replaces the configured one.
         grammar = [p for p in processors if isinstance(p, Pix2SeqLogitsProcessor)]
-        if not grammar:
+        if not grammar and not options["official_evaluation"]:
             grammar = [
                 Pix2SeqLogitsProcessor(
                     self.config.token_layout,

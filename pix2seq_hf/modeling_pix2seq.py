@@ -329,12 +329,13 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """
-        Truncated normal (`config.init_std`) for linear and embedding weights, zero biases, LayerNorm to identity.
+        Truncated normal (`config.init_std`) for linear, embedding and patch-embedding weights, zero biases, LayerNorm
+        to identity.
         The backbone (a `PreTrainedModel` of its own) is initialised by its own `_init_weights` (timm's init for timm
         backbones), never by this one.
         """
         std = self.config.init_std
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
@@ -372,6 +373,31 @@ def _load_pretrained_timm_weights(backbone: nn.Module, backbone_config, model_kw
         )
 
 
+def _use_same_padding_stem_pool(backbone: nn.Module) -> None:
+    """
+    Replaces the stem max-pool of a ResNet backbone (timm's `maxpool` or transformers' `embedder.pooler`) by one with
+    TensorFlow's `'SAME'` padding (timm's `MaxPool2dSame`: for even input sizes, one row/column of padding at the
+    bottom/right only, where the usual pool pads both sides). The official Pix2Seq ResNets were trained with it; the
+    pool has no weights.
+    """
+    from timm.layers import create_pool2d
+
+    owner, attribute = getattr(backbone, "_backbone", None), "maxpool"  # timm
+    if owner is None:
+        owner, attribute = getattr(backbone, "embedder", None), "pooler"  # transformers' ResNet
+    pool = getattr(owner, attribute, None)
+    if not isinstance(pool, nn.MaxPool2d):
+        raise ValueError(
+            '`stem_pool_padding="same"` needs a ResNet backbone with a max-pool stem (timm `maxpool` or transformers '
+            f"`embedder.pooler`); this {type(backbone).__name__} has {type(pool).__name__ if pool is not None else 'none'}."
+        )
+    setattr(
+        owner,
+        attribute,
+        create_pool2d("max", kernel_size=pool.kernel_size, stride=pool.stride, padding="same", ceil_mode=pool.ceil_mode),
+    )
+
+
 def _build_backbone(config: Pix2SeqConfig) -> nn.Module:
     """
     Builds the vision backbone from `config.backbone_config` with `AutoBackbone`.
@@ -390,6 +416,8 @@ def _build_backbone(config: Pix2SeqConfig) -> nn.Module:
         backbone = AutoBackbone.from_config(backbone_config, pretrained=False, **model_kwargs)
         if use_pretrained:
             _load_pretrained_timm_weights(backbone, backbone_config, model_kwargs)
+        if config.stem_pool_padding == "same":
+            _use_same_padding_stem_pool(backbone)
         return backbone
     if config.backbone_model_kwargs:
         raise ValueError(
@@ -403,14 +431,19 @@ def _build_backbone(config: Pix2SeqConfig) -> nn.Module:
                 "`use_pretrained_backbone=True` with a transformers backbone needs a `backbone_config` loaded with "
                 "`from_pretrained` (its checkpoint name is where the weights come from); got a config without one."
             )
-        return AutoBackbone.from_pretrained(name, config=backbone_config)
-    return AutoBackbone.from_config(backbone_config)
+        backbone = AutoBackbone.from_pretrained(name, config=backbone_config)
+    else:
+        backbone = AutoBackbone.from_config(backbone_config)
+    if config.stem_pool_padding == "same":
+        _use_same_padding_stem_pool(backbone)
+    return backbone
 
 
 class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
     """
     Vision encoder: backbone (last feature map) -> dropout -> linear -> LayerNorm -> + 2D sine-cosine positions ->
-    `config.encoder_layers` pre-LN Transformer layers -> LayerNorm -> bridge to the decoder width.
+    `config.encoder_layers` pre-LN Transformer layers -> LayerNorm -> bridge to the decoder width. With
+    `config.encoder_stem="patch"` (the official Pix2Seq ViT) a patch convolution replaces backbone, dropout and linear.
 
     Its `last_hidden_state` is what the decoder attends to (after the bridge, `decoder_hidden_size` wide); its
     `hidden_states` are the Transformer encoder's (`encoder_hidden_size` wide): the input of the first layer, then the
@@ -427,9 +460,18 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
                     f"`{name}={getattr(config, name)}` must be divisible by 4 for the 2D sine-cosine position "
                     "embedding."
                 )
-        self.backbone = _build_backbone(config)
-        self.input_dropout = nn.Dropout(config.dropout)
-        self.input_projection = nn.Linear(self.backbone.channels[-1], config.encoder_hidden_size)
+        if config.encoder_stem == "patch":
+            # The official Pix2Seq ViT: patches embedded straight to the encoder width (no backbone, no projection).
+            self.backbone = None
+            self.patch_embedding = nn.Conv2d(
+                config.num_channels, config.encoder_hidden_size, config.patch_size, stride=config.patch_size
+            )
+            self.input_dropout = nn.Identity()
+            self.input_projection = nn.Identity()
+        else:
+            self.backbone = _build_backbone(config)
+            self.input_dropout = nn.Dropout(config.dropout)
+            self.input_projection = nn.Linear(self.backbone.channels[-1], config.encoder_hidden_size)
         self.input_layer_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList([Pix2SeqEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
@@ -455,7 +497,10 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"`pixel_values` must have shape (batch_size, channels, height, width), got {shape}.")
 
-        feature_map = self.backbone(pixel_values, return_dict=True).feature_maps[-1]
+        if self.backbone is None:
+            feature_map = self.patch_embedding(pixel_values)
+        else:
+            feature_map = self.backbone(pixel_values, return_dict=True).feature_maps[-1]
         height, width = feature_map.shape[-2:]
         hidden_states = feature_map.flatten(2).transpose(1, 2)
         hidden_states = self.input_layer_norm(self.input_projection(self.input_dropout(hidden_states)))
