@@ -224,6 +224,19 @@ def test_a_bad_image_met_mid_run_is_named_or_skipped(train_module, tmp_path):
     assert train_module.main(argv + ["--output_dir", str(tmp_path / "skip"), "--on_bad_image", "skip"]) == 0
     results = json.loads((tmp_path / "skip" / "all_results.json").read_text())
     assert results["skipped_bad_images"] == 1 and results["train_steps"] == 2
-    # Checked up front instead: the image is dropped from the split before training.
+    # The evaluation script: the same choice, the skipped image left out of the metrics and counted.
+    spec = importlib.util.spec_from_file_location("example_evaluate_bad_image", EXAMPLES / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    eval_argv = [
+        "--model", str(tmp_path / "skip"), "--validation_coco_annotations", str(ann),
+        "--validation_coco_images", str(images), "--output_file", str(tmp_path / "eval.json"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"image_id 12: cannot read image file '.*img2.jpg'"):
+        evaluate.main(eval_argv)
+    assert evaluate.main(eval_argv + ["--on_bad_image", "skip"]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["skipped_bad_images"] == 1 and report["num_images"] == 3
+    # Checked up front instead: training does not start.
     with pytest.raises(ValueError, match=r"image_id 12 \(img2.jpg\): cannot read image"):
         train_module.main(argv + ["--output_dir", str(tmp_path / "check"), "--check_images", "decode"])
