@@ -115,7 +115,8 @@ def main(argv=None) -> int:
         return_predictions=True,
     )
     seconds = time.time() - start
-    skipped = int(accelerator.reduce(torch.tensor(collator.stats["skipped_bad_images"], device=accelerator.device), "sum"))
+    skipped = torch.tensor(collator.stats["skipped_bad_images"], device=accelerator.device)
+    skipped = int(accelerator.reduce(skipped, "sum"))
     if accelerator.is_main_process:
         for key, value in metrics.items():
             print(f"{key:>10}: {value:.4f}")

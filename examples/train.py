@@ -51,8 +51,10 @@ from pix2seq_hf.checkpointing import (
 )
 from pix2seq_hf.data import (
     AUGMENTATION_PRESETS,
+    ImageReadError,
     Pix2SeqCollator,
     build_train_transforms,
+    decode_image,
     load_detection_splits,
     undecoded_images,
 )
@@ -226,7 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--coco_annotations and --coco_images go together")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
-            parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+            parser.error(
+                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}"
+            )
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
@@ -311,15 +315,20 @@ def run_evaluation(accelerator, model, processor, dataloader, args) -> dict:
 
 
 def save_visualizations(model, processor, dataset, args, output_dir: Path) -> list[str]:
-    """Draws the detections of the first validation images into `output_dir/detections/`."""
+    """Draws the detections of the first validation images into `output_dir/detections/` (bad images are skipped)."""
     folder = output_dir / "detections"
     folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     paths = []
     count = min(args.num_visualizations, len(dataset))
+    dataset = undecoded_images(dataset)
     for index in range(count):
         example = dataset[index]
-        image = example["image"].convert("RGB")
+        try:
+            image = decode_image(example["image"], f"image_id {example['image_id']}").convert("RGB")
+        except ImageReadError as error:
+            logger.warning(f"No picture: {error}")
+            continue
         inputs = processor(images=image, return_tensors="pt").to(model.device)
         with torch.no_grad():
             outputs = model.generate(inputs["pixel_values"], do_sample=False)
@@ -417,7 +426,10 @@ def main(argv=None) -> int:
     eval_dataloader = None
     if eval_dataset is not None:
         eval_dataloader = DataLoader(
-            undecoded_images(eval_dataset), batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator, num_workers=0
+            undecoded_images(eval_dataset),
+            batch_size=args.per_device_eval_batch_size,
+            collate_fn=eval_collator,
+            num_workers=0,
         )
 
     optimizer = build_optimizer(model, args)
@@ -520,7 +532,8 @@ def main(argv=None) -> int:
     train_minutes = (time.time() - start_time) / 60
 
     results = {"train_steps": completed_steps, "train_minutes": round(train_minutes, 2), "world_size": accelerator.num_processes}
-    skipped = int(accelerator.reduce(torch.tensor(train_collator.stats["skipped_bad_images"], device=accelerator.device), "sum"))
+    skipped = torch.tensor(train_collator.stats["skipped_bad_images"], device=accelerator.device)
+    skipped = int(accelerator.reduce(skipped, "sum"))
     if skipped:
         # Counted where the batches are collated: with --dataloader_num_workers, in the workers (see their warnings).
         logger.warning(f"Skipped {skipped} unreadable training images (--on_bad_image skip).")

@@ -1,4 +1,4 @@
-"""Bad inputs get clear errors naming the argument and the value (or a documented warning), never a crash deep inside."""
+"""Bad inputs get clear errors naming the argument and the value (or a documented warning), not a crash deep inside."""
 
 import importlib.util
 import json
@@ -196,7 +196,8 @@ def test_detect_picture_names_are_distinct_and_never_an_input(tmp_path):
     detect = _load_detect()
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-    files = [tmp_path / "a" / "cat.jpg", tmp_path / "b" / "cat.jpg", tmp_path / "a" / "cat.png", tmp_path / "a" / "dog.jpg"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    files = [a / "cat.jpg", b / "cat.jpg", a / "cat.png", a / "dog.jpg"]
     names = detect.picture_names(files, tmp_path / "out")
     assert names == ["a__cat.jpg.png", "b__cat.jpg.png", "a__cat.png.png", "dog.png"]
     # The same file twice, and an output folder that holds an input of the same name.

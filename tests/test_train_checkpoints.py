@@ -68,7 +68,7 @@ def _fork_training(train_module, argv: list[str], environment: dict[str, str]) -
 
 @pytest.fixture(scope="module")
 def killed_processes(tmp_path_factory, train_module):
-    """The run started in child processes that are SIGKILLed at each of `KILL_POINTS` (running while `reference` trains)."""
+    """The run in child processes that are SIGKILLed at each of `KILL_POINTS` (running while `reference` trains)."""
     root = tmp_path_factory.mktemp("killed")
     pids = {
         point: _fork_training(train_module, RUN + ["--output_dir", str(root / point)], {KILL_POINT_ENV: f"4:{point}"})
@@ -176,7 +176,8 @@ def test_an_output_dir_of_another_run_is_refused(reference, train_module, tmp_pa
         train_module.main(RUN + ["--output_dir", str(other)])
     # Resuming a checkpoint written with other arguments names them.
     with pytest.raises(ValueError, match=r"belongs to another run: .*learning_rate=0.001 \(now 0.01\)"):
-        train_module.main(RUN + ["--output_dir", str(other), "--resume_from_checkpoint", "latest", "--learning_rate", "0.01"])
+        argv = RUN + ["--output_dir", str(other), "--resume_from_checkpoint", "latest", "--learning_rate", "0.01"]
+        train_module.main(argv)
 
 
 def test_overwrite_output_dir_fine_tunes_in_place_and_drops_the_old_checkpoints(reference, train_module, tmp_path):
@@ -207,7 +208,8 @@ def _coco_set(folder: Path, truncated: int) -> tuple[Path, Path]:
         records.append({"id": 10 + index, "file_name": path.name, "width": 32, "height": 32})
         annotations.append({"id": index, "image_id": 10 + index, "bbox": [4, 4, 16, 16], "category_id": 1})
     ann = folder / "train.json"
-    ann.write_text(json.dumps({"images": records, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}))
+    categories = [{"id": 1, "name": "box"}]
+    ann.write_text(json.dumps({"images": records, "annotations": annotations, "categories": categories}))
     return ann, images
 
 
