@@ -2,8 +2,11 @@
 
     python examples/detect.py --model outputs/pix2seq-synthetic --output_dir detections image1.jpg images_folder/
 
-Writes `<output_dir>/detections.json` (one entry per image: file, size, and each detection's label, score and absolute
-xyxy box) and `<output_dir>/<image name>.png` with the boxes, labels and scores drawn.
+Writes `<output_dir>/detections.json` (one entry per image: file, size, picture, and each detection's label, score and
+absolute xyxy box) and one picture per image with the boxes, labels and scores drawn: `<output_dir>/<image name>.png`,
+or, when images share a name (`a/cat.jpg` and `b/cat.jpg`, `cat.jpg` and `cat.png`), their path from the folder they
+have in common with `__` between the parts (`a__cat.jpg.png`). No picture is written over an input image, and an
+output folder that already holds a `detections.json` is refused unless `--overwrite_output_dir` is given.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -39,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling, for repeatable detections.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_pictures", action="store_true", help="Write the JSON only.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Write into an --output_dir that already holds detections.json (replacing it and same-named pictures).",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,6 +65,26 @@ def collect_images(paths: list[str]) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"No images found in {paths}")
     return files
+
+
+def picture_names(files: list[Path], output_dir: Path) -> list[str]:
+    """
+    One distinct PNG file name in `output_dir` per image, in the order of `files`: `<stem>.png` when no other image
+    has the same stem, else the image's path relative to the folder all images share, parts joined by `__`
+    (`a__cat.jpg.png`); a number is appended when that is still taken (the same file given twice) or is an input.
+    """
+    stems = Counter(path.stem for path in files)
+    resolved = [path.resolve() for path in files]
+    common = Path(os.path.commonpath([str(path.parent) for path in resolved]))
+    names, used = [], set()
+    for path, full in zip(files, resolved):
+        base = path.stem if stems[path.stem] == 1 else "__".join(full.relative_to(common).parts)
+        name, number = f"{base}.png", 2
+        while name in used or (output_dir / name).resolve() in resolved:  # never draw over an input image
+            name, number = f"{base}-{number}.png", number + 1
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def load_image(path: Path) -> Image.Image | None:
@@ -79,28 +109,34 @@ def main(argv=None) -> int:
         generation_kwargs["top_p"] = args.top_p
 
     output_dir = Path(args.output_dir)
+    if (output_dir / "detections.json").exists() and not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"{output_dir} already holds detections.json (and perhaps pictures) of an earlier run; pass "
+            "--overwrite_output_dir to replace them, or choose another --output_dir."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     files = collect_images(args.images)
-    loaded = [(path, load_image(path)) for path in files]
-    skipped = [str(path) for path, image in loaded if image is None]
-    loaded = [(path, image) for path, image in loaded if image is not None]
+    loaded = [(path, name, load_image(path)) for path, name in zip(files, picture_names(files, output_dir))]
+    skipped = [str(path) for path, _, image in loaded if image is None]
+    loaded = [entry for entry in loaded if entry[2] is not None]
     torch.manual_seed(args.seed)
 
     results = []
     for start in range(0, len(loaded), args.batch_size):
         batch = loaded[start : start + args.batch_size]
-        images = [image for _, image in batch]
+        images = [image for _, _, image in batch]
         inputs = processor(images=images, return_tensors="pt").to(args.device)
         with torch.no_grad():
             outputs = model.generate(inputs["pixel_values"], **generation_kwargs)
         detections = processor.post_process_object_detection(
             outputs, threshold=args.threshold, target_sizes=[(image.height, image.width) for image in images]
         )
-        for (path, image), found in zip(batch, detections):
+        for (path, name, image), found in zip(batch, detections):
             found = {key: value.cpu() for key, value in found.items()}
             results.append(
                 {
                     "file": str(path),
+                    "picture": None if args.no_pictures else name,
                     "width": image.width,
                     "height": image.height,
                     "detections": [
@@ -116,7 +152,7 @@ def main(argv=None) -> int:
             )
             if not args.no_pictures:
                 picture = draw_detections(image, found, model.config.id2label)
-                picture.save(output_dir / f"{path.stem}.png")
+                picture.save(output_dir / name)
             logger.info("%s: %d detections", path, len(found["scores"]))
 
     with open(output_dir / "detections.json", "w") as handle:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForObjectDetection, AutoProcessor
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
+from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits, undecoded_images
 from pix2seq_hf.evaluation import evaluate_model
 
 
@@ -42,6 +42,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_coco_images", default=None, help="Folder of those images.")
     parser.add_argument("--synthetic_validation_size", type=int, default=200)
     parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument(
+        "--check_images",
+        default=None,
+        choices=["none", "exists", "decode"],
+        help="Check the images first: 'exists' (the default for COCO json), 'decode' (reads them all), 'none'.",
+    )
+    parser.add_argument(
+        "--on_bad_image",
+        default="error",
+        choices=["error", "skip"],
+        help="A missing or undecodable image: stop with an error naming it, or leave it out of the evaluation "
+        "(its ground truth too; counted in the report).",
+    )
     parser.add_argument("--seed", type=int, default=42, help="Seed of the synthetic set and of the sampling.")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--top_p", type=float, default=None, help="Sample with this mass (default: greedy decoding).")
@@ -73,6 +86,8 @@ def main(argv=None) -> int:
         synthetic_train_size=1,
         synthetic_validation_size=args.synthetic_validation_size,
         max_eval_samples=args.max_eval_samples,
+        check_images=args.check_images,
+        on_bad_image=args.on_bad_image,
         seed=args.seed,
     )
     dataset = splits.validation
@@ -82,8 +97,10 @@ def main(argv=None) -> int:
     if model_labels != splits.id2label:
         raise ValueError(f"The model's classes {model_labels} differ from the data's {splits.id2label}.")
 
-    collator = Pix2SeqCollator(processor, training=False, return_sequences=False)
-    dataloader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, collate_fn=collator))
+    collator = Pix2SeqCollator(processor, training=False, return_sequences=False, on_bad_image=args.on_bad_image)
+    # The collator decodes the images, so that a bad one is named by file and image id (or skipped).
+    loader = DataLoader(undecoded_images(dataset), batch_size=args.batch_size, collate_fn=collator)
+    dataloader = accelerator.prepare(loader)
     model = model.to(accelerator.device)
     generation_kwargs = {"do_sample": False} if args.top_p is None else {"do_sample": True, "top_p": args.top_p}
     torch.manual_seed(args.seed)
@@ -98,13 +115,16 @@ def main(argv=None) -> int:
         return_predictions=True,
     )
     seconds = time.time() - start
+    skipped = torch.tensor(collator.stats["skipped_bad_images"], device=accelerator.device)
+    skipped = int(accelerator.reduce(skipped, "sum"))
     if accelerator.is_main_process:
         for key, value in metrics.items():
             print(f"{key:>10}: {value:.4f}")
         output_file = args.output_file or os.path.join(args.model, "eval_results.json")
         report = {
             "model": args.model,
-            "num_images": len(dataset),
+            "num_images": len(dataset) - skipped,
+            "skipped_bad_images": skipped,
             "seconds": round(seconds, 2),
             "generation": generation_kwargs,
             "metrics": metrics,

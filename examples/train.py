@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -41,11 +40,23 @@ from transformers import get_scheduler
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf.checkpointing import (
+    check_output_dir,
+    check_same_run,
+    find_checkpoint,
+    read_training_state,
+    remove_checkpoints,
+    save_checkpoint,
+    write_files_atomically,
+)
 from pix2seq_hf.data import (
     AUGMENTATION_PRESETS,
+    ImageReadError,
     Pix2SeqCollator,
     build_train_transforms,
+    decode_image,
     load_detection_splits,
+    undecoded_images,
 )
 from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
 from pix2seq_hf.presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
@@ -53,6 +64,39 @@ from pix2seq_hf.visualization import draw_detections
 
 
 logger = get_logger(__name__)
+
+# The arguments that define a run: a checkpoint written with other values belongs to another run and is not resumed.
+RUN_ARGUMENTS = (
+    "dataset_name",
+    "dataset_config",
+    "train_split",
+    "bbox_format",
+    "coco_annotations",
+    "coco_images",
+    "synthetic_train_size",
+    "max_train_samples",
+    "augmentation",
+    "num_augmentations",
+    "model_name_or_path",
+    "config_preset",
+    "pretrained_backbone",
+    "image_size",
+    "max_objects",
+    "num_bins",
+    "no_sequence_augmentation",
+    "object_order",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "encoder_lr_scale",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "num_warmup_steps",
+    "seed",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +123,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     data.add_argument("--num_augmentations", type=int, default=1, help="Augmented copies of each image per batch (paper: 2).")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--check_images",
+        default=None,
+        choices=["none", "exists", "decode"],
+        help="Check the images before training: 'exists' (files are there; the default for COCO json), 'decode' "
+        "(every image decodes; reads them all), 'none' (the default for datasets).",
+    )
+    data.add_argument(
+        "--on_bad_image",
+        default="error",
+        choices=["error", "skip"],
+        help="A missing or undecodable image, found by --check_images or met while training: stop with an error "
+        "naming it, or skip it (counted and logged).",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="A saved Pix2Seq model to fine-tune.")
@@ -124,6 +182,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="outputs/pix2seq-synthetic")
     run.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds a model or checkpoints of another run (its checkpoints are "
+        "removed; its model is replaced at the end).",
+    )
+    run.add_argument(
         "--num_threads",
         type=int,
         default=None,
@@ -136,7 +200,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Train on the CPU even if a GPU is there (automatic for several processes on a machine without CUDA).",
     )
     run.add_argument("--checkpointing_steps", default=None, help="Save state every N steps, or 'epoch'.")
-    run.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    run.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest K checkpoints (default: all)."
+    )
+    run.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A step_N checkpoint folder, or 'latest' (the newest complete one in --output_dir).",
+    )
     run.add_argument(
         "--eval_steps", type=int, default=None, help="Evaluate every N steps (default: 500 on the synthetic set, else at the end)."
     )
@@ -155,6 +226,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--encoder_lr_scale must be positive, got {args.encoder_lr_scale}")
     if (args.coco_annotations is None) != (args.coco_images is None):
         parser.error("--coco_annotations and --coco_images go together")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            parser.error(
+                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}"
+            )
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: pass one")
     return args
 
 
@@ -217,24 +297,11 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
 
 
-def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> Path:
-    """Resolves `--resume_from_checkpoint` ('latest' = the newest `step_N` folder in `output_dir`)."""
-    if resume_from_checkpoint != "latest":
-        path = Path(resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"No checkpoint folder at {path}")
-        return path
-    candidates = [p for p in Path(output_dir).glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
-    if not candidates:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_N checkpoint in {output_dir}")
-    return max(candidates, key=lambda p: int(p.name.split("_")[1]))
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int) -> None:
-    path = Path(output_dir) / f"step_{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / "training_state.json").write_text(json.dumps({"completed_steps": step}))
+def run_arguments(args, accelerator) -> dict:
+    """The values that define a run (recorded in each checkpoint and compared on resume), defaults resolved."""
+    run = {name: getattr(args, name, None) for name in RUN_ARGUMENTS}
+    run["world_size"] = accelerator.num_processes
+    return run
 
 
 def run_evaluation(accelerator, model, processor, dataloader, args) -> dict:
@@ -248,15 +315,20 @@ def run_evaluation(accelerator, model, processor, dataloader, args) -> dict:
 
 
 def save_visualizations(model, processor, dataset, args, output_dir: Path) -> list[str]:
-    """Draws the detections of the first validation images into `output_dir/detections/`."""
+    """Draws the detections of the first validation images into `output_dir/detections/` (bad images are skipped)."""
     folder = output_dir / "detections"
     folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     paths = []
     count = min(args.num_visualizations, len(dataset))
+    dataset = undecoded_images(dataset)
     for index in range(count):
         example = dataset[index]
-        image = example["image"].convert("RGB")
+        try:
+            image = decode_image(example["image"], f"image_id {example['image_id']}").convert("RGB")
+        except ImageReadError as error:
+            logger.warning(f"No picture: {error}")
+            continue
         inputs = processor(images=image, return_tensors="pt").to(model.device)
         with torch.no_grad():
             outputs = model.generate(inputs["pixel_values"], do_sample=False)
@@ -283,9 +355,14 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Before anything is written: a folder holding another run is refused, or (--overwrite_output_dir) cleared of its
+    # checkpoints so that `latest` can never resume them.
+    earlier_checkpoints = check_output_dir(output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
+        remove_checkpoints(earlier_checkpoints)
         output_dir.mkdir(parents=True, exist_ok=True)
     else:
         datasets.utils.logging.set_verbosity_error()
@@ -335,10 +412,12 @@ def main(argv=None) -> int:
         training=True,
         num_augmentations=args.num_augmentations,
         seed=args.seed,
+        on_bad_image=args.on_bad_image,
     )
-    eval_collator = Pix2SeqCollator(processor, training=False)
+    eval_collator = Pix2SeqCollator(processor, training=False, on_bad_image=args.on_bad_image)
+    # The collators decode the images themselves, so that a bad one met mid-run is named (file, image id) or skipped.
     train_dataloader = DataLoader(
-        train_dataset,
+        undecoded_images(train_dataset),
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         collate_fn=train_collator,
@@ -347,7 +426,10 @@ def main(argv=None) -> int:
     eval_dataloader = None
     if eval_dataset is not None:
         eval_dataloader = DataLoader(
-            eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator, num_workers=0
+            undecoded_images(eval_dataset),
+            batch_size=args.per_device_eval_batch_size,
+            collate_fn=eval_collator,
+            num_workers=0,
         )
 
     optimizer = build_optimizer(model, args)
@@ -369,14 +451,23 @@ def main(argv=None) -> int:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("pix2seq", tracked)
 
+    run = run_arguments(args, accelerator)
     completed_steps, starting_epoch, resume_batches = 0, 0, 0
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        state = read_training_state(checkpoint)
+        check_same_run(checkpoint, state, run)
         accelerator.load_state(str(checkpoint))
-        completed_steps = json.loads((checkpoint / "training_state.json").read_text())["completed_steps"]
+        completed_steps = state["completed_steps"]
         starting_epoch = completed_steps // updates_per_epoch
         resume_batches = (completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"Resumed from {checkpoint} at step {completed_steps} (epoch {starting_epoch}).")
+        if completed_steps >= args.max_train_steps:
+            logger.warning(
+                f"{checkpoint} is at step {completed_steps}, not before --max_train_steps {args.max_train_steps}: "
+                "nothing left to train; evaluating and saving its model."
+            )
+            starting_epoch = num_epochs
 
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
@@ -387,7 +478,7 @@ def main(argv=None) -> int:
         range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
     )
     history, start_time, stop = [], time.time(), False
-    running_loss, running_count = 0.0, 0
+    running_loss, running_count, loss = 0.0, 0, None
     model.train()
     for epoch in range(starting_epoch, num_epochs):
         train_collator.set_epoch(epoch)
@@ -421,7 +512,7 @@ def main(argv=None) -> int:
                 accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if completed_steps % int(args.checkpointing_steps) == 0:
-                    save_checkpoint(accelerator, args.output_dir, completed_steps)
+                    save_checkpoint(accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit)
             out_of_time = args.max_train_minutes and (time.time() - start_time) / 60 >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
@@ -434,16 +525,22 @@ def main(argv=None) -> int:
                 stop = True
                 break
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, args.output_dir, completed_steps)
+            save_checkpoint(accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit)
         if stop:
             break
     progress.close()
     train_minutes = (time.time() - start_time) / 60
 
     results = {"train_steps": completed_steps, "train_minutes": round(train_minutes, 2), "world_size": accelerator.num_processes}
+    skipped = torch.tensor(train_collator.stats["skipped_bad_images"], device=accelerator.device)
+    skipped = int(accelerator.reduce(skipped, "sum"))
+    if skipped:
+        # Counted where the batches are collated: with --dataloader_num_workers, in the workers (see their warnings).
+        logger.warning(f"Skipped {skipped} unreadable training images (--on_bad_image skip).")
+    results["skipped_bad_images"] = skipped
     if eval_dataloader is not None:
         metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
-        history.append({"step": completed_steps, "loss": loss if completed_steps else None, "minutes": train_minutes, **metrics})
+        history.append({"step": completed_steps, "loss": loss, "minutes": train_minutes, **metrics})
         logger.info("Final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if args.with_tracking:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
@@ -455,12 +552,16 @@ def main(argv=None) -> int:
         accelerator.end_training()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
         if eval_dataset is not None and args.num_visualizations:
             results["visualizations"] = save_visualizations(unwrapped, processor, eval_dataset, args, output_dir)
-        with open(output_dir / "all_results.json", "w") as handle:
-            json.dump(results, handle, indent=2)
+
+        def write_model(folder: Path) -> None:
+            unwrapped.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            (folder / "all_results.json").write_text(json.dumps(results, indent=2))
+
+        # Written beside and then moved in: a kill while saving never leaves a half-written model in place.
+        write_files_atomically(output_dir, write_model)
         logger.info(f"Saved the model, the processor and all_results.json in {output_dir}")
         if args.push_to_hub:
             repo_id = args.hub_model_id or output_dir.name

@@ -1,7 +1,5 @@
 """Pix2Seq model configuration."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -140,8 +138,8 @@ class Pix2SeqConfig(PreTrainedConfig):
     dropout: float | int = 0.1
     attention_dropout: float | int = 0.0
     drop_path_rate: float | int = 0.1
-    layer_norm_eps: float = 1e-6
-    init_std: float = 0.02
+    layer_norm_eps: float | int = 1e-6
+    init_std: float | int = 0.02
     max_position_embeddings: int = 512
     is_encoder_decoder: bool = True
     tie_word_embeddings: bool = True

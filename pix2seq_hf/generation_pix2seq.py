@@ -408,6 +408,10 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                 setattr(generation_config, name, options[name])
             elif not hasattr(generation_config, name):
                 setattr(generation_config, name, getattr(self.generation_config, name, default))
+        # Checked once per call: transformers skips its top-p warper for `top_p >= 1` and accepts 0.
+        top_p = generation_config.top_p
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"`top_p` is the probability mass kept when sampling, in (0, 1]; got {top_p!r}.")
         if generation_config.official_evaluation:
             # The official evaluation never stops at EOS (an unset EOS would be filled in from the model's config).
             generation_config.eos_token_id = None

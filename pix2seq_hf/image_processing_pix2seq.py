@@ -31,7 +31,10 @@ from transformers.image_utils import (
     validate_annotations,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
-from transformers.utils import TensorType
+from transformers.utils import TensorType, logging
+
+
+logger = logging.get_logger(__name__)
 
 # PIL modes holding more than 8 bits per pixel. Pillow opens 16-bit PNG/TIFF files as "I;16*" or, for some files and
 # older versions, as 32-bit "I"; both are read as 16-bit data here.
@@ -173,6 +176,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
 
     def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
         """Flattens the input into a list of images; unlike the base class, also accepts 2D (grayscale) arrays."""
+        if isinstance(images, (list, tuple)) and all(isinstance(item, (list, tuple)) and not item for item in images):
+            raise ValueError(f"`images` is empty ({images!r}): pass at least one image (PIL, NumPy or torch).")
         images = self.fetch_images(images)
         if is_valid_image(images) and not is_pil_image(images) and images.ndim == 2:
             return [images]
@@ -195,6 +200,9 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         """
         Converts one PIL image, array or tensor into a channels-first tensor: `uint8` for 8-bit inputs, `float32` in
         the 8-bit range [0, 255] for 16-bit inputs, unchanged dtype otherwise; RGB when `do_convert_rgb`.
+
+        A floating-point image whose values all lie in [0, 1] while `do_rescale` is on gets a warning (once): it is
+        divided by 255 like any other input, as DETR's processor does, which leaves it nearly black.
         """
         image_type = get_image_type(image)
         if image_type not in (ImageType.PIL, ImageType.TORCH, ImageType.NUMPY):
@@ -226,6 +234,12 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         if image.dtype == torch.uint16:
             image = image.to(torch.float32)
             is_16bit = True
+        elif image.is_floating_point() and kwargs.get("do_rescale") and image.numel() and bool(image.max() <= 1):
+            logger.warning_once(
+                "Pix2SeqImageProcessor got a floating-point image with every value in [0, 1] and rescales it by "
+                "`rescale_factor` (1/255) like 8-bit pixels, as DETR's processor does. If your pixels are already in "
+                "[0, 1], pass `do_rescale=False`."
+            )
 
         if image.ndim == 2:
             image = image.unsqueeze(0)
@@ -421,6 +435,13 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         if size is None or size.longest_edge is None:
             raise ValueError(f'`size` must be {{"longest_edge": int}}, got {size}.')
         canvas = size.longest_edge
+        for index, image in enumerate(images):
+            if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+                count = int((~torch.isfinite(image)).sum())
+                raise ValueError(
+                    f"Image {index} of the batch has {count} NaN or infinite pixel values (of {image.numel()}); "
+                    "images must hold finite values."
+                )
 
         targets = None
         if annotations is not None:

@@ -493,9 +493,7 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
             [`BaseModelOutput`] with `last_hidden_state` of shape `(batch_size, feature_height * feature_width,
             decoder_hidden_size)`.
         """
-        if pixel_values is None or pixel_values.ndim != 4:
-            shape = None if pixel_values is None else tuple(pixel_values.shape)
-            raise ValueError(f"`pixel_values` must have shape (batch_size, channels, height, width), got {shape}.")
+        pixel_values = check_pixel_values(pixel_values, self.config.num_channels, self.input_layer_norm.weight.dtype)
 
         if self.backbone is None:
             feature_map = self.patch_embedding(pixel_values)
@@ -681,6 +679,7 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
         if encoder_outputs is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` or `encoder_outputs`.")
+            check_batch_sizes(pixel_values, decoder_input_ids=decoder_input_ids)
             encoder_outputs = self.encoder(pixel_values, **{**kwargs, "return_dict": True})
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(
@@ -726,6 +725,58 @@ def check_decoder_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             f"`decoder_input_ids` contain token id {bad}, outside the vocabulary [0, {vocab_size}) "
             f"(`vocab_size={vocab_size}`): they were built with another token layout than the model's."
         )
+
+
+def check_batch_sizes(pixel_values, **sequences: torch.Tensor) -> None:
+    """Raises `ValueError` when a sequence tensor (`labels`, `decoder_input_ids`) has not one row per image."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim == 0:
+        return
+    for name, tensor in sequences.items():
+        if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"`{name}` has {tensor.shape[0]} rows but `pixel_values` holds {pixel_values.shape[0]} images: pass "
+                "one sequence per image."
+            )
+
+
+def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """
+    Checks the images given to the model, once per call at its entry (the encoder), and returns them in `dtype`.
+
+    Args:
+        pixel_values (`torch.Tensor`): `(batch_size, num_channels, height, width)` floating-point images.
+        num_channels (`int`): the channels the backbone takes.
+        dtype (`torch.dtype`): the dtype of the model's weights; floating-point images of another precision (e.g.
+            float64 from NumPy) are cast to it.
+
+    Raises:
+        `TypeError` for a non-tensor or integer pixels (raw 0-255 values: use the image processor); `ValueError` for a
+        wrong shape, no images, or NaN/infinite values (naming the images that hold them).
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"`pixel_values` must have shape (batch_size, {num_channels}, height, width), got "
+            f"{tuple(pixel_values.shape)}."
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("`pixel_values` holds no images (batch size 0): pass at least one image.")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"`pixel_values` must be floating point, got {pixel_values.dtype}. Integer pixels are raw image values: "
+            "prepare the images with `Pix2SeqImageProcessor` (or the processor), which rescales and pads them."
+        )
+    if torch.compiler.is_compiling():
+        return pixel_values.to(dtype)  # the finiteness check below reads values back to the host
+    finite = torch.isfinite(pixel_values).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"`pixel_values` contain NaN or infinite values (images {bad[:10]}{' ...' if len(bad) > 10 else ''} of "
+            f"the batch of {pixel_values.shape[0]})."
+        )
+    return pixel_values.to(dtype)
 
 
 def check_label_ids(labels: torch.Tensor, vocab_size: int) -> None:
@@ -861,6 +912,13 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             return self.detect(pixel_values)
 
         if labels is not None:
+            if encoder_outputs is None:
+                check_batch_sizes(pixel_values, labels=labels)
+            if decoder_input_ids is not None and labels.shape[:2] != decoder_input_ids.shape[:2]:
+                raise ValueError(
+                    f"`labels` {tuple(labels.shape)} and `decoder_input_ids` {tuple(decoder_input_ids.shape)} must "
+                    "have the same (batch_size, length): one target per decoder input."
+                )
             check_label_ids(labels, self.config.vocab_size)
             use_cache = False
             if decoder_input_ids is None:
@@ -904,7 +962,9 @@ __all__ = [
     "Pix2SeqObjectDetectionOutput",
     "Pix2SeqPreTrainedModel",
     "build_2d_sincos_position_embedding",
+    "check_batch_sizes",
     "check_label_ids",
+    "check_pixel_values",
     "pix2seq_sequence_loss",
     "shift_tokens_right",
 ]

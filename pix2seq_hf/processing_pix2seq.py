@@ -218,10 +218,15 @@ class Pix2SeqProcessor(ProcessorMixin):
         """
         Normalises generated tokens for the codec: reads a `generate` output, stacks a tuple of per-step logits into
         `[B, T, V]`, and drops the leading detection prompt (BOS) column when present.
+
+        A beam-search output (with `beam_indices`) has one row of logits per beam at each step; each returned
+        sequence gets the logits of the beam that wrote each of its tokens.
         """
+        beam_indices = None
         if not isinstance(sequences, torch.Tensor):
             if logits is None:
                 logits = _field(sequences, "logits")
+                beam_indices = _field(sequences, "beam_indices")
             sequences = _field(sequences, "sequences")
             if not isinstance(sequences, torch.Tensor):
                 raise TypeError(f"Expected a LongTensor of token ids or a `generate` output, got {type(sequences)}.")
@@ -229,6 +234,8 @@ class Pix2SeqProcessor(ProcessorMixin):
             raise ValueError(f"`sequences` must have shape [batch_size, length], got {tuple(sequences.shape)}.")
         if isinstance(logits, (tuple, list)):
             logits = torch.stack(tuple(logits), dim=1)
+        if logits is not None and beam_indices is not None:
+            logits = self._follow_beams(logits, beam_indices, sequences.shape[1] - 1)
         if logits is not None:
             if logits.ndim != 3 or logits.shape[0] != sequences.shape[0]:
                 raise ValueError(
@@ -252,6 +259,22 @@ class Pix2SeqProcessor(ProcessorMixin):
         elif sequences.shape[1] > 0 and bool((sequences[:, 0] == self.bos_token_id).all()):
             sequences = sequences[:, 1:]
         return sequences, logits
+
+    @staticmethod
+    def _follow_beams(logits: torch.Tensor, beam_indices: torch.Tensor, num_generated: int) -> torch.Tensor:
+        """
+        Logits `[batch_size * num_beams, T, V]` of a beam search -> `[num_sequences, num_generated, V]`: for each
+        returned sequence and step, the row of the beam that wrote its token (`beam_indices`, `-1` once the sequence
+        has ended: those steps come after its EOS and are never read).
+        """
+        if beam_indices.ndim != 2 or beam_indices.shape[1] < num_generated or logits.shape[1] < num_generated:
+            raise ValueError(
+                f"The beam-search output does not fit together: {num_generated} generated tokens, `beam_indices` "
+                f"{tuple(beam_indices.shape)}, logits {tuple(logits.shape)}."
+            )
+        rows = beam_indices[:, :num_generated].long().clamp(min=0).to(logits.device)
+        steps = torch.arange(num_generated, device=logits.device).expand_as(rows)
+        return logits[rows, steps]
 
     def batch_decode(self, sequences, logits=None) -> list[dict[str, torch.Tensor]]:
         """

@@ -87,7 +87,7 @@ def test_resume_is_exact(trained, train_module, tmp_path):
 
 
 def test_resume_without_checkpoint_names_the_folder(train_module, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no step_N checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no complete step_N checkpoint"):
         train_module.main(TINY_RUN + ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
 
 

@@ -7,6 +7,7 @@ from .bbox_format import BBoxFormatEvidence, collect_bbox_evidence, detect_bbox_
 from .coco_json import load_coco_detection
 from .collator import Pix2SeqCollator, derive_seed
 from .hf_datasets import prepare_detection_dataset
+from .images import ImageReadError, decode_image, undecoded_images
 from .schema import AnnotationStats, DetectionSplit, detection_features, get_id2label
 from .splits import SPLIT_OPTIONS, DetectionSplits, load_detection_splits
 from .synthetic import SHAPE_NAMES, load_synthetic_detection, make_synthetic_detection_dataset
@@ -28,11 +29,13 @@ __all__ = [
     "BBoxFormatEvidence",
     "DetectionSplit",
     "DetectionSplits",
+    "ImageReadError",
     "Pix2SeqCollator",
     "RandomCropToCanvas",
     "apply_transforms",
     "build_train_transforms",
     "collect_bbox_evidence",
+    "decode_image",
     "derive_seed",
     "detect_bbox_format",
     "detection_features",
@@ -42,4 +45,5 @@ __all__ = [
     "load_synthetic_detection",
     "make_synthetic_detection_dataset",
     "prepare_detection_dataset",
+    "undecoded_images",
 ]

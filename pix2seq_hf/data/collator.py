@@ -12,7 +12,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as tvF
 
-from .images import open_image
+from .images import BAD_IMAGE_POLICIES, ImageReadError, decode_image
 from .transforms import apply_transforms
 
 
@@ -64,6 +64,10 @@ class Pix2SeqCollator:
             (once; use the decoded image, boxes clipped to it and dropped when nothing is left), "error", or "skip"
             the example. Counted in `stats["size_mismatches"]` (in the process that collates: with DataLoader
             workers, in each worker).
+        on_bad_image (`str`, *optional*, defaults to `"error"`): for an image that is missing or does not decode:
+            "error" (an `ImageReadError` naming the image id and the file) or "skip" the example (logged, counted in
+            `stats["skipped_bad_images"]`). Give the collator undecoded images (`undecoded_images(dataset)`) so that
+            it decodes them itself: `datasets` would otherwise fail on a bad image before the collator sees it.
 
     Returns (of `__call__`):
         `dict` with `pixel_values` (`[B, 3, S, S]`), with `return_sequences` `decoder_input_ids` and `labels`
@@ -84,11 +88,14 @@ class Pix2SeqCollator:
         return_sequences: bool = True,
         return_targets: bool | None = None,
         on_size_mismatch: str = "warn",
+        on_bad_image: str = "error",
     ):
         if not isinstance(num_augmentations, int) or num_augmentations < 1:
             raise ValueError(f"`num_augmentations` must be a positive int, got {num_augmentations!r}.")
         if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
             raise ValueError(f"`on_size_mismatch` must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}.")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"`on_bad_image` must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}.")
         self.processor = processor
         self.transforms = transforms
         self.training = training
@@ -97,8 +104,9 @@ class Pix2SeqCollator:
         self.return_sequences = return_sequences
         self.return_targets = (not training) if return_targets is None else return_targets
         self.on_size_mismatch = on_size_mismatch
+        self.on_bad_image = on_bad_image
         self.epoch = 0
-        self.stats = {"size_mismatches": 0, "skipped_examples": 0}
+        self.stats = {"size_mismatches": 0, "skipped_examples": 0, "skipped_bad_images": 0}
         self._warned_size_mismatch = False
 
     def set_epoch(self, epoch: int) -> None:
@@ -108,7 +116,7 @@ class Pix2SeqCollator:
     # ----------------------------------------------------------------------------------------------------------------
 
     def _image(self, example: Mapping, record: str) -> PIL.Image.Image | None:
-        """The example's image as a PIL image, or `None` when it is skipped for a size mismatch."""
+        """The example's image as a PIL image, or `None` when it is skipped (bad image, size mismatch)."""
         value = example.get("image")
         if value is None:
             raise ValueError(f"{record}: the example has no 'image'; its keys are {sorted(example)}.")
@@ -116,7 +124,19 @@ class Pix2SeqCollator:
             raise TypeError(
                 f"{record}: 'image' must be a PIL image or a datasets.Image dict, got {type(value).__name__}."
             )
-        image = open_image(value, record, decode=True)
+        try:
+            image = decode_image(value, record)
+        except ImageReadError as error:
+            if self.on_bad_image == "skip":
+                self.stats["skipped_bad_images"] += 1
+                self.stats["skipped_examples"] += 1
+                logger.warning(f"{error} Skipped (on_bad_image='skip').")
+                return None
+            raise ImageReadError(
+                f"{error} Skip such images with on_bad_image='skip' (examples/train.py: --on_bad_image skip), or find "
+                "them all before training with check_images='decode'.",
+                missing=error.missing,
+            ) from None
         expected = (example.get("width"), example.get("height"))
         if None not in expected and tuple(int(v) for v in expected) != image.size:
             self.stats["size_mismatches"] += 1

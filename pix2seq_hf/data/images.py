@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 
+import datasets
 import PIL.Image
 
 
@@ -15,7 +16,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 class ImageReadError(ValueError):
     """An image that is missing or cannot be decoded; `missing` tells which."""
 
-    def __init__(self, message: str, missing: bool):
+    def __init__(self, message: str, missing: bool = False):
         super().__init__(message)
         self.missing = missing
 
@@ -66,6 +67,51 @@ def open_image(value, record: str, decode: bool = True) -> PIL.Image.Image:
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise ImageReadError(f"{record}: cannot read image {source}: {error}", missing=False) from None
     return image
+
+
+def decode_image(value, record: str) -> PIL.Image.Image:
+    """
+    Decodes an image as `datasets` does when an example is read (`datasets.Image().decode_example`: EXIF orientation
+    applied), but with errors that name the record and the file.
+
+    Args:
+        value: a PIL image (returned as is), a path, or a `datasets.Image` storage dict (`{"bytes", "path"}`).
+        record (`str`): how to name the record in errors, e.g. "image_id 17".
+
+    Returns:
+        The decoded `PIL.Image.Image`.
+
+    Raises:
+        `ImageReadError` naming the record and the file for a missing or undecodable image.
+    """
+    if isinstance(value, PIL.Image.Image):
+        return value
+    storage = {"path": os.fspath(value), "bytes": None} if isinstance(value, (str, os.PathLike)) else value
+    if not isinstance(storage, dict):
+        raise TypeError(f"{record}: expected a PIL image, a path or a datasets.Image dict, got {type(value).__name__}.")
+    source = describe_image_value(value)
+    path = storage.get("path")
+    if storage.get("bytes") is None:
+        if not path:
+            raise ImageReadError(f"{record}: the image has neither bytes nor a path.", missing=True)
+        if "://" not in path and not os.path.isfile(path):
+            raise ImageReadError(f"{record}: image {source} does not exist.", missing=True)
+    try:
+        return datasets.Image().decode_example(storage)
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ImageReadError(f"{record}: cannot read image {source}: {error}", missing=False) from None
+
+
+def undecoded_images(dataset: datasets.Dataset, column: str = "image") -> datasets.Dataset:
+    """
+    The same dataset with its image column left undecoded (`{"bytes", "path"}` dicts), for readers that decode it
+    themselves with `decode_image` (as `Pix2SeqCollator` does), so that a bad image is reported by record and file
+    instead of failing inside `datasets`. Only the column's feature changes; no data is rewritten.
+    """
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
 
 
 def check_image(value, record: str, check: str) -> None:
