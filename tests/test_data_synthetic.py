@@ -1,6 +1,5 @@
 """Tests of the synthetic shapes detection set: determinism, statistics, schema."""
 
-import time
 from collections import Counter
 
 import datasets
@@ -91,9 +90,3 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="min_objects <= max_objects"):
         make_synthetic_detection_dataset(2, min_objects=3, max_objects=2)
 
-
-def test_generation_is_fast():
-    start = time.perf_counter()
-    make_synthetic_detection_dataset(300, seed=0)
-    # 2000 images take a few seconds; 300 must stay well under 5 s even on a busy 2-core machine.
-    assert time.perf_counter() - start < 5
