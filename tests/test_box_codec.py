@@ -558,3 +558,4 @@ def test_decode_reads_full_sequences():
     logits = torch.randn(8, 500, 3000, generator=generator)
 
     assert [len(d["labels"]) for d in codec.decode(sequences, logits)] == [100] * 8
+    assert [len(d["labels"]) for d in codec.decode(sequences)] == [100] * 8
