@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf import training_setup
+from pix2seq_hf import hub, training_setup
 from pix2seq_hf.data import (
     AUGMENTATION_PRESETS,
     Pix2SeqCollator,
@@ -146,6 +146,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--report_to", default="tensorboard")
     run.add_argument("--push_to_hub", action="store_true")
     run.add_argument("--hub_model_id", default=None)
+    run.add_argument(
+        "--hub_strategy",
+        default="end",
+        choices=["end", "every_save"],
+        help="With --push_to_hub: upload at the end only, or also the model at every checkpoint.",
+    )
     args = parser.parse_args(argv)
     if args.num_augmentations < 1:
         parser.error("--num_augmentations must be at least 1")
@@ -190,6 +196,24 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> Path:
     if not candidates:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_N checkpoint in {output_dir}")
     return max(candidates, key=lambda p: int(p.name.split("_")[1]))
+
+
+def push_to_hub(model, processor, args, metrics=None, commit_message="Upload Pix2Seq model"):
+    """Uploads the model with its code and a model card to `--hub_model_id` (default: the output folder's name)."""
+    dataset = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else None
+    source = args.dataset_name or args.coco_annotations or "the built-in synthetic shapes set"
+    hub.push_model(
+        model,
+        processor,
+        args.output_dir,
+        args.hub_model_id or Path(args.output_dir).name,
+        commit_message=commit_message,
+        metrics=metrics,
+        dataset=dataset,
+        dataset_description=source,
+        base_model=args.model_name_or_path,
+        training_arguments=vars(args),
+    )
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int) -> None:
@@ -382,6 +406,11 @@ def main(argv=None) -> int:
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if completed_steps % int(args.checkpointing_steps) == 0:
                     save_checkpoint(accelerator, args.output_dir, completed_steps)
+                    if args.push_to_hub and args.hub_strategy == "every_save" and accelerator.is_main_process:
+                        push_to_hub(
+                            accelerator.unwrap_model(model), processor, args,
+                            commit_message=f"Training in progress, step {completed_steps}",
+                        )  # fmt: skip
             out_of_time = args.max_train_minutes and (time.time() - start_time) / 60 >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
@@ -423,9 +452,7 @@ def main(argv=None) -> int:
             json.dump(results, handle, indent=2)
         logger.info(f"Saved the model, the processor and all_results.json in {output_dir}")
         if args.push_to_hub:
-            repo_id = args.hub_model_id or output_dir.name
-            unwrapped.push_to_hub(repo_id)
-            processor.push_to_hub(repo_id)
+            push_to_hub(unwrapped, processor, args, metrics=results, commit_message="End of training")
     return 0
 
 

@@ -290,10 +290,34 @@ def push_folder_to_hub(
     )
 
 
+def push_model(
+    model,
+    processor,
+    folder: str | Path,
+    repo_id: str,
+    commit_message: str = "Upload Pix2Seq model",
+    private: bool | None = None,
+    token: str | None = None,
+    **card_kwargs,
+):
+    """
+    Saves `model` and `processor` into `folder` with their code (`save_for_hub`), writes the model card
+    (`write_model_card(folder, model=model, repo_id=repo_id, **card_kwargs)`: metrics, dataset, base_model,
+    training_arguments, license...) and uploads the folder (`push_folder_to_hub`).
+
+    Returns:
+        The `CommitInfo` of the upload.
+    """
+    save_for_hub(model, processor, folder)
+    write_model_card(folder, model=model, repo_id=repo_id, **card_kwargs)
+    return push_folder_to_hub(folder, repo_id, commit_message=commit_message, private=private, token=token)
+
+
 __all__ = [
     "HUB_IGNORE_PATTERNS",
     "REMOTE_CODE_CLASSES",
     "push_folder_to_hub",
+    "push_model",
     "register_for_remote_code",
     "remote_code",
     "save_for_hub",
