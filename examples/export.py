@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.3, help="Score threshold of the printed detections.")
     parser.add_argument("--no_optimize", action="store_true", help="Skip the ONNX graph optimiser (faster export).")
     parser.add_argument("--overwrite", action="store_true", help="Replace graphs already in --output_dir.")
+    parser.add_argument(
+        "--skip_export", action="store_true", help="Use the graphs already in --output_dir (to check or time them again)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -84,26 +87,29 @@ def main(argv=None) -> int:
     formats = ["onnx", "torch"] if args.format == "both" else [args.format]
     suffixes = {"onnx": ".onnx", "torch": ".pt2"}
     existing = [p.name for f in formats for p in output_dir.glob(f"*{suffixes[f]}")]
-    if existing and not args.overwrite:
+    if existing and not (args.overwrite or args.skip_export):
         raise FileExistsError(f"{output_dir} already holds {sorted(existing)}; pass --overwrite to replace them.")
 
     model, processor = load(args)
     image_size = processor.image_processor.size["longest_edge"]
     report = {"image_size": image_size, "parameters": sum(p.numel() for p in model.parameters())}
 
-    start = time.perf_counter()
-    programs = export_programs(model, image_size)
-    report["torch_export_seconds"] = round(time.perf_counter() - start, 2)
+    if not args.skip_export:
+        start = time.perf_counter()
+        programs = export_programs(model, image_size)
+        report["torch_export_seconds"] = round(time.perf_counter() - start, 2)
+        if "torch" in formats:
+            save_programs(programs, model, image_size, output_dir)
+        if "onnx" in formats:
+            start = time.perf_counter()
+            export_onnx(model, image_size, output_dir, programs=programs, optimize=not args.no_optimize)
+            report["onnx_export_seconds"] = round(time.perf_counter() - start, 2)
+        processor.save_pretrained(output_dir)
     runners = {}
     if "torch" in formats:
-        save_programs(programs, model, image_size, output_dir)
         runners["torch"] = ExportedPix2Seq.from_torch_export(output_dir)
     if "onnx" in formats:
-        start = time.perf_counter()
-        export_onnx(model, image_size, output_dir, programs=programs, optimize=not args.no_optimize)
-        report["onnx_export_seconds"] = round(time.perf_counter() - start, 2)
         runners["onnx"] = ExportedPix2Seq.from_onnx(output_dir, num_threads=args.num_threads)
-    processor.save_pretrained(output_dir)
 
     max_new_tokens = args.max_new_tokens or model.generation_config.max_new_tokens
     generator = torch.Generator().manual_seed(args.seed)
