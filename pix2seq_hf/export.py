@@ -19,6 +19,7 @@ with onnxruntime); `ExportedPix2Seq` runs detection from either with the model's
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -56,14 +57,28 @@ def graph_io_names(num_layers: int) -> dict[str, tuple[list[str], list[str]]]:
 
 
 class Pix2SeqEncoderExport(nn.Module):
-    """`pixel_values` -> the encoded image the decoder attends to."""
+    """`pixel_values` -> the encoded image the decoder attends to (holds the encoder only)."""
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.encoder = model.model.encoder
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_encoder()(pixel_values).last_hidden_state
+        return self.encoder(pixel_values).last_hidden_state
+
+
+@contextlib.contextmanager
+def _without_encoder(model):
+    """
+    The model with its encoder set aside: the decoder graphs get `encoder_outputs` and never run it, and an exported
+    program keeps every parameter of the module it was exported from.
+    """
+    encoder = model.model.encoder
+    model.model.encoder = nn.Identity()
+    try:
+        yield model
+    finally:
+        model.model.encoder = encoder
 
 
 class Pix2SeqDecoderExport(nn.Module):
@@ -151,8 +166,10 @@ def export_programs(model, image_size: int) -> dict[str, torch.export.ExportedPr
     }
     programs = {}
     with torch.no_grad():
-        for name in GRAPH_NAMES:
-            programs[name] = torch.export.export(modules[name], examples[name], dynamic_shapes=shapes[name])
+        programs["encoder"] = torch.export.export(modules["encoder"], examples["encoder"], dynamic_shapes=shapes["encoder"])
+        with _without_encoder(model):
+            for name in ("decoder", "decoder_with_past"):
+                programs[name] = torch.export.export(modules[name], examples[name], dynamic_shapes=shapes[name])
     return programs
 
 
