@@ -1,10 +1,29 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+ROOT = Path(__file__).resolve().parent
+# The version is written once, in pix2seq_hf/__init__.py (read as text: importing the package needs its dependencies).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "pix2seq_hf" / "__init__.py").read_text(), re.M).group(1)
+
+EXTRAS = {
+    # examples/benchmark.py: transformers' DETR loss matches boxes with scipy's Hungarian solver.
+    "benchmark": ["scipy"],
+    # Reading the official TensorFlow checkpoints (pix2seq_hf.convert_pix2seq_original_tf_checkpoint_to_pytorch).
+    "convert": ["tensorflow-cpu>=2.15"],
+    # pix2seq_hf.export / examples/export.py: ONNX graphs of the encoder and the cached decoder step, run with onnxruntime.
+    "export": ["onnx>=1.18", "onnxscript>=0.3", "onnxruntime>=1.20"],
+}
+# The test suite runs the export tests too (about 30 MB of wheels), so `dev` includes `export`.
+EXTRAS["dev"] = ["pytest>=8", "pytest-xdist>=3", "tensorboard", *EXTRAS["export"]]
 
 setup(
     name="pix2seq_hf",
-    version="0.1.0",
+    version=VERSION,
     description="Pix2Seq object detection (Chen et al., ICLR 2022) as a Hugging Face Transformers model",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pix2seq_hf", "pix2seq_hf.*"]),
     package_data={"pix2seq_hf": ["metrics/*/*.py"]},
@@ -12,9 +31,10 @@ setup(
     install_requires=[
         # Tested with 5.23 and 5.24; 5.x minors change config/image-processor internals, so the range is narrow.
         "transformers>=5.23,<5.25",
-        # Only these releases run together with timm on the project machines (see README).
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        # Ranges, so that installing keeps a torch the user already has. Tested: torch 2.14.1 + torchvision 0.29.1;
+        # older CPU builds (torch 2.13) beside timm break torchvision's `nms`, hence the lower bounds.
+        "torch>=2.14",
+        "torchvision>=0.29",
         "timm>=1.0.20",
         "accelerate>=1.10",
         "datasets>=4.0",
@@ -25,9 +45,5 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3", "tensorboard"],
-        # examples/benchmark.py: transformers' DETR loss matches boxes with scipy's Hungarian solver.
-        "benchmark": ["scipy"],
-    },
+    extras_require=EXTRAS,
 )

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf import hub, training_setup
 from pix2seq_hf.checkpointing import (
     check_output_dir,
     check_same_run,
@@ -59,7 +59,7 @@ from pix2seq_hf.data import (
     undecoded_images,
 )
 from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
-from pix2seq_hf.presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
+from pix2seq_hf.presets import PRESETS
 from pix2seq_hf.visualization import draw_detections
 
 
@@ -217,6 +217,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--report_to", default="tensorboard")
     run.add_argument("--push_to_hub", action="store_true")
     run.add_argument("--hub_model_id", default=None)
+    run.add_argument(
+        "--hub_strategy",
+        default="end",
+        choices=["end", "every_save"],
+        help="With --push_to_hub: upload at the end only, or also the model at every checkpoint.",
+    )
     args = parser.parse_args(argv)
     if args.num_augmentations < 1:
         parser.error("--num_augmentations must be at least 1")
@@ -240,61 +246,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model_and_processor(args, id2label: dict[int, str]):
     """The model (a preset or a saved model) and a processor whose token layout matches it."""
-    if args.model_name_or_path:
-        model = Pix2SeqForObjectDetection.from_pretrained(args.model_name_or_path)
-        if dict(model.config.id2label) != dict(id2label):
-            raise ValueError(
-                f"{args.model_name_or_path} was trained on classes {model.config.id2label}, but the data has {id2label}; "
-                "train from a preset (--config_preset) for a new label set."
-            )
-        processor = Pix2SeqProcessor.from_pretrained(args.model_name_or_path)
-        if args.image_size:
-            processor.image_processor.size = {"longest_edge": args.image_size}
-    else:
-        overrides = {"id2label": id2label, "use_pretrained_backbone": args.pretrained_backbone}
-        if args.max_objects:
-            overrides["max_objects"] = args.max_objects
-            overrides["max_position_embeddings"] = max(512, 5 * args.max_objects + 1)
-        if args.num_bins:
-            overrides["num_bins"] = args.num_bins
-            overrides["vocab_size"] = max(3000, 1000 + args.num_bins)
-        config = get_preset_config(args.config_preset, **overrides)
-        model = Pix2SeqForObjectDetection(config)
-        # The weights now live in the model: a saved config must not download the backbone again when loaded.
-        model.config.use_pretrained_backbone = False
-        image_processor = Pix2SeqImageProcessor(**get_preset_image_processor_kwargs(args.config_preset, args.image_size))
-        processor = Pix2SeqProcessor.from_config(
-            model.config,
-            image_processor=image_processor,
-            object_order=args.object_order,
-            sequence_augmentation=not args.no_sequence_augmentation,
-        )
-    processor.check_model_compatible(model)
-    return model, processor
+    return training_setup.build_model_and_processor(
+        id2label,
+        model_name_or_path=args.model_name_or_path,
+        config_preset=args.config_preset,
+        pretrained_backbone=args.pretrained_backbone,
+        image_size=args.image_size,
+        max_objects=args.max_objects,
+        num_bins=args.num_bins,
+        object_order=args.object_order,
+        sequence_augmentation=not args.no_sequence_augmentation,
+    )
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """
-    AdamW with weight decay on weight matrices and kernels only (no biases, norms, embeddings of positions), at
-    `args.learning_rate`, except the Transformer encoder (the parameters of `model.model.encoder` outside its backbone),
-    which learns at `args.learning_rate * args.encoder_lr_scale`.
-    """
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        decay = not (parameter.ndim < 2 or "norm" in name.lower() or "position" in name.lower())
-        encoder = name.startswith("model.encoder.") and not name.startswith("model.encoder.backbone.")
-        groups.setdefault((decay, encoder), []).append(parameter)
-    param_groups = [
-        {
-            "params": parameters,
-            "weight_decay": args.weight_decay if decay else 0.0,
-            "lr": args.learning_rate * (args.encoder_lr_scale if encoder else 1.0),
-        }
-        for (decay, encoder), parameters in groups.items()
-    ]
-    return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    """AdamW over `training_setup.optimizer_param_groups` (the encoder at `args.encoder_lr_scale`)."""
+    groups = training_setup.optimizer_param_groups(model, args.learning_rate, args.weight_decay, args.encoder_lr_scale)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def push_to_hub(model, processor, args, metrics=None, commit_message="Upload Pix2Seq model"):
+    """Uploads the model with its code and a model card to `--hub_model_id` (default: the output folder's name)."""
+    dataset = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else None
+    source = args.dataset_name or args.coco_annotations or "the built-in synthetic shapes set"
+    hub.push_model(
+        model,
+        processor,
+        args.output_dir,
+        args.hub_model_id or Path(args.output_dir).name,
+        commit_message=commit_message,
+        metrics=metrics,
+        dataset=dataset,
+        dataset_description=source,
+        base_model=args.model_name_or_path,
+        training_arguments=vars(args),
+    )
 
 
 def run_arguments(args, accelerator) -> dict:
@@ -403,9 +389,7 @@ def main(argv=None) -> int:
     if args.eval_steps is None and synthetic:
         args.eval_steps = 500
     if args.encoder_lr_scale is None:
-        # From scratch, at the full rate the encoder drowns the image in a growing image-independent component and the
-        # decoder learns the sequence prior only (docs/training.md, "Why the encoder learns slower").
-        args.encoder_lr_scale = 1.0 if args.model_name_or_path else 0.1
+        args.encoder_lr_scale = training_setup.default_encoder_lr_scale(args.model_name_or_path)
     train_collator = Pix2SeqCollator(
         processor,
         transforms=build_train_transforms(args.augmentation, canvas),
@@ -513,6 +497,11 @@ def main(argv=None) -> int:
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if completed_steps % int(args.checkpointing_steps) == 0:
                     save_checkpoint(accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit)
+                    if args.push_to_hub and args.hub_strategy == "every_save" and accelerator.is_main_process:
+                        push_to_hub(
+                            accelerator.unwrap_model(model), processor, args,
+                            commit_message=f"Training in progress, step {completed_steps}",
+                        )  # fmt: skip
             out_of_time = args.max_train_minutes and (time.time() - start_time) / 60 >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
@@ -564,9 +553,7 @@ def main(argv=None) -> int:
         write_files_atomically(output_dir, write_model)
         logger.info(f"Saved the model, the processor and all_results.json in {output_dir}")
         if args.push_to_hub:
-            repo_id = args.hub_model_id or output_dir.name
-            unwrapped.push_to_hub(repo_id)
-            processor.push_to_hub(repo_id)
+            push_to_hub(unwrapped, processor, args, metrics=results, commit_message="End of training")
     return 0
 
 

@@ -2,9 +2,15 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.configuration_utils import SubConfigSpec
 
 from .box_codec import Pix2SeqTokenLayout
+
+
+def _as_list(value):
+    """Tuples as lists, so that `(3,)` and `[3]` (a config after a JSON round trip) compare equal."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 @strict
@@ -21,10 +27,12 @@ class Pix2SeqConfig(PreTrainedConfig):
             Configuration of the backbone: a `TimmBackboneConfig` or any transformers backbone config (`ResNetConfig`,
             ...). Built from `backbone` when not given.
         backbone (`str`, *optional*, init only):
-            Name of a timm model (`use_timm_backbone=True`, the default) used when `backbone_config` is not given.
-            Defaults to `"resnet50"`.
+            Name of a timm model (`use_timm_backbone=True`, the default; defaults to `"resnet50"`) or of a transformers
+            checkpoint (`use_timm_backbone=False`; without it, transformers' ResNet-50 layout) used when
+            `backbone_config` is not given.
         use_timm_backbone (`bool`, *optional*, init only, defaults to `True`):
-            Whether `backbone` names a timm model.
+            Whether `backbone` names a timm model. With `backbone_config` given, `backbone`, `use_timm_backbone` and
+            `backbone_kwargs` may repeat what it says (as `DetrConfig` allows); only a contradiction raises.
         backbone_kwargs (`dict`, *optional*, init only):
             Extra fields of the backbone config built from `backbone` (e.g. `{"out_indices": [3]}` or
             `{"output_stride": 16}` for a C4 feature map).
@@ -49,6 +57,9 @@ class Pix2SeqConfig(PreTrainedConfig):
     Encoder and decoder:
         encoder_hidden_size / decoder_hidden_size (`int`, *optional*, defaults to 256):
             Width of the encoder and of the decoder.
+        d_model / hidden_size (`int`, *optional*, init only):
+            DETR's name for the model width: sets `decoder_hidden_size`, and `encoder_hidden_size` too unless that is
+            given with another value. As attributes, `config.d_model` and `config.hidden_size` are the decoder width.
         encoder_layers / decoder_layers (`int`, *optional*, defaults to 6):
             Number of layers (`encoder_layers=0` uses the backbone features directly, as with a ViT backbone).
         encoder_ffn_dim / decoder_ffn_dim (`int`, *optional*, defaults to 1024):
@@ -165,27 +176,10 @@ class Pix2SeqConfig(PreTrainedConfig):
             raise ValueError(f'`stem_pool_padding` must be "symmetric" or "same", got {self.stem_pool_padding!r}.')
         if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size < 1:
             raise ValueError(f"`patch_size` must be a positive int, got {self.patch_size!r}.")
-        if self.backbone_config is None:
-            backbone = kwargs.pop("backbone", None) or "resnet50"
-            use_timm_backbone = kwargs.pop("use_timm_backbone", True)
-            backbone_kwargs = dict(kwargs.pop("backbone_kwargs", None) or {})
-            if use_timm_backbone:
-                self.backbone_config = {
-                    "model_type": "timm_backbone",
-                    "backbone": backbone,
-                    "num_channels": self.num_channels,
-                    "features_only": True,
-                    "out_indices": [-1],
-                    **backbone_kwargs,
-                }
-            else:
-                backbone_config = AutoConfig.from_pretrained(backbone, **backbone_kwargs)
-                self.backbone_config = backbone_config
-        else:
-            for name in ("backbone", "use_timm_backbone", "backbone_kwargs"):
-                if kwargs.get(name) is not None:
-                    raise ValueError(f"Pass either `backbone_config` or `{name}`, not both.")
-                kwargs.pop(name, None)
+        self._resolve_backbone_config(
+            kwargs.pop("backbone", None), kwargs.pop("use_timm_backbone", None), kwargs.pop("backbone_kwargs", None)
+        )
+        self._resolve_model_width(kwargs)
 
         id2label = self.id2label
         if self.num_classes is None:
@@ -200,6 +194,75 @@ class Pix2SeqConfig(PreTrainedConfig):
         # Checked here rather than in `validate_*` class validators so that users get a plain `ValueError`.
         self._check_architecture()
         self._check_token_layout()
+
+    def _resolve_backbone_config(self, backbone, use_timm_backbone, backbone_kwargs) -> None:
+        """
+        Builds `backbone_config` from the init-only DETR-style arguments, or checks them against a given one.
+
+        Every consistent combination that `DetrConfig` accepts is accepted: `backbone` names a timm model
+        (`use_timm_backbone=True`, the default) or a transformers checkpoint (`use_timm_backbone=False`; without
+        `backbone`, transformers' ResNet-50 layout); with `backbone_config` given, the other arguments may repeat what
+        it says. Only contradictions raise (`ValueError`).
+        """
+        backbone_kwargs = dict(backbone_kwargs or {})
+        if self.backbone_config is not None:
+            self._check_backbone_arguments(backbone, use_timm_backbone, backbone_kwargs)
+            return
+        if use_timm_backbone is None or use_timm_backbone:
+            self.backbone_config = {
+                "model_type": "timm_backbone",
+                "backbone": backbone or "resnet50",
+                "num_channels": self.num_channels,
+                "features_only": True,
+                "out_indices": [-1],
+                **backbone_kwargs,
+            }
+        elif backbone is not None:
+            self.backbone_config = AutoConfig.from_pretrained(backbone, **backbone_kwargs)
+        else:
+            # DETR's default transformers backbone: ResNet-50 (transformers' `ResNetConfig` defaults), last stage.
+            self.backbone_config = CONFIG_MAPPING["resnet"](**{"out_features": ["stage4"], **backbone_kwargs})
+
+    def _check_backbone_arguments(self, backbone, use_timm_backbone, backbone_kwargs: dict) -> None:
+        """Raises `ValueError` when `backbone`, `use_timm_backbone` or `backbone_kwargs` contradict `backbone_config`."""
+        given = self.backbone_config
+        fields = given if isinstance(given, dict) else given.to_dict()
+        model_type = fields.get("model_type")
+        is_timm = model_type == "timm_backbone"
+        if use_timm_backbone is not None and bool(use_timm_backbone) != is_timm:
+            raise ValueError(
+                f"`use_timm_backbone={use_timm_backbone}` contradicts `backbone_config`, a `{model_type}` config; "
+                f"drop `use_timm_backbone` or pass `use_timm_backbone={is_timm}`."
+            )
+        if backbone is not None:
+            named = fields.get("backbone") if is_timm else fields.get("_name_or_path") or getattr(given, "name_or_path", "")
+            if backbone != named:
+                raise ValueError(
+                    f"`backbone={backbone!r}` contradicts `backbone_config`, which describes "
+                    f"{named!r}; pass only one of them."
+                )
+        for name, value in backbone_kwargs.items():
+            if name not in fields or _as_list(fields[name]) != _as_list(value):
+                raise ValueError(
+                    f"`backbone_kwargs[{name!r}]={value!r}` contradicts `backbone_config` (which has "
+                    f"{name}={fields.get(name, '<unset>')!r}); set it in `backbone_config` instead."
+                )
+
+    def _resolve_model_width(self, kwargs: dict) -> None:
+        """
+        `d_model` / `hidden_size` at init (DETR's name for the model width) set the decoder width and, unless
+        `encoder_hidden_size` is given with another value, the encoder width too. As attributes afterwards they
+        read and write `decoder_hidden_size`.
+        """
+        widths = {kwargs.pop(name) for name in ("d_model", "hidden_size") if kwargs.get(name) is not None}
+        if len(widths) > 1:
+            raise ValueError(f"`d_model` and `hidden_size` name the same width but disagree: {sorted(widths)}.")
+        if not widths:
+            return
+        (width,) = widths
+        self.decoder_hidden_size = width
+        if self.encoder_hidden_size == type(self).encoder_hidden_size:
+            self.encoder_hidden_size = width
 
     @property
     def token_layout(self) -> Pix2SeqTokenLayout:

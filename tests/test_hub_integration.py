@@ -1,10 +1,7 @@
-"""The Hugging Face entry points users call: Auto classes, the pipeline, remote code and push_to_hub."""
+"""The Hugging Face entry points users call: Auto classes, the pipeline and push_to_hub (remote code: test_hub_publishing.py)."""
 
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,62 +101,6 @@ def test_pipeline_object_detection(saved_model, image, caplog):
     batch = detector([image, image.rotate(90, expand=True)], threshold=0.0)
     assert len(batch) == 2
     assert detector(image, threshold=1.01) == []
-
-
-def test_remote_code_loads_without_the_package(saved_model, tmp_path):
-    """A model saved for the Hub loads with trust_remote_code=True in a process where pix2seq_hf cannot be imported."""
-    from pix2seq_hf import (
-        Pix2SeqConfig,
-        Pix2SeqForObjectDetection,
-        Pix2SeqImageProcessor,
-        Pix2SeqProcessor,
-    )
-
-    model = Pix2SeqForObjectDetection.from_pretrained(saved_model)
-    processor = Pix2SeqProcessor.from_pretrained(saved_model)
-    Pix2SeqConfig.register_for_auto_class()
-    Pix2SeqForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
-    Pix2SeqImageProcessor.register_for_auto_class("AutoImageProcessor")
-    Pix2SeqProcessor.register_for_auto_class("AutoProcessor")
-    remote = tmp_path / "remote"
-    try:
-        model.save_pretrained(remote)
-        processor.save_pretrained(remote)
-    finally:
-        for cls in (Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor):
-            cls._auto_class = None
-    assert (remote / "modeling_pix2seq.py").is_file() and (remote / "box_codec.py").is_file()
-
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["pix2seq_hf"] = None  # importing pix2seq_hf now fails
-        import torch
-        from PIL import Image
-        from transformers import AutoModelForObjectDetection, AutoProcessor, pipeline
-        try:
-            import pix2seq_hf
-            raise SystemExit("pix2seq_hf was importable")
-        except ImportError:
-            pass
-        path = {str(remote)!r}
-        model = AutoModelForObjectDetection.from_pretrained(path, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        assert type(model).__name__ == "Pix2SeqForObjectDetection", type(model)
-        assert "pix2seq_hf" not in type(model).__module__, type(model).__module__
-        image = Image.new("RGB", (80, 48), (200, 10, 10))
-        inputs = processor(images=image, return_tensors="pt")
-        outputs = model.generate(inputs.pixel_values, do_sample=False)
-        detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(48, 80)])[0]
-        print("DETECTIONS", len(detections["scores"]))
-        found = pipeline("object-detection", model=path, trust_remote_code=True)(image, threshold=0.0)
-        print("PIPELINE", len(found), found[0]["label"] if found else None)
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "DETECTIONS" in result.stdout and "PIPELINE" in result.stdout
 
 
 class _LocalHub:

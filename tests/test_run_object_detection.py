@@ -1,0 +1,136 @@
+"""End-to-end tests of examples/run_object_detection.py (the Trainer script) on a tiny synthetic set, pushing to a
+local stand-in of the Hub."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hub_stand_in import LocalHub
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY_RUN = [
+    "--do_train", "--do_eval",
+    "--synthetic_train_size", "8",
+    "--synthetic_validation_size", "4",
+    "--image_size", "64",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "4",
+    "--warmup_steps", "1",
+    "--learning_rate", "1e-3",
+    "--eval_strategy", "steps", "--eval_steps", "1",
+    "--save_strategy", "steps", "--save_steps", "1",
+    "--report_to", "none",
+    "--use_cpu",
+    "--seed", "3",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_example("run_object_detection")
+
+
+@pytest.fixture(scope="module")
+def pushed_run(tmp_path_factory, script):
+    """2 steps, evaluated and saved at each, the best model loaded at the end, pushed with every save."""
+    from transformers.utils import hub
+
+    root = tmp_path_factory.mktemp("trainer")
+    local_hub = LocalHub(root / "hub")
+    argv = TINY_RUN + [
+        "--output_dir", str(root / "out"),
+        "--max_steps", "2",
+        "--load_best_model_at_end",
+        "--early_stopping_patience", "3",
+        "--push_to_hub", "--hub_model_id", "me/pix2seq-trainer", "--hub_strategy", "checkpoint",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hub, "_hf_api", local_hub)
+        assert script.main(argv) == 0
+    return root / "out", root / "hub" / "me" / "pix2seq-trainer"
+
+
+def test_trainer_evaluates_with_coco_metrics_and_keeps_the_best_model(pushed_run):
+    output_dir, _ = pushed_run
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_map" in entry]
+    assert [entry["step"] for entry in evaluations][:2] == [1, 2]
+    for key in ("eval_map", "eval_map_50", "eval_map_75", "eval_mar_100", "eval_loss"):
+        assert isinstance(evaluations[0][key], float)
+    assert state["best_metric"] == max(entry["eval_map"] for entry in evaluations[:2])
+    assert Path(state["best_model_checkpoint"]).name in {"checkpoint-1", "checkpoint-2"}
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_map"] == pytest.approx(state["best_metric"])
+    # Pushing registered the classes for remote code only for the run.
+    from pix2seq_hf import Pix2SeqForObjectDetection
+
+    assert Pix2SeqForObjectDetection._auto_class is None
+
+
+def test_pushed_copy_has_code_card_and_last_checkpoint(pushed_run):
+    import pix2seq_hf  # noqa: F401
+    from transformers import AutoModelForObjectDetection, AutoProcessor
+
+    _, pushed = pushed_run
+    config = json.loads((pushed / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForObjectDetection"] == "modeling_pix2seq.Pix2SeqForObjectDetection"
+    assert (pushed / "modeling_pix2seq.py").is_file() and (pushed / "configuration_pix2seq.py").is_file()
+    assert (pushed / "processor_config.json").is_file() and (pushed / "model.safetensors").is_file()
+    assert not any(pushed.glob("checkpoint-*"))
+    assert (pushed / "last-checkpoint" / "model.safetensors").is_file()
+    card = (pushed / "README.md").read_text()
+    assert "pipeline_tag: object-detection" in card and "license: apache-2.0" in card
+    assert "| mAP |" in card and "synthetic shapes" in card and "`learning_rate` | `0.001`" in card
+    assert 'pipeline("object-detection", model="me/pix2seq-trainer", trust_remote_code=True)' in card
+    model = AutoModelForObjectDetection.from_pretrained(pushed)
+    AutoProcessor.from_pretrained(pushed).check_model_compatible(model)
+
+
+def test_training_resumes_from_the_last_checkpoint(pushed_run, script, tmp_path, caplog):
+    output_dir, _ = pushed_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(output_dir / "checkpoint-1", resumed / "checkpoint-1")
+    with caplog.at_level("INFO"):
+        assert script.main(TINY_RUN + ["--output_dir", str(resumed), "--max_steps", "2"]) == 0
+    assert "Resuming from" in caplog.text and "checkpoint-1" in caplog.text
+    state = json.loads((resumed / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    # The log of step 1 comes from the checkpoint: the run did not start over.
+    assert [entry["step"] for entry in state["log_history"] if "eval_map" in entry][:2] == [1, 2]
+    assert (resumed / "README.md").is_file()
+
+
+def test_coco_metric_scores_batches_as_they_come(script):
+    """Perfect detections score mAP 1 and wrong ones 0, over two batches; an image repeated by padding counts once."""
+    from transformers import EvalPrediction
+
+    metric = script.CocoMetric({0: "a", 1: "b"})
+
+    def batch(image_ids, label_shift):
+        truths, found = [], []
+        for image_id in image_ids:
+            boxes = torch.tensor([[10.0, 10.0, 30.0, 40.0], [50.0, 5.0, 70.0, 25.0]])
+            labels = torch.tensor([0.0, 1.0])
+            header = torch.tensor([[image_id, 80, 100, 0, script.PAD, 0, 0]])
+            objects = torch.cat([boxes, labels[:, None], torch.zeros(2, 1), (20 * 30.0) * torch.ones(2, 1)], dim=1)
+            truths.append(torch.cat([header, objects]))
+            found.append(torch.cat([boxes, torch.full((2, 1), 0.9), ((labels + label_shift) % 2)[:, None]], dim=1))
+        return EvalPrediction(predictions=script.pack_rows(found, 6), label_ids=script.pack_rows(truths, 7))
+
+    assert metric(batch([1, 2], 0), compute_result=False) is None
+    assert metric(batch([3, 3], 0), compute_result=True)["map"] == pytest.approx(1.0)
+    assert len(metric.evaluator) == 0  # starts afresh for the next evaluation
+    assert metric(batch([1, 2], 1), compute_result=True)["map"] == pytest.approx(0.0)
