@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pix2seq_hf.checkpointing import KILL_POINT_ENV, find_checkpoint, list_checkpoints
+from pix2seq_hf.checkpointing import KILL_POINT_ENV, find_checkpoint, list_checkpoints, write_files_atomically
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -242,3 +242,43 @@ def test_a_bad_image_met_mid_run_is_named_or_skipped(train_module, tmp_path):
     # Checked up front instead: training does not start.
     with pytest.raises(ValueError, match=r"image_id 12 \(img2.jpg\): cannot read image"):
         train_module.main(argv + ["--output_dir", str(tmp_path / "check"), "--check_images", "decode"])
+
+
+def test_a_final_save_that_fails_midway_leaves_the_earlier_model_whole(tmp_path):
+    (tmp_path / "config.json").write_text('{"old": true}')
+    (tmp_path / "model.safetensors").write_bytes(b"old weights")
+
+    def write_half(folder: Path) -> None:
+        (folder / "config.json").write_text('{"new": true}')
+        (folder / "model.safetensors").write_bytes(b"new wei")
+        raise KeyboardInterrupt  # killed while writing the weights
+
+    with pytest.raises(KeyboardInterrupt):
+        write_files_atomically(tmp_path, write_half)
+    assert (tmp_path / "config.json").read_text() == '{"old": true}'
+    assert (tmp_path / "model.safetensors").read_bytes() == b"old weights"
+
+    def write_all(folder: Path) -> None:
+        (folder / "config.json").write_text('{"new": true}')
+        (folder / "model.safetensors").write_bytes(b"new weights")
+
+    written = write_files_atomically(tmp_path, write_all)
+    assert sorted(path.name for path in written) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "model.safetensors").read_bytes() == b"new weights"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--checkpointing_steps", "ten"],
+        ["--checkpointing_steps", "0"],
+        ["--checkpoints_total_limit", "0"],
+        ["--overwrite_output_dir", "--resume_from_checkpoint", "latest"],
+        ["--on_bad_image", "ignore"],
+    ],
+)
+def test_checkpoint_and_output_options_are_checked(train_module, argv, capsys):
+    with pytest.raises(SystemExit):
+        train_module.parse_args(argv)
+    assert argv[0] in capsys.readouterr().err
