@@ -15,7 +15,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MA
 
 from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from .configuration_pix2seq import Pix2SeqConfig
-from .generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
+from .generation_pix2seq import (
+    PIX2SEQ_GENERATION_DEFAULTS,
+    Pix2SeqGenerationMixin,
+    Pix2SeqLogitsProcessor,
+    Pix2SeqTopPLogitsWarper,
+)
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import (
     Pix2SeqForObjectDetection,
@@ -42,6 +47,7 @@ __all__ = [
     "Pix2SeqBoxCodec",
     "Pix2SeqConfig",
     "Pix2SeqForObjectDetection",
+    "Pix2SeqGenerationMixin",
     "Pix2SeqImageProcessor",
     "Pix2SeqLogitsProcessor",
     "Pix2SeqModel",

@@ -10,8 +10,8 @@ criteria, so the options, outputs and post-processing are the same as with trans
   around it (no input preparation, output objects or cache copies per step);
 - images whose sequence has finished are dropped from the decoder batch (their cache rows are removed), so a batch
   costs what its unfinished images cost;
-- with compilation (on CUDA by default, elsewhere when `generate` is given a `compile_config`), the single-token step
-  is compiled with `torch.compile` over fixed shapes, the model's weights frozen into it as constants.
+- with compilation (when `generate` is given a `compile_config`), the single-token step is compiled with
+  `torch.compile` over fixed shapes (on CPU with the model's weights frozen into it as constants).
 
 [`Pix2SeqGenerationMixin.generate`] picks this loop unless asked for what only transformers' loop does (beam search,
 attentions, hidden states, `use_cache=False`, training mode, ...). Dropout and drop path are not applied (inference).
@@ -67,11 +67,12 @@ class Pix2SeqStaticDecoding:
 
     Args:
         compile (`bool`, *optional*):
-            Run the single-token step through `torch.compile`. `None` (the default) follows transformers' rule for
-            static caches: compile on CUDA, or when the generation config has a `compile_config` (whose arguments are
-            used); `generation_config.disable_compile=True` turns it off. The first call for a new batch size or
-            maximum length compiles (tens of seconds on a CPU), later calls reuse the compiled step; it is compiled
-            again when the model's weights change (they are constants of the compiled step).
+            Run the single-token step through `torch.compile`. `None` (the default): compile when the generation
+            config has a `compile_config` (e.g. `generate(..., compile_config=CompileConfig(fullgraph=True,
+            dynamic=False))`, whose arguments are used) and not `disable_compile`. The first call for a new batch
+            size or maximum length compiles (tens of seconds on a CPU), later calls reuse the compiled step; it is
+            compiled again when the model's weights change (on CPU they are constants of the compiled step). After
+            torch's recompilation limit (8 by default) the step runs eagerly.
         drop_finished (`bool`, *optional*, defaults to `True`):
             Stop computing images whose sequence has finished (their cache rows are removed). Without compilation
             only: a compiled step keeps its shapes.
@@ -97,7 +98,8 @@ class Pix2SeqStaticDecoding:
             return self.compile
         if getattr(generation_config, "disable_compile", False):
             return False
-        return model.device.type == "cuda" or getattr(generation_config, "compile_config", None) is not None
+        # Only on request: compiling makes the first call tens of seconds slower than the eager loop.
+        return getattr(generation_config, "compile_config", None) is not None
 
     def _compiled_step(self, model, generation_config) -> Callable:
         """

@@ -343,7 +343,8 @@ class Pix2SeqGenerationMixin(GenerationMixin):
     among the logits processors, and greedy decoding / sampling in [`Pix2SeqStaticDecoding`] (the model's own decoder
     over a static cache) whenever it gives the same result as transformers' loop; beam search, attentions, hidden
     states, `use_cache=False`, a `cache_implementation`, flex attention, training mode, `static_decoding=False` and the
-    other options only transformers' loop supports run there. Also [`~detect`]: `generate`, then the detections read out of the tokens.
+    other options only transformers' loop supports run there. Also [`~detect`]: `generate`, then the detections read
+    out of the tokens.
 
     Expects the model to have `config` (a `Pix2SeqConfig`) and `box_codec`.
     """
@@ -427,7 +428,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         transformers' processors and warpers, with [`Pix2SeqLogitsProcessor`] first (before any warper) and, with
         `official_top_p=True`, [`Pix2SeqTopPLogitsWarper`] in place of transformers' top-p warper.
         """
-        options = {name: getattr(generation_config, name, default) for name, default in PIX2SEQ_GENERATION_DEFAULTS.items()}
+        options = {
+            name: getattr(generation_config, name, default) for name, default in PIX2SEQ_GENERATION_DEFAULTS.items()
+        }
         use_official_top_p = (
             bool(options["official_top_p"])
             and generation_config.do_sample
@@ -500,7 +503,13 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         """Greedy decoding and sampling: in [`Pix2SeqStaticDecoding`] where it applies, else transformers' loop."""
         if not synced_gpus and self.static_decoding_applies(generation_config, logits_processor, model_kwargs):
             return self.static_decoding(
-                self, input_ids, logits_processor, stopping_criteria, generation_config, streamer=streamer, **model_kwargs
+                self,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                streamer=streamer,
+                **model_kwargs,
             )
         return super()._sample(
             input_ids,

@@ -355,5 +355,6 @@ def test_detect_rejects_beam_search(model):
 def test_the_model_takes_its_generation_from_the_mixin():
     assert issubclass(Pix2SeqForObjectDetection, Pix2SeqGenerationMixin)
     # The model class itself defines none of the generation plumbing.
-    for name in ("_sample", "_get_logits_processor", "_prepare_generation_config", "detect", "default_generation_config"):
+    plumbing = ("_sample", "_get_logits_processor", "_prepare_generation_config", "detect", "default_generation_config")
+    for name in plumbing:
         assert name not in vars(Pix2SeqForObjectDetection), name
