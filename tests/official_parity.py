@@ -9,7 +9,8 @@ preprocessed input:
 - `backbone_features`, `encoder_output`, `encoded`: max abs difference of the ResNet's last feature map (or the ViT's
   patch embedding), of the Transformer encoder's output and of the decoder's memory;
 - `logits`: max abs difference of the teacher-forced logits;
-- `greedy_mismatches`: tokens that differ in 500 steps of greedy decoding (the converted model decodes with its cache);
+- `greedy_mismatches`: tokens that differ in 500 steps of greedy decoding (the converted model decodes with its cache),
+  and `greedy_logits`: max abs difference of the logits along that path at the recorded steps;
 - `top_p_mask_mismatches`: tokens kept by the official top-p rule (official logits) but not by
   `Pix2SeqTopPLogitsWarper` on the converted model's logits, or the other way round.
 
@@ -34,19 +35,25 @@ def _max_diff(ours: torch.Tensor, reference: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def greedy_decode(model, pixel_values: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """`num_tokens` tokens of plain greedy decoding (argmax of the full vocabulary, EOS fed back), with the cache."""
+def greedy_decode(model, pixel_values: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `num_tokens` tokens of plain greedy decoding (argmax of the full vocabulary, EOS fed back), with the cache.
+
+    Returns:
+        `(tokens, logits)` of shapes `(batch_size, num_tokens)` and `(batch_size, num_tokens, vocab_size)`.
+    """
     encoder_outputs = model.get_encoder()(pixel_values)
     tokens = torch.full((pixel_values.shape[0], 1), model.config.bos_token_id, dtype=torch.long)
-    step_input, cache = tokens, None
+    step_input, cache, step_logits = tokens, None, []
     for _ in range(num_tokens):
         outputs = model(
             encoder_outputs=encoder_outputs, decoder_input_ids=step_input, cache=cache, use_cache=True
         )
         cache = outputs.cache
+        step_logits.append(outputs.logits[:, -1])
         step_input = outputs.logits[:, -1].argmax(dim=-1, keepdim=True)
         tokens = torch.cat([tokens, step_input], dim=1)
-    return tokens[:, 1:]
+    return tokens[:, 1:], torch.stack(step_logits, dim=1)
 
 
 @torch.no_grad()
@@ -98,9 +105,11 @@ def compare(reference_dir: str) -> dict:
     results["top_p_mask_mismatches"] = int((keep != reference["top_p_keep"]).sum())
     results["top_p_kept_tokens"] = int(reference["top_p_keep"].sum())
 
-    greedy = greedy_decode(model, pixel_values, reference["greedy_tokens"].shape[1])
+    greedy, greedy_logits = greedy_decode(model, pixel_values, reference["greedy_tokens"].shape[1])
     results["greedy_tokens"] = int(greedy.numel())
     results["greedy_mismatches"] = int((greedy.numpy() != reference["greedy_tokens"]).sum())
+    results["greedy_logits"] = _max_diff(greedy_logits[:, reference["greedy_logit_steps"]], reference["greedy_logits"])
+    results["greedy_distinct_tokens"] = int(np.unique(reference["greedy_tokens"]).size)
     results["greedy_margin"] = float(reference["greedy_margin"])
     return results
 

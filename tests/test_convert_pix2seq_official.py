@@ -243,6 +243,7 @@ def test_converted_model_reproduces_the_official_outputs(name):
     assert results["logits"] <= 1e-4, results
     assert results["top_p_mask_mismatches"] == 0 and results["top_p_kept_tokens"] > 1, results
     assert results["greedy_tokens"] == 500 and results["greedy_mismatches"] == 0, results
+    assert results["greedy_logits"] <= 1e-4, results
 
 
 def test_symmetric_stem_pool_breaks_parity():
