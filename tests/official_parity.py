@@ -15,6 +15,7 @@ preprocessed input:
   `Pix2SeqTopPLogitsWarper` on the converted model's logits, or the other way round.
 
     python tests/official_parity.py tests/fixtures/official_tiny_r50 [more folders]
+    python tests/official_parity.py --stem_pool_ablation tests/fixtures/official_tiny_r50   # symmetric stem pool
 """
 
 from __future__ import annotations
@@ -114,7 +115,42 @@ def compare(reference_dir: str) -> dict:
     return results
 
 
+@torch.no_grad()
+def stem_pool_ablation(reference_dir: str) -> dict:
+    """
+    What TensorFlow's `'SAME'` stem max-pool is worth for a ResNet: the share of pooled values that change, and the
+    max abs change of the teacher-forced logits, when the converted model pads its stem pool symmetrically instead.
+    """
+    from pix2seq_hf import Pix2SeqForObjectDetection
+    from pix2seq_hf.convert_pix2seq_original_tf_checkpoint_to_pytorch import convert_pix2seq_checkpoint
+
+    reference = np.load(os.path.join(reference_dir, "reference.npz"))
+    with open(os.path.join(reference_dir, "reference.json"), encoding="utf-8") as handle:
+        info = json.load(handle)
+    model, _ = convert_pix2seq_checkpoint(reference_dir, image_size=info["image_size"])
+    config = model.config.to_dict()
+    config["stem_pool_padding"] = "symmetric"
+    symmetric = Pix2SeqForObjectDetection(type(model.config).from_dict(config)).eval()
+    symmetric.load_state_dict(model.state_dict())
+    pixel_values = torch.from_numpy(reference["pixel_values"]).permute(0, 3, 1, 2).contiguous()
+    input_tokens = torch.from_numpy(reference["input_tokens"])
+
+    def pooled(m):
+        embedder = m.get_encoder().backbone.embedder
+        return embedder.pooler(embedder.embedder(pixel_values))
+
+    logits = [m(pixel_values=pixel_values, decoder_input_ids=input_tokens).logits for m in (model, symmetric)]
+    return {
+        "pooled_values_changed": float((pooled(model) != pooled(symmetric)).float().mean()),
+        "logits_change": float((logits[0] - logits[1]).abs().max()),
+    }
+
+
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    for folder in sys.argv[1:]:
-        print(folder, json.dumps(compare(folder)))
+    folders = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    for folder in folders:
+        if "--stem_pool_ablation" in sys.argv:
+            print(folder, "stem pool ablation", json.dumps(stem_pool_ablation(folder)))
+        else:
+            print(folder, json.dumps(compare(folder)))
