@@ -84,8 +84,8 @@ def read_official_variables(checkpoint_path: str) -> dict[str, np.ndarray]:
     if not names:
         sample = ", ".join(reader.keys()[:5])
         raise ConversionError(
-            f"{reader.prefix} has no `model/...` variables (found e.g. {sample}): it is not a checkpoint written by the "
-            "official Pix2Seq trainer."
+            f"{reader.prefix} has no `model/...` variables (found e.g. {sample}): it is not a checkpoint written by "
+            "the official Pix2Seq trainer."
         )
     return {name[len(MODEL_PREFIX) : -len(VARIABLE_SUFFIX)]: reader.read(name) for name in names}
 
@@ -105,7 +105,9 @@ def _count(variables: dict, pattern: str) -> int:
 
 def _require(variables: dict, name: str) -> np.ndarray:
     if name not in variables:
-        raise ConversionError(f"The checkpoint has no variable `model/{name}`, which every Pix2Seq model of this kind has.")
+        raise ConversionError(
+            f"The checkpoint has no variable `model/{name}`, which every Pix2Seq model of this kind has."
+        )
     return variables[name]
 
 
@@ -159,10 +161,11 @@ def infer_architecture(variables: dict[str, np.ndarray]) -> dict:
         encoder = _transformer_sizes(variables, "encoder/transformer_encoder", "enc_layers", "mha")
         config.update(encoder_stem="patch", patch_size=int(patch), num_channels=int(channels))
         kind = "vit"
-        description = f"ViT (patch {patch}, {encoder['layers']}x{hidden})"
+        description = f"ViT (patch {patch})"
     elif any(name.startswith("encoder/resnet/") for name in variables):
         prefix = "encoder/resnet"
-        stem_kernels = [n for n in variables if re.fullmatch(rf"{prefix}/initial_conv_relu_max_pool/\d+/conv2d/kernel", n)]
+        stem_pattern = rf"{prefix}/initial_conv_relu_max_pool/\d+/conv2d/kernel"
+        stem_kernels = [n for n in variables if re.fullmatch(stem_pattern, n)]
         if stem_kernels != [f"{prefix}/initial_conv_relu_max_pool/0/conv2d/kernel"]:
             raise ConversionError(
                 f"ResNet stem with convolutions {sorted(stem_kernels)}: only the standard 7x7 stem is supported (not "
@@ -183,6 +186,7 @@ def infer_architecture(variables: dict[str, np.ndarray]) -> dict:
         if num_groups not in (3, 4) or full not in depths:
             raise ConversionError(f"ResNet with block groups {blocks}: not a ResNet-50/101/152 (C4 or C5).")
         depth = depths[full]
+        last_conv = "conv_relu_dropblock_layers/6/conv2d/kernel"
         stem_width = int(stem_kernel.shape[3])
         width = stem_width / 64
         # transformers' ResNet (any width; timm's fixes the stem at 64 channels), cut after the last block group.
@@ -190,8 +194,7 @@ def infer_architecture(variables: dict[str, np.ndarray]) -> dict:
             num_channels=int(stem_kernel.shape[2]),
             embedding_size=stem_width,
             hidden_sizes=[
-                int(variables[f"{prefix}/block_groups/{g}/layers/0/conv_relu_dropblock_layers/6/conv2d/kernel"].shape[3])
-                for g in range(num_groups)
+                int(variables[f"{prefix}/block_groups/{g}/layers/0/{last_conv}"].shape[3]) for g in range(num_groups)
             ],
             depths=blocks,
             layer_type="bottleneck",
@@ -208,7 +211,8 @@ def infer_architecture(variables: dict[str, np.ndarray]) -> dict:
             num_channels=int(stem_kernel.shape[2]),
         )
         kind = "resnet-c4" if num_groups == 3 else "resnet"
-        description = f"ResNet-{depth}{'-C4' if num_groups == 3 else ''}" + (f" (width x{width:g})" if width != 1 else "")
+        description = f"ResNet-{depth}{'-C4' if num_groups == 3 else ''}"
+        description += f" (width x{width:g})" if width != 1 else ""
     else:
         raise ConversionError(
             "Unknown encoder: the checkpoint has neither `encoder/resnet/...` (ResNet) nor `encoder/stem_conv` (ViT) "
@@ -321,7 +325,8 @@ def _map_transformer_layer(rest: str, prefix: str, attention_names: dict[str, st
     """Maps the variables of one official Transformer layer; `None` when `rest` is not one."""
     if m := re.fullmatch(r"(\w+)/(_query_dense|_key_dense|_value_dense|_output_dense)/(kernel|bias)", rest):
         if m.group(1) in attention_names:
-            name = f"{prefix}.{attention_names[m.group(1)]}.{_ATTENTION[m.group(2)]}.{'weight' if m.group(3) == 'kernel' else 'bias'}"
+            leaf = "weight" if m.group(3) == "kernel" else "bias"
+            name = f"{prefix}.{attention_names[m.group(1)]}.{_ATTENTION[m.group(2)]}.{leaf}"
             return name, lambda a, p=m.group(2), l=m.group(3): _attention(a, p, l)
     if m := re.fullmatch(r"(\w+)/(gamma|beta)", rest):
         if m.group(1) in norm_names:

@@ -389,13 +389,12 @@ def _use_same_padding_stem_pool(backbone: nn.Module) -> None:
     if not isinstance(pool, nn.MaxPool2d):
         raise ValueError(
             '`stem_pool_padding="same"` needs a ResNet backbone with a max-pool stem (timm `maxpool` or transformers '
-            f"`embedder.pooler`); this {type(backbone).__name__} has {type(pool).__name__ if pool is not None else 'none'}."
+            f"`embedder.pooler`); this {type(backbone).__name__} has {type(pool).__name__}."
         )
-    setattr(
-        owner,
-        attribute,
-        create_pool2d("max", kernel_size=pool.kernel_size, stride=pool.stride, padding="same", ceil_mode=pool.ceil_mode),
+    same_pool = create_pool2d(
+        "max", kernel_size=pool.kernel_size, stride=pool.stride, padding="same", ceil_mode=pool.ceil_mode
     )
+    setattr(owner, attribute, same_pool)
 
 
 def _build_backbone(config: Pix2SeqConfig) -> nn.Module:

@@ -21,8 +21,8 @@ Writes to `--output_dir`: the checkpoint (`checkpoint`, `ckpt-1.index`, `ckpt-1.
   `encoder_output` (`[1, h*w, dim]`, the encoder after its output LayerNorm) and `encoded` (`[1, h*w, dim_dec]`, after
   the projection to the decoder: what the decoder attends to);
 - `input_tokens` / `logits`: teacher-forced logits (`[1, T, vocab]`) for a random object sequence after the prompt;
-- `greedy_tokens` (`[1, 500]`) and `greedy_margin` (the smallest gap between the best and second-best logit over those
-  steps): the official decoding loop with `top_k=1`;
+- `greedy_tokens` (`[1, 500]`), `greedy_margin` (the smallest gap between the best and second-best logit over those
+  steps) and `greedy_logits` at the steps `greedy_logit_steps`: the official decoding loop with `top_k=1`;
 - `top_p` and `top_p_keep` (`[T, vocab]`, bool): which tokens the official top-p rule keeps for each row of `logits`.
 
 `tests/official_parity.py` converts the checkpoint with `pix2seq_hf` and compares every array.
@@ -39,7 +39,8 @@ import numpy as np
 
 
 # Model sizes: the tiny ones are the committed test fixtures (narrow and shallow, a few MB); the others are the
-# released architectures, for the full-size comparison in the docs.
+# released architectures, for the full-size comparison in the docs. The test images are resized down (tiny ResNets,
+# R50-C4) or up (ViTs, R50, whose 333x500 image becomes 426.24 -> 426 x 640) onto the canvas.
 VARIANTS = {
     "tiny-r50": dict(
         image_size=96, image_shape=(75, 120), arch=dict(
@@ -56,19 +57,21 @@ VARIANTS = {
         ),
     ),
     "tiny-vit": dict(
-        image_size=64, image_shape=(50, 64), arch=dict(
+        image_size=64, image_shape=(40, 50), arch=dict(
             resnet_variant="c1", patch_size=16,
             num_encoder_layers=2, dim_att=64, dim_mlp=128, num_heads=4,
             num_decoder_layers=2, dim_att_dec=32, dim_mlp_dec=64, num_heads_dec=4,
         ),
     ),
-    "r50": dict(image_size=640, image_shape=(480, 640), arch="resnet"),
-    "r50-c4": dict(image_size=640, image_shape=(480, 640), arch="resnet-c"),
+    "r50": dict(image_size=640, image_shape=(333, 500), arch="resnet"),
+    "r50-c4": dict(image_size=640, image_shape=(853, 640), arch="resnet-c"),
     "vit-b": dict(image_size=640, image_shape=(480, 640), arch="vit-b"),
 }
 
 TEACHER_FORCED_OBJECTS = 10
 GREEDY_TOKENS = 500
+# Steps of the greedy decoding whose logits are recorded (the cached decoding path, checked along the way).
+GREEDY_LOGIT_STEPS = (0, 1, 2, 3, 4, 5, 10, 50, 100, 250, 499)
 TOP_P = 0.4
 
 
@@ -92,7 +95,7 @@ def build_config(variant: dict):
 def randomize(model, seed: int) -> None:
     """
     Gives every variable seeded random values: He-normal kernels, small random biases, BatchNorm statistics and
-    LayerNorm/BatchNorm affine parameters away from identity, and token embeddings wide enough for a clear argmax.
+    LayerNorm/BatchNorm affine parameters away from identity, and unit-scale token embeddings.
     """
     rng = np.random.default_rng(seed)
     for variable in sorted(model.variables, key=lambda v: v.name):
@@ -101,14 +104,19 @@ def randomize(model, seed: int) -> None:
             value = rng.normal(0.0, 0.1, shape)
         elif name.endswith("moving_variance:0"):
             value = rng.uniform(0.5, 1.5, shape)
+        elif "ar_decoder" in name and name.endswith("ouput_ln/gamma:0"):  # the decoder's output LayerNorm
+            value = rng.uniform(0.5, 1.5, shape) * 2.0 / np.sqrt(shape[-1])
         elif name.endswith("gamma:0"):
             value = rng.uniform(0.5, 1.5, shape)
         elif name.endswith("beta:0") or name.endswith("bias:0"):
             value = rng.normal(0.0, 0.1, shape)
         elif "token_embedding" in name:
-            value = rng.normal(0.0, 2.0 / np.sqrt(shape[-1]), shape)
-        elif "pos_embedding" in name:
-            value = rng.normal(0.0, 0.1, shape)
+            # Unit-scale embeddings, so that the decoder's input token weighs as much as its other inputs (greedy
+            # decoding then follows the tokens rather than repeating one); the decoder's output LayerNorm gets a small
+            # gain (above) that keeps the logits' spread at about 2.
+            value = rng.normal(0.0, 1.0, shape)
+        elif "pos_embedding" in name:  # as large as the token embeddings: each step sees a different input
+            value = rng.normal(0.0, 1.0, shape)
         elif len(shape) == 4:  # conv kernel [kh, kw, in, out]
             value = rng.normal(0.0, np.sqrt(2.0 / (shape[0] * shape[1] * shape[2])), shape)
         elif len(shape) >= 2:  # dense / attention kernels
@@ -194,6 +202,7 @@ def main(argv=None):
         pixel_values, tf.constant([[10]], tf.int64), max_seq_len=GREEDY_TOKENS + 1, top_k=1
     )
     top2 = tf.math.top_k(greedy_logits[0], k=2).values.numpy()
+    greedy_logit_steps = np.array(GREEDY_LOGIT_STEPS)
 
     np.savez_compressed(
         os.path.join(args.output_dir, "reference.npz"),
@@ -208,6 +217,8 @@ def main(argv=None):
         top_p_keep=keep,
         greedy_tokens=greedy_tokens.numpy(),
         greedy_margin=np.float32((top2[:, 0] - top2[:, 1]).min()),
+        greedy_logit_steps=greedy_logit_steps,
+        greedy_logits=greedy_logits.numpy()[:, greedy_logit_steps],
     )
     info = {
         "variant": args.variant,

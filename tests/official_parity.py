@@ -9,11 +9,13 @@ preprocessed input:
 - `backbone_features`, `encoder_output`, `encoded`: max abs difference of the ResNet's last feature map (or the ViT's
   patch embedding), of the Transformer encoder's output and of the decoder's memory;
 - `logits`: max abs difference of the teacher-forced logits;
-- `greedy_mismatches`: tokens that differ in 500 steps of greedy decoding (the converted model decodes with its cache);
+- `greedy_mismatches`: tokens that differ in 500 steps of greedy decoding (the converted model decodes with its cache),
+  and `greedy_logits`: max abs difference of the logits along that path at the recorded steps;
 - `top_p_mask_mismatches`: tokens kept by the official top-p rule (official logits) but not by
   `Pix2SeqTopPLogitsWarper` on the converted model's logits, or the other way round.
 
     python tests/official_parity.py tests/fixtures/official_tiny_r50 [more folders]
+    python tests/official_parity.py --stem_pool_ablation tests/fixtures/official_tiny_r50   # symmetric stem pool
 """
 
 from __future__ import annotations
@@ -34,19 +36,25 @@ def _max_diff(ours: torch.Tensor, reference: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def greedy_decode(model, pixel_values: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """`num_tokens` tokens of plain greedy decoding (argmax of the full vocabulary, EOS fed back), with the cache."""
+def greedy_decode(model, pixel_values: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `num_tokens` tokens of plain greedy decoding (argmax of the full vocabulary, EOS fed back), with the cache.
+
+    Returns:
+        `(tokens, logits)` of shapes `(batch_size, num_tokens)` and `(batch_size, num_tokens, vocab_size)`.
+    """
     encoder_outputs = model.get_encoder()(pixel_values)
     tokens = torch.full((pixel_values.shape[0], 1), model.config.bos_token_id, dtype=torch.long)
-    step_input, cache = tokens, None
+    step_input, cache, step_logits = tokens, None, []
     for _ in range(num_tokens):
         outputs = model(
             encoder_outputs=encoder_outputs, decoder_input_ids=step_input, cache=cache, use_cache=True
         )
         cache = outputs.cache
+        step_logits.append(outputs.logits[:, -1])
         step_input = outputs.logits[:, -1].argmax(dim=-1, keepdim=True)
         tokens = torch.cat([tokens, step_input], dim=1)
-    return tokens[:, 1:]
+    return tokens[:, 1:], torch.stack(step_logits, dim=1)
 
 
 @torch.no_grad()
@@ -99,14 +107,51 @@ def compare(reference_dir: str) -> dict:
     results["top_p_mask_mismatches"] = int((keep != reference["top_p_keep"]).sum())
     results["top_p_kept_tokens"] = int(reference["top_p_keep"].sum())
 
-    greedy = greedy_decode(model, pixel_values, reference["greedy_tokens"].shape[1])
+    greedy, greedy_logits = greedy_decode(model, pixel_values, reference["greedy_tokens"].shape[1])
     results["greedy_tokens"] = int(greedy.numel())
     results["greedy_mismatches"] = int((greedy.numpy() != reference["greedy_tokens"]).sum())
+    results["greedy_logits"] = _max_diff(greedy_logits[:, reference["greedy_logit_steps"]], reference["greedy_logits"])
+    results["greedy_distinct_tokens"] = int(np.unique(reference["greedy_tokens"]).size)
     results["greedy_margin"] = float(reference["greedy_margin"])
     return results
 
 
+@torch.no_grad()
+def stem_pool_ablation(reference_dir: str) -> dict:
+    """
+    What TensorFlow's `'SAME'` stem max-pool is worth for a ResNet: the share of pooled values that change, and the
+    max abs change of the teacher-forced logits, when the converted model pads its stem pool symmetrically instead.
+    """
+    from pix2seq_hf import Pix2SeqForObjectDetection
+    from pix2seq_hf.convert_pix2seq_original_tf_checkpoint_to_pytorch import convert_pix2seq_checkpoint
+
+    reference = np.load(os.path.join(reference_dir, "reference.npz"))
+    with open(os.path.join(reference_dir, "reference.json"), encoding="utf-8") as handle:
+        info = json.load(handle)
+    model, _ = convert_pix2seq_checkpoint(reference_dir, image_size=info["image_size"])
+    config = model.config.to_dict()
+    config["stem_pool_padding"] = "symmetric"
+    symmetric = Pix2SeqForObjectDetection(type(model.config).from_dict(config)).eval()
+    symmetric.load_state_dict(model.state_dict())
+    pixel_values = torch.from_numpy(reference["pixel_values"]).permute(0, 3, 1, 2).contiguous()
+    input_tokens = torch.from_numpy(reference["input_tokens"])
+
+    def pooled(m):
+        embedder = m.get_encoder().backbone.embedder
+        return embedder.pooler(embedder.embedder(pixel_values))
+
+    logits = [m(pixel_values=pixel_values, decoder_input_ids=input_tokens).logits for m in (model, symmetric)]
+    return {
+        "pooled_values_changed": float((pooled(model) != pooled(symmetric)).float().mean()),
+        "logits_change": float((logits[0] - logits[1]).abs().max()),
+    }
+
+
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    for folder in sys.argv[1:]:
-        print(folder, json.dumps(compare(folder)))
+    folders = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    for folder in folders:
+        if "--stem_pool_ablation" in sys.argv:
+            print(folder, "stem pool ablation", json.dumps(stem_pool_ablation(folder)))
+        else:
+            print(folder, json.dumps(compare(folder)))
