@@ -96,6 +96,7 @@ def main(argv=None) -> int:
         accelerator=accelerator,
         label2category_id=splits.label2category_id,
         return_predictions=True,
+        progress_bar=True,
     )
     seconds = time.time() - start
     if accelerator.is_main_process:

@@ -43,6 +43,7 @@ import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 from pix2seq_hf.data import (
     AUGMENTATION_PRESETS,
+    SYNTHETIC_VARIANTS,
     Pix2SeqCollator,
     build_train_transforms,
     load_detection_splits,
@@ -53,6 +54,11 @@ from pix2seq_hf.visualization import draw_detections
 
 
 logger = get_logger(__name__)
+
+SCRATCH_LEARNING_RATE = 1e-3
+FINETUNE_LEARNING_RATE = 3e-5
+# Training-loss options beyond the paper, on by default from scratch where they measurably help (docs/training.md).
+SCRATCH_RECIPE = {"object_order": "dist2ori", "coordinate_label_sigma": 0.0, "auxiliary_loss_weight": 0.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--validation_coco_images", default=None, help="Folder of the validation images.")
     data.add_argument("--synthetic_train_size", type=int, default=4000, help="Images in the synthetic train split.")
     data.add_argument("--synthetic_validation_size", type=int, default=200)
+    data.add_argument(
+        "--synthetic_variant",
+        default="shapes",
+        choices=sorted(SYNTHETIC_VARIANTS),
+        help="The synthetic set: 'shapes' (128 px, 1-10 objects) or 'dense' (384 px, 20-60 small objects; train it "
+        "with --image_size 384 --max_objects 64).",
+    )
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument(
@@ -88,14 +101,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--max_objects", type=int, default=None)
     model.add_argument("--num_bins", type=int, default=None)
     model.add_argument("--no_sequence_augmentation", action="store_true")
-    model.add_argument("--object_order", default="random", choices=["random", "area", "dist2ori", "class"])
+    model.add_argument(
+        "--object_order",
+        default=None,
+        choices=["random", "area", "dist2ori", "class"],
+        help="Order of the objects in a training sequence (default: 'dist2ori' from scratch, the saved processor's "
+        "when fine-tuning; the paper's is 'random'). See docs/training.md.",
+    )
+    model.add_argument(
+        "--coordinate_label_sigma",
+        type=float,
+        default=None,
+        help="Soft coordinate targets: Gaussian of this sigma in bins (0: one-hot, the paper). Default: the saved "
+        "model's when fine-tuning, else the recipe's (see docs/training.md).",
+    )
+    model.add_argument(
+        "--auxiliary_loss_weight",
+        type=float,
+        default=None,
+        help="Weight of the auxiliary dense loss on the encoder output (0: none, the paper). Default: the saved "
+        "model's when fine-tuning, else the recipe's (see docs/training.md).",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
         "--per_device_train_batch_size", type=int, default=None, help="Default: 8 on the synthetic set, else 32."
     )
     optim.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    optim.add_argument("--learning_rate", type=float, default=1e-3)
+    optim.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"Default: {SCRATCH_LEARNING_RATE} from scratch, {FINETUNE_LEARNING_RATE} when fine-tuning a saved model "
+        "(--model_name_or_path; the paper's fine-tuning rate).",
+    )
     optim.add_argument(
         "--encoder_lr_scale",
         type=float,
@@ -158,18 +197,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) -> None:
+    """
+    Points a saved model at a new label set: label `i` becomes class token `class_token_offset + i` (class tokens share
+    the vocabulary, so no weight changes shape; tokens of the old classes are simply reused). The auxiliary dense head,
+    if any, is sized per class and is rebuilt for the new classes.
+
+    Raises:
+        `ValueError` when the new classes do not fit between the class and coordinate token ranges.
+    """
+    config = model.config
+    room = config.coord_token_offset - config.class_token_offset
+    if len(id2label) > room:
+        raise ValueError(
+            f"The data has {len(id2label)} classes, but the model's vocabulary has room for {room} class tokens "
+            f"({config.class_token_offset}..{config.coord_token_offset - 1})."
+        )
+    old = dict(config.id2label)
+    config.num_classes = len(id2label)
+    config.id2label = dict(id2label)
+    config.label2id = {name: label for label, name in id2label.items()}
+    if getattr(model, "auxiliary_head", None) is not None:
+        model.auxiliary_head = type(model.auxiliary_head)(config)
+        model.auxiliary_head.apply(model._init_weights)
+    model._box_codec = None
+    tokens = ", ".join(f"{name} -> {config.class_token_offset + label}" for label, name in sorted(id2label.items()))
+    logger.info(f"Fine-tuning onto a new label set (the model was trained on {old}); class tokens: {tokens}.")
+
+
 def build_model_and_processor(args, id2label: dict[int, str]):
-    """The model (a preset or a saved model) and a processor whose token layout matches it."""
+    """
+    The model and a processor whose token layout matches it: a saved model (`--model_name_or_path`; moved onto the
+    data's label set when it differs, see `relabel_model`) or a preset trained from scratch.
+    """
     if args.model_name_or_path:
         model = Pix2SeqForObjectDetection.from_pretrained(args.model_name_or_path)
+        saved = Pix2SeqProcessor.from_pretrained(args.model_name_or_path)
+        for name in ("coordinate_label_sigma", "auxiliary_loss_weight"):
+            if getattr(args, name) is not None and getattr(args, name) != getattr(model.config, name):
+                raise ValueError(
+                    f"--{name} {getattr(args, name)} differs from the saved model's {getattr(model.config, name)}; "
+                    "fine-tuning keeps the saved model's training losses."
+                )
         if dict(model.config.id2label) != dict(id2label):
-            raise ValueError(
-                f"{args.model_name_or_path} was trained on classes {model.config.id2label}, but the data has {id2label}; "
-                "train from a preset (--config_preset) for a new label set."
-            )
-        processor = Pix2SeqProcessor.from_pretrained(args.model_name_or_path)
+            relabel_model(model, id2label)
+        image_processor = saved.image_processor
         if args.image_size:
-            processor.image_processor.size = {"longest_edge": args.image_size}
+            image_processor.size = {"longest_edge": args.image_size}
+        processor = Pix2SeqProcessor.from_config(
+            model.config,
+            image_processor=image_processor,
+            **{
+                **saved.codec_options,
+                **({"object_order": args.object_order} if args.object_order else {}),
+                **({"sequence_augmentation": False} if args.no_sequence_augmentation else {}),
+            },
+        )
     else:
         overrides = {"id2label": id2label, "use_pretrained_backbone": args.pretrained_backbone}
         if args.max_objects:
@@ -178,6 +261,8 @@ def build_model_and_processor(args, id2label: dict[int, str]):
         if args.num_bins:
             overrides["num_bins"] = args.num_bins
             overrides["vocab_size"] = max(3000, 1000 + args.num_bins)
+        for name in ("coordinate_label_sigma", "auxiliary_loss_weight"):
+            overrides[name] = SCRATCH_RECIPE[name] if getattr(args, name) is None else getattr(args, name)
         config = get_preset_config(args.config_preset, **overrides)
         model = Pix2SeqForObjectDetection(config)
         # The weights now live in the model: a saved config must not download the backbone again when loaded.
@@ -186,10 +271,15 @@ def build_model_and_processor(args, id2label: dict[int, str]):
         processor = Pix2SeqProcessor.from_config(
             model.config,
             image_processor=image_processor,
-            object_order=args.object_order,
+            object_order=args.object_order or SCRATCH_RECIPE["object_order"],
             sequence_augmentation=not args.no_sequence_augmentation,
         )
     processor.check_model_compatible(model)
+    logger.info(
+        f"Object order {processor.object_order}, sequence augmentation {processor.sequence_augmentation}, "
+        f"coordinate_label_sigma {model.config.coordinate_label_sigma}, "
+        f"auxiliary_loss_weight {model.config.auxiliary_loss_weight}"
+    )
     return model, processor
 
 
@@ -241,7 +331,12 @@ def run_evaluation(accelerator, model, processor, dataloader, args) -> dict:
     generation_kwargs = {"do_sample": False} if args.eval_top_p is None else {"do_sample": True, "top_p": args.eval_top_p}
     model.eval()
     metrics = evaluate_model(
-        accelerator.unwrap_model(model), processor, dataloader, generation_kwargs=generation_kwargs, accelerator=accelerator
+        accelerator.unwrap_model(model),
+        processor,
+        dataloader,
+        generation_kwargs=generation_kwargs,
+        accelerator=accelerator,
+        progress_bar=True,
     )
     model.train()
     return {key: float(metrics[key]) for key in METRIC_KEYS}
@@ -325,6 +420,8 @@ def main(argv=None) -> int:
         args.lr_scheduler_type = "constant_with_warmup" if synthetic else "linear"
     if args.eval_steps is None and synthetic:
         args.eval_steps = 500
+    if args.learning_rate is None:
+        args.learning_rate = FINETUNE_LEARNING_RATE if args.model_name_or_path else SCRATCH_LEARNING_RATE
     if args.encoder_lr_scale is None:
         # From scratch, at the full rate the encoder drowns the image in a growing image-independent component and the
         # decoder learns the sequence prior only (docs/training.md, "Why the encoder learns slower").
@@ -387,6 +484,7 @@ def main(argv=None) -> int:
         range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
     )
     history, start_time, stop = [], time.time(), False
+    eval_seconds = 0.0  # time spent in evaluations during training, left out of `train_minutes` in the history
     running_loss, running_count = 0.0, 0
     model.train()
     for epoch in range(starting_epoch, num_epochs):
@@ -425,8 +523,19 @@ def main(argv=None) -> int:
             out_of_time = args.max_train_minutes and (time.time() - start_time) / 60 >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
+                eval_start = time.time()
                 metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
-                history.append({"step": completed_steps, "loss": loss, "minutes": (time.time() - start_time) / 60, **metrics})
+                eval_seconds += time.time() - eval_start
+                minutes = (time.time() - start_time) / 60
+                history.append(
+                    {
+                        "step": completed_steps,
+                        "loss": loss,
+                        "minutes": minutes,
+                        "train_minutes": minutes - eval_seconds / 60,
+                        **metrics,
+                    }
+                )
                 logger.info(f"step {completed_steps}: loss {loss:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if args.with_tracking:
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
@@ -443,7 +552,15 @@ def main(argv=None) -> int:
     results = {"train_steps": completed_steps, "train_minutes": round(train_minutes, 2), "world_size": accelerator.num_processes}
     if eval_dataloader is not None:
         metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
-        history.append({"step": completed_steps, "loss": loss if completed_steps else None, "minutes": train_minutes, **metrics})
+        history.append(
+            {
+                "step": completed_steps,
+                "loss": loss if completed_steps else None,
+                "minutes": train_minutes,
+                "train_minutes": train_minutes - eval_seconds / 60,
+                **metrics,
+            }
+        )
         logger.info("Final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if args.with_tracking:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)

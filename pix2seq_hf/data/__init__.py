@@ -9,7 +9,7 @@ from .collator import Pix2SeqCollator, derive_seed
 from .hf_datasets import prepare_detection_dataset
 from .schema import AnnotationStats, DetectionSplit, detection_features, get_id2label
 from .splits import SPLIT_OPTIONS, DetectionSplits, load_detection_splits
-from .synthetic import SHAPE_NAMES, load_synthetic_detection, make_synthetic_detection_dataset
+from .synthetic import SHAPE_NAMES, SYNTHETIC_VARIANTS, load_synthetic_detection, make_synthetic_detection_dataset
 from .transforms import (
     AUGMENTATION_PRESETS,
     AugmentationConfig,
@@ -22,6 +22,7 @@ from .transforms import (
 __all__ = [
     "AUGMENTATION_PRESETS",
     "SHAPE_NAMES",
+    "SYNTHETIC_VARIANTS",
     "SPLIT_OPTIONS",
     "AnnotationStats",
     "AugmentationConfig",
