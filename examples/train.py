@@ -478,7 +478,7 @@ def main(argv=None) -> int:
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"Training {args.max_train_steps} steps ({num_epochs} epochs) at {total_batch} images per step "
-        f"(x{args.num_augmentations} augmentations)"
+        f"(x{args.num_augmentations} augmentations), learning rate {args.learning_rate}"
     )
     progress = tqdm(
         range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process

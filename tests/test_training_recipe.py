@@ -162,3 +162,67 @@ def test_a_few_steps_on_a_fixed_batch_learn_to_detect_it():
             if same_class.any() and box_iou(box[None], detections["boxes"][same_class]).max() > 0.5:
                 hits += 1
     assert hits >= 0.75 * total, (hits, total)
+
+
+# ----- fine-tuning onto a new label set ------------------------------------------------------------------------------
+
+
+TINY_RUN = [
+    "--image_size", "64",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "4",
+    "--num_warmup_steps", "1",
+    "--max_train_steps", "2",
+    "--num_visualizations", "0",
+    "--seed", "3",
+    "--num_threads", "1",
+]  # fmt: skip
+
+
+def test_a_saved_model_fine_tunes_onto_a_new_label_set(tmp_path, caplog):
+    """Pretrain on the five shapes, fine-tune on a set with three other class names: the classes are mapped onto class
+    tokens, the fine-tuning learning rate is the default, and the result loads and detects with the new names."""
+    import datasets
+
+    from pix2seq_hf.data import detection_features, make_synthetic_detection_dataset
+
+    train = _load_example("train")
+    pretrained = tmp_path / "pretrained"
+    synthetic = ["--synthetic_train_size", "8", "--synthetic_validation_size", "4"]
+    assert train.main(TINY_RUN + synthetic + ["--output_dir", str(pretrained)]) == 0
+
+    names = ["dot", "block", "peak"]
+    other = {
+        split: make_synthetic_detection_dataset(
+            size, seed=7, image_size=64, num_classes=3, max_objects=3, split=split
+        ).cast(detection_features(names))
+        for split, size in (("train", 8), ("validation", 4))
+    }
+    datasets.DatasetDict(other).save_to_disk(str(tmp_path / "other"))
+
+    finetuned = tmp_path / "finetuned"
+    argv = TINY_RUN + ["--model_name_or_path", str(pretrained), "--dataset_name", str(tmp_path / "other")]
+    with caplog.at_level("INFO"):
+        assert train.main(argv + ["--output_dir", str(finetuned)]) == 0
+    log = caplog.text
+    assert "Fine-tuning onto a new label set" in log and "dot -> 100, block -> 101, peak -> 102" in log
+    assert "learning rate 3e-05" in log
+
+    model = Pix2SeqForObjectDetection.from_pretrained(finetuned)
+    processor = Pix2SeqProcessor.from_pretrained(finetuned)
+    processor.check_model_compatible(model)
+    assert model.config.id2label == {0: "dot", 1: "block", 2: "peak"} and model.config.num_classes == 3
+    results = json.loads((finetuned / "all_results.json").read_text())
+    assert results["train_steps"] == 2 and isinstance(results["map"], float)
+    # The fine-tuned weights started from the pretrained ones (same shapes, changed by training).
+    before = Pix2SeqForObjectDetection.from_pretrained(pretrained).state_dict()
+    after = model.state_dict()
+    assert all(before[name].shape == after[name].shape for name in before if not name.startswith("auxiliary_head."))
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_fine_tuning_refuses_a_label_set_larger_than_the_class_token_range(tmp_path):
+    train = _load_example("train")
+    model = Pix2SeqForObjectDetection(tiny_config())  # class tokens 40..199: room for 160 classes
+    with pytest.raises(ValueError, match="room for 160 class tokens"):
+        train.relabel_model(model, {i: f"c{i}" for i in range(161)})
