@@ -72,24 +72,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class AugmentedBatches:
     """Collates examples into `(images, targets)`: float images in [0, 1] augmented like Pix2Seq's (same transforms,
-    seeded with `(seed, epoch, image_id)`), and per image `boxes` (xyxy pixels) and `labels`."""
+    seeded with `(seed, epoch, image_id)`) and padded at the bottom/right onto the `canvas` square as Pix2Seq's are,
+    and per image `boxes` (xyxy pixels), `labels` and `mask` (1 on the image, 0 on the padding)."""
 
-    def __init__(self, transforms, seed: int):
-        self.transforms, self.seed, self.epoch = transforms, seed, 0
+    def __init__(self, transforms, seed: int, canvas: int):
+        self.transforms, self.seed, self.canvas, self.epoch = transforms, seed, canvas, 0
 
     def __call__(self, examples):
         images, targets = [], []
         for example in examples:
             image_id = int(example["image_id"])
-            pixels = torch.from_numpy(np.asarray(open_image(example["image"], f"image_id {image_id}").convert("RGB")))
+            pixels = torch.from_numpy(np.array(open_image(example["image"], f"image_id {image_id}").convert("RGB")))
             objects = example["objects"]
             boxes = torch.as_tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             labels = torch.as_tensor(objects["category"], dtype=torch.int64)
             image, boxes, labels = apply_transforms(
                 self.transforms, pixels.permute(2, 0, 1), boxes, labels, seed=derive_seed(self.seed, self.epoch, image_id, 0)
             )
-            images.append(image.float() / 255)
-            targets.append({"boxes": torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1), "labels": labels})
+            height, width = image.shape[-2:]
+            padded = torch.zeros(3, self.canvas, self.canvas)
+            padded[:, :height, :width] = image.float() / 255
+            mask = torch.zeros(self.canvas, self.canvas, dtype=torch.long)
+            mask[:height, :width] = 1
+            images.append(padded)
+            boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+            targets.append({"boxes": boxes, "labels": labels, "mask": mask})
         return images, targets
 
 
@@ -97,7 +104,7 @@ def validation_examples(dataset):
     """`(image_id, image [3, H, W] float in [0, 1], objects)` of every validation example."""
     for example in dataset:
         image = open_image(example["image"], f"image_id {example['image_id']}").convert("RGB")
-        yield int(example["image_id"]), torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255, example["objects"]
+        yield int(example["image_id"]), torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255, example["objects"]
 
 
 def coco_metrics(predict, dataset, id2label, batch_size: int = 32) -> dict:
@@ -158,12 +165,13 @@ def build_detr(num_classes: int, id2label: dict):
             xyxy = target["boxes"] / size
             cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
             labels.append({"class_labels": target["labels"], "boxes": cxcywh})
-        loss = model(pixel_values=pixel_values, labels=labels).loss
+        pixel_mask = torch.stack([target["mask"] for target in targets])
+        loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     def predict(images):
         pixel_values = torch.stack([(image - IMAGENET_MEAN) / IMAGENET_STD for image in images])
@@ -191,13 +199,13 @@ def build_fcos(num_classes: int, image_size: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
 
     def step(images, targets):
-        losses = model(images, targets)
+        losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
-        return float(loss)
+        return loss.item()
 
     def predict(images):
         return model(images)
@@ -213,7 +221,7 @@ def train_baseline(name: str, args, splits) -> list[dict]:
         model, step, predict = build_detr(num_classes, splits.id2label)
     else:
         model, step, predict = build_fcos(num_classes, args.image_size)
-    collate = AugmentedBatches(build_train_transforms("light", args.image_size), args.seed)
+    collate = AugmentedBatches(build_train_transforms("light", args.image_size), args.seed, args.image_size)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=generator)
     history, steps, seconds, losses, epoch = [], 0, 0.0, [], 0
@@ -254,6 +262,7 @@ def train_pix2seq(args) -> list[dict]:
             "--synthetic_train_size", str(args.synthetic_train_size),
             "--synthetic_validation_size", str(args.synthetic_validation_size),
             "--seed", str(args.seed),
+            "--image_size", str(args.image_size),
             "--num_visualizations", "0",
         ]  # fmt: skip
         if args.max_train_minutes is not None:

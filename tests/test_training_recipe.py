@@ -139,13 +139,13 @@ def test_a_few_steps_on_a_fixed_batch_learn_to_detect_it():
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
     losses = []
-    for _ in range(150):
+    for _ in range(60):
         loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.25 * losses[0], losses[::25]
+    assert losses[-1] < 0.4 * losses[0], losses[::10]
 
     model.eval()
     with torch.no_grad():
@@ -226,3 +226,37 @@ def test_fine_tuning_refuses_a_label_set_larger_than_the_class_token_range(tmp_p
     model = Pix2SeqForObjectDetection(tiny_config())  # class tokens 40..199: room for 160 classes
     with pytest.raises(ValueError, match="room for 160 class tokens"):
         train.relabel_model(model, {i: f"c{i}" for i in range(161)})
+
+
+# ----- the dense synthetic variant and the training benchmark --------------------------------------------------------
+
+
+def test_dense_synthetic_variant_has_many_small_objects_on_a_large_canvas():
+    from pix2seq_hf.data import load_detection_splits
+
+    splits = load_detection_splits(
+        synthetic_variant="dense", synthetic_train_size=2, synthetic_validation_size=1, seed=0
+    )
+    for example in list(splits.train) + list(splits.validation):
+        assert (example["width"], example["height"]) == (384, 384)
+        assert 20 <= len(example["objects"]["bbox"]) <= 60
+        # sides of at most 10 % of the image, stretched by an aspect ratio of up to 1.25
+        assert max(max(w, h) for _, _, w, h in example["objects"]["bbox"]) <= 0.1 * 384 * 1.25**0.5 + 1
+    with pytest.raises(ValueError, match="Unknown synthetic_variant 'sparse'"):
+        load_detection_splits(synthetic_variant="sparse", synthetic_train_size=1, validation_split="none")
+
+
+def test_training_benchmark_runs_all_three_detectors(tmp_path):
+    benchmark = _load_example("benchmark_training")
+    output = tmp_path / "report.json"
+    argv = [
+        "--max_train_steps", "2", "--eval_steps", "1", "--batch_size", "2", "--image_size", "64",
+        "--synthetic_train_size", "4", "--synthetic_validation_size", "2", "--num_threads", "1",
+        "--output_file", str(output),
+    ]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    report = json.loads(output.read_text())
+    assert set(report["detectors"]) == {"pix2seq", "detr", "fcos"}
+    for history in report["detectors"].values():
+        assert [entry["step"] for entry in history] == [1, 2]
+        assert all(isinstance(entry["map"], float) and entry["minutes"] >= 0 for entry in history)
