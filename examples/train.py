@@ -55,6 +55,9 @@ from pix2seq_hf.visualization import draw_detections
 
 logger = get_logger(__name__)
 
+# The default run on the synthetic set: this many epochs of 4000 images, or this many minutes, whichever ends first.
+SYNTHETIC_EPOCHS = 10
+SYNTHETIC_MINUTES = 12.0
 SCRATCH_LEARNING_RATE = 1e-3
 FINETUNE_LEARNING_RATE = 3e-5
 # Training-loss options beyond the paper, on by default from scratch where they measurably help (docs/training.md).
@@ -154,10 +157,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument("--num_warmup_steps", type=int, default=100)
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument(
-        "--num_train_epochs", type=int, default=None, help="Default: 6 on the synthetic set (3000 steps, about 13 minutes on 2 CPU cores), 50 otherwise."
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help=f"Default: {SYNTHETIC_EPOCHS} on the synthetic set ({SYNTHETIC_EPOCHS * 500} steps at batch 8, or "
+        f"{SYNTHETIC_MINUTES} minutes, whichever ends first; see --max_train_minutes), 50 otherwise.",
     )
     optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    optim.add_argument("--max_train_minutes", type=float, default=None, help="Stop (and evaluate/save) after this long.")
+    optim.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Stop (and evaluate/save) after this many minutes, evaluations included. Default: none, except "
+        f"{SYNTHETIC_MINUTES} on the synthetic set when neither --max_train_steps nor --num_train_epochs is given, so "
+        "that the default run ends in about 15 minutes on a slow machine too.",
+    )
     optim.add_argument("--seed", type=int, default=42)
 
     run = parser.add_argument_group("run")
@@ -177,7 +191,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--checkpointing_steps", default=None, help="Save state every N steps, or 'epoch'.")
     run.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     run.add_argument(
-        "--eval_steps", type=int, default=None, help="Evaluate every N steps (default: 500 on the synthetic set, else at the end)."
+        "--eval_steps",
+        type=int,
+        default=None,
+        help="Evaluate every N steps (default: 1000 on the synthetic set, else at the end).",
     )
     run.add_argument("--eval_top_p", type=float, default=None, help="Sampling mass at evaluation (default: greedy).")
     run.add_argument("--num_visualizations", type=int, default=8, help="Validation images drawn at the end.")
@@ -413,13 +430,15 @@ def main(argv=None) -> int:
     if args.per_device_train_batch_size is None:
         # Small batches on the synthetic set: more updates in the minutes a CPU run has.
         args.per_device_train_batch_size = 8 if synthetic else 32
+    if synthetic and args.max_train_minutes is None and args.max_train_steps is None and args.num_train_epochs is None:
+        args.max_train_minutes = SYNTHETIC_MINUTES
     if args.num_train_epochs is None:
-        args.num_train_epochs = 6 if synthetic else 50
+        args.num_train_epochs = SYNTHETIC_EPOCHS if synthetic else 50
     if args.lr_scheduler_type is None:
         # A short run is still early in learning: decaying the rate cost 6x in mAP (docs/training.md).
         args.lr_scheduler_type = "constant_with_warmup" if synthetic else "linear"
     if args.eval_steps is None and synthetic:
-        args.eval_steps = 500
+        args.eval_steps = 1000
     if args.learning_rate is None:
         args.learning_rate = FINETUNE_LEARNING_RATE if args.model_name_or_path else SCRATCH_LEARNING_RATE
     if args.encoder_lr_scale is None:
@@ -479,6 +498,7 @@ def main(argv=None) -> int:
     logger.info(
         f"Training {args.max_train_steps} steps ({num_epochs} epochs) at {total_batch} images per step "
         f"(x{args.num_augmentations} augmentations), learning rate {args.learning_rate}"
+        + (f", or {args.max_train_minutes} minutes, whichever ends first" if args.max_train_minutes else "")
     )
     progress = tqdm(
         range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
