@@ -57,5 +57,15 @@ def draw_detections(
     id2label = id2label or {}
     captions = [f"{id2label.get(int(label), str(int(label)))} {float(score):.2f}" for label, score in zip(labels, scores)]
     colours = [_label_colour(int(label)) for label in labels]
-    drawn = draw_bounding_boxes(image_tensor, boxes, labels=captions, colors=colours, width=width)
+    # Captions in black on a band of the box's colour, readable on any background.
+    drawn = draw_bounding_boxes(
+        image_tensor,
+        boxes,
+        labels=captions,
+        colors=colours,
+        width=width,
+        label_colors="black",
+        label_background_colors=colours,
+        fill_labels=True,
+    )
     return F.to_pil_image(drawn)
