@@ -113,6 +113,7 @@ def main(argv=None) -> int:
         accelerator=accelerator,
         label2category_id=splits.label2category_id,
         return_predictions=True,
+        progress_bar=True,
     )
     seconds = time.time() - start
     skipped = torch.tensor(collator.stats["skipped_bad_images"], device=accelerator.device)

@@ -88,7 +88,20 @@ class ModelArguments:
     max_objects: int | None = field(default=None)
     num_bins: int | None = field(default=None)
     no_sequence_augmentation: bool = field(default=False)
-    object_order: str = field(default="random", metadata={"choices": ["random", "area", "dist2ori", "class"]})
+    object_order: str | None = field(
+        default=None,
+        metadata={
+            "choices": ["random", "area", "dist2ori", "class"],
+            "help": "Order of the objects in training sequences (default: dist2ori from scratch, the saved one when "
+            "fine-tuning).",
+        },
+    )
+    coordinate_label_sigma: float | None = field(
+        default=None, metadata={"help": "Soft coordinate targets, sigma in bins (default: 0 from scratch, the saved one)."}
+    )
+    auxiliary_loss_weight: float | None = field(
+        default=None, metadata={"help": "Auxiliary dense loss on the encoder (default: 0 from scratch, the saved one)."}
+    )
     encoder_lr_scale: float | None = field(
         default=None,
         metadata={"help": "Learning-rate factor of the Transformer encoder (default: 0.1 from scratch, else 1)."},
@@ -306,6 +319,8 @@ def main(argv=None) -> int:
         num_bins=model_args.num_bins,
         object_order=model_args.object_order,
         sequence_augmentation=not model_args.no_sequence_augmentation,
+        coordinate_label_sigma=model_args.coordinate_label_sigma,
+        auxiliary_loss_weight=model_args.auxiliary_loss_weight,
     )
     augmentation = data_args.augmentation or ("light" if synthetic else "finetune")
     train_collator = Pix2SeqCollator(

@@ -52,6 +52,7 @@ from pix2seq_hf.checkpointing import (
 from pix2seq_hf.data import (
     AUGMENTATION_PRESETS,
     ImageReadError,
+    SYNTHETIC_VARIANTS,
     Pix2SeqCollator,
     build_train_transforms,
     decode_image,
@@ -74,6 +75,7 @@ RUN_ARGUMENTS = (
     "coco_annotations",
     "coco_images",
     "synthetic_train_size",
+    "synthetic_variant",
     "max_train_samples",
     "augmentation",
     "num_augmentations",
@@ -85,6 +87,8 @@ RUN_ARGUMENTS = (
     "num_bins",
     "no_sequence_augmentation",
     "object_order",
+    "coordinate_label_sigma",
+    "auxiliary_loss_weight",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "learning_rate",
@@ -97,6 +101,10 @@ RUN_ARGUMENTS = (
     "num_warmup_steps",
     "seed",
 )
+
+# The default run on the synthetic set: this many epochs of 4000 images, or this many minutes, whichever ends first.
+SYNTHETIC_EPOCHS = 10
+SYNTHETIC_MINUTES = 12.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,6 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--validation_coco_images", default=None, help="Folder of the validation images.")
     data.add_argument("--synthetic_train_size", type=int, default=4000, help="Images in the synthetic train split.")
     data.add_argument("--synthetic_validation_size", type=int, default=200)
+    data.add_argument(
+        "--synthetic_variant",
+        default="shapes",
+        choices=sorted(SYNTHETIC_VARIANTS),
+        help="The synthetic set: 'shapes' (128 px, 1-10 objects) or 'dense' (384 px, 20-60 small objects; train it "
+        "with --image_size 384 --max_objects 64).",
+    )
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument(
@@ -146,14 +161,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--max_objects", type=int, default=None)
     model.add_argument("--num_bins", type=int, default=None)
     model.add_argument("--no_sequence_augmentation", action="store_true")
-    model.add_argument("--object_order", default="random", choices=["random", "area", "dist2ori", "class"])
+    model.add_argument(
+        "--object_order",
+        default=None,
+        choices=["random", "area", "dist2ori", "class"],
+        help="Order of the objects in a training sequence (default: 'dist2ori' from scratch, the saved processor's "
+        "when fine-tuning; the paper's is 'random'). See docs/training.md.",
+    )
+    model.add_argument(
+        "--coordinate_label_sigma",
+        type=float,
+        default=None,
+        help="Soft coordinate targets: Gaussian of this sigma in bins (0: one-hot, the paper). Default: the saved "
+        "model's when fine-tuning, else the recipe's (see docs/training.md).",
+    )
+    model.add_argument(
+        "--auxiliary_loss_weight",
+        type=float,
+        default=None,
+        help="Weight of the auxiliary dense loss on the encoder output (0: none, the paper). Default: the saved "
+        "model's when fine-tuning, else the recipe's (see docs/training.md).",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
         "--per_device_train_batch_size", type=int, default=None, help="Default: 8 on the synthetic set, else 32."
     )
     optim.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    optim.add_argument("--learning_rate", type=float, default=1e-3)
+    optim.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"Default: {training_setup.SCRATCH_LEARNING_RATE} from scratch, {training_setup.FINETUNE_LEARNING_RATE} "
+        "when fine-tuning a saved model (--model_name_or_path; the paper's fine-tuning rate).",
+    )
     optim.add_argument(
         "--encoder_lr_scale",
         type=float,
@@ -173,10 +214,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument("--num_warmup_steps", type=int, default=100)
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument(
-        "--num_train_epochs", type=int, default=None, help="Default: 6 on the synthetic set (3000 steps, about 13 minutes on 2 CPU cores), 50 otherwise."
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help=f"Default: {SYNTHETIC_EPOCHS} on the synthetic set ({SYNTHETIC_EPOCHS * 500} steps at batch 8, or "
+        f"{SYNTHETIC_MINUTES} minutes, whichever ends first; see --max_train_minutes), 50 otherwise.",
     )
     optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    optim.add_argument("--max_train_minutes", type=float, default=None, help="Stop (and evaluate/save) after this long.")
+    optim.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Stop (and evaluate/save) after this many minutes, evaluations included. Default: none, except "
+        f"{SYNTHETIC_MINUTES} on the synthetic set when neither --max_train_steps nor --num_train_epochs is given, so "
+        "that the default run ends in about 15 minutes on a slow machine too.",
+    )
     optim.add_argument("--seed", type=int, default=42)
 
     run = parser.add_argument_group("run")
@@ -209,7 +261,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="A step_N checkpoint folder, or 'latest' (the newest complete one in --output_dir).",
     )
     run.add_argument(
-        "--eval_steps", type=int, default=None, help="Evaluate every N steps (default: 500 on the synthetic set, else at the end)."
+        "--eval_steps",
+        type=int,
+        default=None,
+        help="Evaluate every N steps (default: 1000 on the synthetic set, else at the end).",
     )
     run.add_argument("--eval_top_p", type=float, default=None, help="Sampling mass at evaluation (default: greedy).")
     run.add_argument("--num_visualizations", type=int, default=8, help="Validation images drawn at the end.")
@@ -256,6 +311,8 @@ def build_model_and_processor(args, id2label: dict[int, str]):
         num_bins=args.num_bins,
         object_order=args.object_order,
         sequence_augmentation=not args.no_sequence_augmentation,
+        coordinate_label_sigma=args.coordinate_label_sigma,
+        auxiliary_loss_weight=args.auxiliary_loss_weight,
     )
 
 
@@ -294,7 +351,12 @@ def run_evaluation(accelerator, model, processor, dataloader, args) -> dict:
     generation_kwargs = {"do_sample": False} if args.eval_top_p is None else {"do_sample": True, "top_p": args.eval_top_p}
     model.eval()
     metrics = evaluate_model(
-        accelerator.unwrap_model(model), processor, dataloader, generation_kwargs=generation_kwargs, accelerator=accelerator
+        accelerator.unwrap_model(model),
+        processor,
+        dataloader,
+        generation_kwargs=generation_kwargs,
+        accelerator=accelerator,
+        progress_bar=True,
     )
     model.train()
     return {key: float(metrics[key]) for key in METRIC_KEYS}
@@ -381,13 +443,17 @@ def main(argv=None) -> int:
     if args.per_device_train_batch_size is None:
         # Small batches on the synthetic set: more updates in the minutes a CPU run has.
         args.per_device_train_batch_size = 8 if synthetic else 32
+    if synthetic and args.max_train_minutes is None and args.max_train_steps is None and args.num_train_epochs is None:
+        args.max_train_minutes = SYNTHETIC_MINUTES
     if args.num_train_epochs is None:
-        args.num_train_epochs = 6 if synthetic else 50
+        args.num_train_epochs = SYNTHETIC_EPOCHS if synthetic else 50
     if args.lr_scheduler_type is None:
         # A short run is still early in learning: decaying the rate cost 6x in mAP (docs/training.md).
         args.lr_scheduler_type = "constant_with_warmup" if synthetic else "linear"
     if args.eval_steps is None and synthetic:
-        args.eval_steps = 500
+        args.eval_steps = 1000
+    if args.learning_rate is None:
+        args.learning_rate = training_setup.default_learning_rate(args.model_name_or_path)
     if args.encoder_lr_scale is None:
         args.encoder_lr_scale = training_setup.default_encoder_lr_scale(args.model_name_or_path)
     train_collator = Pix2SeqCollator(
@@ -456,12 +522,14 @@ def main(argv=None) -> int:
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"Training {args.max_train_steps} steps ({num_epochs} epochs) at {total_batch} images per step "
-        f"(x{args.num_augmentations} augmentations)"
+        f"(x{args.num_augmentations} augmentations), learning rate {args.learning_rate}"
+        + (f", or {args.max_train_minutes} minutes, whichever ends first" if args.max_train_minutes else "")
     )
     progress = tqdm(
         range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
     )
     history, start_time, stop = [], time.time(), False
+    eval_seconds = 0.0  # time spent in evaluations during training, left out of `train_minutes` in the history
     running_loss, running_count, loss = 0.0, 0, None
     model.train()
     for epoch in range(starting_epoch, num_epochs):
@@ -505,8 +573,19 @@ def main(argv=None) -> int:
             out_of_time = args.max_train_minutes and (time.time() - start_time) / 60 >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
+                eval_start = time.time()
                 metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
-                history.append({"step": completed_steps, "loss": loss, "minutes": (time.time() - start_time) / 60, **metrics})
+                eval_seconds += time.time() - eval_start
+                minutes = (time.time() - start_time) / 60
+                history.append(
+                    {
+                        "step": completed_steps,
+                        "loss": loss,
+                        "minutes": minutes,
+                        "train_minutes": minutes - eval_seconds / 60,
+                        **metrics,
+                    }
+                )
                 logger.info(f"step {completed_steps}: loss {loss:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if args.with_tracking:
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
@@ -529,7 +608,15 @@ def main(argv=None) -> int:
     results["skipped_bad_images"] = skipped
     if eval_dataloader is not None:
         metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
-        history.append({"step": completed_steps, "loss": loss, "minutes": train_minutes, **metrics})
+        history.append(
+            {
+                "step": completed_steps,
+                "loss": loss,
+                "minutes": train_minutes,
+                "train_minutes": train_minutes - eval_seconds / 60,
+                **metrics,
+            }
+        )
         logger.info("Final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if args.with_tracking:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)

@@ -104,6 +104,16 @@ class Pix2SeqConfig(PreTrainedConfig):
         eos_token_weight (`float`, *optional*, defaults to 0.1):
             Loss weight of end-of-sequence/padding targets.
 
+    Training losses beyond the paper (both off by default, the paper's recipe; see docs/training.md):
+        coordinate_label_sigma (`float`, *optional*, defaults to 0.0):
+            Soft targets for coordinate tokens: a Gaussian of this standard deviation (in bins) around the target bin,
+            over the coordinate bins, replaces the one-hot target, so that a neighbouring bin earns partial credit.
+            0 keeps the one-hot cross-entropy.
+        auxiliary_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of an auxiliary dense loss on the encoder output during training: every feature cell predicts the
+            class of the object whose centre falls in it (or background) and that object's box (L1 + GIoU). Its head
+            is built only when the weight is positive and is never used for detection. 0: no head, no loss.
+
     Example:
 
     ```python
@@ -168,6 +178,8 @@ class Pix2SeqConfig(PreTrainedConfig):
     coord_token_offset: int = 1000
     max_objects: int = 100
     eos_token_weight: float | int = 0.1
+    coordinate_label_sigma: float | int = 0.0
+    auxiliary_loss_weight: float | int = 0.0
 
     def __post_init__(self, **kwargs):
         if self.encoder_stem not in ("backbone", "patch"):
@@ -284,6 +296,10 @@ class Pix2SeqConfig(PreTrainedConfig):
             )
         if not 0 <= self.eos_token_weight:
             raise ValueError(f"`eos_token_weight` must be non-negative, got {self.eos_token_weight}.")
+        if not 0 <= self.coordinate_label_sigma:
+            raise ValueError(f"`coordinate_label_sigma` must be non-negative, got {self.coordinate_label_sigma}.")
+        if not 0 <= self.auxiliary_loss_weight:
+            raise ValueError(f"`auxiliary_loss_weight` must be non-negative, got {self.auxiliary_loss_weight}.")
 
     def _check_architecture(self):
         """Raises `ValueError` when widths do not split evenly over the attention heads."""

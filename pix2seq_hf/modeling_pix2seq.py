@@ -30,6 +30,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
 from .generation_pix2seq import Pix2SeqGenerationMixin, Pix2SeqObjectDetectionOutput
@@ -793,19 +794,30 @@ def check_label_ids(labels: torch.Tensor, vocab_size: int) -> None:
 
 
 def pix2seq_sequence_loss(
-    logits: torch.Tensor, labels: torch.Tensor, eos_token_id: int, eos_token_weight: float
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    eos_token_id: int,
+    eos_token_weight: float,
+    coordinate_label_sigma: float = 0.0,
+    coord_token_offset: int | None = None,
+    num_bins: int | None = None,
 ) -> torch.Tensor:
     """
     Weighted full-vocabulary cross-entropy of Pix2Seq: every token of the sequence (coordinates, class, noise, EOS) is
-    a target over the whole vocabulary, as in the paper.
+    a target over the whole vocabulary, as in the paper; optionally with soft coordinate targets.
 
     Each target has weight 0 when it is `-100`, `eos_token_weight` when it is the EOS/padding token, 1 otherwise; the
-    loss is `sum(w * ce) / sum(w)` (0 when every weight is 0).
+    loss is `sum(w * ce) / sum(w)` (0 when every weight is 0). With `coordinate_label_sigma > 0`, the target of a
+    coordinate token (bin `b`) is a Gaussian over the bins, `q(j) ~ exp(-(j - b)^2 / (2 sigma^2))`, and its term is
+    `-sum_j q(j) log p(j)` (still over the full-vocabulary softmax) instead of `-log p(b)`.
 
     Args:
         logits (`torch.Tensor` of shape `(batch_size, length, vocab_size)`)
         labels (`torch.LongTensor` of shape `(batch_size, length)`): ids in `[0, vocab_size)` or `-100` (the model's
             `forward` checks them with [`check_label_ids`] before running; this function does not repeat it).
+        eos_token_id (`int`), eos_token_weight (`float`): the EOS/padding token and its weight.
+        coordinate_label_sigma (`float`, *optional*, defaults to 0): standard deviation of the soft targets, in bins.
+        coord_token_offset (`int`), num_bins (`int`): where the coordinate tokens are (needed when the sigma is > 0).
 
     Returns:
         `torch.Tensor`: the scalar loss.
@@ -814,6 +826,17 @@ def pix2seq_sequence_loss(
     ce = nn.functional.cross_entropy(
         logits.reshape(-1, vocab_size).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(labels.shape)
+    if coordinate_label_sigma > 0:
+        if coord_token_offset is None or num_bins is None:
+            raise ValueError("Soft coordinate targets need `coord_token_offset` and `num_bins`.")
+        is_coordinate = (labels >= coord_token_offset) & (labels < coord_token_offset + num_bins)
+        if bool(is_coordinate.any()):
+            log_probs = logits[is_coordinate].float().log_softmax(-1)[:, coord_token_offset : coord_token_offset + num_bins]
+            bins = torch.arange(num_bins, device=logits.device, dtype=torch.float32)
+            target_bins = (labels[is_coordinate] - coord_token_offset).float()
+            soft = torch.exp(-0.5 * ((bins[None, :] - target_bins[:, None]) / coordinate_label_sigma) ** 2)
+            soft = soft / soft.sum(-1, keepdim=True)
+            ce = ce.masked_scatter(is_coordinate, -(soft * log_probs).sum(-1))
     weights = torch.ones_like(ce)
     weights = weights.masked_fill(labels == eos_token_id, float(eos_token_weight))
     weights = weights.masked_fill(labels == -100, 0.0)
@@ -847,6 +870,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         self.model = Pix2SeqModel(config)
         # The output projection: its weight is the token embedding (tied), its bias the official output bias.
         self.lm_head = nn.Linear(config.decoder_hidden_size, config.vocab_size, bias=True)
+        # Training only: dense supervision of the encoder output (config.auxiliary_loss_weight), unused by detection.
+        self.auxiliary_head = Pix2SeqAuxiliaryDenseHead(config) if config.auxiliary_loss_weight > 0 else None
         self._box_codec = None
         self.post_init()
         if self.generation_config is not None:
@@ -938,9 +963,22 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
 
         loss = None
         if labels is not None:
+            labels = labels.to(logits.device)
             loss = pix2seq_sequence_loss(
-                logits, labels.to(logits.device), self.config.eos_token_id, self.config.eos_token_weight
+                logits,
+                labels,
+                self.config.eos_token_id,
+                self.config.eos_token_weight,
+                coordinate_label_sigma=self.config.coordinate_label_sigma,
+                coord_token_offset=self.config.coord_token_offset,
+                num_bins=self.config.num_bins,
             )
+            if self.auxiliary_head is not None:
+                loss = loss + self.config.auxiliary_loss_weight * self.auxiliary_head.loss(
+                    outputs.encoder_last_hidden_state,
+                    labels,
+                    image_size=None if pixel_values is None else tuple(pixel_values.shape[-2:]),
+                )
 
         return Seq2SeqLMOutput(
             loss=loss,

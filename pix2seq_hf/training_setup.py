@@ -20,6 +20,40 @@ logger = logging.getLogger(__name__)
 # Learning-rate factor of the Transformer encoder when training from scratch: at the full rate the encoder drowns the
 # image in a growing image-independent component and the decoder learns only the sequence prior (docs/training.md).
 SCRATCH_ENCODER_LR_SCALE = 0.1
+# Learning rates when none is given: from scratch, and fine-tuning a saved model (the paper's fine-tuning rate).
+SCRATCH_LEARNING_RATE = 1e-3
+FINETUNE_LEARNING_RATE = 3e-5
+# Training-sequence and loss options of a model trained from scratch, where none is given. Only what measurably helps
+# is on (docs/training.md): a fixed object order; the paper's one-hot targets and no auxiliary loss.
+SCRATCH_RECIPE = {"object_order": "dist2ori", "coordinate_label_sigma": 0.0, "auxiliary_loss_weight": 0.0}
+
+
+def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) -> None:
+    """
+    Points a saved model at a new label set: label `i` becomes class token `class_token_offset + i` (class tokens share
+    the vocabulary, so no weight changes shape; tokens of the old classes are simply reused). The auxiliary dense head,
+    if any, is sized per class and is rebuilt for the new classes.
+
+    Raises:
+        `ValueError` when the new classes do not fit between the class and coordinate token ranges.
+    """
+    config = model.config
+    room = config.coord_token_offset - config.class_token_offset
+    if len(id2label) > room:
+        raise ValueError(
+            f"The data has {len(id2label)} classes, but the model's vocabulary has room for {room} class tokens "
+            f"({config.class_token_offset}..{config.coord_token_offset - 1})."
+        )
+    old = dict(config.id2label)
+    config.num_classes = len(id2label)
+    config.id2label = dict(id2label)
+    config.label2id = {name: label for label, name in id2label.items()}
+    if getattr(model, "auxiliary_head", None) is not None:
+        model.auxiliary_head = type(model.auxiliary_head)(config)
+        model.auxiliary_head.apply(model._init_weights)
+    model._box_codec = None
+    tokens = ", ".join(f"{name} -> {config.class_token_offset + label}" for label, name in sorted(id2label.items()))
+    logger.info(f"Fine-tuning onto a new label set (the model was trained on {old}); class tokens: {tokens}.")
 
 
 def build_model_and_processor(
@@ -30,36 +64,52 @@ def build_model_and_processor(
     image_size: int | None = None,
     max_objects: int | None = None,
     num_bins: int | None = None,
-    object_order: str = "random",
+    object_order: str | None = None,
     sequence_augmentation: bool = True,
+    coordinate_label_sigma: float | None = None,
+    auxiliary_loss_weight: float | None = None,
 ) -> tuple[Pix2SeqForObjectDetection, Pix2SeqProcessor]:
     """
     The model of a training run and a processor whose token layout matches it.
 
     Args:
         id2label (`dict[int, str]`): the classes of the data (contiguous labels).
-        model_name_or_path (`str`, *optional*): a saved Pix2Seq model to fine-tune (its classes must be `id2label`);
-            otherwise a new model of `config_preset`.
+        model_name_or_path (`str`, *optional*): a saved Pix2Seq model to fine-tune (moved onto `id2label` when its
+            classes differ, see `relabel_model`); otherwise a new model of `config_preset`.
         config_preset (`str`, *optional*, defaults to `"tiny"`): a name of `presets.PRESETS`.
         pretrained_backbone (`bool`, *optional*): start a new model from ImageNet timm weights (needs the Hub).
         image_size (`int`, *optional*): the canvas (default: the preset's, or the saved processor's).
         max_objects / num_bins (`int`, *optional*): override the preset's (vocabulary and positions grow to fit).
-        object_order (`str`, *optional*, defaults to `"random"`): order of objects in training sequences.
+        object_order (`str`, *optional*): order of objects in training sequences (default: the saved processor's, or
+            `SCRATCH_RECIPE`'s from scratch).
         sequence_augmentation (`bool`, *optional*, defaults to `True`): noise objects in training sequences.
+        coordinate_label_sigma / auxiliary_loss_weight (`float`, *optional*): training-loss options (default: the
+            saved model's, or `SCRATCH_RECIPE`'s from scratch); a saved model refuses other values.
 
     Returns:
         `(Pix2SeqForObjectDetection, Pix2SeqProcessor)`.
     """
+    losses = {"coordinate_label_sigma": coordinate_label_sigma, "auxiliary_loss_weight": auxiliary_loss_weight}
     if model_name_or_path:
         model = Pix2SeqForObjectDetection.from_pretrained(model_name_or_path)
+        saved = Pix2SeqProcessor.from_pretrained(model_name_or_path)
+        for name, value in losses.items():
+            if value is not None and value != getattr(model.config, name):
+                raise ValueError(
+                    f"--{name} {value} differs from the saved model's {getattr(model.config, name)}; fine-tuning keeps "
+                    "the saved model's training losses."
+                )
         if dict(model.config.id2label) != dict(id2label):
-            raise ValueError(
-                f"{model_name_or_path} was trained on classes {model.config.id2label}, but the data has {id2label}; "
-                "train from a preset (--config_preset) for a new label set."
-            )
-        processor = Pix2SeqProcessor.from_pretrained(model_name_or_path)
+            relabel_model(model, id2label)
+        image_processor = saved.image_processor
         if image_size:
-            processor.image_processor.size = {"longest_edge": image_size}
+            image_processor.size = {"longest_edge": image_size}
+        codec_options = dict(saved.codec_options)
+        if object_order:
+            codec_options["object_order"] = object_order
+        if not sequence_augmentation:
+            codec_options["sequence_augmentation"] = False
+        processor = Pix2SeqProcessor.from_config(model.config, image_processor=image_processor, **codec_options)
     else:
         overrides = {"id2label": id2label, "use_pretrained_backbone": pretrained_backbone}
         if max_objects:
@@ -68,6 +118,8 @@ def build_model_and_processor(
         if num_bins:
             overrides["num_bins"] = num_bins
             overrides["vocab_size"] = max(3000, 1000 + num_bins)
+        for name, value in losses.items():
+            overrides[name] = SCRATCH_RECIPE[name] if value is None else value
         config = get_preset_config(config_preset, **overrides)
         model = Pix2SeqForObjectDetection(config)
         # The weights now live in the model: a saved config must not download the backbone again when loaded.
@@ -76,11 +128,21 @@ def build_model_and_processor(
         processor = Pix2SeqProcessor.from_config(
             model.config,
             image_processor=image_processor,
-            object_order=object_order,
+            object_order=object_order or SCRATCH_RECIPE["object_order"],
             sequence_augmentation=sequence_augmentation,
         )
+    logger.info(
+        f"Object order {processor.object_order}, sequence augmentation {processor.sequence_augmentation}, "
+        f"coordinate_label_sigma {model.config.coordinate_label_sigma}, "
+        f"auxiliary_loss_weight {model.config.auxiliary_loss_weight}"
+    )
     processor.check_model_compatible(model)
     return model, processor
+
+
+def default_learning_rate(model_name_or_path: str | None) -> float:
+    """The learning rate when none is given: `FINETUNE_LEARNING_RATE` to fine-tune, `SCRATCH_LEARNING_RATE` from scratch."""
+    return FINETUNE_LEARNING_RATE if model_name_or_path else SCRATCH_LEARNING_RATE
 
 
 def default_encoder_lr_scale(model_name_or_path: str | None) -> float:
@@ -117,8 +179,13 @@ def optimizer_param_groups(
 
 
 __all__ = [
+    "FINETUNE_LEARNING_RATE",
     "SCRATCH_ENCODER_LR_SCALE",
+    "SCRATCH_LEARNING_RATE",
+    "SCRATCH_RECIPE",
     "build_model_and_processor",
     "default_encoder_lr_scale",
+    "default_learning_rate",
     "optimizer_param_groups",
+    "relabel_model",
 ]

@@ -10,7 +10,7 @@ from .hf_datasets import prepare_detection_dataset
 from .images import ImageReadError, decode_image, undecoded_images
 from .schema import AnnotationStats, DetectionSplit, detection_features, get_id2label
 from .splits import SPLIT_OPTIONS, DetectionSplits, load_detection_splits
-from .synthetic import SHAPE_NAMES, load_synthetic_detection, make_synthetic_detection_dataset
+from .synthetic import SHAPE_NAMES, SYNTHETIC_VARIANTS, load_synthetic_detection, make_synthetic_detection_dataset
 from .transforms import (
     AUGMENTATION_PRESETS,
     AugmentationConfig,
@@ -23,6 +23,7 @@ from .transforms import (
 __all__ = [
     "AUGMENTATION_PRESETS",
     "SHAPE_NAMES",
+    "SYNTHETIC_VARIANTS",
     "SPLIT_OPTIONS",
     "AnnotationStats",
     "AugmentationConfig",

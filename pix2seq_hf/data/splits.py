@@ -13,7 +13,7 @@ import datasets
 from .coco_json import load_coco_detection
 from .hf_datasets import prepare_detection_dataset
 from .schema import AnnotationStats, DetectionSplit, get_id2label
-from .synthetic import make_synthetic_detection_dataset
+from .synthetic import SYNTHETIC_VARIANTS, make_synthetic_detection_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,11 @@ SPLIT_OPTIONS: dict[str, object] = {
     "validation_coco_images": None,
     "synthetic_train_size": 4000,
     "synthetic_validation_size": 200,
-    "synthetic_image_size": 128,
+    "synthetic_variant": "shapes",
+    "synthetic_image_size": None,
     "synthetic_num_classes": 5,
-    "synthetic_max_objects": 10,
+    "synthetic_min_objects": None,
+    "synthetic_max_objects": None,
     "max_train_samples": None,
     "max_eval_samples": None,
     "check_images": None,
@@ -103,13 +105,15 @@ def _pick_split(data, split: str, name: str) -> datasets.Dataset:
 
 
 def _synthetic_split(size: int, options: dict, split: str) -> DetectionSplit:
+    variant = options["synthetic_variant"]
+    if variant not in SYNTHETIC_VARIANTS:
+        raise ValueError(f"Unknown synthetic_variant {variant!r}; choose one of {sorted(SYNTHETIC_VARIANTS)}.")
+    settings = dict(SYNTHETIC_VARIANTS[variant])
+    for name in ("image_size", "min_objects", "max_objects"):
+        if options[f"synthetic_{name}"] is not None:
+            settings[name] = options[f"synthetic_{name}"]
     dataset = make_synthetic_detection_dataset(
-        size,
-        seed=options["seed"],
-        image_size=options["synthetic_image_size"],
-        num_classes=options["synthetic_num_classes"],
-        max_objects=options["synthetic_max_objects"],
-        split=split,
+        size, seed=options["seed"], num_classes=options["synthetic_num_classes"], split=split, **settings
     )
     id2label = get_id2label(dataset)
     stats = AnnotationStats(images=len(dataset), objects=sum(len(o["bbox"]) for o in dataset["objects"]))
@@ -124,9 +128,10 @@ def load_detection_splits(args: argparse.Namespace | Mapping | None = None, **ov
       local COCO json + image folder (`load_coco_detection`);
     - `dataset_name`: a dataset folder saved with `save_to_disk`, or a `datasets.load_dataset` name or path, in
       CPPE-5 or xyxy style (`prepare_detection_dataset`, splits `train_split` / `validation_split`);
-    - neither: the synthetic shapes set (`synthetic_train_size` / `synthetic_validation_size` images of
-      `synthetic_image_size` pixels with `synthetic_num_classes` shapes and 1 to `synthetic_max_objects` objects,
-      seeded with `seed`).
+    - neither: the synthetic shapes set (`synthetic_train_size` / `synthetic_validation_size` images, seeded with
+      `seed`, of the `synthetic_variant` (`SYNTHETIC_VARIANTS`: "shapes", 128 px with 1 to 10 objects, or "dense",
+      384 px with 20 to 60 small objects) with `synthetic_num_classes` shapes; `synthetic_image_size`,
+      `synthetic_min_objects` and `synthetic_max_objects` override the variant's).
 
     The validation split is read with the training split's label map (a category the training split does not have
     is an error). `validation_split="none"` (or no validation json) gives no validation split.

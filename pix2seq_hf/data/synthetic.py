@@ -39,6 +39,14 @@ _TEXTURES = ("gradient", "stripes", "noise", "checker")
 _MIN_COLOUR_DISTANCE = 180
 _MAX_PLACEMENT_TRIES = 50
 
+# Named variants of the set: the arguments of `make_synthetic_detection_dataset` each one sets.
+SYNTHETIC_VARIANTS: dict[str, dict] = {
+    # The default: 128 px, 1 to 10 objects of 10-40 % of the image side.
+    "shapes": {},
+    # Dense scenes: 384 px, 20 to 60 small objects of 3-10 % of the side (about 12 to 38 pixels).
+    "dense": {"image_size": 384, "min_objects": 20, "max_objects": 60, "min_object_size": 0.03, "max_object_size": 0.1},
+}
+
 
 def _shape_mask(shape: str, height: int, width: int) -> np.ndarray:
     """Boolean `[height, width]` mask of `shape` inscribed in a `width x height` box (pixel centres sampled)."""

@@ -1,0 +1,316 @@
+"""Side-by-side training benchmark: Pix2Seq (this project's default run), transformers' DETR and torchvision's FCOS
+trained from scratch on the same data, with the same budget and the same COCO evaluation.
+
+    python examples/benchmark_training.py                          # all three, 3000 steps each, mAP every 500
+    python examples/benchmark_training.py --detectors fcos detr --max_train_steps 2000 --num_threads 1
+
+Data: the synthetic shapes set of `examples/train.py` (4000 training and 200 validation images of 128 px, seed 42),
+the same `light` augmentation (seeded per epoch and image), batch 8. Every detector starts from random weights (a
+ResNet-18 backbone) and is evaluated on the validation split with pycocotools (`CocoDetectionEvaluator`) every
+`--eval_steps` steps and at the end. Minutes count training only (evaluations excluded).
+
+- `pix2seq`: `examples/train.py` with its defaults (the tiny preset and the from-scratch recipe), in this process.
+- `detr`: `transformers.DetrForObjectDetection`, d_model 128, 2+2 layers, 4 heads, FFN 512, 20 queries (the tiny
+  preset's size), AdamW 1e-4 (backbone 1e-5), weight decay 1e-4, gradient clipping 0.1 (DETR's recipe).
+- `fcos`: `torchvision.models.detection.FCOS` on a ResNet-18 + FPN (P3-P7), SGD 0.01 with momentum 0.9, weight
+  decay 1e-4, linear warm-up over 100 steps (torchvision's reference recipe at this batch size), score threshold
+  0.05 and 100 detections per image at evaluation.
+
+Prints each detector's mAP against steps and minutes, and writes them to `--output_file` (JSON).
+DETR needs scipy (the `benchmark` extra: `pip install -e .[benchmark]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train as pix2seq_train  # noqa: E402  (examples/train.py)
+from pix2seq_hf.data import build_train_transforms, derive_seed, load_detection_splits  # noqa: E402
+from pix2seq_hf.data.images import open_image  # noqa: E402
+from pix2seq_hf.data.transforms import apply_transforms  # noqa: E402
+from pix2seq_hf.evaluation import METRIC_KEYS, CocoDetectionEvaluator  # noqa: E402
+
+
+DETECTORS = ("pix2seq", "detr", "fcos")
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
+    parser.add_argument("--max_train_steps", type=int, default=3000, help="Training steps of each detector.")
+    parser.add_argument("--max_train_minutes", type=float, default=None, help="Also stop after this many minutes.")
+    parser.add_argument("--eval_steps", type=int, default=500)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--synthetic_train_size", type=int, default=4000)
+    parser.add_argument("--synthetic_validation_size", type=int, default=200)
+    parser.add_argument("--image_size", type=int, default=128, help="Canvas of the synthetic images.")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--output_file", default="benchmark_training.json")
+    args = parser.parse_args(argv)
+    if args.max_train_steps < 1 or args.eval_steps < 1 or args.batch_size < 1:
+        parser.error("--max_train_steps, --eval_steps and --batch_size must be positive")
+    return args
+
+
+# ----- data shared by DETR and FCOS ------------------------------------------------------------------------------------
+
+
+class AugmentedBatches:
+    """Collates examples into `(images, targets)`: float images in [0, 1] augmented like Pix2Seq's (same transforms,
+    seeded with `(seed, epoch, image_id)`) and padded at the bottom/right onto the `canvas` square as Pix2Seq's are,
+    and per image `boxes` (xyxy pixels), `labels` and `mask` (1 on the image, 0 on the padding)."""
+
+    def __init__(self, transforms, seed: int, canvas: int):
+        self.transforms, self.seed, self.canvas, self.epoch = transforms, seed, canvas, 0
+
+    def __call__(self, examples):
+        images, targets = [], []
+        for example in examples:
+            image_id = int(example["image_id"])
+            pixels = torch.from_numpy(np.array(open_image(example["image"], f"image_id {image_id}").convert("RGB")))
+            objects = example["objects"]
+            boxes = torch.as_tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.as_tensor(objects["category"], dtype=torch.int64)
+            image, boxes, labels = apply_transforms(
+                self.transforms, pixels.permute(2, 0, 1), boxes, labels, seed=derive_seed(self.seed, self.epoch, image_id, 0)
+            )
+            height, width = image.shape[-2:]
+            padded = torch.zeros(3, self.canvas, self.canvas)
+            padded[:, :height, :width] = image.float() / 255
+            mask = torch.zeros(self.canvas, self.canvas, dtype=torch.long)
+            mask[:height, :width] = 1
+            images.append(padded)
+            boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+            targets.append({"boxes": boxes, "labels": labels, "mask": mask})
+        return images, targets
+
+
+def validation_examples(dataset):
+    """`(image_id, image [3, H, W] float in [0, 1], objects)` of every validation example."""
+    for example in dataset:
+        image = open_image(example["image"], f"image_id {example['image_id']}").convert("RGB")
+        yield int(example["image_id"]), torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255, example["objects"]
+
+
+def coco_metrics(predict, dataset, id2label, batch_size: int = 32) -> dict:
+    """COCO metrics of `predict(list of images) -> list of {boxes (xyxy pixels), labels, scores}` on `dataset`."""
+    evaluator = CocoDetectionEvaluator(id2label)
+    examples = list(validation_examples(dataset))
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            found = predict([image for _, image, _ in chunk])
+            for (image_id, image, objects), detections in zip(chunk, found):
+                boxes = torch.as_tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+                evaluator.add_ground_truth(
+                    image_id,
+                    image.shape[1],
+                    image.shape[2],
+                    torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1),
+                    objects["category"],
+                    iscrowd=objects.get("iscrowd"),
+                    areas=objects.get("area"),
+                )
+                evaluator.add_predictions(image_id, detections["boxes"], detections["labels"], detections["scores"])
+    metrics = evaluator.compute()
+    return {key: float(metrics[key]) for key in METRIC_KEYS}
+
+
+# ----- the detectors ---------------------------------------------------------------------------------------------------
+
+
+def build_detr(num_classes: int, id2label: dict):
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
+
+    config = DetrConfig(
+        backbone="resnet18",
+        use_timm_backbone=True,
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        num_queries=20,
+        num_labels=num_classes,
+        id2label=id2label,
+    )
+    model = DetrForObjectDetection(config)
+    backbone = [p for n, p in model.named_parameters() if "backbone" in n]
+    rest = [p for n, p in model.named_parameters() if "backbone" not in n]
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
+    post = DetrImageProcessor()
+
+    def step(images, targets):
+        pixel_values = torch.stack([(image - IMAGENET_MEAN) / IMAGENET_STD for image in images])
+        size = pixel_values.shape[-1]
+        labels = []
+        for target in targets:
+            xyxy = target["boxes"] / size
+            cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
+            labels.append({"class_labels": target["labels"], "boxes": cxcywh})
+        pixel_mask = torch.stack([target["mask"] for target in targets])
+        loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        return loss.item()
+
+    def predict(images):
+        pixel_values = torch.stack([(image - IMAGENET_MEAN) / IMAGENET_STD for image in images])
+        outputs = model(pixel_values=pixel_values)
+        sizes = [tuple(image.shape[1:]) for image in images]
+        return post.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+
+    return model, step, predict
+
+
+def build_fcos(num_classes: int, image_size: int):
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        trainable_layers=5,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+    model = FCOS(backbone, num_classes=num_classes, min_size=image_size, max_size=image_size, score_thresh=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
+
+    def step(images, targets):
+        losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.item()
+
+    def predict(images):
+        return model(images)
+
+    return model, step, predict
+
+
+def train_baseline(name: str, args, splits) -> list[dict]:
+    """Trains DETR or FCOS; returns the evaluations (step, minutes of training, loss, metrics)."""
+    torch.manual_seed(args.seed)
+    num_classes = len(splits.id2label)
+    if name == "detr":
+        model, step, predict = build_detr(num_classes, splits.id2label)
+    else:
+        model, step, predict = build_fcos(num_classes, args.image_size)
+    collate = AugmentedBatches(build_train_transforms("light", args.image_size), args.seed, args.image_size)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    history, steps, seconds, losses, epoch = [], 0, 0.0, [], 0
+
+    def evaluate():
+        model.eval()
+        metrics = coco_metrics(predict, splits.validation, splits.id2label)
+        model.train()
+        history.append({"step": steps, "minutes": round(seconds / 60, 2), "loss": sum(losses) / max(1, len(losses)), **metrics})
+        losses.clear()
+        print(f"{name} step {steps} ({seconds / 60:.1f} min): mAP {metrics['map']:.4f} mAP@50 {metrics['map_50']:.4f}", flush=True)
+
+    model.train()
+    while steps < args.max_train_steps:
+        collate.epoch = epoch
+        for images, targets in loader:
+            start = time.perf_counter()
+            losses.append(step(images, targets))
+            seconds += time.perf_counter() - start
+            steps += 1
+            out_of_time = args.max_train_minutes is not None and seconds / 60 >= args.max_train_minutes
+            if steps % args.eval_steps == 0 or steps >= args.max_train_steps or out_of_time:
+                evaluate()
+            if steps >= args.max_train_steps or out_of_time:
+                return history
+        epoch += 1
+    return history
+
+
+def train_pix2seq(args) -> list[dict]:
+    """Runs `examples/train.py` with its defaults for the budget; returns its evaluations."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        argv = [
+            "--output_dir", output_dir,
+            "--max_train_steps", str(args.max_train_steps),
+            "--eval_steps", str(args.eval_steps),
+            "--per_device_train_batch_size", str(args.batch_size),
+            "--synthetic_train_size", str(args.synthetic_train_size),
+            "--synthetic_validation_size", str(args.synthetic_validation_size),
+            "--seed", str(args.seed),
+            "--image_size", str(args.image_size),
+            "--num_visualizations", "0",
+        ]  # fmt: skip
+        if args.max_train_minutes is not None:
+            argv += ["--max_train_minutes", str(args.max_train_minutes)]
+        if args.num_threads:
+            argv += ["--num_threads", str(args.num_threads)]
+        pix2seq_train.main(argv)
+        results = json.loads((Path(output_dir) / "all_results.json").read_text())
+    return [
+        {"step": h["step"], "minutes": round(h["train_minutes"], 2), "loss": h["loss"], **{k: h[k] for k in METRIC_KEYS}}
+        for h in results["history"]
+    ]
+
+
+def format_table(report: dict) -> str:
+    lines = ["| detector | step | training minutes | mAP | mAP@50 | mAP@75 | mAR@100 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, history in report["detectors"].items():
+        for h in history:
+            lines.append(
+                f"| {name} | {h['step']} | {h['minutes']:.1f} | {h['map']:.3f} | {h['map_50']:.3f} | {h['map_75']:.3f} "
+                f"| {h['mar_100']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    splits = None
+    report = {"settings": vars(args), "threads": torch.get_num_threads(), "detectors": {}}
+    for name in args.detectors:
+        if name == "pix2seq":
+            report["detectors"][name] = train_pix2seq(args)
+            continue
+        if splits is None:
+            splits = load_detection_splits(
+                synthetic_train_size=args.synthetic_train_size,
+                synthetic_validation_size=args.synthetic_validation_size,
+                synthetic_image_size=args.image_size,
+                seed=args.seed,
+            )
+        report["detectors"][name] = train_baseline(name, args, splits)
+    Path(args.output_file).write_text(json.dumps(report, indent=2))
+    print(format_table(report))
+    print(f"Wrote {args.output_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

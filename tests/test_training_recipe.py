@@ -1,0 +1,262 @@
+"""The training losses beyond the paper (soft coordinate targets, auxiliary dense head), a learning test on a fixed
+batch, the dense synthetic variant and fine-tuning a saved model onto a new label set with examples/train.py."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY_LAYOUT, tiny_config
+
+from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf.auxiliary_dense_head import objects_from_labels
+from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+COORD, BINS = TINY_LAYOUT["coord_token_offset"], TINY_LAYOUT["num_bins"]
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----- soft coordinate targets -------------------------------------------------------------------------------------
+
+
+def _peaked_logits(predicted_bin: int, vocab_size: int = 300) -> torch.Tensor:
+    logits = torch.zeros(1, 1, vocab_size)
+    logits[0, 0, COORD + predicted_bin] = 8.0
+    return logits
+
+
+def test_soft_coordinate_targets_credit_neighbouring_bins():
+    labels = torch.tensor([[COORD + 50]])
+
+    def loss(predicted_bin, sigma):
+        return float(pix2seq_sequence_loss(_peaked_logits(predicted_bin), labels, 0, 0.1, sigma, COORD, BINS))
+
+    # One-hot: a neighbour is as wrong as a far bin.
+    assert loss(51, 0.0) == pytest.approx(loss(80, 0.0))
+    # Soft: the neighbour costs less than the far bin, and the right bin least.
+    assert loss(50, 2.0) < loss(51, 2.0) < loss(80, 2.0)
+    # A very narrow Gaussian is the one-hot target.
+    assert loss(51, 1e-3) == pytest.approx(loss(51, 0.0), rel=1e-5)
+
+
+def test_soft_coordinate_targets_leave_class_and_ignored_tokens_alone():
+    logits = torch.randn(2, 5, 300, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[41, 0, -100, 30, 42], [43, 44, 0, -100, 41]])  # classes, EOS, noise, ignored: no coordinate
+    hard = pix2seq_sequence_loss(logits, labels, 0, 0.1)
+    soft = pix2seq_sequence_loss(logits, labels, 0, 0.1, 3.0, COORD, BINS)
+    torch.testing.assert_close(hard, soft)
+    with pytest.raises(ValueError, match="coord_token_offset"):
+        pix2seq_sequence_loss(logits, labels, 0, 0.1, 3.0)
+
+
+def test_config_refuses_negative_loss_options():
+    with pytest.raises(ValueError, match="coordinate_label_sigma"):
+        tiny_config(coordinate_label_sigma=-1.0)
+    with pytest.raises(ValueError, match="auxiliary_loss_weight"):
+        tiny_config(auxiliary_loss_weight=-0.5)
+
+
+# ----- auxiliary dense head ------------------------------------------------------------------------------------------
+
+
+def _sequence(boxes_and_classes, noise: int = 0) -> list[int]:
+    """Tokens `ymin xmin ymax xmax class` of xyxy boxes in [0, 1], then `noise` noise objects (coordinates ignored)."""
+    tokens = []
+    for (x0, y0, x1, y1), label in boxes_and_classes:
+        tokens += [COORD + round(v * (BINS - 1)) for v in (y0, x0, y1, x1)] + [TINY_LAYOUT["class_token_offset"] + label]
+    for _ in range(noise):
+        tokens += [-100] * 4 + [TINY_LAYOUT["noise_token_id"]]
+    return tokens
+
+
+def test_objects_are_read_back_from_the_training_targets():
+    config = tiny_config()
+    first = _sequence([((0.1, 0.2, 0.5, 0.6), 3), ((0.0, 0.0, 1.0, 1.0), 0)], noise=1)
+    second = _sequence([((0.7, 0.1, 0.9, 0.3), 4)], noise=2)
+    labels = torch.tensor([first, second])
+    (boxes_a, classes_a), (boxes_b, classes_b) = objects_from_labels(labels, config)
+    torch.testing.assert_close(boxes_a, torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]]), atol=0.006, rtol=0)
+    assert classes_a.tolist() == [3, 0] and classes_b.tolist() == [4]
+    torch.testing.assert_close(boxes_b, torch.tensor([[0.7, 0.1, 0.9, 0.3]]), atol=0.006, rtol=0)
+
+
+def test_auxiliary_head_trains_the_encoder_and_stays_out_of_detection(tmp_path):
+    torch.manual_seed(0)
+    with_head = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0))
+    without = Pix2SeqForObjectDetection(tiny_config())
+    assert without.auxiliary_head is None and with_head.auxiliary_head is not None
+    # The head is the only difference in the weights.
+    extra = set(with_head.state_dict()) - set(without.state_dict())
+    assert extra and all(name.startswith("auxiliary_head.") for name in extra)
+
+    pixel_values = torch.rand(2, 3, 64, 64)
+    labels = torch.tensor([_sequence([((0.1, 0.2, 0.5, 0.6), 3)], noise=1), _sequence([((0.6, 0.6, 0.9, 0.9), 1)], noise=1)])
+    without.load_state_dict({k: v for k, v in with_head.state_dict().items() if k in without.state_dict()})
+    loss_with = with_head(pixel_values=pixel_values, labels=labels).loss
+    loss_without = without(pixel_values=pixel_values, labels=labels).loss
+    assert loss_with.item() > loss_without.item()  # the auxiliary term is added
+    loss_with.backward()
+    assert with_head.auxiliary_head.box_head.weight.grad.abs().sum() > 0
+    assert with_head.model.encoder.bridge.projection.weight.grad.abs().sum() > 0
+
+    # Detection never uses the head: the same tokens with and without it, and it survives save/load.
+    with_head.eval(), without.eval()
+    kwargs = {"do_sample": False, "max_new_tokens": 10}
+    torch.testing.assert_close(
+        with_head.generate(pixel_values, **kwargs).sequences, without.generate(pixel_values, **kwargs).sequences
+    )
+    with_head.save_pretrained(tmp_path)
+    reloaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.auxiliary_head.class_head.weight, with_head.auxiliary_head.class_head.weight)
+
+
+# ----- learning test -------------------------------------------------------------------------------------------------
+
+
+def test_a_few_steps_on_a_fixed_batch_learn_to_detect_it():
+    """Training on one fixed batch lowers the loss markedly, and greedy decoding then finds its objects."""
+    from pix2seq_hf.data import Pix2SeqCollator, make_synthetic_detection_dataset
+
+    torch.manual_seed(0)
+    config = tiny_config(num_classes=None, id2label={i: str(i) for i in range(5)}, max_objects=2, dropout=0.0,
+                         drop_path_rate=0.0)  # fmt: skip
+    model = Pix2SeqForObjectDetection(config)
+    processor = Pix2SeqProcessor.from_config(
+        config, image_processor=Pix2SeqImageProcessor(size={"longest_edge": 64}), sequence_augmentation=False,
+        object_order="dist2ori",
+    )  # fmt: skip
+    dataset = make_synthetic_detection_dataset(4, seed=5, image_size=64, max_objects=2, min_object_size=0.3)
+    batch = Pix2SeqCollator(processor, training=True, seed=0, return_targets=True)([dataset[i] for i in range(4)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(60):
+        loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.4 * losses[0], losses[::10]
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model.generate(batch["pixel_values"], do_sample=False)
+    sizes = [tuple(int(v) for v in target["orig_size"]) for target in batch["targets"]]
+    found = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+    from torchvision.ops import box_iou
+
+    hits, total = 0, 0
+    for target, detections in zip(batch["targets"], found):
+        for box, label in zip(target["boxes"], target["labels"]):
+            total += 1
+            same_class = detections["labels"] == label
+            if same_class.any() and box_iou(box[None], detections["boxes"][same_class]).max() > 0.5:
+                hits += 1
+    assert hits >= 0.75 * total, (hits, total)
+
+
+# ----- fine-tuning onto a new label set ------------------------------------------------------------------------------
+
+
+TINY_RUN = [
+    "--image_size", "64",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "4",
+    "--num_warmup_steps", "1",
+    "--max_train_steps", "2",
+    "--num_visualizations", "0",
+    "--seed", "3",
+    "--num_threads", "1",
+]  # fmt: skip
+
+
+def test_a_saved_model_fine_tunes_onto_a_new_label_set(tmp_path, caplog):
+    """Pretrain on the five shapes, fine-tune on a set with three other class names: the classes are mapped onto class
+    tokens, the fine-tuning learning rate is the default, and the result loads and detects with the new names."""
+    import datasets
+
+    from pix2seq_hf.data import detection_features, make_synthetic_detection_dataset
+
+    train = _load_example("train")
+    pretrained = tmp_path / "pretrained"
+    synthetic = ["--synthetic_train_size", "8", "--synthetic_validation_size", "4"]
+    assert train.main(TINY_RUN + synthetic + ["--output_dir", str(pretrained)]) == 0
+
+    names = ["dot", "block", "peak"]
+    other = {
+        split: make_synthetic_detection_dataset(
+            size, seed=7, image_size=64, num_classes=3, max_objects=3, split=split
+        ).cast(detection_features(names))
+        for split, size in (("train", 8), ("validation", 4))
+    }
+    datasets.DatasetDict(other).save_to_disk(str(tmp_path / "other"))
+
+    finetuned = tmp_path / "finetuned"
+    argv = TINY_RUN + ["--model_name_or_path", str(pretrained), "--dataset_name", str(tmp_path / "other")]
+    with caplog.at_level("INFO"):
+        assert train.main(argv + ["--output_dir", str(finetuned)]) == 0
+    log = caplog.text
+    assert "Fine-tuning onto a new label set" in log and "dot -> 100, block -> 101, peak -> 102" in log
+    assert "learning rate 3e-05" in log
+
+    model = Pix2SeqForObjectDetection.from_pretrained(finetuned)
+    processor = Pix2SeqProcessor.from_pretrained(finetuned)
+    processor.check_model_compatible(model)
+    assert model.config.id2label == {0: "dot", 1: "block", 2: "peak"} and model.config.num_classes == 3
+    results = json.loads((finetuned / "all_results.json").read_text())
+    assert results["train_steps"] == 2 and isinstance(results["map"], float)
+    # The fine-tuned weights started from the pretrained ones (same shapes, changed by training).
+    before = Pix2SeqForObjectDetection.from_pretrained(pretrained).state_dict()
+    after = model.state_dict()
+    assert all(before[name].shape == after[name].shape for name in before if not name.startswith("auxiliary_head."))
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_fine_tuning_refuses_a_label_set_larger_than_the_class_token_range(tmp_path):
+    train = _load_example("train")
+    model = Pix2SeqForObjectDetection(tiny_config())  # class tokens 40..199: room for 160 classes
+    with pytest.raises(ValueError, match="room for 160 class tokens"):
+        train.relabel_model(model, {i: f"c{i}" for i in range(161)})
+
+
+# ----- the dense synthetic variant and the training benchmark --------------------------------------------------------
+
+
+def test_dense_synthetic_variant_has_many_small_objects_on_a_large_canvas():
+    from pix2seq_hf.data import load_detection_splits
+
+    splits = load_detection_splits(
+        synthetic_variant="dense", synthetic_train_size=2, synthetic_validation_size=1, seed=0
+    )
+    for example in list(splits.train) + list(splits.validation):
+        assert (example["width"], example["height"]) == (384, 384)
+        assert 20 <= len(example["objects"]["bbox"]) <= 60
+        # sides of at most 10 % of the image, stretched by an aspect ratio of up to 1.25
+        assert max(max(w, h) for _, _, w, h in example["objects"]["bbox"]) <= 0.1 * 384 * 1.25**0.5 + 1
+    with pytest.raises(ValueError, match="Unknown synthetic_variant 'sparse'"):
+        load_detection_splits(synthetic_variant="sparse", synthetic_train_size=1, validation_split="none")
+
+
+def test_training_benchmark_runs_all_three_detectors(tmp_path):
+    benchmark = _load_example("benchmark_training")
+    output = tmp_path / "report.json"
+    argv = [
+        "--max_train_steps", "2", "--eval_steps", "1", "--batch_size", "2", "--image_size", "64",
+        "--synthetic_train_size", "4", "--synthetic_validation_size", "2", "--num_threads", "1",
+        "--output_file", str(output),
+    ]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    report = json.loads(output.read_text())
+    assert set(report["detectors"]) == {"pix2seq", "detr", "fcos"}
+    for history in report["detectors"].values():
+        assert [entry["step"] for entry in history] == [1, 2]
+        assert all(isinstance(entry["map"], float) and entry["minutes"] >= 0 for entry in history)
