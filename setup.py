@@ -11,8 +11,6 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "pix2seq_hf" / "__init_
 EXTRAS = {
     # examples/benchmark.py: transformers' DETR loss matches boxes with scipy's Hungarian solver.
     "benchmark": ["scipy"],
-    # Reading the official TensorFlow checkpoints (pix2seq_hf.convert_pix2seq_original_tf_checkpoint_to_pytorch).
-    "convert": ["tensorflow-cpu>=2.15"],
     # pix2seq_hf.export / examples/export.py: ONNX graphs of the encoder and the cached decoder step, run with onnxruntime.
     "export": ["onnx>=1.18", "onnxscript>=0.3", "onnxruntime>=1.20"],
 }

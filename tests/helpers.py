@@ -1,6 +1,21 @@
-"""Shared test fixtures-as-functions: the tiny token layout and model config every test file builds on."""
+"""Shared test fixtures-as-functions: the tiny token layout and model config every test file builds on, and the
+example scripts as modules."""
+
+import importlib.util
+from pathlib import Path
 
 from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """Imports `examples/<name>.py` (a script, not a package module) as a fresh module and returns it."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # A small vocabulary: pad/EOS 0, prompt 10, noise 30, classes 40..44, coordinate bins 200..299.

@@ -1,21 +1,18 @@
 """Bad inputs get clear errors naming the argument and the value (or a documented warning), not a crash deep inside."""
 
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import load_example, tiny_config
 from PIL import Image
 from transformers.utils import logging as hf_logging
 
 from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +183,7 @@ def test_config_accepts_ints_for_float_fields():
 
 
 def _load_detect():
-    spec = importlib.util.spec_from_file_location("example_detect", EXAMPLES / "detect.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("detect")
 
 
 def test_detect_picture_names_are_distinct_and_never_an_input(tmp_path):

@@ -1,19 +1,16 @@
 """Export (torch.export and ONNX) of the encoder and the cached decoder, run with examples/export.py and
 ExportedPix2Seq: the same greedy tokens and detections as PyTorch."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_example
 from PIL import Image
 
 
 pytest.importorskip("onnxruntime", reason="the export tests need the `export` extra")
 pytest.importorskip("onnxscript", reason="the export tests need the `export` extra")
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +30,7 @@ def exported(tmp_path_factory):
     image = root / "image.png"
     Image.new("RGB", (90, 60), (30, 200, 90)).save(image)
 
-    spec = importlib.util.spec_from_file_location("example_export", EXAMPLES / "export.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_example("export")
     argv = ["--model", str(root / "model"), "--output_dir", str(root / "out"), "--check", "2", "--no_optimize",
             "--images", str(image), "--threshold", "0"]  # fmt: skip
     assert script.main(argv) == 0

@@ -1,20 +1,18 @@
 """Publishing to the Hub (a local stand-in): examples/train.py --push_to_hub, the model card, remote code."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
+from helpers import load_example
 from hub_stand_in import LocalHub
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_RUN = [
     "--synthetic_train_size", "8",
     "--synthetic_validation_size", "4",
@@ -33,9 +31,7 @@ def pushed(tmp_path_factory):
     """examples/train.py, 2 steps with a checkpoint and an upload at each, pushed at the end."""
     from transformers.utils import hub
 
-    spec = importlib.util.spec_from_file_location("example_train_for_hub", EXAMPLES / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_example("train")
     root = tmp_path_factory.mktemp("hub_run")
     local_hub = LocalHub(root / "hub")
     argv = TINY_RUN + [

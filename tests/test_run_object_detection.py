@@ -1,17 +1,16 @@
 """End-to-end tests of examples/run_object_detection.py (the Trainer script) on a tiny synthetic set, pushing to a
 local stand-in of the Hub."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_example
 from hub_stand_in import LocalHub
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_RUN = [
     "--do_train", "--do_eval",
     "--synthetic_train_size", "8",
@@ -30,16 +29,9 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return _load_example("run_object_detection")
+    return load_example("run_object_detection")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ examples/train.py loses nothing: saves killed at any point resume to the weights
 past the last step finishes cleanly, output folders of other runs are refused, and bad images are named or skipped.
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -18,10 +17,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import load_example
 from pix2seq_hf.checkpointing import KILL_POINT_ENV, find_checkpoint, list_checkpoints, write_files_atomically
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # 24 images at batch 4: 6 steps an epoch; no validation split, to keep each run to seconds.
 RUN = [
     "--synthetic_train_size", "24",
@@ -42,10 +41,7 @@ KILL_POINTS = ("started", "state_written", "renamed")
 
 @pytest.fixture(scope="module")
 def train_module():
-    spec = importlib.util.spec_from_file_location("example_train_checkpoints", EXAMPLES / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train")
 
 
 def _fork_training(train_module, argv: list[str], environment: dict[str, str]) -> int:
@@ -227,9 +223,7 @@ def test_a_bad_image_met_mid_run_is_named_or_skipped(train_module, tmp_path):
     results = json.loads((tmp_path / "skip" / "all_results.json").read_text())
     assert results["skipped_bad_images"] == 1 and results["train_steps"] == 2
     # The evaluation script: the same choice, the skipped image left out of the metrics and counted.
-    spec = importlib.util.spec_from_file_location("example_evaluate_bad_image", EXAMPLES / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_example("evaluate")
     eval_argv = [
         "--model", str(tmp_path / "skip"), "--validation_coco_annotations", str(ann),
         "--validation_coco_images", str(images), "--output_file", str(tmp_path / "eval.json"),

@@ -1,6 +1,5 @@
 """End-to-end tests of examples/train.py, examples/detect.py and examples/evaluate.py on tiny synthetic data."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import load_example
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_RUN = [
@@ -27,16 +27,9 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train_module():
-    return _load_example("train")
+    return load_example("train")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +113,7 @@ def test_optimizer_slows_the_transformer_encoder_only(train_module):
 def test_detect_script_writes_json_and_pictures(trained, tmp_path):
     from PIL import Image
 
-    detect = _load_example("detect")
+    detect = load_example("detect")
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (90, 60), (10, 200, 30)).save(images / "green.png")
@@ -138,7 +131,7 @@ def test_detect_script_writes_json_and_pictures(trained, tmp_path):
 
 
 def test_evaluate_script_reports_coco_metrics(trained, tmp_path):
-    evaluate_script = _load_example("evaluate")
+    evaluate_script = load_example("evaluate")
     output = tmp_path / "metrics.json"
     argv = ["--model", str(trained), "--synthetic_validation_size", "6", "--output_file", str(output), "--batch_size", "6"]
     assert evaluate_script.main(argv) == 0

@@ -1,28 +1,18 @@
 """The training losses beyond the paper (soft coordinate targets, auxiliary dense head), a learning test on a fixed
 batch, the dense synthetic variant and fine-tuning a saved model onto a new label set with examples/train.py."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_LAYOUT, tiny_config
+from helpers import TINY_LAYOUT, load_example, tiny_config
 
 from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 from pix2seq_hf.auxiliary_dense_head import objects_from_labels
 from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COORD, BINS = TINY_LAYOUT["coord_token_offset"], TINY_LAYOUT["num_bins"]
-
-
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----- soft coordinate targets -------------------------------------------------------------------------------------
@@ -186,7 +176,7 @@ def test_a_saved_model_fine_tunes_onto_a_new_label_set(tmp_path, caplog):
 
     from pix2seq_hf.data import detection_features, make_synthetic_detection_dataset
 
-    train = _load_example("train")
+    train = load_example("train")
     pretrained = tmp_path / "pretrained"
     synthetic = ["--synthetic_train_size", "8", "--synthetic_validation_size", "4"]
     assert train.main(TINY_RUN + synthetic + ["--output_dir", str(pretrained)]) == 0
@@ -222,7 +212,7 @@ def test_a_saved_model_fine_tunes_onto_a_new_label_set(tmp_path, caplog):
 
 
 def test_fine_tuning_refuses_a_label_set_larger_than_the_class_token_range(tmp_path):
-    train = _load_example("train")
+    train = load_example("train")
     model = Pix2SeqForObjectDetection(tiny_config())  # class tokens 40..199: room for 160 classes
     with pytest.raises(ValueError, match="room for 160 class tokens"):
         train.relabel_model(model, {i: f"c{i}" for i in range(161)})
@@ -247,7 +237,7 @@ def test_dense_synthetic_variant_has_many_small_objects_on_a_large_canvas():
 
 
 def test_training_benchmark_runs_all_three_detectors(tmp_path):
-    benchmark = _load_example("benchmark_training")
+    benchmark = load_example("benchmark_training")
     output = tmp_path / "report.json"
     argv = [
         "--max_train_steps", "2", "--eval_steps", "1", "--batch_size", "2", "--image_size", "64",
