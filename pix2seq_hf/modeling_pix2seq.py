@@ -769,7 +769,7 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, dtype: tor
             f"`pixel_values` must be floating point, got {pixel_values.dtype}. Integer pixels are raw image values: "
             "prepare the images with `Pix2SeqImageProcessor` (or the processor), which rescales and pads them."
         )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         return pixel_values.to(dtype)  # the finiteness check below reads values back to the host
     finite = torch.isfinite(pixel_values).flatten(1).all(dim=1)
     if not bool(finite.all()):
