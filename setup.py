@@ -14,8 +14,8 @@ EXTRAS = {
     # pix2seq_hf.export / examples/export.py: ONNX graphs of the encoder and the cached decoder step, run with onnxruntime.
     "export": ["onnx>=1.18", "onnxscript>=0.3", "onnxruntime>=1.20"],
 }
-# The test suite runs the export tests too (about 30 MB of wheels), so `dev` includes `export`.
-EXTRAS["dev"] = ["pytest>=8", "pytest-xdist>=3", "tensorboard", *EXTRAS["export"]]
+# The test suite runs the export tests and the training benchmark's smoke run too, so `dev` includes both extras.
+EXTRAS["dev"] = ["pytest>=8", "pytest-xdist>=3", "tensorboard", *EXTRAS["export"], *EXTRAS["benchmark"]]
 
 setup(
     name="pix2seq_hf",

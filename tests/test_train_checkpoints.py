@@ -8,7 +8,8 @@ import logging
 import os
 import shutil
 import signal
-import traceback
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import load_example
+from helpers import EXAMPLES, load_example
 from pix2seq_hf.checkpointing import KILL_POINT_ENV, find_checkpoint, list_checkpoints, write_files_atomically
 
 
@@ -44,39 +45,35 @@ def train_module():
     return load_example("train")
 
 
-def _fork_training(train_module, argv: list[str], environment: dict[str, str]) -> int:
+def _start_training(argv: list[str], environment: dict[str, str], log: Path) -> subprocess.Popen:
     """
-    Runs `train_module.main(argv)` in a forked child process (a real process, without the ~10 s of imports a new
-    interpreter costs) with `environment` added, and returns its pid. The child never returns into pytest.
+    Starts `examples/train.py argv` in a new Python process with `environment` added (its output in `log`) and returns
+    it. A new interpreter rather than a fork of pytest: a forked child cannot run autograd once its parent has.
     """
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.environ.update(environment)
-            code = train_module.main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+    package_root = str(EXAMPLES.parent)
+    env = {**os.environ, **environment}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    with open(log, "w") as output:
+        return subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "train.py"), *argv], env=env, stdout=output, stderr=subprocess.STDOUT
+        )
 
 
 @pytest.fixture(scope="module")
-def killed_processes(tmp_path_factory, train_module):
+def killed_processes(tmp_path_factory):
     """The run in child processes that are SIGKILLed at each of `KILL_POINTS` (running while `reference` trains)."""
     root = tmp_path_factory.mktemp("killed")
-    pids = {
-        point: _fork_training(train_module, RUN + ["--output_dir", str(root / point)], {KILL_POINT_ENV: f"4:{point}"})
+    processes = {
+        point: _start_training(
+            RUN + ["--output_dir", str(root / point)], {KILL_POINT_ENV: f"4:{point}"}, root / f"{point}.log"
+        )
         for point in KILL_POINTS
     }
-    yield root, pids
-    for pid in pids.values():
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+    yield root, processes
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +92,11 @@ def _assert_same_weights(path_a: Path, path_b: Path) -> None:
 
 
 def test_killed_saves_resume_to_the_uninterrupted_weights(killed_processes, reference, train_module, caplog):
-    root, pids = killed_processes
-    for point, pid in pids.items():
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{point}: wait status {status}"
+    root, processes = killed_processes
+    for point, process in processes.items():
+        returncode = process.wait(timeout=600)
+        log = (root / f"{point}.log").read_text()[-3000:]
+        assert returncode == -signal.SIGKILL, f"{point}: exit status {returncode}\n{log}"
 
     for point in KILL_POINTS:
         output_dir = root / point
