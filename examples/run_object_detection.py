@@ -97,10 +97,21 @@ class ModelArguments:
         },
     )
     coordinate_label_sigma: float | None = field(
-        default=None, metadata={"help": "Soft coordinate targets, sigma in bins (default: 0 from scratch, the saved one)."}
+        default=None, metadata={"help": "Soft coordinate targets, sigma in bins (default: the recipe's, or the saved one)."}
     )
     auxiliary_loss_weight: float | None = field(
-        default=None, metadata={"help": "Auxiliary dense loss on the encoder (default: 0 from scratch, the saved one)."}
+        default=None, metadata={"help": "Auxiliary dense loss on the encoder (default: the recipe's, or the saved one)."}
+    )
+    cross_attention_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Loss guiding the decoder's cross-attention (default: the recipe's, or the saved one)."},
+    )
+    coordinate_embedding_init: str | None = field(
+        default=None,
+        metadata={
+            "choices": ["normal", "sincos"],
+            "help": "How a new model's coordinate-token embeddings start (default: the recipe's).",
+        },
     )
     encoder_lr_scale: float | None = field(
         default=None,
@@ -321,6 +332,8 @@ def main(argv=None) -> int:
         sequence_augmentation=not model_args.no_sequence_augmentation,
         coordinate_label_sigma=model_args.coordinate_label_sigma,
         auxiliary_loss_weight=model_args.auxiliary_loss_weight,
+        cross_attention_loss_weight=model_args.cross_attention_loss_weight,
+        coordinate_embedding_init=model_args.coordinate_embedding_init,
     )
     augmentation = data_args.augmentation or ("light" if synthetic else "finetune")
     train_collator = Pix2SeqCollator(

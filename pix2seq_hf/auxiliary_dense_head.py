@@ -2,8 +2,8 @@
 
 Pix2Seq learns from one signal, the next token, and from scratch its encoder learns slowly where objects are. This
 head gives every cell of the encoder output its own target, read from the training sequence itself (no extra data
-plumbing): the cell that holds an object's centre predicts the object's class and box, every other cell predicts
-background. It adds two linear layers that detection never uses.
+plumbing), as FCOS assigns them: the cells near an object's centre and inside its box predict its class and the
+distances to its four sides, every other cell predicts background. It adds two linear layers that detection never uses.
 """
 
 from __future__ import annotations
@@ -12,23 +12,24 @@ import math
 
 import torch
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .configuration_pix2seq import Pix2SeqConfig
 
 
-def objects_from_labels(labels: torch.Tensor, config: Pix2SeqConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def object_groups(labels: torch.Tensor, config: Pix2SeqConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    The real objects of Pix2Seq training targets.
+    The objects of Pix2Seq training targets, group by group.
 
     Args:
         labels (`torch.LongTensor` of shape `(batch_size, length)`): target tokens, groups of `ymin xmin ymax xmax class`
-            from position 0 (noise objects, EOS, padding and `-100` are skipped).
+            from position 0 (a trailing partial group is dropped).
         config (`Pix2SeqConfig`): the token layout.
 
     Returns:
-        One `(boxes, classes)` pair per image: `xyxy` boxes normalised to the canvas (float `[N, 4]`) and class
-        indices (long `[N]`).
+        `(boxes, classes, real)` of shapes `(batch_size, groups, 4)`, `(batch_size, groups)`, `(batch_size, groups)`:
+        `xyxy` boxes normalised to the canvas, class indices, and whether the group is a real object (noise objects,
+        EOS, padding and `-100` are not).
     """
     groups = labels[:, : labels.shape[1] // 5 * 5].reshape(labels.shape[0], -1, 5)
     classes = groups[..., 4] - config.class_token_offset
@@ -36,26 +37,91 @@ def objects_from_labels(labels: torch.Tensor, config: Pix2SeqConfig) -> list[tup
     real = (classes >= 0) & (classes < config.num_classes)
     real &= ((coordinates >= 0) & (coordinates < config.num_bins)).all(-1)
     ymin, xmin, ymax, xmax = (coordinates.float() / (config.num_bins - 1)).unbind(-1)
-    boxes = torch.stack([xmin, ymin, xmax, ymax], dim=-1)
+    return torch.stack([xmin, ymin, xmax, ymax], dim=-1), classes, real
+
+
+def objects_from_labels(labels: torch.Tensor, config: Pix2SeqConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """
+    The real objects of Pix2Seq training targets (see `object_groups`).
+
+    Returns:
+        One `(boxes, classes)` pair per image: `xyxy` boxes normalised to the canvas (float `[N, 4]`) and class
+        indices (long `[N]`).
+    """
+    boxes, classes, real = object_groups(labels, config)
     return [(boxes[i][real[i]], classes[i][real[i]]) for i in range(labels.shape[0])]
+
+
+def feature_grid(cells: int, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The `(height, width)` of the row-major grid of `cells` features of an image of `image_size` (square when not
+    given). Raises `ValueError` when the cells do not make such a grid."""
+    aspect = 1.0 if image_size is None else image_size[0] / image_size[1]
+    grid_h = max(1, round(math.sqrt(cells * aspect)))
+    grid_w = cells // grid_h
+    if grid_h * grid_w != cells:
+        raise ValueError(f"Cannot lay {cells} encoder cells out as a grid for images of size {image_size}.")
+    return grid_h, grid_w
+
+
+def cell_centres(grid_h: int, grid_w: int, device=None) -> torch.Tensor:
+    """Centres of the cells of a row-major `grid_h x grid_w` grid over the canvas: `(grid_h * grid_w, 2)` as `x, y`
+    in [0, 1]."""
+    ys, xs = torch.meshgrid(
+        (torch.arange(grid_h, device=device) + 0.5) / grid_h,
+        (torch.arange(grid_w, device=device) + 0.5) / grid_w,
+        indexing="ij",
+    )
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+
+
+def assign_cells(
+    boxes: torch.Tensor, grid_h: int, grid_w: int, center_radius: float = 1.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    FCOS's centre sampling: a cell is a positive of an object when its centre lies inside the object's box and within
+    `center_radius` cells of the box centre (on both axes); a cell that several objects claim goes to the smallest.
+
+    Args:
+        boxes (`torch.Tensor` of shape `(num_objects, 4)`): `xyxy` boxes normalised to the canvas.
+        grid_h, grid_w (`int`): the feature grid.
+        center_radius (`float`, *optional*, defaults to 1.5): in cells.
+
+    Returns:
+        `(positive, assigned)`: a boolean `(grid_h * grid_w,)` mask of the positive cells and, for every cell, the
+        index of its object (meaningless where `positive` is false).
+    """
+    points = cell_centres(grid_h, grid_w, boxes.device)
+    radius = center_radius * torch.tensor([1.0 / grid_w, 1.0 / grid_h], device=boxes.device)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    inside = (points[:, None, :] >= boxes[None, :, :2]) & (points[:, None, :] <= boxes[None, :, 2:])
+    near = (points[:, None, :] - centres[None]).abs() <= radius
+    claims = (inside & near).all(-1)  # (cells, objects)
+    areas = (boxes[:, 2:] - boxes[:, :2]).prod(-1)
+    areas = torch.where(claims, areas[None, :], torch.full_like(areas, math.inf)[None, :])
+    smallest, assigned = areas.min(-1)
+    return torch.isfinite(smallest), assigned
 
 
 class Pix2SeqAuxiliaryDenseHead(nn.Module):
     """
-    Per-cell class (`num_classes + 1`, the last is background) and box (`cx, cy, w, h` through a sigmoid) predictions
-    on the encoder output, and their loss (`loss`): cross-entropy over all cells plus, on the cells that hold an
-    object's centre, L1 (weight 5) and GIoU (weight 2) on the box, as DETR weighs its box terms.
+    One-to-many dense supervision of the encoder output, as FCOS trains its head: every cell assigned to an object by
+    `assign_cells` predicts the object's class (sigmoid focal loss over all cells and classes, background = all
+    zeros) and the distances from the cell centre to the box's four sides (GIoU loss, weight 2); both are normalised by
+    the number of positive cells.
     """
+
+    center_radius = 1.5
 
     def __init__(self, config: Pix2SeqConfig):
         super().__init__()
         self.config = config
-        self.class_head = nn.Linear(config.decoder_hidden_size, config.num_classes + 1)
+        self.class_head = nn.Linear(config.decoder_hidden_size, config.num_classes)
         self.box_head = nn.Linear(config.decoder_hidden_size, 4)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns class logits `(batch, cells, num_classes + 1)` and `cxcywh` boxes in [0, 1] `(batch, cells, 4)`."""
-        return self.class_head(hidden_states), self.box_head(hidden_states).sigmoid()
+        """Returns class logits `(batch, cells, num_classes)` and the distances `(batch, cells, 4)` from each cell
+        centre to the left, top, right and bottom box sides (non-negative, in units of the canvas)."""
+        return self.class_head(hidden_states), nn.functional.softplus(self.box_head(hidden_states))
 
     def loss(
         self, hidden_states: torch.Tensor, labels: torch.Tensor, image_size: tuple[int, int] | None = None
@@ -73,36 +139,66 @@ class Pix2SeqAuxiliaryDenseHead(nn.Module):
         Returns:
             `torch.Tensor`: the scalar loss.
         """
-        batch_size, cells, _ = hidden_states.shape
-        aspect = 1.0 if image_size is None else image_size[0] / image_size[1]
-        grid_h = max(1, round(math.sqrt(cells * aspect)))
-        grid_w = cells // grid_h
-        if grid_h * grid_w != cells:
-            raise ValueError(f"Cannot lay {cells} encoder cells out as a grid for images of size {image_size}.")
-        class_logits, boxes = self(hidden_states)
-        class_targets = torch.full((batch_size, cells), self.config.num_classes, dtype=torch.long, device=labels.device)
-        box_targets = torch.zeros(batch_size, cells, 4, device=hidden_states.device)
-        for index, (object_boxes, object_classes) in enumerate(objects_from_labels(labels, self.config)):
-            if object_boxes.shape[0] == 0:
+        grid_h, grid_w = feature_grid(hidden_states.shape[1], image_size)
+        class_logits, distances = self(hidden_states)
+        points = cell_centres(grid_h, grid_w, hidden_states.device)
+        class_targets = torch.zeros_like(class_logits, dtype=torch.float32)
+        predicted, target, anchors = [], [], []
+        for index, (boxes, classes) in enumerate(objects_from_labels(labels, self.config)):
+            if boxes.shape[0] == 0:
                 continue
-            centres = (object_boxes[:, :2] + object_boxes[:, 2:]) / 2
-            sizes = (object_boxes[:, 2:] - object_boxes[:, :2]).clamp(min=0)
-            column = (centres[:, 0] * grid_w).long().clamp(0, grid_w - 1)
-            row = (centres[:, 1] * grid_h).long().clamp(0, grid_h - 1)
-            # Largest first, so that where two centres share a cell the smaller object (written last) keeps it.
-            for k in torch.argsort(sizes.prod(-1), descending=True).tolist():
-                cell = int(row[k]) * grid_w + int(column[k])
-                class_targets[index, cell] = object_classes[k]
-                box_targets[index, cell] = torch.cat([centres[k], sizes[k]]).to(box_targets)
-        loss = nn.functional.cross_entropy(class_logits.flatten(0, 1).float(), class_targets.flatten())
-        positive = class_targets != self.config.num_classes
-        if bool(positive.any()):
-            predicted, target = boxes[positive].float(), box_targets[positive]
-            loss = loss + 5.0 * nn.functional.l1_loss(predicted, target)
-            loss = loss + 2.0 * generalized_box_iou_loss(_xyxy(predicted), _xyxy(target), reduction="mean")
+            positive, assigned = assign_cells(boxes.to(hidden_states.device), grid_h, grid_w, self.center_radius)
+            assigned = assigned[positive]
+            class_targets[index, positive, classes.to(class_targets.device)[assigned]] = 1.0
+            predicted.append(distances[index, positive])
+            target.append(boxes.to(hidden_states.device)[assigned])
+            anchors.append(points[positive])
+        num_positive = max(1, sum(len(p) for p in predicted))
+        loss = sigmoid_focal_loss(class_logits.float(), class_targets, reduction="sum") / num_positive
+        if predicted:
+            anchors, sides = torch.cat(anchors), torch.cat(predicted).float()
+            boxes = torch.cat([anchors - sides[:, :2], anchors + sides[:, 2:]], dim=-1)
+            loss = loss + 2.0 * generalized_box_iou_loss(boxes, torch.cat(target), reduction="sum") / num_positive
         return loss
 
 
-def _xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    centre, size = boxes[:, :2], boxes[:, 2:]
-    return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+def cross_attention_guidance_loss(
+    attentions: torch.Tensor, labels: torch.Tensor, config: Pix2SeqConfig, image_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """
+    Guides a decoder layer's cross-attention to the object being written: at the five target tokens of a real object,
+    the attention averaged over the heads should fall on the feature cells whose centres the object's box covers (the
+    cell holding its centre when it covers none). The loss is the cross-entropy of that averaged attention against the
+    uniform distribution over those cells, averaged over the guided tokens; heads stay free to look elsewhere as long
+    as their mean covers the object.
+
+    Args:
+        attentions (`torch.Tensor` of shape `(batch_size, heads, length, cells)`): cross-attention probabilities.
+        labels (`torch.LongTensor` of shape `(batch_size, length)`): the training targets of the decoder.
+        config (`Pix2SeqConfig`): the token layout.
+        image_size (`tuple[int, int]`, *optional*): pixel height and width, to find the grid's shape.
+
+    Returns:
+        `torch.Tensor`: the scalar loss (0 when the batch has no real object).
+    """
+    batch_size, _, length, cells = attentions.shape
+    grid_h, grid_w = feature_grid(cells, image_size)
+    boxes, _, real = object_groups(labels, config)
+    points = cell_centres(grid_h, grid_w, attentions.device)
+    boxes = boxes.to(attentions.device)
+    covered = (points[None, None] >= boxes[..., None, :2]) & (points[None, None] <= boxes[..., None, 2:])
+    covered = covered.all(-1)  # (batch, groups, cells)
+    centres = (boxes[..., :2] + boxes[..., 2:]) / 2
+    column = (centres[..., 0] * grid_w).long().clamp(0, grid_w - 1)
+    row = (centres[..., 1] * grid_h).long().clamp(0, grid_h - 1)
+    covered |= nn.functional.one_hot(row * grid_w + column, cells).bool()
+    target = covered.float() / covered.sum(-1, keepdim=True)
+    groups = target.shape[1]
+    # Every token of a group is guided to its object: (batch, groups * 5, cells), then the positions past the groups.
+    target = target.repeat_interleave(5, dim=1)
+    guided = real.to(attentions.device).repeat_interleave(5, dim=1)
+    if not bool(guided.any()):
+        return attentions.sum() * 0.0
+    mean_attention = attentions[:, :, : groups * 5].float().mean(1)
+    cross_entropy = -(target * (mean_attention + 1e-6).log()).sum(-1)
+    return cross_entropy[guided].mean()

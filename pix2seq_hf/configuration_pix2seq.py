@@ -104,15 +104,25 @@ class Pix2SeqConfig(PreTrainedConfig):
         eos_token_weight (`float`, *optional*, defaults to 0.1):
             Loss weight of end-of-sequence/padding targets.
 
-    Training losses beyond the paper (both off by default, the paper's recipe; see docs/training.md):
+    Training options beyond the paper (all off by default, the paper's recipe; see docs/training.md):
         coordinate_label_sigma (`float`, *optional*, defaults to 0.0):
             Soft targets for coordinate tokens: a Gaussian of this standard deviation (in bins) around the target bin,
             over the coordinate bins, replaces the one-hot target, so that a neighbouring bin earns partial credit.
             0 keeps the one-hot cross-entropy.
         auxiliary_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of an auxiliary dense loss on the encoder output during training: every feature cell predicts the
-            class of the object whose centre falls in it (or background) and that object's box (L1 + GIoU). Its head
-            is built only when the weight is positive and is never used for detection. 0: no head, no loss.
+            Weight of an auxiliary dense loss on the encoder output during training (one-to-many, as FCOS): the
+            feature cells near an object's centre and inside its box predict its class and the distances to its sides
+            (focal + GIoU loss), the others background. Its head is built only when the weight is positive and is
+            never used for detection. 0: no head, no loss.
+        cross_attention_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of a training loss that guides the last decoder layer's cross-attention: at the tokens of a real
+            object, the attention averaged over the heads should fall on the feature cells the object covers. Needs
+            eager attention (`attn_implementation="eager"`), which returns the attention probabilities. 0: no loss.
+        coordinate_embedding_init (`str`, *optional*, defaults to `"normal"`):
+            How the embeddings of the coordinate tokens (tied to the output projection) start: `"normal"` like every
+            other token, or `"sincos"`, the 1D sine-cosine code of the bin's position (the encoder's position code of
+            pixel `(b, b)`, at the same scale), so that neighbouring bins start alike. Only random initialisation
+            reads it.
 
     Example:
 
@@ -180,6 +190,8 @@ class Pix2SeqConfig(PreTrainedConfig):
     eos_token_weight: float | int = 0.1
     coordinate_label_sigma: float | int = 0.0
     auxiliary_loss_weight: float | int = 0.0
+    cross_attention_loss_weight: float | int = 0.0
+    coordinate_embedding_init: str = "normal"
 
     def __post_init__(self, **kwargs):
         if self.encoder_stem not in ("backbone", "patch"):
@@ -300,6 +312,14 @@ class Pix2SeqConfig(PreTrainedConfig):
             raise ValueError(f"`coordinate_label_sigma` must be non-negative, got {self.coordinate_label_sigma}.")
         if not 0 <= self.auxiliary_loss_weight:
             raise ValueError(f"`auxiliary_loss_weight` must be non-negative, got {self.auxiliary_loss_weight}.")
+        if not 0 <= self.cross_attention_loss_weight:
+            raise ValueError(
+                f"`cross_attention_loss_weight` must be non-negative, got {self.cross_attention_loss_weight}."
+            )
+        if self.coordinate_embedding_init not in ("normal", "sincos"):
+            raise ValueError(
+                f'`coordinate_embedding_init` must be "normal" or "sincos", got {self.coordinate_embedding_init!r}.'
+            )
 
     def _check_architecture(self):
         """Raises `ValueError` when widths do not split evenly over the attention heads."""

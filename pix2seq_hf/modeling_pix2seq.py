@@ -30,7 +30,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead
+from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead, cross_attention_guidance_loss
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
 from .generation_pix2seq import Pix2SeqGenerationMixin, Pix2SeqObjectDetectionOutput
@@ -49,32 +49,40 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def build_1d_sincos_position_embedding(
+    length: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
+    """
+    Fixed sine-cosine codes of `length` positions along one axis, as the official Pix2Seq code builds them: `[sin,
+    cos]` of the position times `1 / 10000 ** (i / (dim // 2))`, positions normalised to `index / (length - 1) * 2 *
+    pi` (0 for a single position), so the code is defined for any length.
+
+    Returns:
+        `torch.Tensor` of shape `(length, dim)` (`dim` even).
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"The sine-cosine position code needs an even width, got {dim}.")
+    half = dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32, device=device) / half))
+    positions = torch.arange(length, dtype=torch.float32, device=device)
+    angles = (positions / max(length - 1, 1) * (2 * math.pi))[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
+
+
 def build_2d_sincos_position_embedding(
     height: int, width: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
 ) -> torch.Tensor:
     """
-    Fixed 2D sine-cosine position embedding of a `height x width` grid, as the official Pix2Seq code builds it.
-
-    The first half of the channels encodes the row, the second half the column; each half is `[sin, cos]` of the
-    position times `1 / 10000 ** (i / (dim // 4))`. Positions are normalised to `index / (n - 1) * 2 * pi` (0 for a
-    single row or column), so the embedding is defined for any feature-map size.
+    Fixed 2D sine-cosine position embedding of a `height x width` grid, as the official Pix2Seq code builds it: the
+    first half of the channels is the row's `build_1d_sincos_position_embedding`, the second half the column's.
 
     Returns:
         `torch.Tensor` of shape `(height * width, dim)`, rows in row-major (height, then width) order.
     """
     if dim % 4 != 0:
         raise ValueError(f"The 2D sine-cosine position embedding needs a width divisible by 4, got {dim}.")
-    quarter = dim // 4
-    inv_freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter))
-
-    def axis_codes(length: int) -> torch.Tensor:
-        positions = torch.arange(length, dtype=torch.float32, device=device)
-        positions = positions / max(length - 1, 1) * (2 * math.pi)
-        angles = positions[:, None] * inv_freq[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-    rows = axis_codes(height)[:, None, :].expand(height, width, 2 * quarter)
-    columns = axis_codes(width)[None, :, :].expand(height, width, 2 * quarter)
+    rows = build_1d_sincos_position_embedding(height, dim // 2, device=device)[:, None, :].expand(height, width, -1)
+    columns = build_1d_sincos_position_embedding(width, dim // 2, device=device)[None, :, :].expand(height, width, -1)
     return torch.cat([rows, columns], dim=-1).reshape(height * width, dim).to(dtype)
 
 
@@ -330,8 +338,8 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """
-        Truncated normal (`config.init_std`) for linear, embedding and patch-embedding weights, zero biases, LayerNorm
-        to identity.
+        Truncated normal (`config.init_std`) for linear, embedding and patch-embedding weights (then the coordinate rows
+        of the token embedding as `config.coordinate_embedding_init` says), zero biases, LayerNorm to identity.
         The backbone (a `PreTrainedModel` of its own) is initialised by its own `_init_weights` (timm's init for timm
         backbones), never by this one.
         """
@@ -340,9 +348,22 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+            if module is getattr(self, "embed_tokens", None) and self.config.coordinate_embedding_init == "sincos":
+                self._init_coordinate_embeddings(module.weight)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+    def _init_coordinate_embeddings(self, weight: torch.Tensor) -> None:
+        """`coordinate_embedding_init="sincos"`: the row of bin `b` becomes the encoder's position code of pixel
+        `(b, b)` (the 1D code of `b` in both halves), at the standard deviation of the other rows' init."""
+        config = self.config
+        codes = build_1d_sincos_position_embedding(config.num_bins, weight.shape[1] // 2, device=weight.device)
+        codes = torch.cat([codes, codes], dim=-1)
+        new = weight.detach().clone()
+        rows = slice(config.coord_token_offset, config.coord_token_offset + config.num_bins)
+        new[rows] = (codes * (config.init_std / codes.std())).to(weight.dtype)
+        init.copy_(weight, new)
 
 
 def _load_pretrained_timm_weights(backbone: nn.Module, backbone_config, model_kwargs: dict) -> None:
@@ -949,6 +970,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             use_cache = False
             if decoder_input_ids is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+            if self.config.cross_attention_loss_weight > 0:
+                kwargs["output_attentions"] = True  # the guidance loss reads the last layer's cross-attention
 
         outputs = self.model(
             pixel_values,
@@ -973,6 +996,20 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
                 coord_token_offset=self.config.coord_token_offset,
                 num_bins=self.config.num_bins,
             )
+            if self.config.cross_attention_loss_weight > 0:
+                attentions = outputs.cross_attentions[-1] if outputs.cross_attentions else None
+                if attentions is None:
+                    raise ValueError(
+                        "`cross_attention_loss_weight` > 0 needs the attention probabilities, which only eager "
+                        f"attention returns (this model uses {self.config._attn_implementation!r}): call "
+                        "`model.set_attn_implementation('eager')` before training."
+                    )
+                loss = loss + self.config.cross_attention_loss_weight * cross_attention_guidance_loss(
+                    attentions,
+                    labels,
+                    self.config,
+                    image_size=None if pixel_values is None else tuple(pixel_values.shape[-2:]),
+                )
             if self.auxiliary_head is not None:
                 loss = loss + self.config.auxiliary_loss_weight * self.auxiliary_head.loss(
                     outputs.encoder_last_hidden_state,

@@ -23,9 +23,22 @@ SCRATCH_ENCODER_LR_SCALE = 0.1
 # Learning rates when none is given: from scratch, and fine-tuning a saved model (the paper's fine-tuning rate).
 SCRATCH_LEARNING_RATE = 1e-3
 FINETUNE_LEARNING_RATE = 3e-5
-# Training-sequence and loss options of a model trained from scratch, where none is given. Only what measurably helps
-# is on (docs/training.md): a fixed object order; the paper's one-hot targets and no auxiliary loss.
-SCRATCH_RECIPE = {"object_order": "dist2ori", "coordinate_label_sigma": 0.0, "auxiliary_loss_weight": 0.0}
+# Training-sequence, loss and initialisation options of a model trained from scratch, where none is given. Only what
+# measurably helps is on (docs/training.md).
+SCRATCH_RECIPE = {
+    "object_order": "dist2ori",
+    "coordinate_label_sigma": 1.0,
+    "auxiliary_loss_weight": 1.0,
+    "cross_attention_loss_weight": 0.0,
+    "coordinate_embedding_init": "sincos",
+}
+# The config fields among them: a saved model keeps its own.
+TRAINING_CONFIG_OPTIONS = (
+    "coordinate_label_sigma",
+    "auxiliary_loss_weight",
+    "cross_attention_loss_weight",
+    "coordinate_embedding_init",
+)
 
 
 def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) -> None:
@@ -68,6 +81,8 @@ def build_model_and_processor(
     sequence_augmentation: bool = True,
     coordinate_label_sigma: float | None = None,
     auxiliary_loss_weight: float | None = None,
+    cross_attention_loss_weight: float | None = None,
+    coordinate_embedding_init: str | None = None,
 ) -> tuple[Pix2SeqForObjectDetection, Pix2SeqProcessor]:
     """
     The model of a training run and a processor whose token layout matches it.
@@ -83,21 +98,28 @@ def build_model_and_processor(
         object_order (`str`, *optional*): order of objects in training sequences (default: the saved processor's, or
             `SCRATCH_RECIPE`'s from scratch).
         sequence_augmentation (`bool`, *optional*, defaults to `True`): noise objects in training sequences.
-        coordinate_label_sigma / auxiliary_loss_weight (`float`, *optional*): training-loss options (default: the
-            saved model's, or `SCRATCH_RECIPE`'s from scratch); a saved model refuses other values.
+        coordinate_label_sigma / auxiliary_loss_weight / cross_attention_loss_weight (`float`),
+        coordinate_embedding_init (`str`), *optional*:
+            training options of the config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch); a saved
+            model refuses other values. With a cross-attention loss the model runs eager attention.
 
     Returns:
         `(Pix2SeqForObjectDetection, Pix2SeqProcessor)`.
     """
-    losses = {"coordinate_label_sigma": coordinate_label_sigma, "auxiliary_loss_weight": auxiliary_loss_weight}
+    options = {
+        "coordinate_label_sigma": coordinate_label_sigma,
+        "auxiliary_loss_weight": auxiliary_loss_weight,
+        "cross_attention_loss_weight": cross_attention_loss_weight,
+        "coordinate_embedding_init": coordinate_embedding_init,
+    }
     if model_name_or_path:
         model = Pix2SeqForObjectDetection.from_pretrained(model_name_or_path)
         saved = Pix2SeqProcessor.from_pretrained(model_name_or_path)
-        for name, value in losses.items():
+        for name, value in options.items():
             if value is not None and value != getattr(model.config, name):
                 raise ValueError(
                     f"--{name} {value} differs from the saved model's {getattr(model.config, name)}; fine-tuning keeps "
-                    "the saved model's training losses."
+                    "the saved model's training options."
                 )
         if dict(model.config.id2label) != dict(id2label):
             relabel_model(model, id2label)
@@ -118,7 +140,7 @@ def build_model_and_processor(
         if num_bins:
             overrides["num_bins"] = num_bins
             overrides["vocab_size"] = max(3000, 1000 + num_bins)
-        for name, value in losses.items():
+        for name, value in options.items():
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
         config = get_preset_config(config_preset, **overrides)
         model = Pix2SeqForObjectDetection(config)
@@ -133,9 +155,10 @@ def build_model_and_processor(
         )
     logger.info(
         f"Object order {processor.object_order}, sequence augmentation {processor.sequence_augmentation}, "
-        f"coordinate_label_sigma {model.config.coordinate_label_sigma}, "
-        f"auxiliary_loss_weight {model.config.auxiliary_loss_weight}"
+        + ", ".join(f"{name} {getattr(model.config, name)}" for name in TRAINING_CONFIG_OPTIONS)
     )
+    if model.config.cross_attention_loss_weight > 0:
+        model.set_attn_implementation("eager")  # the guidance loss reads the attention probabilities
     processor.check_model_compatible(model)
     return model, processor
 
@@ -183,6 +206,7 @@ __all__ = [
     "SCRATCH_ENCODER_LR_SCALE",
     "SCRATCH_LEARNING_RATE",
     "SCRATCH_RECIPE",
+    "TRAINING_CONFIG_OPTIONS",
     "build_model_and_processor",
     "default_encoder_lr_scale",
     "default_learning_rate",

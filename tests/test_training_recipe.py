@@ -2,6 +2,7 @@
 batch, the dense synthetic variant and fine-tuning a saved model onto a new label set with examples/train.py."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -55,6 +56,29 @@ def test_config_refuses_negative_loss_options():
         tiny_config(auxiliary_loss_weight=-0.5)
 
 
+# ----- coordinate embeddings starting as position codes --------------------------------------------------------------
+
+
+def test_sincos_coordinate_embeddings_start_ordered_and_load_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = Pix2SeqForObjectDetection(tiny_config(coordinate_embedding_init="sincos"))
+    weight = model.get_input_embeddings().weight.detach()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    coordinates = weight[COORD : COORD + BINS]
+    similarity = torch.nn.functional.cosine_similarity(coordinates[BINS // 2], coordinates, dim=-1)
+    # Neighbouring bins start alike and far ones unlike; the other tokens keep the normal init, at the same scale.
+    assert similarity[BINS // 2 + 1] > 0.9 and similarity[BINS // 2 + 1] > similarity[BINS // 2 + 8]
+    assert coordinates.std().item() == pytest.approx(model.config.init_std, rel=0.05)
+    torch.manual_seed(0)
+    normal = Pix2SeqForObjectDetection(tiny_config())
+    torch.testing.assert_close(weight[:COORD], normal.get_input_embeddings().weight.detach()[:COORD])
+    model.save_pretrained(tmp_path)
+    reloaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    with pytest.raises(ValueError, match="coordinate_embedding_init"):
+        tiny_config(coordinate_embedding_init="uniform")
+
+
 # ----- auxiliary dense head ------------------------------------------------------------------------------------------
 
 
@@ -77,6 +101,25 @@ def test_objects_are_read_back_from_the_training_targets():
     torch.testing.assert_close(boxes_a, torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]]), atol=0.006, rtol=0)
     assert classes_a.tolist() == [3, 0] and classes_b.tolist() == [4]
     torch.testing.assert_close(boxes_b, torch.tensor([[0.7, 0.1, 0.9, 0.3]]), atol=0.006, rtol=0)
+
+
+def test_auxiliary_head_assigns_the_cells_near_each_centre_one_to_many():
+    from pix2seq_hf.auxiliary_dense_head import assign_cells
+
+    # 8x8 grid (cells of 1/8): a large box centred at (0.5, 0.5) claims the 4x4 cells whose centres lie within 1.5
+    # cells of its centre.
+    large = torch.tensor([[0.1, 0.1, 0.9, 0.9]])
+    positive, _ = assign_cells(large, 8, 8)
+    rows, columns = torch.nonzero(positive.view(8, 8), as_tuple=True)
+    assert sorted(set(rows.tolist())) == [2, 3, 4, 5] and sorted(set(columns.tolist())) == [2, 3, 4, 5]
+    # A box smaller than a cell claims only the cells whose centres it covers; none here.
+    assert not assign_cells(torch.tensor([[0.0, 0.0, 0.05, 0.05]]), 8, 8)[0].any()
+    # Where two objects claim a cell, the smaller keeps it.
+    both = torch.tensor([[0.1, 0.1, 0.9, 0.9], [0.4, 0.4, 0.6, 0.6]])
+    positive, assigned = assign_cells(both, 8, 8)
+    centre_cells = [3 * 8 + 3, 3 * 8 + 4, 4 * 8 + 3, 4 * 8 + 4]
+    assert positive[centre_cells].all() and (assigned[centre_cells] == 1).all()
+    assert positive.sum() == 16 and (assigned[positive] == 0).sum() == 12
 
 
 def test_auxiliary_head_trains_the_encoder_and_stays_out_of_detection(tmp_path):
@@ -107,6 +150,45 @@ def test_auxiliary_head_trains_the_encoder_and_stays_out_of_detection(tmp_path):
     with_head.save_pretrained(tmp_path)
     reloaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path)
     torch.testing.assert_close(reloaded.auxiliary_head.class_head.weight, with_head.auxiliary_head.class_head.weight)
+
+
+# ----- cross-attention guidance --------------------------------------------------------------------------------------
+
+
+def test_cross_attention_guidance_rewards_attention_on_the_object():
+    from pix2seq_hf.auxiliary_dense_head import cross_attention_guidance_loss
+
+    config = tiny_config()
+    # One object covering the top-left quarter of a 4x4 grid (cells 0, 1, 4, 5), then a noise object.
+    labels = torch.tensor([_sequence([((0.0, 0.0, 0.5, 0.5), 2)], noise=1)])
+    on_object = torch.zeros(1, 2, 10, 16)
+    on_object[..., [0, 1, 4, 5]] = 0.25
+    elsewhere = torch.zeros(1, 2, 10, 16)
+    elsewhere[..., 15] = 1.0
+    uniform = torch.full((1, 2, 10, 16), 1 / 16)
+    losses = [float(cross_attention_guidance_loss(a, labels, config)) for a in (on_object, uniform, elsewhere)]
+    assert losses[0] == pytest.approx(math.log(4), abs=1e-4) and losses[0] < losses[1] < losses[2]
+    # Only the real object's five tokens are guided: attention at the noise object's tokens does not count.
+    noisy = on_object.clone()
+    noisy[:, :, 5:] = elsewhere[:, :, 5:]
+    assert float(cross_attention_guidance_loss(noisy, labels, config)) == pytest.approx(losses[0], abs=1e-4)
+
+
+def test_cross_attention_guidance_needs_eager_attention_and_trains_the_decoder():
+    torch.manual_seed(0)
+    model = Pix2SeqForObjectDetection(tiny_config(cross_attention_loss_weight=1.0))
+    pixel_values = torch.rand(2, 3, 64, 64)
+    labels = torch.tensor([_sequence([((0.1, 0.2, 0.5, 0.6), 3)], noise=1), _sequence([((0.6, 0.6, 0.9, 0.9), 1)], noise=1)])
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="eager"):
+        model(pixel_values=pixel_values, labels=labels)
+    model.set_attn_implementation("eager")
+    guided = model(pixel_values=pixel_values, labels=labels).loss
+    model.config.cross_attention_loss_weight = 0.0
+    plain = model(pixel_values=pixel_values, labels=labels).loss
+    assert guided.item() > plain.item()
+    guided.backward()
+    assert model.model.decoder.layers[-1].encoder_attn.q_proj.weight.grad.abs().sum() > 0
 
 
 # ----- learning test -------------------------------------------------------------------------------------------------
