@@ -82,6 +82,7 @@ RUN_ARGUMENTS = (
     "model_name_or_path",
     "config_preset",
     "pretrained_backbone",
+    "config_overrides",
     "image_size",
     "max_objects",
     "num_bins",
@@ -107,6 +108,17 @@ RUN_ARGUMENTS = (
 # The default run on the synthetic set: this many epochs of 4000 images, or this many minutes, whichever ends first.
 SYNTHETIC_EPOCHS = 10
 SYNTHETIC_MINUTES = 13.5
+
+
+def json_object(text: str) -> dict:
+    """`--config_overrides`: a JSON object, or an error that shows what was given."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of config fields is needed, got {text!r}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,6 +171,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--model_name_or_path", default=None, help="A saved Pix2Seq model to fine-tune.")
     model.add_argument("--config_preset", default="tiny", choices=sorted(PRESETS))
     model.add_argument("--pretrained_backbone", action="store_true", help="Start from ImageNet timm weights (Hub).")
+    model.add_argument(
+        "--config_overrides",
+        type=json_object,
+        default=None,
+        help='Other config fields of a new model, as JSON, e.g. \'{"decoder_layers": 4}\' or '
+        '\'{"backbone_kwargs": {"out_indices": [2]}}\' (features at stride 8).',
+    )
     model.add_argument("--image_size", type=int, default=None, help="Canvas size (default: the preset's).")
     model.add_argument("--max_objects", type=int, default=None)
     model.add_argument("--num_bins", type=int, default=None)
@@ -331,6 +350,7 @@ def build_model_and_processor(args, id2label: dict[int, str]):
         auxiliary_loss_weight=args.auxiliary_loss_weight,
         cross_attention_loss_weight=args.cross_attention_loss_weight,
         coordinate_embedding_init=args.coordinate_embedding_init,
+        config_overrides=args.config_overrides,
     )
 
 

@@ -83,6 +83,7 @@ def build_model_and_processor(
     auxiliary_loss_weight: float | None = None,
     cross_attention_loss_weight: float | None = None,
     coordinate_embedding_init: str | None = None,
+    config_overrides: dict | None = None,
 ) -> tuple[Pix2SeqForObjectDetection, Pix2SeqProcessor]:
     """
     The model of a training run and a processor whose token layout matches it.
@@ -102,6 +103,8 @@ def build_model_and_processor(
         coordinate_embedding_init (`str`), *optional*:
             training options of the config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch); a saved
             model refuses other values. With a cross-attention loss the model runs eager attention.
+        config_overrides (`dict`, *optional*): other config fields of a new model (e.g. `{"decoder_layers": 4}`),
+            applied last; refused when fine-tuning (a saved model keeps its architecture).
 
     Returns:
         `(Pix2SeqForObjectDetection, Pix2SeqProcessor)`.
@@ -113,6 +116,10 @@ def build_model_and_processor(
         "coordinate_embedding_init": coordinate_embedding_init,
     }
     if model_name_or_path:
+        if config_overrides:
+            raise ValueError(
+                f"config_overrides {config_overrides} apply to a new model only; a saved model keeps its architecture."
+            )
         model = Pix2SeqForObjectDetection.from_pretrained(model_name_or_path)
         saved = Pix2SeqProcessor.from_pretrained(model_name_or_path)
         for name, value in options.items():
@@ -142,7 +149,7 @@ def build_model_and_processor(
             overrides["vocab_size"] = max(3000, 1000 + num_bins)
         for name, value in options.items():
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
-        config = get_preset_config(config_preset, **overrides)
+        config = get_preset_config(config_preset, **{**overrides, **(config_overrides or {})})
         model = Pix2SeqForObjectDetection(config)
         # The weights now live in the model: a saved config must not download the backbone again when loaded.
         model.config.use_pretrained_backbone = False

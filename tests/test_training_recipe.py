@@ -333,3 +333,36 @@ def test_training_benchmark_runs_all_three_detectors(tmp_path):
     for history in report["detectors"].values():
         assert [entry["step"] for entry in history] == [1, 2]
         assert all(isinstance(entry["map"], float) and entry["minutes"] >= 0 for entry in history)
+
+
+def test_recipe_ablation_reports_metrics_and_image_use(tmp_path):
+    ablation = load_example("recipe_ablation")
+    output = tmp_path / "run.json"
+    argv = [
+        "--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "2", "--image_size", "64",
+        "--synthetic_train_size", "4", "--synthetic_validation_size", "3", "--num_threads", "1",
+        "--diagnostic_images", "3", "--config_overrides", '{"decoder_layers": 1}', "--output_file", str(output),
+    ]  # fmt: skip
+    assert ablation.main(argv) == 0
+    report = json.loads(output.read_text())
+    assert report["arguments"]["config_overrides"] == {"decoder_layers": 1}
+    assert [entry["step"] for entry in report["history"]] == [1, 2]
+    for entry in report["history"]:
+        assert {"map", "coordinate_loss", "coordinate_loss_other_image", "class_loss"} <= set(entry)
+        assert entry["coordinate_loss"] > 0
+
+
+def test_config_overrides_reach_a_new_model_only(tmp_path):
+    train = load_example("train")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config_overrides", "[1, 2]"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config_overrides", "{decoder_layers: 1}"])
+    args = train.parse_args(["--config_overrides", '{"decoder_layers": 1, "encoder_layers": 3}'])
+    model, _ = train.build_model_and_processor(args, {0: "a", 1: "b"})
+    assert model.config.decoder_layers == 1 and len(model.model.encoder.layers) == 3
+    model.save_pretrained(tmp_path)
+    Pix2SeqProcessor.from_config(model.config, image_processor=Pix2SeqImageProcessor()).save_pretrained(tmp_path)
+    args = train.parse_args(["--config_overrides", '{"decoder_layers": 2}', "--model_name_or_path", str(tmp_path)])
+    with pytest.raises(ValueError, match="new model only"):
+        train.build_model_and_processor(args, {0: "a", 1: "b"})

@@ -1,0 +1,166 @@
+"""Measures a training recipe from scratch: mAP against steps, and how much the model uses the image.
+
+Takes the options of `examples/train.py` (data, model, recipe, optimiser), trains in one process with a plain loop
+(no Accelerate, no checkpoints) and every `--eval_steps` steps prints and records:
+
+- the COCO metrics of greedy decoding on the first `--max_eval_samples` validation images (200 by default);
+- a teacher-forced diagnostic on `--diagnostic_images` validation images: the cross-entropy of the real objects'
+  coordinate and class tokens, once with each image and once with the images rolled by one in the batch (every
+  sequence paired with another image). While the two are equal the model writes the sequence prior and ignores the
+  image; the gap is how much it reads.
+
+    python examples/recipe_ablation.py --num_threads 1 --max_train_steps 1500 --eval_steps 500 --output_file run.json
+    python examples/recipe_ablation.py --auxiliary_loss_weight 0 --coordinate_label_sigma 0 \\
+        --coordinate_embedding_init normal --max_train_steps 1500 --eval_steps 500     # the paper's losses and init
+
+docs/training.md tabulates what these runs gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train as pix2seq_train  # noqa: E402  (examples/train.py)
+from pix2seq_hf import training_setup  # noqa: E402
+from pix2seq_hf.auxiliary_dense_head import object_groups  # noqa: E402
+from pix2seq_hf.data import (  # noqa: E402
+    Pix2SeqCollator,
+    build_train_transforms,
+    load_detection_splits,
+    undecoded_images,
+)
+from pix2seq_hf.evaluation import evaluate_model  # noqa: E402
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """This script's options, then `examples/train.py`'s (every other argument)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--diagnostic_images", type=int, default=64, help="Validation images of the diagnostic.")
+    parser.add_argument("--output_file", default=None, help="Write the evaluations here (JSON).")
+    own, rest = parser.parse_known_args(argv)
+    args = pix2seq_train.parse_args(rest)
+    if args.eval_steps is None:
+        args.eval_steps = 500
+    if args.max_train_steps is None:
+        args.max_train_steps = 1500
+    if args.max_eval_samples is None:
+        args.max_eval_samples = 200
+    return own, args
+
+
+@torch.no_grad()
+def image_use(model, batch) -> dict[str, float]:
+    """
+    Teacher-forced cross-entropy of the real objects' coordinate and class tokens of `batch`, with the right images
+    and with the images rolled by one.
+
+    Returns:
+        `dict` with `coordinate_loss`, `class_loss`, `coordinate_loss_other_image`, `class_loss_other_image`.
+    """
+    was_training = model.training
+    model.eval()
+    labels = batch["labels"]
+    _, _, real = object_groups(labels, model.config)
+    length = real.shape[1] * 5
+    results = {}
+    for suffix, pixel_values in (("", batch["pixel_values"]), ("_other_image", batch["pixel_values"].roll(1, 0))):
+        logits = model(pixel_values=pixel_values, decoder_input_ids=batch["decoder_input_ids"]).logits
+        cross_entropy = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        groups = cross_entropy[:, :length].reshape(labels.shape[0], -1, 5)
+        results[f"coordinate_loss{suffix}"] = round(groups[..., :4][real].mean().item(), 3)
+        results[f"class_loss{suffix}"] = round(groups[..., 4][real].mean().item(), 3)
+    model.train(was_training)
+    return results
+
+
+def main(argv=None) -> int:
+    own, args = parse_args(argv)
+    torch.set_num_threads(args.num_threads or torch.get_num_threads())
+    torch.manual_seed(args.seed)
+    splits = load_detection_splits(args)
+    model, processor = pix2seq_train.build_model_and_processor(args, splits.id2label)
+    args.augmentation = args.augmentation or "light"
+    args.per_device_train_batch_size = args.per_device_train_batch_size or 8
+    learning_rate = args.learning_rate or training_setup.default_learning_rate(args.model_name_or_path)
+    encoder_lr_scale = args.encoder_lr_scale or training_setup.default_encoder_lr_scale(args.model_name_or_path)
+
+    canvas = processor.image_processor.size["longest_edge"]
+    collator = Pix2SeqCollator(
+        processor, transforms=build_train_transforms(args.augmentation, canvas), training=True, seed=args.seed
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(
+        undecoded_images(splits.train),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        generator=generator,
+    )
+    validation = undecoded_images(splits.validation)
+    eval_loader = DataLoader(
+        validation, batch_size=args.per_device_eval_batch_size, collate_fn=Pix2SeqCollator(processor, training=False)
+    )
+    count = min(own.diagnostic_images, len(validation))
+    diagnostic_batch = Pix2SeqCollator(processor, training=True, seed=7)([validation[i] for i in range(count)])
+
+    groups = training_setup.optimizer_param_groups(model, learning_rate, args.weight_decay, encoder_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    scheduler = get_scheduler(
+        args.lr_scheduler_type or "constant_with_warmup",
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    history, losses, step, epoch = [], [], 0, 0
+    train_seconds, start = 0.0, time.perf_counter()
+    model.train()
+    while step < args.max_train_steps:
+        collator.set_epoch(epoch)
+        for batch in loader:
+            outputs = model(
+                pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"]
+            )
+            outputs.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(outputs.loss.item())
+            step += 1
+            train_seconds += time.perf_counter() - start
+            if step % args.eval_steps == 0 or step >= args.max_train_steps:
+                metrics = evaluate_model(model, processor, eval_loader, generation_kwargs={"do_sample": False})
+                record = {
+                    "step": step,
+                    "train_minutes": round(train_seconds / 60, 2),
+                    "loss": round(sum(losses) / len(losses), 4),
+                    **{key: round(float(metrics[key]), 4) for key in ("map", "map_50", "map_75", "mar_100")},
+                    **image_use(model, diagnostic_batch),
+                }
+                losses.clear()
+                history.append(record)
+                print(json.dumps(record), flush=True)
+            if step >= args.max_train_steps:
+                break
+            start = time.perf_counter()
+        epoch += 1
+    if own.output_file:
+        Path(own.output_file).write_text(json.dumps({"arguments": vars(args), "history": history}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
