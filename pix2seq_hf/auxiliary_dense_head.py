@@ -1,9 +1,13 @@
-"""Auxiliary dense supervision of the Pix2Seq encoder output, for training only (one-to-many, as in Co-DETR / H-DETR).
+"""Auxiliary supervision of Pix2Seq for training only, read from the training sequence itself (no extra data plumbing).
 
-Pix2Seq learns from one signal, the next token, and from scratch its encoder learns slowly where objects are. This
-head gives every cell of the encoder output its own target, read from the training sequence itself (no extra data
-plumbing), as FCOS assigns them: the cells near an object's centre and inside its box predict its class and the
-distances to its four sides, every other cell predicts background. It adds two linear layers that detection never uses.
+Pix2Seq learns from one signal, the next token, and from scratch it learns slowly where objects are. Two extra losses
+give that signal directly, and detection never uses them:
+
+- `Pix2SeqAuxiliaryDenseHead` (one-to-many, as in Co-DETR / H-DETR, with FCOS's assignment): the cells of the encoder
+  output near an object's centre and inside its box predict its class and the distances to its four sides, every other
+  cell predicts background; two linear layers.
+- `cross_attention_guidance_loss`: a decoder layer's cross-attention, at the tokens of an object, is pulled onto the
+  cells the object covers.
 """
 
 from __future__ import annotations
