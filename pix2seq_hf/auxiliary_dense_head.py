@@ -151,11 +151,12 @@ class Pix2SeqAuxiliaryDenseHead(nn.Module):
         for index, (boxes, classes) in enumerate(objects_from_labels(labels, self.config)):
             if boxes.shape[0] == 0:
                 continue
-            positive, assigned = assign_cells(boxes.to(hidden_states.device), grid_h, grid_w, self.center_radius)
+            boxes = boxes.to(hidden_states.device)
+            positive, assigned = assign_cells(boxes, grid_h, grid_w, self.center_radius)
             assigned = assigned[positive]
             class_targets[index, positive, classes.to(class_targets.device)[assigned]] = 1.0
             predicted.append(distances[index, positive])
-            target.append(boxes.to(hidden_states.device)[assigned])
+            target.append(boxes[assigned])
             anchors.append(points[positive])
         num_positive = max(1, sum(len(p) for p in predicted))
         loss = sigmoid_focal_loss(class_logits.float(), class_targets, reduction="sum") / num_positive
