@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     groups = training_setup.optimizer_param_groups(model, learning_rate, args.weight_decay, encoder_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2))
     scheduler = get_scheduler(
-        args.lr_scheduler_type or "constant_with_warmup",
+        args.lr_scheduler_type,
         optimizer=optimizer,
         num_warmup_steps=args.num_warmup_steps,
         num_training_steps=args.max_train_steps,

@@ -243,8 +243,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument(
         "--lr_scheduler_type",
-        default=None,
-        help="A transformers scheduler name (default: constant_with_warmup on the synthetic set, else linear).",
+        default="linear",
+        help="A transformers scheduler name. With --max_train_minutes, `linear` decays to 0 at "
+        "whichever ends first, the steps or the minutes.",
     )
     optim.add_argument("--num_warmup_steps", type=int, default=100)
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -358,6 +359,29 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     """AdamW over `training_setup.optimizer_param_groups` (the encoder at `args.encoder_lr_scale`)."""
     groups = training_setup.optimizer_param_groups(model, args.learning_rate, args.weight_decay, args.encoder_lr_scale)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def build_scheduler(optimizer, args, num_processes: int):
+    """
+    The learning-rate schedule: `args.lr_scheduler_type` from transformers, except `linear` with
+    `--max_train_minutes`, which decays to 0 at whichever budget ends first (`training_setup.LinearDecayToBudget`).
+    Accelerate steps the scheduler once per process, hence the step counts times `num_processes`.
+
+    Returns:
+        `(scheduler, budget)`: `budget` is the `LinearDecayToBudget` the loop reports the elapsed time to, or `None`.
+    """
+    num_warmup_steps = args.num_warmup_steps * num_processes
+    num_training_steps = args.max_train_steps * num_processes
+    if args.lr_scheduler_type == "linear" and args.max_train_minutes:
+        budget = training_setup.LinearDecayToBudget(num_warmup_steps, num_training_steps, args.max_train_minutes * 60)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, budget), budget
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+    )
+    return scheduler, None
 
 
 def push_to_hub(model, processor, args, metrics=None, commit_message="Upload Pix2Seq model"):
@@ -485,9 +509,6 @@ def main(argv=None) -> int:
         args.max_train_minutes = SYNTHETIC_MINUTES
     if args.num_train_epochs is None:
         args.num_train_epochs = SYNTHETIC_EPOCHS if synthetic else 50
-    if args.lr_scheduler_type is None:
-        # A short run is still early in learning: decaying the rate cost 6x in mAP (docs/training.md).
-        args.lr_scheduler_type = "constant_with_warmup" if synthetic else "linear"
     if args.eval_steps is None and synthetic:
         args.eval_steps = 1000
     if args.learning_rate is None:
@@ -525,12 +546,7 @@ def main(argv=None) -> int:
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    scheduler, budget = build_scheduler(optimizer, args, accelerator.num_processes)
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
@@ -540,13 +556,14 @@ def main(argv=None) -> int:
         accelerator.init_trackers("pix2seq", tracked)
 
     run = run_arguments(args, accelerator)
-    completed_steps, starting_epoch, resume_batches = 0, 0, 0
+    completed_steps, starting_epoch, resume_batches, resumed_seconds = 0, 0, 0, 0.0
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         state = read_training_state(checkpoint)
         check_same_run(checkpoint, state, run)
         accelerator.load_state(str(checkpoint))
         completed_steps = state["completed_steps"]
+        resumed_seconds = float(state.get("elapsed_seconds", 0.0))
         starting_epoch = completed_steps // updates_per_epoch
         resume_batches = (completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"Resumed from {checkpoint} at step {completed_steps} (epoch {starting_epoch}).")
@@ -577,6 +594,8 @@ def main(argv=None) -> int:
         if epoch == starting_epoch and resume_batches:
             batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
         for batch in batches:
+            if budget is not None:
+                budget.set_elapsed(resumed_seconds + time.time() - start_time)
             with accelerator.accumulate(model):
                 outputs = model(
                     pixel_values=batch["pixel_values"],
@@ -602,13 +621,17 @@ def main(argv=None) -> int:
                 accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if completed_steps % int(args.checkpointing_steps) == 0:
-                    save_checkpoint(accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit)
+                    save_checkpoint(
+                        accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit,
+                        elapsed_seconds=resumed_seconds + time.time() - start_time,
+                    )  # fmt: skip
                     if args.push_to_hub and args.hub_strategy == "every_save" and accelerator.is_main_process:
                         push_to_hub(
                             accelerator.unwrap_model(model), processor, args,
                             commit_message=f"Training in progress, step {completed_steps}",
                         )  # fmt: skip
-            out_of_time = args.max_train_minutes and (time.time() - start_time) / 60 >= args.max_train_minutes
+            elapsed_minutes = (resumed_seconds + time.time() - start_time) / 60
+            out_of_time = args.max_train_minutes and elapsed_minutes >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
                 eval_start = time.time()
@@ -631,7 +654,10 @@ def main(argv=None) -> int:
                 stop = True
                 break
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit)
+            save_checkpoint(
+                accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit,
+                elapsed_seconds=resumed_seconds + time.time() - start_time,
+            )  # fmt: skip
         if stop:
             break
     progress.close()

@@ -99,7 +99,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Pa
 
 
 def read_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The `training_state.json` of a checkpoint: `completed_steps` and, when recorded, the `run` arguments."""
+    """The `training_state.json` of a checkpoint: `completed_steps` and, when recorded, the `run` arguments and the
+    `elapsed_seconds` of the run."""
     path = Path(checkpoint) / TRAINING_STATE_FILE
     try:
         state = json.loads(path.read_text())
@@ -182,12 +183,14 @@ def save_checkpoint(
     step: int,
     run: Mapping[str, Any] | None = None,
     total_limit: int | None = None,
+    elapsed_seconds: float | None = None,
 ) -> Path:
     """
     Saves the training state atomically as `<output_dir>/step_<step>/`. Call it on every process.
 
     Accelerate's `save_state` writes weights, optimiser, scheduler, sampler and random states into
-    `step_<step>.partial/`; then the main process writes `training_state.json` (`completed_steps` and `run`), flushes
+    `step_<step>.partial/`; then the main process writes `training_state.json` (`completed_steps`, `run` and
+    `elapsed_seconds`), flushes
     the files to disk and renames the folder to `step_<step>` (replacing an older checkpoint of the same step).
     Leftover `.partial` folders of earlier interrupted saves are removed first; with `total_limit`, the oldest complete
     checkpoints beyond the newest `total_limit` are removed after the rename (the one just saved is always kept).
@@ -199,6 +202,8 @@ def save_checkpoint(
         run (`Mapping`, *optional*): the arguments that define the run (JSON-serialisable), checked on resume by
             `check_same_run`.
         total_limit (`int`, *optional*): keep at most this many complete checkpoints.
+        elapsed_seconds (`float`, *optional*): wall time the run has spent so far, so that a time limit (and a
+            learning-rate decay to it) counts the resumed parts too.
 
     Returns:
         The checkpoint folder.
@@ -218,6 +223,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         _kill_point(step, "state_written")
         state = {"completed_steps": int(step), "run": dict(run) if run is not None else None}
+        if elapsed_seconds is not None:
+            state["elapsed_seconds"] = round(float(elapsed_seconds), 3)
         (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
         _fsync_tree(partial)
         _kill_point(step, "marker_written")

@@ -208,8 +208,46 @@ def optimizer_param_groups(
     ]
 
 
+class LinearDecayToBudget:
+    """
+    Learning-rate multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up over `num_warmup_steps`, then
+    linear decay that reaches 0 when the first of two budgets is spent, `num_training_steps` or `budget_seconds` of
+    wall time. A run stopped by a time limit thus still ends on a small learning rate, however many steps the machine
+    managed.
+
+    The training loop reports the time spent with `set_elapsed`. The elapsed time is part of the scheduler's
+    `state_dict` (`LambdaLR` saves the attributes of callable objects), so a resumed run continues the same decay.
+
+    Args:
+        num_warmup_steps (`int`): scheduler steps of linear warm-up from 0.
+        num_training_steps (`int`): scheduler steps at which the rate reaches 0.
+        budget_seconds (`float`, *optional*): seconds at which the rate reaches 0; no time budget when `None`.
+    """
+
+    def __init__(self, num_warmup_steps: int, num_training_steps: int, budget_seconds: float | None = None):
+        if budget_seconds is not None and budget_seconds <= 0:
+            raise ValueError(f"`budget_seconds` must be positive, got {budget_seconds}.")
+        self.num_warmup_steps = num_warmup_steps
+        self.num_training_steps = num_training_steps
+        self.budget_seconds = budget_seconds
+        self.elapsed_seconds = 0.0
+
+    def set_elapsed(self, seconds: float) -> None:
+        """Records the wall time spent so far (the whole run, resumed parts included)."""
+        self.elapsed_seconds = float(seconds)
+
+    def __call__(self, step: int) -> float:
+        if step < self.num_warmup_steps:
+            return step / max(1, self.num_warmup_steps)
+        remaining = max(0.0, (self.num_training_steps - step) / max(1, self.num_training_steps - self.num_warmup_steps))
+        if self.budget_seconds is not None:
+            remaining = min(remaining, max(0.0, 1.0 - self.elapsed_seconds / self.budget_seconds))
+        return remaining
+
+
 __all__ = [
     "FINETUNE_LEARNING_RATE",
+    "LinearDecayToBudget",
     "SCRATCH_ENCODER_LR_SCALE",
     "SCRATCH_LEARNING_RATE",
     "SCRATCH_RECIPE",

@@ -131,6 +131,20 @@ def test_checkpoints_total_limit_keeps_the_newest(reference):
     assert not list(reference.glob("*.partial"))
     state = json.loads((reference / "step_4" / "training_state.json").read_text())
     assert state["completed_steps"] == 4 and state["run"]["seed"] == 5
+    assert state["elapsed_seconds"] > 0
+
+
+def test_a_time_limit_counts_the_time_before_the_resume(train_module, tmp_path):
+    # A checkpoint that has already spent the whole time limit: the resumed run trains one step and stops there.
+    output_dir = tmp_path / "run"
+    argv = RUN + ["--max_train_minutes", "30", "--output_dir", str(output_dir)]
+    assert train_module.main(argv) == 0
+    marker = output_dir / "step_2" / "training_state.json"
+    state = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**state, "elapsed_seconds": 30 * 60.0}))
+    shutil.rmtree(output_dir / "step_4")
+    assert train_module.main(argv + ["--resume_from_checkpoint", "latest"]) == 0
+    assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == 3
 
 
 def test_resuming_past_the_last_step_saves_that_checkpoint_and_trains_no_more(reference, train_module, tmp_path):

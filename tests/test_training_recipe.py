@@ -16,6 +16,30 @@ from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
 COORD, BINS = TINY_LAYOUT["coord_token_offset"], TINY_LAYOUT["num_bins"]
 
 
+# ----- learning-rate schedule ---------------------------------------------------------------------------------------
+
+
+def test_linear_decay_ends_at_whichever_budget_ends_first_and_resumes_its_clock():
+    from pix2seq_hf.training_setup import LinearDecayToBudget
+
+    schedule = LinearDecayToBudget(num_warmup_steps=10, num_training_steps=110, budget_seconds=100.0)
+    assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5) and schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.5)  # the steps bound it
+    schedule.set_elapsed(75.0)
+    assert schedule(60) == pytest.approx(0.25)  # the time bounds it
+    schedule.set_elapsed(150.0)
+    assert schedule(60) == 0.0
+
+    # LambdaLR saves the callable's attributes: a loaded scheduler continues the clock where the saved one was.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    saved = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule).state_dict()
+    fresh = LinearDecayToBudget(10, 110, 100.0)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, fresh).load_state_dict(saved)
+    assert fresh.elapsed_seconds == 150.0
+    with pytest.raises(ValueError, match="budget_seconds"):
+        LinearDecayToBudget(10, 110, 0.0)
+
+
 # ----- soft coordinate targets -------------------------------------------------------------------------------------
 
 
