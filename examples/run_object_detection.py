@@ -102,6 +102,10 @@ class ModelArguments:
     auxiliary_loss_weight: float | None = field(
         default=None, metadata={"help": "Auxiliary dense loss on the encoder (default: the recipe's, or the saved one)."}
     )
+    auxiliary_hints: bool | None = field(
+        default=None,
+        metadata={"help": "The auxiliary head's predictions added to the memory (default: the recipe's, or the saved one)."},
+    )
     cross_attention_loss_weight: float | None = field(
         default=None,
         metadata={"help": "Loss guiding the decoder's cross-attention (default: the recipe's, or the saved one)."},
@@ -332,6 +336,7 @@ def main(argv=None) -> int:
         sequence_augmentation=not model_args.no_sequence_augmentation,
         coordinate_label_sigma=model_args.coordinate_label_sigma,
         auxiliary_loss_weight=model_args.auxiliary_loss_weight,
+        auxiliary_hints=model_args.auxiliary_hints,
         cross_attention_loss_weight=model_args.cross_attention_loss_weight,
         coordinate_embedding_init=model_args.coordinate_embedding_init,
     )

@@ -90,6 +90,7 @@ RUN_ARGUMENTS = (
     "object_order",
     "coordinate_label_sigma",
     "auxiliary_loss_weight",
+    "auxiliary_hints",
     "cross_attention_loss_weight",
     "coordinate_embedding_init",
     "per_device_train_batch_size",
@@ -202,6 +203,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="Weight of the auxiliary dense loss on the encoder output (0: none, the paper). Default: the saved "
         "model's when fine-tuning, else the recipe's (see docs/training.md).",
+    )
+    model.add_argument(
+        "--auxiliary_hints",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Add the auxiliary head's box and class predictions to the decoder's memory (needs the auxiliary loss). "
+        "Default: the saved model's when fine-tuning, else on with an auxiliary loss (see docs/training.md).",
     )
     model.add_argument(
         "--cross_attention_loss_weight",
@@ -349,6 +357,7 @@ def build_model_and_processor(args, id2label: dict[int, str]):
         sequence_augmentation=not args.no_sequence_augmentation,
         coordinate_label_sigma=args.coordinate_label_sigma,
         auxiliary_loss_weight=args.auxiliary_loss_weight,
+        auxiliary_hints=args.auxiliary_hints,
         cross_attention_loss_weight=args.cross_attention_loss_weight,
         coordinate_embedding_init=args.coordinate_embedding_init,
         config_overrides=args.config_overrides,

@@ -128,13 +128,18 @@ class Pix2SeqAuxiliaryDenseHead(nn.Module):
         return self.class_head(hidden_states), nn.functional.softplus(self.box_head(hidden_states))
 
     def loss(
-        self, hidden_states: torch.Tensor, labels: torch.Tensor, image_size: tuple[int, int] | None = None
+        self,
+        class_logits: torch.Tensor,
+        distances: torch.Tensor,
+        labels: torch.Tensor,
+        image_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """
         The auxiliary loss of one batch.
 
         Args:
-            hidden_states (`torch.Tensor` of shape `(batch_size, cells, decoder_hidden_size)`): the encoder output (a
+            class_logits (`torch.Tensor` of shape `(batch_size, cells, num_classes)`),
+            distances (`torch.Tensor` of shape `(batch_size, cells, 4)`): this head's outputs on the memory (a
                 row-major feature grid).
             labels (`torch.LongTensor` of shape `(batch_size, length)`): the training targets of the decoder.
             image_size (`tuple[int, int]`, *optional*): pixel height and width, to find the grid's shape (square when
@@ -143,15 +148,14 @@ class Pix2SeqAuxiliaryDenseHead(nn.Module):
         Returns:
             `torch.Tensor`: the scalar loss.
         """
-        grid_h, grid_w = feature_grid(hidden_states.shape[1], image_size)
-        class_logits, distances = self(hidden_states)
-        points = cell_centres(grid_h, grid_w, hidden_states.device)
+        grid_h, grid_w = feature_grid(class_logits.shape[1], image_size)
+        points = cell_centres(grid_h, grid_w, class_logits.device)
         class_targets = torch.zeros_like(class_logits, dtype=torch.float32)
         predicted, target, anchors = [], [], []
         for index, (boxes, classes) in enumerate(objects_from_labels(labels, self.config)):
             if boxes.shape[0] == 0:
                 continue
-            boxes = boxes.to(hidden_states.device)
+            boxes = boxes.to(class_logits.device)
             positive, assigned = assign_cells(boxes, grid_h, grid_w, self.center_radius)
             assigned = assigned[positive]
             class_targets[index, positive, classes.to(class_targets.device)[assigned]] = 1.0

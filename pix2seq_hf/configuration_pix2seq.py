@@ -113,7 +113,12 @@ class Pix2SeqConfig(PreTrainedConfig):
             Weight of an auxiliary dense loss on the encoder output during training (one-to-many, as FCOS): the
             feature cells near an object's centre and inside its box predict its class and the distances to its sides
             (focal + GIoU loss), the others background. Its head is built only when the weight is positive and is
-            never used for detection. 0: no head, no loss.
+            used for detection only with `auxiliary_hints`. 0: no head, no loss.
+        auxiliary_hints (`bool`, *optional*, defaults to `False`):
+            Add the auxiliary head's predictions at each feature cell (the box, as the sine-cosine code of its
+            coordinates, and the class probabilities, each through a linear projection) to the memory the decoder
+            attends to, in training and detection alike, so that the decoder can copy a box instead of working it out
+            from the features. Needs `auxiliary_loss_weight` > 0 (the head learns from that loss only).
         cross_attention_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of a training loss that guides the last decoder layer's cross-attention: at the tokens of a real
             object, the attention averaged over the heads should fall on the feature cells the object covers. Needs
@@ -190,6 +195,7 @@ class Pix2SeqConfig(PreTrainedConfig):
     eos_token_weight: float | int = 0.1
     coordinate_label_sigma: float | int = 0.0
     auxiliary_loss_weight: float | int = 0.0
+    auxiliary_hints: bool = False
     cross_attention_loss_weight: float | int = 0.0
     coordinate_embedding_init: str = "normal"
 
@@ -312,6 +318,11 @@ class Pix2SeqConfig(PreTrainedConfig):
             raise ValueError(f"`coordinate_label_sigma` must be non-negative, got {self.coordinate_label_sigma}.")
         if not 0 <= self.auxiliary_loss_weight:
             raise ValueError(f"`auxiliary_loss_weight` must be non-negative, got {self.auxiliary_loss_weight}.")
+        if self.auxiliary_hints and not self.auxiliary_loss_weight > 0:
+            raise ValueError(
+                "`auxiliary_hints=True` adds the auxiliary head's predictions to the memory, but "
+                f"`auxiliary_loss_weight={self.auxiliary_loss_weight}` builds no head to train: set it above 0."
+            )
         if not 0 <= self.cross_attention_loss_weight:
             raise ValueError(
                 f"`cross_attention_loss_weight` must be non-negative, got {self.cross_attention_loss_weight}."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead, cross_attention_guidance_loss
+from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead, cell_centres, cross_attention_guidance_loss
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
 from .generation_pix2seq import Pix2SeqGenerationMixin, Pix2SeqObjectDetectionOutput
@@ -60,13 +61,24 @@ def build_1d_sincos_position_embedding(
     Returns:
         `torch.Tensor` of shape `(length, dim)` (`dim` even).
     """
+    positions = torch.arange(length, dtype=torch.float32, device=device) / max(length - 1, 1)
+    return sincos_code(positions, dim).to(dtype)
+
+
+def sincos_code(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """
+    The sine-cosine code of `build_1d_sincos_position_embedding` at any positions in [0, 1] (0 is the first position
+    of an axis, 1 the last): `[sin, cos]` of `position * 2 * pi / 10000 ** (i / (dim // 2))`.
+
+    Returns:
+        float32 `torch.Tensor` of shape `(*positions.shape, dim)` (`dim` even).
+    """
     if dim % 2 != 0:
         raise ValueError(f"The sine-cosine position code needs an even width, got {dim}.")
     half = dim // 2
-    inv_freq = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32, device=device) / half))
-    positions = torch.arange(length, dtype=torch.float32, device=device)
-    angles = (positions / max(length - 1, 1) * (2 * math.pi))[:, None] * inv_freq[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32, device=positions.device) / half))
+    angles = (positions.float() * (2 * math.pi))[..., None] * inv_freq
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def build_2d_sincos_position_embedding(
@@ -271,6 +283,41 @@ class Pix2SeqBridge(nn.Module):
         return hidden_states + self.drop_path(self.mlp(self.mlp_layer_norm(hidden_states)))
 
 
+class Pix2SeqAuxiliaryHints(nn.Module):
+    """
+    `config.auxiliary_hints`: adds what the auxiliary dense head predicts at each feature cell to the decoder's memory,
+    so that the decoder can copy a box it attends to instead of working it out from the features. The predicted box
+    (absolute, clipped to the canvas, its coordinates in the sequence's order `y_min, x_min, y_max, x_max`) enters as
+    the sine-cosine code of each coordinate (the code the coordinate tokens start from with
+    `coordinate_embedding_init="sincos"`), the class scores as sigmoid probabilities; each through its own linear
+    projection. The predictions are detached: the head learns from its own loss only.
+    """
+
+    def __init__(self, config: Pix2SeqConfig):
+        super().__init__()
+        hidden_size = config.decoder_hidden_size
+        self.code_size = hidden_size // 2
+        self.box_projection = nn.Linear(4 * self.code_size, hidden_size)
+        # Sized per class: rebuilt when a model is fine-tuned onto a new label set.
+        self.class_projection = nn.Linear(config.num_classes, hidden_size, bias=False)
+
+    def forward(self, class_logits: torch.Tensor, distances: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """
+        Args:
+            class_logits (`torch.Tensor` of shape `(batch_size, height * width, num_classes)`),
+            distances (`torch.Tensor` of shape `(batch_size, height * width, 4)`): the dense head's outputs.
+            height, width (`int`): the feature grid.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, height * width, decoder_hidden_size)`, to add to the memory.
+        """
+        points = cell_centres(height, width, distances.device)
+        boxes = torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1).detach().clamp(0, 1)
+        codes = sincos_code(boxes[..., [1, 0, 3, 2]], self.code_size).flatten(-2)
+        dtype = self.box_projection.weight.dtype
+        return self.box_projection(codes.to(dtype)) + self.class_projection(class_logits.detach().sigmoid().to(dtype))
+
+
 class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
     """
     Pre-LayerNorm Transformer decoder layer: causal self-attention, cross-attention to the encoded image and a
@@ -460,6 +507,24 @@ def _build_backbone(config: Pix2SeqConfig) -> nn.Module:
     return backbone
 
 
+@dataclass
+class Pix2SeqEncoderOutput(BaseModelOutput):
+    r"""
+    Output of [`Pix2SeqEncoder`]: [`BaseModelOutput`] plus, for a model with an auxiliary dense head
+    (`config.auxiliary_loss_weight > 0`), what the head predicts at each feature cell (`None` otherwise).
+
+    Args:
+        auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, cells, num_classes)`, *optional*):
+            Class logits of the auxiliary head.
+        auxiliary_distances (`torch.FloatTensor` of shape `(batch_size, cells, 4)`, *optional*):
+            Distances from each cell centre to the left, top, right and bottom sides of its predicted box, in units of
+            the canvas.
+    """
+
+    auxiliary_logits: torch.FloatTensor | None = None
+    auxiliary_distances: torch.FloatTensor | None = None
+
+
 class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
     """
     Vision encoder: backbone (last feature map) -> dropout -> linear -> LayerNorm -> + 2D sine-cosine positions ->
@@ -497,10 +562,14 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         self.layers = nn.ModuleList([Pix2SeqEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
         self.bridge = Pix2SeqBridge(config)
+        # Training options beyond the paper: dense supervision of the memory (config.auxiliary_loss_weight), and its
+        # predictions added to the memory (config.auxiliary_hints).
+        self.auxiliary_head = Pix2SeqAuxiliaryDenseHead(config) if config.auxiliary_loss_weight > 0 else None
+        self.auxiliary_hints = Pix2SeqAuxiliaryHints(config) if config.auxiliary_hints else None
         self.post_init()
 
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
+    def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> Pix2SeqEncoderOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -508,11 +577,11 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
             output_attentions / output_hidden_states (`bool`, *optional*):
                 Return the encoder self-attention weights (eager attention only) / hidden states.
             return_dict (`bool`, *optional*):
-                Return a tuple instead of a [`BaseModelOutput`] when `False`.
+                Return a tuple instead of a [`Pix2SeqEncoderOutput`] when `False`.
 
         Returns:
-            [`BaseModelOutput`] with `last_hidden_state` of shape `(batch_size, feature_height * feature_width,
-            decoder_hidden_size)`.
+            [`Pix2SeqEncoderOutput`] with `last_hidden_state` of shape `(batch_size, feature_height * feature_width,
+            decoder_hidden_size)` and, with an auxiliary head, its predictions.
         """
         pixel_values = check_pixel_values(pixel_values, self.config.num_channels, self.input_layer_norm.weight.dtype)
 
@@ -529,7 +598,15 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
 
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)
-        return BaseModelOutput(last_hidden_state=self.bridge(self.layer_norm(hidden_states), height, width))
+        memory = self.bridge(self.layer_norm(hidden_states), height, width)
+        auxiliary_logits = auxiliary_distances = None
+        if self.auxiliary_head is not None:
+            auxiliary_logits, auxiliary_distances = self.auxiliary_head(memory)
+            if self.auxiliary_hints is not None:
+                memory = memory + self.auxiliary_hints(auxiliary_logits, auxiliary_distances, height, width)
+        return Pix2SeqEncoderOutput(
+            last_hidden_state=memory, auxiliary_logits=auxiliary_logits, auxiliary_distances=auxiliary_distances
+        )
 
 
 class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
@@ -891,8 +968,6 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         self.model = Pix2SeqModel(config)
         # The output projection: its weight is the token embedding (tied), its bias the official output bias.
         self.lm_head = nn.Linear(config.decoder_hidden_size, config.vocab_size, bias=True)
-        # Training only: dense supervision of the encoder output (config.auxiliary_loss_weight), unused by detection.
-        self.auxiliary_head = Pix2SeqAuxiliaryDenseHead(config) if config.auxiliary_loss_weight > 0 else None
         self._box_codec = None
         self.post_init()
         if self.generation_config is not None:
@@ -972,6 +1047,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
             if self.config.cross_attention_loss_weight > 0:
                 kwargs["output_attentions"] = True  # the guidance loss reads the last layer's cross-attention
+            if self.model.encoder.auxiliary_head is not None and encoder_outputs is None:
+                # The auxiliary loss reads the encoder's dense predictions, which the sequence output does not carry.
+                encoder_outputs = self.model.encoder(pixel_values, **{**kwargs, "return_dict": True})
 
         outputs = self.model(
             pixel_values,
@@ -1010,9 +1088,17 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
                     self.config,
                     image_size=None if pixel_values is None else tuple(pixel_values.shape[-2:]),
                 )
-            if self.auxiliary_head is not None:
-                loss = loss + self.config.auxiliary_loss_weight * self.auxiliary_head.loss(
-                    outputs.encoder_last_hidden_state,
+            auxiliary_head = self.model.encoder.auxiliary_head
+            if auxiliary_head is not None:
+                if getattr(encoder_outputs, "auxiliary_logits", None) is None:
+                    raise ValueError(
+                        "This model trains an auxiliary dense head (`auxiliary_loss_weight` > 0), whose loss needs the "
+                        "encoder's `auxiliary_logits` and `auxiliary_distances`: pass `pixel_values`, or the "
+                        "`Pix2SeqEncoderOutput` of `model.get_encoder()`, not a tuple."
+                    )
+                loss = loss + self.config.auxiliary_loss_weight * auxiliary_head.loss(
+                    encoder_outputs.auxiliary_logits,
+                    encoder_outputs.auxiliary_distances,
                     labels,
                     image_size=None if pixel_values is None else tuple(pixel_values.shape[-2:]),
                 )

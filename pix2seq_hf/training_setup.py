@@ -29,6 +29,7 @@ SCRATCH_RECIPE = {
     "object_order": "dist2ori",
     "coordinate_label_sigma": 1.0,
     "auxiliary_loss_weight": 1.0,
+    "auxiliary_hints": True,
     "cross_attention_loss_weight": 0.0,
     "coordinate_embedding_init": "sincos",
 }
@@ -36,6 +37,7 @@ SCRATCH_RECIPE = {
 TRAINING_CONFIG_OPTIONS = (
     "coordinate_label_sigma",
     "auxiliary_loss_weight",
+    "auxiliary_hints",
     "cross_attention_loss_weight",
     "coordinate_embedding_init",
 )
@@ -44,8 +46,8 @@ TRAINING_CONFIG_OPTIONS = (
 def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) -> None:
     """
     Points a saved model at a new label set: label `i` becomes class token `class_token_offset + i` (class tokens share
-    the vocabulary, so no weight changes shape; tokens of the old classes are simply reused). The auxiliary dense head,
-    if any, is sized per class and is rebuilt for the new classes.
+    the vocabulary, so no weight changes shape; tokens of the old classes are simply reused). The auxiliary dense head
+    and the class projection of the auxiliary hints, if any, are sized per class and are rebuilt for the new classes.
 
     Raises:
         `ValueError` when the new classes do not fit between the class and coordinate token ranges.
@@ -61,9 +63,14 @@ def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) ->
     config.num_classes = len(id2label)
     config.id2label = dict(id2label)
     config.label2id = {name: label for label, name in id2label.items()}
-    if getattr(model, "auxiliary_head", None) is not None:
-        model.auxiliary_head = type(model.auxiliary_head)(config)
-        model.auxiliary_head.apply(model._init_weights)
+    encoder = model.model.encoder
+    if encoder.auxiliary_head is not None:
+        encoder.auxiliary_head = type(encoder.auxiliary_head)(config)
+        encoder.auxiliary_head.apply(model._init_weights)
+    if encoder.auxiliary_hints is not None:
+        hints = encoder.auxiliary_hints
+        hints.class_projection = torch.nn.Linear(config.num_classes, hints.box_projection.out_features, bias=False)
+        hints.class_projection.apply(model._init_weights)
     model._box_codec = None
     tokens = ", ".join(f"{name} -> {config.class_token_offset + label}" for label, name in sorted(id2label.items()))
     logger.info(f"Fine-tuning onto a new label set (the model was trained on {old}); class tokens: {tokens}.")
@@ -81,6 +88,7 @@ def build_model_and_processor(
     sequence_augmentation: bool = True,
     coordinate_label_sigma: float | None = None,
     auxiliary_loss_weight: float | None = None,
+    auxiliary_hints: bool | None = None,
     cross_attention_loss_weight: float | None = None,
     coordinate_embedding_init: str | None = None,
     config_overrides: dict | None = None,
@@ -99,10 +107,11 @@ def build_model_and_processor(
         object_order (`str`, *optional*): order of objects in training sequences (default: the saved processor's, or
             `SCRATCH_RECIPE`'s from scratch).
         sequence_augmentation (`bool`, *optional*, defaults to `True`): noise objects in training sequences.
-        coordinate_label_sigma / auxiliary_loss_weight / cross_attention_loss_weight (`float`),
-        coordinate_embedding_init (`str`), *optional*:
-            training options of the config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch); a saved
-            model refuses other values. With a cross-attention loss the model runs eager attention.
+        coordinate_label_sigma / auxiliary_loss_weight / cross_attention_loss_weight (`float`), auxiliary_hints
+        (`bool`), coordinate_embedding_init (`str`), *optional*:
+            training options of the config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch, where
+            `auxiliary_hints` is on only with an auxiliary head); a saved model refuses other values. With a
+            cross-attention loss the model runs eager attention.
         config_overrides (`dict`, *optional*): other config fields of a new model (e.g. `{"decoder_layers": 4}`),
             applied last; refused when fine-tuning (a saved model keeps its architecture).
 
@@ -112,6 +121,7 @@ def build_model_and_processor(
     options = {
         "coordinate_label_sigma": coordinate_label_sigma,
         "auxiliary_loss_weight": auxiliary_loss_weight,
+        "auxiliary_hints": auxiliary_hints,
         "cross_attention_loss_weight": cross_attention_loss_weight,
         "coordinate_embedding_init": coordinate_embedding_init,
     }
@@ -149,6 +159,8 @@ def build_model_and_processor(
             overrides["vocab_size"] = max(3000, 1000 + num_bins)
         for name, value in options.items():
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
+        if auxiliary_hints is None and not overrides["auxiliary_loss_weight"] > 0:
+            overrides["auxiliary_hints"] = False  # the hints come from the auxiliary head: none without it
         config = get_preset_config(config_preset, **{**overrides, **(config_overrides or {})})
         model = Pix2SeqForObjectDetection(config)
         # The weights now live in the model: a saved config must not download the backbone again when loaded.
@@ -186,7 +198,7 @@ def optimizer_param_groups(
     """
     Parameter groups for AdamW: weight decay on weight matrices and kernels only (not on biases, norms or position
     embeddings), `learning_rate` everywhere except the Transformer encoder (the parameters of `model.model.encoder`
-    outside its backbone), which learns at `learning_rate * encoder_lr_scale`.
+    outside its backbone and its auxiliary head and hints), which learns at `learning_rate * encoder_lr_scale`.
 
     Returns:
         `list[dict]` with `params`, `weight_decay` and `lr` per group (trainable parameters only).
@@ -196,7 +208,9 @@ def optimizer_param_groups(
         if not parameter.requires_grad:
             continue
         decay = not (parameter.ndim < 2 or "norm" in name.lower() or "position" in name.lower())
-        encoder = name.startswith("model.encoder.") and not name.startswith("model.encoder.backbone.")
+        encoder = name.startswith("model.encoder.") and not name.startswith(
+            ("model.encoder.backbone.", "model.encoder.auxiliary_head.", "model.encoder.auxiliary_hints.")
+        )
         groups.setdefault((decay, encoder), []).append(parameter)
     return [
         {

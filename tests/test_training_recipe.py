@@ -9,7 +9,7 @@ import torch
 from helpers import TINY_LAYOUT, load_example, tiny_config
 
 from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
-from pix2seq_hf.auxiliary_dense_head import objects_from_labels
+from pix2seq_hf.auxiliary_dense_head import feature_grid, objects_from_labels
 from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
 
 
@@ -150,10 +150,10 @@ def test_auxiliary_head_trains_the_encoder_and_stays_out_of_detection(tmp_path):
     torch.manual_seed(0)
     with_head = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0))
     without = Pix2SeqForObjectDetection(tiny_config())
-    assert without.auxiliary_head is None and with_head.auxiliary_head is not None
+    assert without.model.encoder.auxiliary_head is None and with_head.model.encoder.auxiliary_head is not None
     # The head is the only difference in the weights.
     extra = set(with_head.state_dict()) - set(without.state_dict())
-    assert extra and all(name.startswith("auxiliary_head.") for name in extra)
+    assert extra and all(name.startswith("model.encoder.auxiliary_head.") for name in extra)
 
     pixel_values = torch.rand(2, 3, 64, 64)
     labels = torch.tensor([_sequence([((0.1, 0.2, 0.5, 0.6), 3)], noise=1), _sequence([((0.6, 0.6, 0.9, 0.9), 1)], noise=1)])
@@ -162,7 +162,7 @@ def test_auxiliary_head_trains_the_encoder_and_stays_out_of_detection(tmp_path):
     loss_without = without(pixel_values=pixel_values, labels=labels).loss
     assert loss_with.item() > loss_without.item()  # the auxiliary term is added
     loss_with.backward()
-    assert with_head.auxiliary_head.box_head.weight.grad.abs().sum() > 0
+    assert with_head.model.encoder.auxiliary_head.box_head.weight.grad.abs().sum() > 0
     assert with_head.model.encoder.bridge.projection.weight.grad.abs().sum() > 0
 
     # Detection never uses the head: the same tokens with and without it, and it survives save/load.
@@ -173,7 +173,45 @@ def test_auxiliary_head_trains_the_encoder_and_stays_out_of_detection(tmp_path):
     )
     with_head.save_pretrained(tmp_path)
     reloaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path)
-    torch.testing.assert_close(reloaded.auxiliary_head.class_head.weight, with_head.auxiliary_head.class_head.weight)
+    torch.testing.assert_close(
+        reloaded.model.encoder.auxiliary_head.class_head.weight, with_head.model.encoder.auxiliary_head.class_head.weight
+    )
+
+
+def test_auxiliary_hints_feed_the_heads_detached_predictions_to_the_decoder(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="auxiliary_loss_weight=0.0` builds no head"):
+        tiny_config(auxiliary_hints=True)
+    hinted = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0, auxiliary_hints=True))
+    plain = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0))
+    plain.load_state_dict({k: v for k, v in hinted.state_dict().items() if k in plain.state_dict()})
+    hinted.eval(), plain.eval()
+    pixel_values = torch.rand(2, 3, 64, 64)
+
+    # The memory is the plain one plus the hints, computed from the head's outputs.
+    encoder = hinted.model.encoder
+    outputs = encoder(pixel_values)
+    grid = feature_grid(outputs.last_hidden_state.shape[1])
+    hints = encoder.auxiliary_hints(outputs.auxiliary_logits, outputs.auxiliary_distances, *grid)
+    torch.testing.assert_close(outputs.last_hidden_state, plain.model.encoder(pixel_values).last_hidden_state + hints)
+    # A hint is the code of the box and of the class scores: another box at a cell gives another memory there.
+    moved = encoder.auxiliary_hints(outputs.auxiliary_logits, outputs.auxiliary_distances + 0.1, *grid)
+    assert not torch.allclose(moved, hints)
+
+    # The decoder's loss trains the hint projections, never the head (its own loss does).
+    decoder_input_ids = torch.full((2, 6), TINY_LAYOUT["bos_token_id"])
+    hinted(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits.logsumexp(-1).sum().backward()
+    assert encoder.auxiliary_hints.box_projection.weight.grad.abs().sum() > 0
+    assert encoder.auxiliary_head.box_head.weight.grad is None
+
+    # Detection reads the hints, and a saved model detects the same.
+    kwargs = {"do_sample": False, "max_new_tokens": 10, "output_logits": True, "return_dict_in_generate": True}
+    assert not torch.allclose(hinted.generate(pixel_values, **kwargs).logits[0], plain.generate(pixel_values, **kwargs).logits[0])
+    hinted.save_pretrained(tmp_path)
+    reloaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(
+        reloaded.generate(pixel_values, **kwargs).logits[0], hinted.generate(pixel_values, **kwargs).logits[0]
+    )
 
 
 # ----- cross-attention guidance --------------------------------------------------------------------------------------
@@ -313,7 +351,10 @@ def test_a_saved_model_fine_tunes_onto_a_new_label_set(tmp_path, caplog):
     # The fine-tuned weights started from the pretrained ones (same shapes, changed by training).
     before = Pix2SeqForObjectDetection.from_pretrained(pretrained).state_dict()
     after = model.state_dict()
-    assert all(before[name].shape == after[name].shape for name in before if not name.startswith("auxiliary_head."))
+    # Only the parts sized per class (auxiliary head, class projection of the hints) were rebuilt.
+    rebuilt = ("model.encoder.auxiliary_head.", "model.encoder.auxiliary_hints.class_projection.")
+    assert all(before[name].shape == after[name].shape for name in before if not name.startswith(rebuilt))
+    assert model.config.auxiliary_hints
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
