@@ -190,8 +190,8 @@ def save_checkpoint(
 
     Accelerate's `save_state` writes weights, optimiser, scheduler, sampler and random states into
     `step_<step>.partial/`; then the main process writes `training_state.json` (`completed_steps`, `run` and
-    `elapsed_seconds`), flushes
-    the files to disk and renames the folder to `step_<step>` (replacing an older checkpoint of the same step).
+    `elapsed_seconds`), flushes the files to disk and renames the folder to `step_<step>` (replacing an older
+    checkpoint of the same step).
     Leftover `.partial` folders of earlier interrupted saves are removed first; with `total_limit`, the oldest complete
     checkpoints beyond the newest `total_limit` are removed after the rename (the one just saved is always kept).
 

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # image in a growing image-independent component and the decoder learns only the sequence prior (docs/training.md).
 SCRATCH_ENCODER_LR_SCALE = 0.1
 # Learning rates when none is given: from scratch, and fine-tuning a saved model (the paper's fine-tuning rate).
-SCRATCH_LEARNING_RATE = 1e-3
+SCRATCH_LEARNING_RATE = 2e-3
 FINETUNE_LEARNING_RATE = 3e-5
 # Training-sequence, loss and initialisation options of a model trained from scratch, where none is given. Only what
 # measurably helps is on (docs/training.md).
@@ -29,7 +29,7 @@ SCRATCH_RECIPE = {
     "object_order": "dist2ori",
     "coordinate_label_sigma": 1.0,
     "auxiliary_loss_weight": 1.0,
-    "auxiliary_hints": True,
+    "auxiliary_hints": False,
     "cross_attention_loss_weight": 0.0,
     "coordinate_embedding_init": "sincos",
 }
