@@ -7,7 +7,9 @@ Takes the options of `examples/train.py` (data, model, recipe, optimiser), train
 - a teacher-forced diagnostic on `--diagnostic_images` validation images: the cross-entropy of the real objects'
   coordinate and class tokens, once with each image and once with the images rolled by one in the batch (every
   sequence paired with another image). While the two are equal the model writes the sequence prior and ignores the
-  image; the gap is how much it reads.
+  image; the gap is how much it reads;
+- with an auxiliary dense head, the mAP of that head read as a one-level FCOS detector (`auxiliary_head_map`): what
+  the encoder knows, against what the decoder writes.
 
     python examples/recipe_ablation.py --num_threads 1 --max_train_steps 1500 --eval_steps 500 --output_file run.json
     python examples/recipe_ablation.py --auxiliary_loss_weight 0 --coordinate_label_sigma 0 \\
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision.ops import batched_nms
 from transformers import get_scheduler
 
 
@@ -33,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_setup  # noqa: E402
-from pix2seq_hf.auxiliary_dense_head import object_groups  # noqa: E402
+from pix2seq_hf.auxiliary_dense_head import cell_centres, feature_grid, object_groups  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
     build_train_transforms,
     load_detection_splits,
     undecoded_images,
 )
-from pix2seq_hf.evaluation import evaluate_model  # noqa: E402
+from pix2seq_hf.evaluation import CocoDetectionEvaluator, evaluate_model  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -57,6 +60,39 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     if args.max_eval_samples is None:
         args.max_eval_samples = 200
     return own, args
+
+
+@torch.no_grad()
+def auxiliary_head_map(model, eval_loader, max_detections: int = 100, iou_threshold: float = 0.6) -> float:
+    """
+    COCO mAP of the auxiliary dense head read as a one-level FCOS detector (what the encoder knows, whatever the
+    decoder makes of it): every cell and class is a candidate box scored by the head's sigmoid, the best
+    `max_detections` of an image after class-wise NMS are kept.
+
+    Returns:
+        `float`: the mAP on the images of `eval_loader`.
+    """
+    was_training = model.training
+    model.eval()
+    evaluator = CocoDetectionEvaluator(model.config.id2label)
+    for batch in eval_loader:
+        encoded = model.model.encoder(batch["pixel_values"])
+        grid = feature_grid(encoded.auxiliary_logits.shape[1], tuple(batch["pixel_values"].shape[-2:]))
+        points = cell_centres(*grid)
+        for logits, distances, target in zip(encoded.auxiliary_logits, encoded.auxiliary_distances, batch["targets"]):
+            height, width = (int(v) for v in target["orig_size"])
+            # Normalised to the padded square canvas, which the longer side of the image fills.
+            boxes = torch.cat([points - distances[:, :2], points + distances[:, 2:]], dim=-1) * max(height, width)
+            scores, index = logits.sigmoid().flatten().topk(min(10 * max_detections, logits.numel()))
+            cells, labels = index // logits.shape[1], index % logits.shape[1]
+            keep = batched_nms(boxes[cells], scores, labels, iou_threshold)[:max_detections]
+            image_id = int(target["image_id"])
+            evaluator.add_ground_truth(
+                image_id, height, width, target["boxes"], target["labels"], target.get("iscrowd"), target.get("area")
+            )
+            evaluator.add_predictions(image_id, boxes[cells[keep]], labels[keep], scores[keep])
+    model.train(was_training)
+    return evaluator.compute()["map"]
 
 
 @torch.no_grad()
@@ -150,6 +186,8 @@ def main(argv=None) -> int:
                     **{key: round(float(metrics[key]), 4) for key in ("map", "map_50", "map_75", "mar_100")},
                     **image_use(model, diagnostic_batch),
                 }
+                if model.model.encoder.auxiliary_head is not None:
+                    record["auxiliary_head_map"] = round(float(auxiliary_head_map(model, eval_loader)), 4)
                 losses.clear()
                 history.append(record)
                 print(json.dumps(record), flush=True)

@@ -414,7 +414,7 @@ def test_recipe_ablation_reports_metrics_and_image_use(tmp_path):
     assert [entry["step"] for entry in report["history"]] == [1, 2]
     for entry in report["history"]:
         assert {"map", "coordinate_loss", "coordinate_loss_other_image", "class_loss"} <= set(entry)
-        assert entry["coordinate_loss"] > 0
+        assert entry["coordinate_loss"] > 0 and 0 <= entry["auxiliary_head_map"] <= 1
 
 
 def test_config_overrides_reach_a_new_model_only(tmp_path):
