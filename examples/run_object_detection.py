@@ -7,7 +7,7 @@ every evaluation through the model's own decoding, early stopping, resuming from
 The data options are those of `examples/train.py`. With no data option it trains on the built-in synthetic shapes set:
 
     python examples/run_object_detection.py --output_dir outputs/pix2seq-trainer --num_train_epochs 6 \
-        --per_device_train_batch_size 8 --learning_rate 1e-3 --warmup_steps 100 --lr_scheduler_type constant_with_warmup \
+        --per_device_train_batch_size 8 --learning_rate 2e-3 --warmup_steps 100 \
         --eval_strategy steps --eval_steps 500 --save_strategy steps --save_steps 500 --load_best_model_at_end
 
     # CPPE-5 from the Hub, the paper's R50 with ImageNet weights, pushed to the Hub with every save

@@ -209,7 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="Add the auxiliary head's box and class predictions to the decoder's memory (needs the auxiliary loss). "
-        "Default: the saved model's when fine-tuning, else on with an auxiliary loss (see docs/training.md).",
+        "Default: the saved model's when fine-tuning, else the recipe's, off (see docs/training.md).",
     )
     model.add_argument(
         "--cross_attention_loss_weight",
@@ -593,6 +593,11 @@ def main(argv=None) -> int:
         range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
     )
     history, start_time, stop = [], time.time(), False
+
+    def elapsed_seconds() -> float:
+        """Wall time of the whole run: this launch's and, when resumed, the checkpoint's."""
+        return resumed_seconds + time.time() - start_time
+
     eval_seconds = 0.0  # time spent in evaluations during training, left out of `train_minutes` in the history
     running_loss, running_count, loss = 0.0, 0, None
     model.train()
@@ -604,7 +609,7 @@ def main(argv=None) -> int:
             batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
         for batch in batches:
             if budget is not None:
-                budget.set_elapsed(resumed_seconds + time.time() - start_time)
+                budget.set_elapsed(elapsed_seconds())
             with accelerator.accumulate(model):
                 outputs = model(
                     pixel_values=batch["pixel_values"],
@@ -632,15 +637,14 @@ def main(argv=None) -> int:
                 if completed_steps % int(args.checkpointing_steps) == 0:
                     save_checkpoint(
                         accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit,
-                        elapsed_seconds=resumed_seconds + time.time() - start_time,
+                        elapsed_seconds=elapsed_seconds(),
                     )  # fmt: skip
                     if args.push_to_hub and args.hub_strategy == "every_save" and accelerator.is_main_process:
                         push_to_hub(
                             accelerator.unwrap_model(model), processor, args,
                             commit_message=f"Training in progress, step {completed_steps}",
                         )  # fmt: skip
-            elapsed_minutes = (resumed_seconds + time.time() - start_time) / 60
-            out_of_time = args.max_train_minutes and elapsed_minutes >= args.max_train_minutes
+            out_of_time = args.max_train_minutes and elapsed_seconds() / 60 >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
                 eval_start = time.time()
@@ -665,7 +669,7 @@ def main(argv=None) -> int:
         if args.checkpointing_steps == "epoch":
             save_checkpoint(
                 accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit,
-                elapsed_seconds=resumed_seconds + time.time() - start_time,
+                elapsed_seconds=elapsed_seconds(),
             )  # fmt: skip
         if stop:
             break
