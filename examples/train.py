@@ -269,7 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_train_minutes",
         type=float,
         default=None,
-        help="Stop (and evaluate/save) after this many minutes, evaluations included. Default: none, except "
+        help="Stop (and evaluate/save) after this many minutes of the run, evaluations and the time before a resume "
+        "included. Default: none, except "
         f"{SYNTHETIC_MINUTES} on the synthetic set when neither --max_train_steps nor --num_train_epochs is given, so "
         "that the default run ends in about 15 minutes on a slow machine too.",
     )

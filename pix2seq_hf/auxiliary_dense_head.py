@@ -1,7 +1,7 @@
-"""Auxiliary supervision of Pix2Seq for training only, read from the training sequence itself (no extra data plumbing).
+"""Auxiliary supervision of Pix2Seq, read from the training sequence itself (no extra data plumbing).
 
 Pix2Seq learns from one signal, the next token, and from scratch it learns slowly where objects are. Two extra losses
-give that signal directly, and detection never uses them:
+give that signal directly; detection uses neither, and reads the dense head only with `config.auxiliary_hints`:
 
 - `Pix2SeqAuxiliaryDenseHead` (one-to-many, as in Co-DETR / H-DETR, with FCOS's assignment): the cells of the encoder
   output near an object's centre and inside its box predict its class and the distances to its four sides, every other

@@ -68,9 +68,9 @@ def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) ->
         encoder.auxiliary_head = type(encoder.auxiliary_head)(config)
         encoder.auxiliary_head.apply(model._init_weights)
     if encoder.auxiliary_hints is not None:
-        hints = encoder.auxiliary_hints
-        hints.class_projection = torch.nn.Linear(config.num_classes, hints.box_projection.out_features, bias=False)
-        hints.class_projection.apply(model._init_weights)
+        # Only the class projection is sized per class: the box projection keeps what it learned.
+        encoder.auxiliary_hints.class_projection = type(encoder.auxiliary_hints)(config).class_projection
+        encoder.auxiliary_hints.class_projection.apply(model._init_weights)
     model._box_codec = None
     tokens = ", ".join(f"{name} -> {config.class_token_offset + label}" for label, name in sorted(id2label.items()))
     logger.info(f"Fine-tuning onto a new label set (the model was trained on {old}); class tokens: {tokens}.")
