@@ -33,7 +33,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -296,6 +296,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="Train on the CPU even if a GPU is there (automatic for several processes on a machine without CUDA).",
     )
+    run.add_argument(
+        "--mixed_precision",
+        default="auto",
+        choices=["auto", "no", "fp16", "bf16"],
+        help="Autocast precision of the forward passes. 'auto': Accelerate's setting (`accelerate launch "
+        "--mixed_precision`, its config), and where that is 'no', bf16 on a CPU with bf16 matrix units (Intel AMX), "
+        "about 1.3x faster there; 'no' trains in float32 everywhere.",
+    )
     run.add_argument("--checkpointing_steps", default=None, help="Save state every N steps, or 'epoch'.")
     run.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest K checkpoints (default: all)."
@@ -365,10 +373,14 @@ def build_model_and_processor(args, id2label: dict[int, str]):
     )
 
 
-def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """AdamW over `training_setup.optimizer_param_groups` (the encoder at `args.encoder_lr_scale`)."""
+def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
+    """
+    AdamW over `training_setup.optimizer_param_groups` (the encoder at `args.encoder_lr_scale`), as one fused kernel
+    on the CPU and CUDA (on the CPU its per-tensor loop otherwise costs about 8% of a step of the `tiny` preset).
+    """
     groups = training_setup.optimizer_param_groups(model, args.learning_rate, args.weight_decay, args.encoder_lr_scale)
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
 
 
 def build_scheduler(optimizer, args, num_processes: int):
@@ -466,8 +478,15 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     # Accelerate only sets up gloo between CPU processes (torchrun, `accelerate launch --multi_gpu`) when told `cpu=True`.
     use_cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    mixed_precision = args.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if mixed_precision == "no":
+            on_cpu = use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+            mixed_precision = training_setup.default_mixed_precision(on_cpu)
     accelerator = Accelerator(
         cpu=use_cpu,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -551,7 +570,9 @@ def main(argv=None) -> int:
             num_workers=0,
         )
 
-    optimizer = build_optimizer(model, args)
+    if accelerator.device.type == "cpu":
+        training_setup.speed_up_cpu_training(model, accelerator.mixed_precision)
+    optimizer = build_optimizer(model, args, accelerator.device)
     updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
@@ -677,7 +698,12 @@ def main(argv=None) -> int:
     progress.close()
     train_minutes = (time.time() - start_time) / 60
 
-    results = {"train_steps": completed_steps, "train_minutes": round(train_minutes, 2), "world_size": accelerator.num_processes}
+    results = {
+        "train_steps": completed_steps,
+        "train_minutes": round(train_minutes, 2),
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+    }
     skipped = torch.tensor(train_collator.stats["skipped_bad_images"], device=accelerator.device)
     skipped = int(accelerator.reduce(skipped, "sum"))
     if skipped:

@@ -49,6 +49,13 @@ def test_training_writes_a_loadable_model_metrics_and_pictures(trained):
     for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100"):
         assert isinstance(results[key], float)
     assert results["train_steps"] == 4 and results["world_size"] == 1
+    from pix2seq_hf import training_setup
+
+    # Nothing chose a precision: bf16 autocast on a CPU with AMX, float32 elsewhere; the weights stay float32.
+    on_cpu = not torch.accelerator.is_available()
+    assert results["mixed_precision"] == training_setup.default_mixed_precision(on_cpu)
+    weights = load_file(trained / "model.safetensors").values()
+    assert {tensor.dtype for tensor in weights if tensor.is_floating_point()} == {torch.float32}
     assert [entry["step"] for entry in results["history"]] == [2, 4]
     assert all(entry["loss"] > 0 for entry in results["history"])
     assert len(results["visualizations"]) == 2 and all(Path(p).is_file() for p in results["visualizations"])
@@ -94,7 +101,8 @@ def test_optimizer_slows_the_transformer_encoder_only(train_module):
     args = argparse.Namespace(
         learning_rate=1e-3, encoder_lr_scale=0.1, weight_decay=0.05, adam_beta1=0.9, adam_beta2=0.95
     )
-    optimizer = train_module.build_optimizer(model, args)
+    optimizer = train_module.build_optimizer(model, args, torch.device("cpu"))
+    assert optimizer.defaults["fused"]
     setting = {}
     for group in optimizer.param_groups:
         for parameter in group["params"]:

@@ -256,14 +256,21 @@ def test_cross_attention_guidance_needs_eager_attention_and_trains_the_decoder()
 # ----- learning test -------------------------------------------------------------------------------------------------
 
 
-def test_a_few_steps_on_a_fixed_batch_learn_to_detect_it():
-    """Training on one fixed batch lowers the loss markedly, and greedy decoding then finds its objects."""
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_a_few_steps_on_a_fixed_batch_learn_to_detect_it(mixed_precision):
+    """
+    Training on one fixed batch lowers the loss markedly, and greedy decoding then finds its objects; also with bf16
+    autocast and the CPU speed settings that `examples/train.py` uses on a CPU with AMX.
+    """
     from pix2seq_hf.data import Pix2SeqCollator, make_synthetic_detection_dataset
+    from pix2seq_hf.training_setup import speed_up_cpu_training
 
     torch.manual_seed(0)
     config = tiny_config(num_classes=None, id2label={i: str(i) for i in range(5)}, max_objects=2, dropout=0.0,
                          drop_path_rate=0.0)  # fmt: skip
     model = Pix2SeqForObjectDetection(config)
+    if mixed_precision == "bf16":
+        speed_up_cpu_training(model, mixed_precision)
     processor = Pix2SeqProcessor.from_config(
         config, image_processor=Pix2SeqImageProcessor(size={"longest_edge": 64}), sequence_augmentation=False,
         object_order="dist2ori",
@@ -274,7 +281,8 @@ def test_a_few_steps_on_a_fixed_batch_learn_to_detect_it():
     model.train()
     losses = []
     for _ in range(60):
-        loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+            loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -296,6 +304,44 @@ def test_a_few_steps_on_a_fixed_batch_learn_to_detect_it():
             if same_class.any() and box_iou(box[None], detections["boxes"][same_class]).max() > 0.5:
                 hits += 1
     assert hits >= 0.75 * total, (hits, total)
+
+
+# ----- training speed on the CPU ------------------------------------------------------------------------------------
+
+
+def test_bf16_is_the_default_only_on_cpus_with_bf16_matrix_units(monkeypatch):
+    from pix2seq_hf.training_setup import default_mixed_precision
+
+    for capabilities, on_cpu, expected in (
+        ({"amx_bf16": True}, True, "bf16"),
+        ({"amx_bf16": True}, False, "no"),
+        ({"amx_bf16": False, "avx512_bf16": True}, True, "no"),
+        ({}, True, "no"),
+    ):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        assert default_mixed_precision(on_cpu) == expected, (capabilities, on_cpu)
+
+
+def test_cpu_speed_settings_change_layouts_and_kernels_not_results(tmp_path):
+    from pix2seq_hf.training_setup import speed_up_cpu_training
+
+    torch.manual_seed(0)
+    model = Pix2SeqForObjectDetection(tiny_config()).eval()
+    pixel_values = torch.rand(2, 3, 64, 64)
+    labels = torch.randint(COORD, COORD + BINS, (2, 10))
+    expected = model(pixel_values=pixel_values, labels=labels).loss
+
+    assert speed_up_cpu_training(model, "bf16") is model
+    assert model.config._attn_implementation == "eager"
+    kernels = [p for p in model.parameters() if p.ndim == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    torch.testing.assert_close(model(pixel_values=pixel_values, labels=labels).loss, expected, rtol=1e-4, atol=1e-4)
+
+    model.save_pretrained(tmp_path)
+    reloaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path)
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert speed_up_cpu_training(Pix2SeqForObjectDetection(tiny_config()), "no").config._attn_implementation != "eager"
 
 
 # ----- fine-tuning onto a new label set ------------------------------------------------------------------------------

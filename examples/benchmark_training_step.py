@@ -1,0 +1,152 @@
+"""Time of one training step of the default run on the CPU, setting by setting.
+
+Builds what `accelerate launch examples/train.py` trains by default (the `tiny` preset from scratch, the synthetic
+shapes at batch 8, 128 px, the recipe from scratch) and times its training step (forward, backward, gradient clipping,
+AdamW) on real collated batches with the CPU settings of `examples/train.py` added one at a time:
+
+- `float32`: float32, torch's fused attention kernel (sdpa), AdamW's per-tensor loop (the settings before these);
+- `+ fused AdamW`: `torch.optim.AdamW(..., fused=True)`;
+- `+ channels-last`: convolution weights in channels-last layout;
+- `+ bf16 autocast`: `torch.autocast("cpu", dtype=torch.bfloat16)` (Accelerate's `mixed_precision="bf16"`);
+- `+ eager attention`: `train.py`'s default on a CPU with AMX (`training_setup.speed_up_cpu_training`);
+
+and `bf16 autocast alone` for reference. Each configuration is timed once per round, rounds interleaved, and the
+median over rounds printed, so that a change in the machine's load hits all of them alike.
+
+    python examples/benchmark_training_step.py                 # 3 rounds of 20 steps each, about 2 minutes on 2 cores
+    python examples/benchmark_training_step.py --num_threads 2 --rounds 5 --steps 30 --output_file step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train as pix2seq_train  # noqa: E402  (examples/train.py)
+from pix2seq_hf import training_setup  # noqa: E402
+from pix2seq_hf.data import (  # noqa: E402
+    Pix2SeqCollator,
+    build_train_transforms,
+    load_detection_splits,
+    undecoded_images,
+)
+
+
+# name: (fused AdamW, channels-last, bf16 autocast, eager attention)
+CONFIGURATIONS = {
+    "float32": (False, False, False, False),
+    "+ fused AdamW": (True, False, False, False),
+    "+ channels-last": (True, True, False, False),
+    "+ bf16 autocast": (True, True, True, False),
+    "+ eager attention (train.py's default with AMX)": (True, True, True, True),
+    "bf16 autocast alone": (False, False, True, False),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: the usable cores).")
+    parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (the median is printed).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps per configuration and round.")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps before each timing.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--output_file", default=None, help="Write the timings here (JSON).")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def build_trainer(base_model, settings: tuple[bool, bool, bool, bool], learning_rate: float, encoder_lr_scale: float):
+    """
+    A copy of `base_model` with one configuration's settings and its optimizer.
+
+    Returns:
+        `(step, model)`: `step(batch)` runs one training step and returns the loss.
+    """
+    fused, channels_last, bf16, eager = settings
+    model = copy.deepcopy(base_model).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if eager:
+        model.set_attn_implementation("eager")
+    groups = training_setup.optimizer_param_groups(model, learning_rate, 0.05, encoder_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, fused=fused)
+
+    def step(batch: dict) -> float:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = model(
+                pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"]
+            ).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    return step, model
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(0)
+    train_args = pix2seq_train.parse_args([])
+    splits = load_detection_splits(train_args)
+    base_model, processor = pix2seq_train.build_model_and_processor(train_args, splits.id2label)
+    collator = Pix2SeqCollator(
+        processor,
+        transforms=build_train_transforms("light", processor.image_processor.size["longest_edge"]),
+        training=True,
+        seed=0,
+    )
+    images = undecoded_images(splits.train)
+    count = args.warmup_steps + args.steps
+    batches = [collator([images[b * args.batch_size + i] for i in range(args.batch_size)]) for b in range(count)]
+    learning_rate = training_setup.default_learning_rate(None)
+    encoder_lr_scale = training_setup.default_encoder_lr_scale(None)
+    trainers = {
+        name: build_trainer(base_model, settings, learning_rate, encoder_lr_scale)[0]
+        for name, settings in CONFIGURATIONS.items()
+    }
+    timings: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
+    print(f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds")
+    for round_index in range(args.rounds):
+        for name, step in trainers.items():
+            for batch in batches[: args.warmup_steps]:
+                step(batch)
+            start = time.perf_counter()
+            for batch in batches[args.warmup_steps :]:
+                step(batch)
+            timings[name].append((time.perf_counter() - start) / args.steps)
+        print(f"round {round_index + 1}/{args.rounds} done", flush=True)
+
+    baseline = statistics.median(timings["float32"])
+    print(f"\n| configuration | s per step | steps/s | speed-up over float32 |\n|---|---:|---:|---:|")
+    results = {}
+    for name, values in timings.items():
+        seconds = statistics.median(values)
+        results[name] = {"seconds_per_step": seconds, "rounds": values}
+        print(f"| {name} | {seconds:.3f} | {1 / seconds:.2f} | {baseline / seconds:.2f}x |")
+    if args.output_file:
+        report = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "steps": args.steps, **results}
+        Path(args.output_file).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
