@@ -1,7 +1,7 @@
 """Measures a training recipe from scratch: mAP against steps, and how much the model uses the image.
 
-Takes the options of `examples/train.py` (data, model, recipe, optimiser), trains in one process with a plain loop
-(no Accelerate, no checkpoints) and every `--eval_steps` steps prints and records:
+Takes the options of `examples/train.py` (data, model, recipe, optimiser), trains in one process with a plain
+float32 loop (no Accelerate, no checkpoints) and every `--eval_steps` steps prints and records:
 
 - the COCO metrics of greedy decoding on the first `--max_eval_samples` validation images (200 by default);
 - a teacher-forced diagnostic on `--diagnostic_images` validation images: the cross-entropy of the real objects'

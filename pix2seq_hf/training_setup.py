@@ -195,7 +195,7 @@ def default_encoder_lr_scale(model_name_or_path: str | None) -> float:
 def default_mixed_precision(on_cpu: bool) -> str:
     """
     The mixed precision of a run that chose none: `"bf16"` when training on a CPU with bf16 matrix units (Intel AMX),
-    where bf16 autocast makes a training step of the `tiny` preset about 1.3x faster (docs/training.md); `"no"`
+    where bf16 autocast makes a training step of the `tiny` preset about 1.4x faster (docs/training.md); `"no"`
     elsewhere (without such units bf16 is emulated and slower; on a GPU the choice is Accelerate's).
 
     Args:
@@ -211,7 +211,7 @@ def default_mixed_precision(on_cpu: bool) -> str:
 
 def speed_up_cpu_training(model: torch.nn.Module, mixed_precision: str) -> torch.nn.Module:
     """
-    Layouts and kernels that make a training step on the CPU faster without changing what is computed (measured on
+    Layouts and kernels that make a training step on the CPU faster, the same computation up to rounding (measured on
     the `tiny` preset, docs/training.md): convolution weights in channels-last layout (oneDNN's fast path; the saved
     weights are the same), and under bf16 autocast eager attention (torch's fused CPU attention kernel is slower in
     bf16 at these sequence lengths, its backward pass most).
