@@ -10,11 +10,13 @@ AdamW) on real collated batches with the CPU settings of `examples/train.py` add
 - `+ bf16 autocast`: `torch.autocast("cpu", dtype=torch.bfloat16)` (Accelerate's `mixed_precision="bf16"`);
 - `+ eager attention`: `train.py`'s default on a CPU with AMX (`training_setup.speed_up_cpu_training`);
 
-and `bf16 autocast alone` for reference. Each configuration is timed once per round, rounds interleaved, and the
+and `bf16 autocast alone` for reference. Every other argument is `examples/train.py`'s (data, model, recipe), so
+other models and data can be timed the same way. Each configuration is timed once per round, rounds interleaved, and the
 median over rounds printed, so that a change in the machine's load hits all of them alike.
 
     python examples/benchmark_training_step.py                 # 3 rounds of 20 steps each, about 2 minutes on 2 cores
     python examples/benchmark_training_step.py --num_threads 2 --rounds 5 --steps 30 --output_file step.json
+    python examples/benchmark_training_step.py --synthetic_variant dense --image_size 384 --max_objects 64
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ CONFIGURATIONS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """This script's options, then `examples/train.py`'s (every other argument: data, model, recipe)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: the usable cores).")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (the median is printed).")
@@ -62,19 +65,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps before each timing.")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output_file", default=None, help="Write the timings here (JSON).")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     for name in ("rounds", "steps", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    return args
+    return args, pix2seq_train.parse_args(rest)
 
 
-def build_trainer(base_model, settings: tuple[bool, bool, bool, bool], learning_rate: float, encoder_lr_scale: float):
+def build_trainer(base_model, settings: tuple[bool, bool, bool, bool], train_args, learning_rate, encoder_lr_scale):
     """
-    A copy of `base_model` with one configuration's settings and its optimizer.
+    A copy of `base_model` with one configuration's settings and its optimizer (`examples/train.py`'s, from
+    `train_args`).
 
     Returns:
-        `(step, model)`: `step(batch)` runs one training step and returns the loss.
+        `step(batch)`, which runs one training step and returns the loss.
     """
     fused, channels_last, bf16, eager = settings
     model = copy.deepcopy(base_model).train()
@@ -82,8 +86,9 @@ def build_trainer(base_model, settings: tuple[bool, bool, bool, bool], learning_
         model.to(memory_format=torch.channels_last)
     if eager:
         model.set_attn_implementation("eager")
-    groups = training_setup.optimizer_param_groups(model, learning_rate, 0.05, encoder_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, fused=fused)
+    groups = training_setup.optimizer_param_groups(model, learning_rate, train_args.weight_decay, encoder_lr_scale)
+    betas = (train_args.adam_beta1, train_args.adam_beta2)
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def step(batch: dict) -> float:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -92,35 +97,34 @@ def build_trainer(base_model, settings: tuple[bool, bool, bool, bool], learning_
                 pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"]
             ).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         return loss.item()
 
-    return step, model
+    return step
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args, train_args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(0)
-    train_args = pix2seq_train.parse_args([])
     splits = load_detection_splits(train_args)
     base_model, processor = pix2seq_train.build_model_and_processor(train_args, splits.id2label)
-    collator = Pix2SeqCollator(
-        processor,
-        transforms=build_train_transforms("light", processor.image_processor.size["longest_edge"]),
-        training=True,
-        seed=0,
-    )
+    canvas = processor.image_processor.size["longest_edge"]
+    transforms = build_train_transforms(train_args.augmentation or "light", canvas)
+    collator = Pix2SeqCollator(processor, transforms=transforms, training=True, seed=0)
     images = undecoded_images(splits.train)
     count = args.warmup_steps + args.steps
-    batches = [collator([images[b * args.batch_size + i] for i in range(args.batch_size)]) for b in range(count)]
-    learning_rate = training_setup.default_learning_rate(None)
-    encoder_lr_scale = training_setup.default_encoder_lr_scale(None)
+    indices = [[(b * args.batch_size + i) % len(images) for i in range(args.batch_size)] for b in range(count)]
+    batches = [collator([images[i] for i in batch]) for batch in indices]
+    learning_rate = train_args.learning_rate or training_setup.default_learning_rate(train_args.model_name_or_path)
+    encoder_lr_scale = train_args.encoder_lr_scale or training_setup.default_encoder_lr_scale(
+        train_args.model_name_or_path
+    )
     trainers = {
-        name: build_trainer(base_model, settings, learning_rate, encoder_lr_scale)[0]
+        name: build_trainer(base_model, settings, train_args, learning_rate, encoder_lr_scale)
         for name, settings in CONFIGURATIONS.items()
     }
     timings: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}

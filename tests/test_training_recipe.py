@@ -447,6 +447,21 @@ def test_training_benchmark_runs_all_three_detectors(tmp_path):
         assert all(isinstance(entry["map"], float) and entry["minutes"] >= 0 for entry in history)
 
 
+def test_training_step_benchmark_times_every_cpu_setting(tmp_path, capsys):
+    benchmark = load_example("benchmark_training_step")
+    output = tmp_path / "steps.json"
+    argv = [
+        "--rounds", "2", "--steps", "1", "--warmup_steps", "0", "--batch_size", "2", "--num_threads", "1",
+        "--image_size", "64", "--synthetic_train_size", "4", "--synthetic_validation_size", "1",
+        "--output_file", str(output),
+    ]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    report, printed = json.loads(output.read_text()), capsys.readouterr().out
+    for name in benchmark.CONFIGURATIONS:
+        assert len(report[name]["rounds"]) == 2 and report[name]["seconds_per_step"] > 0
+        assert f"| {name} | " in printed
+
+
 def test_recipe_ablation_reports_metrics_and_image_use(tmp_path):
     ablation = load_example("recipe_ablation")
     output = tmp_path / "run.json"
