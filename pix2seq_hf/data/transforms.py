@@ -183,7 +183,9 @@ def apply_transforms(
         out = transforms(sample)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator only (the one the transforms draw from, and the one fork_rng restores): torch.manual_seed
+            # would also seed every accelerator's, recording a stack trace for each, a sixth of a batch's collation.
+            torch.default_generator.manual_seed(seed)
             out = transforms(sample)
     out_boxes = tvF.convert_bounding_box_format(out["boxes"], new_format="XYWH")
     return (
