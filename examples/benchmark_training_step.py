@@ -11,8 +11,8 @@ AdamW) on real collated batches with the CPU settings of `examples/train.py` add
 - `+ eager attention`: `train.py`'s default on a CPU with AMX (`training_setup.speed_up_cpu_training`);
 
 and `bf16 autocast alone` for reference. Every other argument is `examples/train.py`'s (data, model, recipe), so
-other models and data can be timed the same way. Each configuration is timed once per round, rounds interleaved, and the
-median over rounds printed, so that a change in the machine's load hits all of them alike.
+other models and data can be timed the same way. Each configuration is timed once per round, rounds interleaved, and
+the median over rounds printed, so that a change in the machine's load hits all of them alike.
 
     python examples/benchmark_training_step.py                 # 3 rounds of 20 steps each, about 2 minutes on 2 cores
     python examples/benchmark_training_step.py --num_threads 2 --rounds 5 --steps 30 --output_file step.json

@@ -45,12 +45,12 @@ def test_training_writes_a_loadable_model_metrics_and_pictures(trained):
     import pix2seq_hf  # noqa: F401
     from transformers import AutoModelForObjectDetection, AutoProcessor
 
+    from pix2seq_hf import training_setup
+
     results = json.loads((trained / "all_results.json").read_text())
     for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100"):
         assert isinstance(results[key], float)
     assert results["train_steps"] == 4 and results["world_size"] == 1
-    from pix2seq_hf import training_setup
-
     # Nothing chose a precision: bf16 autocast on a CPU with AMX, float32 elsewhere; the weights stay float32.
     on_cpu = not torch.accelerator.is_available()
     assert results["mixed_precision"] == training_setup.default_mixed_precision(on_cpu)

@@ -183,8 +183,8 @@ def apply_transforms(
         out = transforms(sample)
     else:
         with torch.random.fork_rng(devices=[]):
-            # The CPU generator only (the one the transforms draw from, and the one fork_rng restores): torch.manual_seed
-            # would also seed every accelerator's, recording a stack trace for each, a sixth of a batch's collation.
+            # The CPU generator only (the transforms draw from it; fork_rng restores only it): torch.manual_seed would
+            # also seed every accelerator's, recording a stack trace for each (a sixth of a batch's collation time).
             torch.default_generator.manual_seed(seed)
             out = transforms(sample)
     out_boxes = tvF.convert_bounding_box_format(out["boxes"], new_format="XYWH")
