@@ -1,7 +1,8 @@
-"""Shared test fixtures-as-functions: the tiny token layout and model config every test file builds on, and the
-example scripts as modules."""
+"""Shared test fixtures-as-functions: the tiny token layout and model config every test file builds on, the
+example scripts as modules, a free port for multi-process tests."""
 
 import importlib.util
+import socket
 from pathlib import Path
 
 from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
@@ -54,3 +55,10 @@ def tiny_config(layers: int = 2, **overrides) -> Pix2SeqConfig:
     )
     kwargs.update(overrides)
     return Pix2SeqConfig(**kwargs)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now, for the rendezvous of a multi-process test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

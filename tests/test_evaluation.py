@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -621,9 +620,9 @@ def test_two_processes_evaluate_shards_and_agree_with_one(tmp_path):
     tests = str(Path(__file__).resolve().parent)
     script = tmp_path / "two.py"
     script.write_text(textwrap.dedent(_TWO_PROCESS_SCRIPT.format(tests=tests, out=str(tmp_path))))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from helpers import free_port
+
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     processes = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import load_example
+from helpers import free_port, load_example
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_RUN = [
@@ -155,7 +155,7 @@ def test_two_processes_train_together(tmp_path):
     """torchrun starts two CPU processes that Accelerate joins over gloo (world size 2 in the log and results)."""
     output_dir = tmp_path / "two"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(EXAMPLES / "train.py"), *TINY_RUN, "--max_train_steps", "2", "--output_dir", str(output_dir),
         "--num_visualizations", "0",
     ]  # fmt: skip
