@@ -119,10 +119,7 @@ def main(argv=None) -> int:
     count = args.warmup_steps + args.steps
     indices = [[(b * args.batch_size + i) % len(images) for i in range(args.batch_size)] for b in range(count)]
     batches = [collator([images[i] for i in batch]) for batch in indices]
-    learning_rate = train_args.learning_rate or training_setup.default_learning_rate(train_args.model_name_or_path)
-    encoder_lr_scale = train_args.encoder_lr_scale or training_setup.default_encoder_lr_scale(
-        train_args.model_name_or_path
-    )
+    learning_rate, encoder_lr_scale = pix2seq_train.learning_rates(train_args)
     trainers = {
         name: build_trainer(base_model, settings, train_args, learning_rate, encoder_lr_scale)
         for name, settings in CONFIGURATIONS.items()

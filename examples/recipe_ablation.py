@@ -130,8 +130,7 @@ def main(argv=None) -> int:
     model, processor = pix2seq_train.build_model_and_processor(args, splits.id2label)
     args.augmentation = args.augmentation or "light"
     args.per_device_train_batch_size = args.per_device_train_batch_size or 8
-    learning_rate = args.learning_rate or training_setup.default_learning_rate(args.model_name_or_path)
-    encoder_lr_scale = args.encoder_lr_scale or training_setup.default_encoder_lr_scale(args.model_name_or_path)
+    learning_rate, encoder_lr_scale = pix2seq_train.learning_rates(args)
 
     canvas = processor.image_processor.size["longest_edge"]
     collator = Pix2SeqCollator(

@@ -373,6 +373,23 @@ def build_model_and_processor(args, id2label: dict[int, str]):
     )
 
 
+def learning_rates(args) -> tuple[float, float]:
+    """
+    The learning rate and the encoder's factor of a run: `--learning_rate` / `--encoder_lr_scale` where given, else
+    `training_setup`'s defaults for a run from scratch or a fine-tuning run (`--model_name_or_path`).
+
+    Returns:
+        `(learning_rate, encoder_lr_scale)`
+    """
+    learning_rate = args.learning_rate
+    if learning_rate is None:
+        learning_rate = training_setup.default_learning_rate(args.model_name_or_path)
+    encoder_lr_scale = args.encoder_lr_scale
+    if encoder_lr_scale is None:
+        encoder_lr_scale = training_setup.default_encoder_lr_scale(args.model_name_or_path)
+    return learning_rate, encoder_lr_scale
+
+
 def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
     """
     AdamW over `training_setup.optimizer_param_groups` (the encoder at `args.encoder_lr_scale`), as one fused kernel
@@ -540,10 +557,7 @@ def main(argv=None) -> int:
         args.num_train_epochs = SYNTHETIC_EPOCHS if synthetic else 50
     if args.eval_steps is None and synthetic:
         args.eval_steps = 1000
-    if args.learning_rate is None:
-        args.learning_rate = training_setup.default_learning_rate(args.model_name_or_path)
-    if args.encoder_lr_scale is None:
-        args.encoder_lr_scale = training_setup.default_encoder_lr_scale(args.model_name_or_path)
+    args.learning_rate, args.encoder_lr_scale = learning_rates(args)
     train_collator = Pix2SeqCollator(
         processor,
         transforms=build_train_transforms(args.augmentation, canvas),
