@@ -15,7 +15,7 @@ float32 loop (no Accelerate, no checkpoints) and every `--eval_steps` steps prin
     python examples/recipe_ablation.py --auxiliary_loss_weight 0 --coordinate_label_sigma 0 \\
         --coordinate_embedding_init normal --max_train_steps 1500 --eval_steps 500     # the paper's losses and init
 
-docs/training.md tabulates what these runs gave.
+examples/benchmarks/RESULTS.md tabulates what these runs gave.
 """
 
 from __future__ import annotations
