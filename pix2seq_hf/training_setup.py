@@ -6,6 +6,7 @@ build the same way: the model and processor of a run, and the optimizer's parame
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -261,39 +262,76 @@ def optimizer_param_groups(
 
 class LinearDecayToBudget:
     """
-    Learning-rate multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up over `num_warmup_steps`, then
-    linear decay that reaches 0 when the first of two budgets is spent, `num_training_steps` or `budget_seconds` of
-    wall time. A run stopped by a time limit thus still ends on a small learning rate, however many steps the machine
-    managed.
+    Learning-rate multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up from 0, then linear decay that
+    reaches 0 when the first of two budgets is spent, `num_training_steps` or `budget_seconds` of wall time. A run
+    stopped by a time limit thus still ends on a small learning rate, however many steps the machine managed. Without
+    a time budget this is transformers' `linear` schedule.
 
-    The training loop reports the time spent with `set_elapsed`. The elapsed time is part of the scheduler's
-    `state_dict` (`LambdaLR` saves the attributes of callable objects), so a resumed run continues the same decay.
+    The warm-up ends at `num_warmup_steps` or, given `warmup_seconds`, once that much time has passed, whichever comes
+    first: a time budget then bounds the warm-up to a fraction of the run whatever the machine's pace. The decay runs
+    from there, from 1 at the end of the warm-up to 0 at the end of the budget.
+
+    The training loop reports the time spent with `set_elapsed`. The elapsed time and the step at which the warm-up
+    ended (`warmup_ended_at`) are part of the scheduler's `state_dict` (`LambdaLR` saves the attributes of callable
+    objects), so a resumed run continues the same schedule.
 
     Args:
         num_warmup_steps (`int`): scheduler steps of linear warm-up from 0.
-        num_training_steps (`int`): scheduler steps at which the rate reaches 0.
+        num_training_steps (`int` or `None`): scheduler steps at which the rate reaches 0; `None`: only the time budget
+            ends the decay.
         budget_seconds (`float`, *optional*): seconds at which the rate reaches 0; no time budget when `None`.
+        warmup_seconds (`float`, *optional*): seconds after which the warm-up ends even before `num_warmup_steps`; less
+            than `budget_seconds`.
     """
 
-    def __init__(self, num_warmup_steps: int, num_training_steps: int, budget_seconds: float | None = None):
+    def __init__(
+        self,
+        num_warmup_steps: int,
+        num_training_steps: int | None,
+        budget_seconds: float | None = None,
+        warmup_seconds: float | None = None,
+    ):
         if budget_seconds is not None and budget_seconds <= 0:
             raise ValueError(f"`budget_seconds` must be positive, got {budget_seconds}.")
+        if num_training_steps is None and budget_seconds is None:
+            raise ValueError("Either `num_training_steps` or `budget_seconds` must be given: the decay needs an end.")
+        if warmup_seconds is not None and not 0 < warmup_seconds < (budget_seconds or math.inf):
+            raise ValueError(
+                f"`warmup_seconds` must be positive and less than `budget_seconds` ({budget_seconds}), got "
+                f"{warmup_seconds}."
+            )
         self.num_warmup_steps = num_warmup_steps
         self.num_training_steps = num_training_steps
         self.budget_seconds = budget_seconds
+        self.warmup_seconds = warmup_seconds
         self.elapsed_seconds = 0.0
+        self.warmup_ended_at: int | None = None
 
     def set_elapsed(self, seconds: float) -> None:
         """Records the wall time spent so far (the whole run, resumed parts included)."""
         self.elapsed_seconds = float(seconds)
 
+    def warmup_progress(self, step: int) -> float:
+        """How far the warm-up is at `step` and the recorded time, from 0 to 1 (ended)."""
+        progress = step / self.num_warmup_steps if self.num_warmup_steps > 0 else 1.0
+        if self.warmup_seconds is not None:
+            progress = max(progress, self.elapsed_seconds / self.warmup_seconds)
+        return min(1.0, progress)
+
     def __call__(self, step: int) -> float:
-        if step < self.num_warmup_steps:
-            return step / max(1, self.num_warmup_steps)
-        remaining = max(0.0, (self.num_training_steps - step) / max(1, self.num_training_steps - self.num_warmup_steps))
+        warmup = self.warmup_progress(step)
+        if warmup < 1.0:
+            return warmup
+        if self.warmup_ended_at is None:
+            self.warmup_ended_at = step
+        # Each budget's share left after the warm-up; the one that ended the warm-up is at 1 there, the other above.
+        remaining = 1.0
+        if self.num_training_steps is not None:
+            remaining = (self.num_training_steps - step) / max(1, self.num_training_steps - self.num_warmup_steps)
         if self.budget_seconds is not None:
-            remaining = min(remaining, max(0.0, 1.0 - self.elapsed_seconds / self.budget_seconds))
-        return remaining
+            spent = self.elapsed_seconds - (self.warmup_seconds or 0.0)
+            remaining = min(remaining, 1.0 - spent / (self.budget_seconds - (self.warmup_seconds or 0.0)))
+        return min(1.0, max(0.0, remaining))
 
 
 __all__ = [
