@@ -82,6 +82,7 @@ RUN_ARGUMENTS = (
     "model_name_or_path",
     "config_preset",
     "pretrained_backbone",
+    "backbone_checkpoint",
     "config_overrides",
     "image_size",
     "max_objects",
@@ -174,6 +175,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--model_name_or_path", default=None, help="A saved Pix2Seq model to fine-tune.")
     model.add_argument("--config_preset", default="tiny", choices=sorted(PRESETS))
     model.add_argument("--pretrained_backbone", action="store_true", help="Start from ImageNet timm weights (Hub).")
+    model.add_argument(
+        "--backbone_checkpoint",
+        default=None,
+        help="A local file of timm backbone weights to start a new model from, instead of the Hub's (a timm model's "
+        "state dict saved with safetensors or torch.save, e.g. the `model.safetensors` of a timm model; the backbone "
+        "is the preset's or --config_overrides' `backbone`). Default: none (random weights, or --pretrained_backbone).",
+    )
     model.add_argument(
         "--config_overrides",
         type=json_object,
@@ -378,6 +386,7 @@ def build_model_and_processor(args, id2label: dict[int, str]):
         model_name_or_path=args.model_name_or_path,
         config_preset=args.config_preset,
         pretrained_backbone=args.pretrained_backbone,
+        backbone_checkpoint=args.backbone_checkpoint,
         image_size=args.image_size,
         max_objects=args.max_objects,
         num_bins=args.num_bins,

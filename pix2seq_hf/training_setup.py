@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import Pix2SeqForObjectDetection
-from .presets import get_preset_config, get_preset_image_processor_kwargs
+from .presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
 from .processing_pix2seq import Pix2SeqProcessor
 
 
@@ -82,6 +83,7 @@ def build_model_and_processor(
     model_name_or_path: str | None = None,
     config_preset: str = "tiny",
     pretrained_backbone: bool = False,
+    backbone_checkpoint: str | os.PathLike | None = None,
     image_size: int | None = None,
     max_objects: int | None = None,
     num_bins: int | None = None,
@@ -103,6 +105,9 @@ def build_model_and_processor(
             classes differ, see `relabel_model`); otherwise a new model of `config_preset`.
         config_preset (`str`, *optional*, defaults to `"tiny"`): a name of `presets.PRESETS`.
         pretrained_backbone (`bool`, *optional*): start a new model from ImageNet timm weights (needs the Hub).
+        backbone_checkpoint (`str` or `os.PathLike`, *optional*): start a new model's timm backbone from this local
+            file instead (a `timm.create_model(...).state_dict()` saved with safetensors or `torch.save`, e.g. a timm
+            model's `model.safetensors`), loaded through timm's `pretrained_cfg_overlay=dict(file=...)`.
         image_size (`int`, *optional*): the canvas (default: the preset's, or the saved processor's).
         max_objects / num_bins (`int`, *optional*): override the preset's (vocabulary and positions grow to fit).
         object_order (`str`, *optional*): order of objects in training sequences (default: the saved processor's, or
@@ -130,6 +135,11 @@ def build_model_and_processor(
         if config_overrides:
             raise ValueError(
                 f"config_overrides {config_overrides} apply to a new model only; a saved model keeps its architecture."
+            )
+        if backbone_checkpoint:
+            raise ValueError(
+                f"backbone_checkpoint {os.fspath(backbone_checkpoint)!r} starts a new model's backbone; the saved model "
+                f"{model_name_or_path!r} has its own weights."
             )
         model = Pix2SeqForObjectDetection.from_pretrained(model_name_or_path)
         saved = Pix2SeqProcessor.from_pretrained(model_name_or_path)
@@ -162,10 +172,17 @@ def build_model_and_processor(
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
         if auxiliary_hints is None and not overrides["auxiliary_loss_weight"] > 0:
             overrides["auxiliary_hints"] = False  # the hints come from the auxiliary head: none without it
-        config = get_preset_config(config_preset, **{**overrides, **(config_overrides or {})})
+        overrides.update(config_overrides or {})
+        if backbone_checkpoint:
+            overrides.update(_local_backbone_weights(backbone_checkpoint, config_preset, overrides))
+        config = get_preset_config(config_preset, **overrides)
         model = Pix2SeqForObjectDetection(config)
-        # The weights now live in the model: a saved config must not download the backbone again when loaded.
+        # The weights now live in the model: a saved config must not load the backbone again, nor name a local file.
         model.config.use_pretrained_backbone = False
+        if backbone_checkpoint:
+            model_kwargs = dict(model.config.backbone_model_kwargs)
+            model_kwargs.pop("pretrained_cfg_overlay")
+            model.config.backbone_model_kwargs = model_kwargs or None
         image_processor = Pix2SeqImageProcessor(**get_preset_image_processor_kwargs(config_preset, image_size))
         processor = Pix2SeqProcessor.from_config(
             model.config,
@@ -181,6 +198,23 @@ def build_model_and_processor(
         model.set_attn_implementation("eager")  # the guidance loss reads the attention probabilities
     processor.check_model_compatible(model)
     return model, processor
+
+
+def _local_backbone_weights(path: str | os.PathLike, config_preset: str, overrides: dict) -> dict:
+    """
+    The config fields that make a new model's timm backbone load its weights from the local file `path`: timm's
+    `pretrained_cfg_overlay=dict(file=path)` added to the backbone's `timm.create_model` arguments (the preset's and
+    `overrides`'), and `use_pretrained_backbone`.
+
+    Raises:
+        `FileNotFoundError` when `path` is not a file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The backbone checkpoint {path!r} is not a file.")
+    model_kwargs = overrides.get("backbone_model_kwargs", PRESETS[config_preset]["config"].get("backbone_model_kwargs"))
+    model_kwargs = {**(model_kwargs or {}), "pretrained_cfg_overlay": {"file": path}}
+    return {"backbone_model_kwargs": model_kwargs, "use_pretrained_backbone": True}
 
 
 def default_learning_rate(model_name_or_path: str | None) -> float:
