@@ -275,9 +275,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--num_warmup_steps",
         type=int,
         default=None,
-        help=f"Steps of linear warm-up from 0. Default: {training_plan.WARMUP_FRACTION:.0%} of the planned steps (at "
-        f"most {training_plan.MAX_WARMUP_STEPS}) and, with --max_train_minutes and the linear schedule, at most "
-        f"{training_plan.WARMUP_FRACTION:.0%} of the minutes, whichever ends first.",
+        help=f"Steps of linear warm-up from 0. Default: {training_plan.WARMUP_FRACTION * 100:g}%% of the planned steps "
+        f"(at most {training_plan.MAX_WARMUP_STEPS}) and, with --max_train_minutes and the linear schedule, at most "
+        f"{training_plan.WARMUP_FRACTION * 100:g}%% of the minutes, whichever ends first.",
     )
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument(
@@ -297,7 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=None,
         help="Stop (and evaluate/save) after this many minutes of the run, evaluations and the time before a resume "
-        "included. Default: none, except "
+        "included; alone (without --max_train_steps or --num_train_epochs), it decides how many steps the run makes. "
+        "Default: none, except "
         f"{SYNTHETIC_MINUTES} on the synthetic set when neither --max_train_steps nor --num_train_epochs is given, so "
         "that the default run ends in about 15 minutes on a slow machine too.",
     )

@@ -162,6 +162,16 @@ def test_a_step_budget_on_a_small_coco_set_plans_batch_epochs_and_warmup(coco_se
     assert "Plan: 30 images, 8 per device and batch" in caplog.text and "warm-up 2 steps" in caplog.text
 
 
+def test_the_help_states_the_planned_defaults(capsys):
+    train = load_example("train")
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default: 5% of the planned steps (at most 100)" in text
+    assert "halved while an epoch would have fewer than 4 steps" in text and "--backbone_checkpoint" in text
+
+
 class _Clock:
     """Stands in for the `time` module of examples/train.py: each reading is `tick` seconds after the last."""
 
