@@ -302,8 +302,11 @@ class LinearDecayToBudget:
     a time budget this is transformers' `linear` schedule.
 
     The warm-up ends at `num_warmup_steps` or, given `warmup_seconds`, once that much time has passed, whichever comes
-    first: a time budget then bounds the warm-up to a fraction of the run whatever the machine's pace. The decay runs
-    from there, from 1 at the end of the warm-up to 0 at the end of the budget.
+    first: a time budget then bounds the warm-up to a fraction of the run whatever the machine's pace. After it the
+    multiplier is the lower of the steps' share left after the warm-up, `(num_training_steps - step) /
+    (num_training_steps - num_warmup_steps)`, and the time's share left of the whole budget, `1 - elapsed /
+    budget_seconds` (so a warm-up ended by time ends a little below the full rate, at `1 - warmup_seconds /
+    budget_seconds`).
 
     The training loop reports the time spent with `set_elapsed`. The elapsed time and the step at which the warm-up
     ended (`warmup_ended_at`) are part of the scheduler's `state_dict` (`LambdaLR` saves the attributes of callable
@@ -358,13 +361,11 @@ class LinearDecayToBudget:
             return warmup
         if self.warmup_ended_at is None:
             self.warmup_ended_at = step
-        # Each budget's share left after the warm-up; the one that ended the warm-up is at 1 there, the other above.
         remaining = 1.0
         if self.num_training_steps is not None:
             remaining = (self.num_training_steps - step) / max(1, self.num_training_steps - self.num_warmup_steps)
         if self.budget_seconds is not None:
-            spent = self.elapsed_seconds - (self.warmup_seconds or 0.0)
-            remaining = min(remaining, 1.0 - spent / (self.budget_seconds - (self.warmup_seconds or 0.0)))
+            remaining = min(remaining, 1.0 - self.elapsed_seconds / self.budget_seconds)
         return min(1.0, max(0.0, remaining))
 
 

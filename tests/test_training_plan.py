@@ -102,8 +102,9 @@ def test_a_time_budget_ends_the_warmup_within_a_tenth_of_the_steps_at_any_pace(s
     schedule = LinearDecayToBudget(plan.warmup_steps, None, 600.0, plan.warmup_minutes * 60)
     multipliers = _run(schedule, seconds_per_step)
     assert schedule.warmup_ended_at is not None and schedule.warmup_ended_at <= 0.1 * len(multipliers)
-    # full rate at the end of the warm-up, then down towards 0 at the end of the minutes
-    assert multipliers[schedule.warmup_ended_at] >= 1 - seconds_per_step / 570  # at most one step into the decay
+    # the rate at the end of the warm-up is the time's share left of the budget, then it falls to 0 with the minutes
+    ended = schedule.warmup_ended_at
+    assert multipliers[ended] == pytest.approx(min(1.0, 1 - ended * seconds_per_step / 600)) and multipliers[ended] > 0.9
     assert multipliers[-1] <= max(0.1, 2 * seconds_per_step / 600)
     decay = multipliers[schedule.warmup_ended_at :]
     assert all(later <= earlier + 1e-9 for earlier, later in zip(decay, decay[1:]))
@@ -119,7 +120,8 @@ def test_with_both_budgets_the_first_spent_ends_warmup_and_decay():
     schedule = LinearDecayToBudget(20, 400, 600.0, 30.0)
     multipliers = _run(schedule, 10.0, max_steps=400)
     assert schedule.warmup_ended_at == 3 and len(multipliers) == 60
-    assert multipliers[3] == pytest.approx(1.0) and multipliers[59] == pytest.approx(1 - (590 - 30) / 570)
+    assert multipliers[2] == pytest.approx(2 / 3) and multipliers[3] == pytest.approx(1 - 30 / 600)
+    assert multipliers[59] == pytest.approx(1 - 590 / 600)
     with pytest.raises(ValueError, match="warmup_seconds"):
         LinearDecayToBudget(20, 400, 600.0, 600.0)
     with pytest.raises(ValueError, match="needs an end"):
