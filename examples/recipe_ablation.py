@@ -35,7 +35,7 @@ from transformers import get_scheduler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
-from pix2seq_hf import training_setup  # noqa: E402
+from pix2seq_hf import training_plan, training_setup  # noqa: E402
 from pix2seq_hf.auxiliary_dense_head import cell_centres, feature_grid, object_groups  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
         args.max_train_steps = 1500
     if args.max_eval_samples is None:
         args.max_eval_samples = 200
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = training_plan.MAX_WARMUP_STEPS  # the warm-up of the measured ablations
     return own, args
 
 

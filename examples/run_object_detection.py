@@ -37,7 +37,7 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, Train
 from transformers.trainer_utils import get_last_checkpoint
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf import training_setup
+from pix2seq_hf import training_plan, training_setup
 from pix2seq_hf.data import AUGMENTATION_PRESETS, Pix2SeqCollator, build_train_transforms, load_detection_splits
 from pix2seq_hf.evaluation import KEEP_ALL_THRESHOLD, METRIC_KEYS, CocoDetectionEvaluator
 from pix2seq_hf.hub import remote_code, write_model_card
@@ -84,6 +84,10 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "A saved Pix2Seq model to fine-tune."})
     config_preset: str = field(default="tiny", metadata={"choices": sorted(PRESETS)})
     pretrained_backbone: bool = field(default=False, metadata={"help": "Start from ImageNet timm weights (Hub)."})
+    backbone_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A local file of timm backbone weights to start a new model from (see examples/train.py)."},
+    )
     image_size: int | None = field(default=None, metadata={"help": "Canvas size (default: the preset's)."})
     max_objects: int | None = field(default=None)
     num_bins: int | None = field(default=None)
@@ -329,6 +333,7 @@ def main(argv=None) -> int:
         model_name_or_path=model_args.model_name_or_path,
         config_preset=model_args.config_preset,
         pretrained_backbone=model_args.pretrained_backbone,
+        backbone_checkpoint=model_args.backbone_checkpoint,
         image_size=model_args.image_size,
         max_objects=model_args.max_objects,
         num_bins=model_args.num_bins,
@@ -341,6 +346,18 @@ def main(argv=None) -> int:
         coordinate_embedding_init=model_args.coordinate_embedding_init,
     )
     augmentation = data_args.augmentation or ("light" if synthetic else "finetune")
+    if training_args.warmup_steps == 0 and splits.train is not None:
+        # No warm-up given: the planned one of `examples/train.py` (a fraction of the steps, see training_plan).
+        plan = training_plan.plan_training(
+            len(splits.train),
+            per_device_batch_size=training_args.per_device_train_batch_size,
+            num_epochs=training_args.num_train_epochs,
+            max_train_steps=training_args.max_steps if training_args.max_steps > 0 else None,
+            num_processes=training_args.world_size,
+            gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+        )
+        training_args.warmup_steps = plan.warmup_steps
+        logger.info(f"Warm-up: {plan.warmup_steps} of {plan.max_train_steps} steps (--warmup_steps sets another).")
     train_collator = Pix2SeqCollator(
         processor,
         transforms=build_train_transforms(augmentation, processor.image_processor.size["longest_edge"]),

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf import hub, training_setup
+from pix2seq_hf import hub, training_plan, training_setup
 from pix2seq_hf.checkpointing import (
     check_output_dir,
     check_same_run,
@@ -82,6 +82,7 @@ RUN_ARGUMENTS = (
     "model_name_or_path",
     "config_preset",
     "pretrained_backbone",
+    "backbone_checkpoint",
     "config_overrides",
     "image_size",
     "max_objects",
@@ -106,9 +107,11 @@ RUN_ARGUMENTS = (
     "seed",
 )
 
-# The default run on the synthetic set: this many epochs of 4000 images, or this many minutes, whichever ends first.
+# The default run on the synthetic set: this many epochs of 4000 images, or this many minutes, whichever ends first,
+# at batch 8 (more updates in the minutes a CPU run has; larger sets get at most `training_plan.MAX_BATCH_SIZE`).
 SYNTHETIC_EPOCHS = 10
 SYNTHETIC_MINUTES = 13.5
+SYNTHETIC_BATCH_SIZE = 8
 
 
 def json_object(text: str) -> dict:
@@ -173,6 +176,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--config_preset", default="tiny", choices=sorted(PRESETS))
     model.add_argument("--pretrained_backbone", action="store_true", help="Start from ImageNet timm weights (Hub).")
     model.add_argument(
+        "--backbone_checkpoint",
+        default=None,
+        help="A local file of timm backbone weights to start a new model from, instead of the Hub's (a timm model's "
+        "state dict saved with safetensors or torch.save, e.g. the `model.safetensors` of a timm model; the backbone "
+        "is the preset's or --config_overrides' `backbone`). Default: none (random weights, or --pretrained_backbone).",
+    )
+    model.add_argument(
         "--config_overrides",
         type=json_object,
         default=None,
@@ -228,7 +238,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
-        "--per_device_train_batch_size", type=int, default=None, help="Default: 8 on the synthetic set, else 32."
+        "--per_device_train_batch_size",
+        type=int,
+        default=None,
+        help=f"Images per batch and process. Default: planned from the data, {training_plan.MAX_BATCH_SIZE} "
+        f"({SYNTHETIC_BATCH_SIZE} on the synthetic set), halved while an epoch would have fewer than "
+        f"{training_plan.MIN_STEPS_PER_EPOCH} steps (see 'How a run is planned' in docs/training.md).",
     )
     optim.add_argument("--per_device_eval_batch_size", type=int, default=64)
     optim.add_argument(
@@ -252,25 +267,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument(
         "--lr_scheduler_type",
         default="linear",
-        help="A transformers scheduler name. With --max_train_minutes, `linear` decays to 0 at "
-        "whichever ends first, the steps or the minutes.",
+        help="A transformers scheduler name. With --max_train_minutes, `linear` (the default) decays to 0 at "
+        "whichever ends first, the steps or the minutes; the others need a step count (--max_train_steps or "
+        "--num_train_epochs).",
     )
-    optim.add_argument("--num_warmup_steps", type=int, default=100)
+    optim.add_argument(
+        "--num_warmup_steps",
+        type=int,
+        default=None,
+        help=f"Steps of linear warm-up from 0. Default: {training_plan.WARMUP_FRACTION * 100:g}%% of the planned steps "
+        f"(at most {training_plan.MAX_WARMUP_STEPS}) and, with --max_train_minutes and the linear schedule, at most "
+        f"{training_plan.WARMUP_FRACTION * 100:g}%% of the minutes, whichever ends first.",
+    )
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument(
         "--num_train_epochs",
         type=int,
         default=None,
         help=f"Default: {SYNTHETIC_EPOCHS} on the synthetic set ({SYNTHETIC_EPOCHS * 500} steps at batch 8, or "
-        f"{SYNTHETIC_MINUTES} minutes, whichever ends first; see --max_train_minutes), 50 otherwise.",
+        f"{SYNTHETIC_MINUTES} minutes, whichever ends first; see --max_train_minutes); otherwise as many as fit in "
+        f"--max_train_minutes when only that is given, else {training_plan.DEFAULT_NUM_EPOCHS} but at least "
+        f"{training_plan.MIN_PLANNED_STEPS} steps.",
     )
-    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    optim.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimizer updates to train (overrides --num_train_epochs)."
+    )
     optim.add_argument(
         "--max_train_minutes",
         type=float,
         default=None,
         help="Stop (and evaluate/save) after this many minutes of the run, evaluations and the time before a resume "
-        "included. Default: none, except "
+        "included; alone (without --max_train_steps or --num_train_epochs), it decides how many steps the run makes. "
+        "Default: none, except "
         f"{SYNTHETIC_MINUTES} on the synthetic set when neither --max_train_steps nor --num_train_epochs is given, so "
         "that the default run ends in about 15 minutes on a slow machine too.",
     )
@@ -359,6 +387,7 @@ def build_model_and_processor(args, id2label: dict[int, str]):
         model_name_or_path=args.model_name_or_path,
         config_preset=args.config_preset,
         pretrained_backbone=args.pretrained_backbone,
+        backbone_checkpoint=args.backbone_checkpoint,
         image_size=args.image_size,
         max_objects=args.max_objects,
         num_bins=args.num_bins,
@@ -400,19 +429,49 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
 
 
-def build_scheduler(optimizer, args, num_processes: int):
+def plan_run(args, num_images: int, num_processes: int, synthetic: bool) -> training_plan.TrainingPlan:
     """
-    The learning-rate schedule: `args.lr_scheduler_type` from transformers, except `linear` with
-    `--max_train_minutes`, which decays to 0 at whichever budget ends first (`training_setup.LinearDecayToBudget`).
-    Accelerate steps the scheduler once per process, hence the step counts times `num_processes`.
+    Plans the run (`training_plan.plan_training`) from the training images and the budget, keeping every value given,
+    and writes the planned batch size, steps and warm-up back into `args`.
+    """
+    plan = training_plan.plan_training(
+        num_images,
+        per_device_batch_size=args.per_device_train_batch_size,
+        num_epochs=args.num_train_epochs,
+        max_train_steps=args.max_train_steps,
+        max_train_minutes=args.max_train_minutes,
+        num_warmup_steps=args.num_warmup_steps,
+        num_processes=num_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        max_batch_size=SYNTHETIC_BATCH_SIZE if synthetic else training_plan.MAX_BATCH_SIZE,
+    )
+    args.per_device_train_batch_size, args.max_train_steps = plan.per_device_batch_size, plan.max_train_steps
+    given_warmup, steps = args.num_warmup_steps, plan.max_train_steps
+    if given_warmup is not None and steps and given_warmup > 0.1 * steps:
+        logger.warning(
+            f"--num_warmup_steps {given_warmup} is more than 10% of the {steps} planned steps: "
+            "the learning rate stays low for much of the run."
+        )
+    args.num_warmup_steps = plan.warmup_steps
+    return plan
+
+
+def build_scheduler(optimizer, args, num_processes: int, plan: training_plan.TrainingPlan):
+    """
+    The learning-rate schedule of `plan`: `linear` runs `training_setup.LinearDecayToBudget` (warm-up ended by the
+    planned steps or minutes, decay to 0 at whichever budget ends first); any other `args.lr_scheduler_type` is
+    transformers'. Accelerate steps the scheduler once per process, hence the step counts times `num_processes`.
 
     Returns:
         `(scheduler, budget)`: `budget` is the `LinearDecayToBudget` the loop reports the elapsed time to, or `None`.
     """
-    num_warmup_steps = args.num_warmup_steps * num_processes
-    num_training_steps = args.max_train_steps * num_processes
-    if args.lr_scheduler_type == "linear" and args.max_train_minutes:
-        budget = training_setup.LinearDecayToBudget(num_warmup_steps, num_training_steps, args.max_train_minutes * 60)
+    num_warmup_steps = plan.warmup_steps * num_processes
+    num_training_steps = plan.max_train_steps * num_processes if plan.max_train_steps is not None else None
+    if args.lr_scheduler_type == "linear":
+        seconds = {"budget_seconds": plan.max_train_minutes, "warmup_seconds": plan.warmup_minutes}
+        seconds = {name: None if value is None else value * 60 for name, value in seconds.items()}
+        budget = training_setup.LinearDecayToBudget(num_warmup_steps, num_training_steps, **seconds)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, budget), budget
     scheduler = get_scheduler(
         args.lr_scheduler_type,
@@ -421,6 +480,19 @@ def build_scheduler(optimizer, args, num_processes: int):
         num_training_steps=num_training_steps,
     )
     return scheduler, None
+
+
+def warmup_end_step(budget, plan: training_plan.TrainingPlan, completed_steps: int, num_processes: int) -> int | None:
+    """
+    The training steps the warm-up lasted: the updates after it run at the full learning rate. `None` when the run
+    ended before its warm-up did.
+    """
+    if budget is None:
+        return plan.warmup_steps if plan.warmup_steps <= completed_steps else None
+    if budget.warmup_ended_at is None:
+        return None
+    # Accelerate steps the scheduler once per process and update.
+    return math.ceil(budget.warmup_ended_at / num_processes)
 
 
 def push_to_hub(model, processor, args, metrics=None, commit_message="Upload Pix2Seq model"):
@@ -548,13 +620,11 @@ def main(argv=None) -> int:
     synthetic = not (args.dataset_name or args.coco_annotations)
     if args.augmentation is None:
         args.augmentation = "light" if synthetic else "finetune"
-    if args.per_device_train_batch_size is None:
-        # Small batches on the synthetic set: more updates in the minutes a CPU run has.
-        args.per_device_train_batch_size = 8 if synthetic else 32
     if synthetic and args.max_train_minutes is None and args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_minutes = SYNTHETIC_MINUTES
-    if args.num_train_epochs is None:
-        args.num_train_epochs = SYNTHETIC_EPOCHS if synthetic else 50
+    if args.num_train_epochs is None and synthetic:
+        args.num_train_epochs = SYNTHETIC_EPOCHS
+    plan = plan_run(args, len(train_dataset), accelerator.num_processes, synthetic)
     if args.eval_steps is None and synthetic:
         args.eval_steps = 1000
     args.learning_rate, args.encoder_lr_scale = learning_rates(args)
@@ -587,11 +657,9 @@ def main(argv=None) -> int:
     if accelerator.device.type == "cpu":
         training_setup.speed_up_cpu_training(model, accelerator.mixed_precision)
     optimizer = build_optimizer(model, args, accelerator.device)
-    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    scheduler, budget = build_scheduler(optimizer, args, accelerator.num_processes)
+    # Without an epoch count (only --max_train_minutes) the minutes end the run.
+    updates_per_epoch, num_epochs = plan.steps_per_epoch, plan.num_epochs or sys.maxsize
+    scheduler, budget = build_scheduler(optimizer, args, accelerator.num_processes, plan)
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
@@ -612,21 +680,18 @@ def main(argv=None) -> int:
         starting_epoch = completed_steps // updates_per_epoch
         resume_batches = (completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"Resumed from {checkpoint} at step {completed_steps} (epoch {starting_epoch}).")
-        if completed_steps >= args.max_train_steps:
+        if args.max_train_steps is not None and completed_steps >= args.max_train_steps:
             logger.warning(
                 f"{checkpoint} is at step {completed_steps}, not before --max_train_steps {args.max_train_steps}: "
                 "nothing left to train; evaluating and saving its model."
             )
             starting_epoch = num_epochs
 
-    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"Training {args.max_train_steps} steps ({num_epochs} epochs) at {total_batch} images per step "
-        f"(x{args.num_augmentations} augmentations), learning rate {args.learning_rate}"
-        + (f", or {args.max_train_minutes} minutes, whichever ends first" if args.max_train_minutes else "")
+        f"{plan.describe()} Training at learning rate {args.learning_rate}, x{args.num_augmentations} augmentations."
     )
     progress = tqdm(
-        range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
+        total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process
     )
     history, start_time, stop = [], time.time(), False
 
@@ -681,7 +746,7 @@ def main(argv=None) -> int:
                             commit_message=f"Training in progress, step {completed_steps}",
                         )  # fmt: skip
             out_of_time = args.max_train_minutes and elapsed_seconds() / 60 >= args.max_train_minutes
-            last_step = completed_steps >= args.max_train_steps or out_of_time
+            last_step = out_of_time or (args.max_train_steps is not None and completed_steps >= args.max_train_steps)
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
                 eval_start = time.time()
                 metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
@@ -717,6 +782,11 @@ def main(argv=None) -> int:
         "train_minutes": round(train_minutes, 2),
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
+        # The plan, and after how many steps the warm-up actually ended.
+        "plan": {
+            **plan.to_dict(),
+            "warmup_ended_at_step": warmup_end_step(budget, plan, completed_steps, accelerator.num_processes),
+        },
     }
     skipped = torch.tensor(train_collator.stats["skipped_bad_images"], device=accelerator.device)
     skipped = int(accelerator.reduce(skipped, "sum"))

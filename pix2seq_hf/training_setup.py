@@ -6,12 +6,14 @@ build the same way: the model and processor of a run, and the optimizer's parame
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 import torch
 
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import Pix2SeqForObjectDetection
-from .presets import get_preset_config, get_preset_image_processor_kwargs
+from .presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
 from .processing_pix2seq import Pix2SeqProcessor
 
 
@@ -81,6 +83,7 @@ def build_model_and_processor(
     model_name_or_path: str | None = None,
     config_preset: str = "tiny",
     pretrained_backbone: bool = False,
+    backbone_checkpoint: str | os.PathLike | None = None,
     image_size: int | None = None,
     max_objects: int | None = None,
     num_bins: int | None = None,
@@ -102,6 +105,9 @@ def build_model_and_processor(
             classes differ, see `relabel_model`); otherwise a new model of `config_preset`.
         config_preset (`str`, *optional*, defaults to `"tiny"`): a name of `presets.PRESETS`.
         pretrained_backbone (`bool`, *optional*): start a new model from ImageNet timm weights (needs the Hub).
+        backbone_checkpoint (`str` or `os.PathLike`, *optional*): start a new model's timm backbone from this local
+            file instead (a `timm.create_model(...).state_dict()` saved with safetensors or `torch.save`, e.g. a timm
+            model's `model.safetensors`), loaded through timm's `pretrained_cfg_overlay=dict(file=...)`.
         image_size (`int`, *optional*): the canvas (default: the preset's, or the saved processor's).
         max_objects / num_bins (`int`, *optional*): override the preset's (vocabulary and positions grow to fit).
         object_order (`str`, *optional*): order of objects in training sequences (default: the saved processor's, or
@@ -129,6 +135,11 @@ def build_model_and_processor(
         if config_overrides:
             raise ValueError(
                 f"config_overrides {config_overrides} apply to a new model only; a saved model keeps its architecture."
+            )
+        if backbone_checkpoint:
+            raise ValueError(
+                f"backbone_checkpoint {os.fspath(backbone_checkpoint)!r} starts a new model's backbone; the saved model "
+                f"{model_name_or_path!r} has its own weights."
             )
         model = Pix2SeqForObjectDetection.from_pretrained(model_name_or_path)
         saved = Pix2SeqProcessor.from_pretrained(model_name_or_path)
@@ -161,10 +172,17 @@ def build_model_and_processor(
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
         if auxiliary_hints is None and not overrides["auxiliary_loss_weight"] > 0:
             overrides["auxiliary_hints"] = False  # the hints come from the auxiliary head: none without it
-        config = get_preset_config(config_preset, **{**overrides, **(config_overrides or {})})
+        overrides.update(config_overrides or {})
+        if backbone_checkpoint:
+            overrides.update(_local_backbone_weights(backbone_checkpoint, config_preset, overrides))
+        config = get_preset_config(config_preset, **overrides)
         model = Pix2SeqForObjectDetection(config)
-        # The weights now live in the model: a saved config must not download the backbone again when loaded.
+        # The weights now live in the model: a saved config must not load the backbone again, nor name a local file.
         model.config.use_pretrained_backbone = False
+        if backbone_checkpoint:
+            model_kwargs = dict(model.config.backbone_model_kwargs)
+            model_kwargs.pop("pretrained_cfg_overlay")
+            model.config.backbone_model_kwargs = model_kwargs or None
         image_processor = Pix2SeqImageProcessor(**get_preset_image_processor_kwargs(config_preset, image_size))
         processor = Pix2SeqProcessor.from_config(
             model.config,
@@ -180,6 +198,23 @@ def build_model_and_processor(
         model.set_attn_implementation("eager")  # the guidance loss reads the attention probabilities
     processor.check_model_compatible(model)
     return model, processor
+
+
+def _local_backbone_weights(path: str | os.PathLike, config_preset: str, overrides: dict) -> dict:
+    """
+    The config fields that make a new model's timm backbone load its weights from the local file `path`: timm's
+    `pretrained_cfg_overlay=dict(file=path)` added to the backbone's `timm.create_model` arguments (the preset's and
+    `overrides`'), and `use_pretrained_backbone`.
+
+    Raises:
+        `FileNotFoundError` when `path` is not a file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The backbone checkpoint {path!r} is not a file.")
+    model_kwargs = overrides.get("backbone_model_kwargs", PRESETS[config_preset]["config"].get("backbone_model_kwargs"))
+    model_kwargs = {**(model_kwargs or {}), "pretrained_cfg_overlay": {"file": path}}
+    return {"backbone_model_kwargs": model_kwargs, "use_pretrained_backbone": True}
 
 
 def default_learning_rate(model_name_or_path: str | None) -> float:
@@ -261,39 +296,77 @@ def optimizer_param_groups(
 
 class LinearDecayToBudget:
     """
-    Learning-rate multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up over `num_warmup_steps`, then
-    linear decay that reaches 0 when the first of two budgets is spent, `num_training_steps` or `budget_seconds` of
-    wall time. A run stopped by a time limit thus still ends on a small learning rate, however many steps the machine
-    managed.
+    Learning-rate multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up from 0, then linear decay that
+    reaches 0 when the first of two budgets is spent, `num_training_steps` or `budget_seconds` of wall time. A run
+    stopped by a time limit thus still ends on a small learning rate, however many steps the machine managed. Without
+    a time budget this is transformers' `linear` schedule.
 
-    The training loop reports the time spent with `set_elapsed`. The elapsed time is part of the scheduler's
-    `state_dict` (`LambdaLR` saves the attributes of callable objects), so a resumed run continues the same decay.
+    The warm-up ends at `num_warmup_steps` or, given `warmup_seconds`, once that much time has passed, whichever comes
+    first: a time budget then bounds the warm-up to a fraction of the run whatever the machine's pace. After it the
+    multiplier is the lower of the steps' share left after the warm-up, `(num_training_steps - step) /
+    (num_training_steps - num_warmup_steps)`, and the time's share left of the whole budget, `1 - elapsed /
+    budget_seconds` (so a warm-up ended by time ends a little below the full rate, at `1 - warmup_seconds /
+    budget_seconds`).
+
+    The training loop reports the time spent with `set_elapsed`. The elapsed time and the step at which the warm-up
+    ended (`warmup_ended_at`) are part of the scheduler's `state_dict` (`LambdaLR` saves the attributes of callable
+    objects), so a resumed run continues the same schedule.
 
     Args:
         num_warmup_steps (`int`): scheduler steps of linear warm-up from 0.
-        num_training_steps (`int`): scheduler steps at which the rate reaches 0.
+        num_training_steps (`int` or `None`): scheduler steps at which the rate reaches 0; `None`: only the time budget
+            ends the decay.
         budget_seconds (`float`, *optional*): seconds at which the rate reaches 0; no time budget when `None`.
+        warmup_seconds (`float`, *optional*): seconds after which the warm-up ends even before `num_warmup_steps`; less
+            than `budget_seconds`.
     """
 
-    def __init__(self, num_warmup_steps: int, num_training_steps: int, budget_seconds: float | None = None):
+    def __init__(
+        self,
+        num_warmup_steps: int,
+        num_training_steps: int | None,
+        budget_seconds: float | None = None,
+        warmup_seconds: float | None = None,
+    ):
         if budget_seconds is not None and budget_seconds <= 0:
             raise ValueError(f"`budget_seconds` must be positive, got {budget_seconds}.")
+        if num_training_steps is None and budget_seconds is None:
+            raise ValueError("Either `num_training_steps` or `budget_seconds` must be given: the decay needs an end.")
+        if warmup_seconds is not None and not 0 < warmup_seconds < (budget_seconds or math.inf):
+            raise ValueError(
+                f"`warmup_seconds` must be positive and less than `budget_seconds` ({budget_seconds}), got "
+                f"{warmup_seconds}."
+            )
         self.num_warmup_steps = num_warmup_steps
         self.num_training_steps = num_training_steps
         self.budget_seconds = budget_seconds
+        self.warmup_seconds = warmup_seconds
         self.elapsed_seconds = 0.0
+        self.warmup_ended_at: int | None = None
 
     def set_elapsed(self, seconds: float) -> None:
         """Records the wall time spent so far (the whole run, resumed parts included)."""
         self.elapsed_seconds = float(seconds)
 
+    def warmup_progress(self, step: int) -> float:
+        """How far the warm-up is at `step` and the recorded time, from 0 to 1 (ended)."""
+        progress = step / self.num_warmup_steps if self.num_warmup_steps > 0 else 1.0
+        if self.warmup_seconds is not None:
+            progress = max(progress, self.elapsed_seconds / self.warmup_seconds)
+        return min(1.0, progress)
+
     def __call__(self, step: int) -> float:
-        if step < self.num_warmup_steps:
-            return step / max(1, self.num_warmup_steps)
-        remaining = max(0.0, (self.num_training_steps - step) / max(1, self.num_training_steps - self.num_warmup_steps))
+        warmup = self.warmup_progress(step)
+        if warmup < 1.0:
+            return warmup
+        if self.warmup_ended_at is None:
+            self.warmup_ended_at = step
+        remaining = 1.0
+        if self.num_training_steps is not None:
+            remaining = (self.num_training_steps - step) / max(1, self.num_training_steps - self.num_warmup_steps)
         if self.budget_seconds is not None:
-            remaining = min(remaining, max(0.0, 1.0 - self.elapsed_seconds / self.budget_seconds))
-        return remaining
+            remaining = min(remaining, 1.0 - self.elapsed_seconds / self.budget_seconds)
+        return min(1.0, max(0.0, remaining))
 
 
 __all__ = [

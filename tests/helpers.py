@@ -62,3 +62,42 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def write_coco_set(folder: Path, num_images: int, size: int = 48, seed: int = 0) -> tuple[Path, Path]:
+    """
+    A small COCO-style set in `folder`: `num_images` PNG images of `size` px, each with 1 to 3 filled rectangles on a
+    grey background, a red "square" (category id 3) or a blue "bar" (category id 7), and their json.
+
+    Returns:
+        `(annotation_file, image_folder)`.
+    """
+    import json
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        image = Image.new("RGB", (size, size), (128, 128, 128))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 3)):
+            category = rng.choice((3, 7))
+            width = rng.randint(size // 6, size // 3)
+            height = width if category == 3 else max(2, width // 3)
+            x, y = rng.randint(0, size - width - 1), rng.randint(0, size - height - 1)
+            draw.rectangle((x, y, x + width - 1, y + height - 1), fill=(220, 30, 30) if category == 3 else (30, 30, 220))
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                 "bbox": [x, y, width, height], "area": width * height, "iscrowd": 0}
+            )  # fmt: skip
+        name = f"{image_id:03d}.png"
+        image.save(images_dir / name)
+        images.append({"id": image_id, "file_name": name, "width": size, "height": size})
+    categories = [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]
+    annotation_file = folder / "annotations.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return annotation_file, images_dir

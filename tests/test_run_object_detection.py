@@ -126,3 +126,18 @@ def test_coco_metric_scores_batches_as_they_come(script):
     assert metric(batch([3, 3], 0), compute_result=True)["map"] == pytest.approx(1.0)
     assert len(metric.evaluator) == 0  # starts afresh for the next evaluation
     assert metric(batch([1, 2], 1), compute_result=True)["map"] == pytest.approx(0.0)
+
+
+def test_without_warmup_steps_the_trainer_takes_the_planned_warmup(script, tmp_path):
+    """40 steps and no --warmup_steps: 2 steps of warm-up (5% of the steps), so the rate peaks within the first 10%."""
+    argv = [
+        "--do_train", "--synthetic_train_size", "8", "--validation_split", "none", "--image_size", "64",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--max_steps", "40", "--logging_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "3", "--disable_tqdm", "true",
+        "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert script.main(argv) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
+    peak = max(rates.values())
+    assert rates[1] < peak and min(step for step, rate in rates.items() if rate == peak) <= 4

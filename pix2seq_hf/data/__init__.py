@@ -8,6 +8,7 @@ from .coco_json import load_coco_detection
 from .collator import Pix2SeqCollator, derive_seed
 from .hf_datasets import prepare_detection_dataset
 from .images import ImageReadError, decode_image, undecoded_images
+from .real_images import build_coins_dataset
 from .schema import AnnotationStats, DetectionSplit, detection_features, get_id2label
 from .splits import SPLIT_OPTIONS, DetectionSplits, load_detection_splits
 from .synthetic import SHAPE_NAMES, SYNTHETIC_VARIANTS, load_synthetic_detection, make_synthetic_detection_dataset
@@ -34,6 +35,7 @@ __all__ = [
     "Pix2SeqCollator",
     "RandomCropToCanvas",
     "apply_transforms",
+    "build_coins_dataset",
     "build_train_transforms",
     "collect_bbox_evidence",
     "decode_image",
