@@ -523,7 +523,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             threshold (`float`): keep detections with a score strictly above it.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `[batch_size, 2]`, *optional*):
                 `(height, width)` of each original image. Boxes are then mapped to its pixels (`box * max(height,
-                width)`, clipped to the image). Without it boxes stay normalised to the canvas.
+                width)`, clipped to the image), and boxes left without area by the clipping (inside the padding) are
+                dropped. Without it boxes stay normalised to the canvas.
             top_k (`int`, *optional*): keep at most the `top_k` best-scoring detections per image.
 
         Returns:
@@ -537,16 +538,19 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             scores, labels, boxes = detection["scores"], detection["labels"], detection["boxes"]
             keep = scores > threshold
             scores, labels, boxes = scores[keep], labels[keep], boxes[keep].to(torch.float32)
-            order = torch.sort(scores, descending=True, stable=True).indices
-            if top_k is not None:
-                order = order[:top_k]
-            scores, labels, boxes = scores[order], labels[order], boxes[order]
             if sizes is not None:
                 height, width = sizes[index]
                 boxes = tv_tensors.BoundingBoxes(
                     boxes * max(height, width), format="XYXY", canvas_size=(height, width)
                 )
                 boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
+                # A box in the padding beside the image is left without area by the clipping: not a detection.
+                keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+                scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+            order = torch.sort(scores, descending=True, stable=True).indices
+            if top_k is not None:
+                order = order[:top_k]
+            scores, labels, boxes = scores[order], labels[order], boxes[order]
             results.append({"scores": scores, "labels": labels, "boxes": boxes})
         return results
 
@@ -567,8 +571,9 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             threshold (`float`, *optional*, defaults to 0.5):
                 Keep detections with a score strictly above it (`0.0` keeps all, as the official COCO evaluation).
             target_sizes (`torch.Tensor` of shape `[B, 2]` or `list[tuple[int, int]]`, *optional*):
-                `(height, width)` of each original image; boxes are then returned in its pixels, clipped to it.
-                Without it boxes are normalised to the canvas.
+                `(height, width)` of each original image; boxes are then returned in its pixels, clipped to it, and
+                a box left without area by the clipping (one inside the padding) is dropped. Without it boxes are
+                normalised to the canvas.
             top_k (`int`, *optional*):
                 Keep at most the `top_k` best-scoring detections per image.
 

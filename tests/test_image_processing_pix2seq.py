@@ -374,6 +374,27 @@ def test_post_process_errors(processor):
         processor.post_process_object_detection(torch.zeros(2, 6, dtype=torch.long))
 
 
+
+def test_post_process_drops_boxes_left_without_area_by_clipping(processor):
+    # A 100 x 10 image fills the top tenth of the canvas; below it is padding.
+    output = SimpleNamespace(
+        scores=torch.tensor([[0.9, 0.8, 0.7, 0.6]]),
+        labels=torch.tensor([[0, 1, 2, 3]]),
+        pred_boxes=torch.tensor(
+            [[[0.1, 0.5, 0.4, 0.9], [0.1, 0.0, 0.5, 0.05], [0.3, 0.3, 0.3, 0.6], [0.6, 0.02, 0.6, 0.08]]]
+        ),
+    )
+    (result,) = processor.post_process_object_detection(output, threshold=0.0, target_sizes=[(10, 100)])
+    assert result["labels"].tolist() == [1]
+    torch.testing.assert_close(result["boxes"], torch.tensor([[10.0, 0.0, 50.0, 5.0]]))
+    # top_k counts the boxes that are kept.
+    (result,) = processor.post_process_object_detection(output, threshold=0.0, target_sizes=[(10, 100)], top_k=1)
+    assert result["labels"].tolist() == [1]
+    # Without target sizes nothing is clipped, so nothing is dropped.
+    (result,) = processor.post_process_object_detection(output, threshold=0.0)
+    assert len(result["labels"]) == 4
+
+
 @pytest.mark.parametrize("height, width", [(30, 50), (50, 30), (100, 97)])
 def test_box_round_trip_to_original_pixels(processor, height, width):
     boxes_xywh = [(3.0, 4.0, 20.0, 10.0), (0.0, 0.0, width, height), (width - 7.5, height - 6.25, 7.5, 6.25)]
