@@ -50,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--skip_export", action="store_true", help="Use the graphs already in --output_dir (to check or time them again)."
     )
+    parser.add_argument(
+        "--trust_torch_export",
+        action="store_true",
+        help="With --skip_export: load the .pt2 graphs already in --output_dir (they are unpickled, which runs any "
+        "code they hold: only for graphs from a source you trust).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -107,7 +113,9 @@ def main(argv=None) -> int:
         processor.save_pretrained(output_dir)
     runners = {}
     if "torch" in formats:
-        runners["torch"] = ExportedPix2Seq.from_torch_export(output_dir)
+        # Graphs this run exported are trusted; graphs found in the folder only when the user says so.
+        trusted = not args.skip_export or args.trust_torch_export
+        runners["torch"] = ExportedPix2Seq.from_torch_export(output_dir, trusted_source=trusted)
     if "onnx" in formats:
         runners["onnx"] = ExportedPix2Seq.from_onnx(output_dir, num_threads=args.num_threads)
 
