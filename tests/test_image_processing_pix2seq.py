@@ -194,6 +194,33 @@ def test_32bit_pil_image_outside_16bit_range_is_an_error(processor):
         processor(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)))
 
 
+
+def test_integer_and_float_pil_images_are_scaled_by_their_range(processor):
+    gray = random_uint8(64, 64, channels=0)
+    expected = processor(Image.fromarray(gray, mode="L"))["pixel_values"]
+    # An 8-bit image converted to "I" or "F" holds 0..255: 8-bit data, not nearly-black 16-bit data.
+    for image in (Image.fromarray(gray, mode="L").convert("I"), Image.fromarray(gray, mode="L").convert("F")):
+        torch.testing.assert_close(processor(image)["pixel_values"], expected, atol=1e-6, rtol=1e-5)
+    # "F" in [0, 1]: unit-range data.
+    unit = Image.fromarray(gray.astype(np.float32) / 255, mode="F")
+    torch.testing.assert_close(processor(unit)["pixel_values"], expected, atol=1e-6, rtol=1e-5)
+    # Values that fit no range are refused, saying how to convert.
+    for values in (np.full((4, 4), -3.0, dtype=np.float32), np.full((4, 4), 1000.0, dtype=np.float32)):
+        with pytest.raises(ValueError, match=r"mode 'F' has values in \[.*scale it to 0..255 yourself"):
+            processor(Image.fromarray(values, mode="F"))
+    with pytest.raises(ValueError, match=r"mode 'I' has values in \[-5, 7\]"):
+        processor(Image.fromarray(np.array([[-5, 7]], dtype=np.int32)))
+
+
+def test_premultiplied_alpha_is_converted_and_lab_is_refused_by_name(processor):
+    la = Image.fromarray(np.stack([random_uint8(64, 64, channels=0), np.full((64, 64), 255, np.uint8)], axis=-1), "LA")
+    expected = processor(la)["pixel_values"]
+    torch.testing.assert_close(processor(la.convert("La"))["pixel_values"], expected)
+    rgba = Image.fromarray(np.dstack([random_uint8(64, 64), np.full((64, 64), 255, np.uint8)]), "RGBA")
+    torch.testing.assert_close(processor(rgba.convert("RGBa"))["pixel_values"], processor(rgba)["pixel_values"])
+    with pytest.raises(ValueError, match="mode 'LAB' are not supported: convert it to RGB with a colour transform"):
+        processor(Image.new("LAB", (8, 8)))
+
 def test_one_pixel_image(processor):
     colour = np.array([[[10, 200, 30]]], dtype=np.uint8)
     expected = torch.tensor([10, 200, 30]).float().div(255)[:, None, None].expand(3, S, S)
