@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf.data.images import decode_image, to_rgb
 from pix2seq_hf.export import ExportedPix2Seq, export_onnx, export_programs, save_programs
 from pix2seq_hf.presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
 
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         runner = runners.get("onnx") or runners["torch"]
         report["detections"] = {}
         for path in args.images:
-            image = Image.open(path).convert("RGB")
+            image = to_rgb(decode_image(path, "--images"), "--images")  # as shown: EXIF orientation applied
             inputs = processor(images=image, return_tensors="pt")
             outputs = runner.generate(inputs["pixel_values"], max_new_tokens=max_new_tokens)
             found = processor.post_process_object_detection(

@@ -59,6 +59,7 @@ from pix2seq_hf.data import (
     load_detection_splits,
     undecoded_images,
 )
+from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, set_max_image_pixels, to_rgb
 from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
 from pix2seq_hf.presets import PRESETS
 from pix2seq_hf.visualization import draw_detections
@@ -167,6 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="A missing or undecodable image, found by --check_images or met while training: stop with an error "
         "naming it, or skip it (counted and logged).",
     )
+    data.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="A saved Pix2Seq model to fine-tune.")
@@ -474,7 +476,8 @@ def save_visualizations(model, processor, dataset, args, output_dir: Path) -> li
     for index in range(count):
         example = dataset[index]
         try:
-            image = decode_image(example["image"], f"image_id {example['image_id']}").convert("RGB")
+            record = f"image_id {example['image_id']}"
+            image = to_rgb(decode_image(example["image"], record), record)
         except ImageReadError as error:
             logger.warning(f"No picture: {error}")
             continue
@@ -493,6 +496,8 @@ def save_visualizations(model, processor, dataset, args, output_dir: Path) -> li
 def main(argv=None) -> int:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     # Accelerate only sets up gloo between CPU processes (torchrun, `accelerate launch --multi_gpu`) when told `cpu=True`.
     use_cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     mixed_precision = args.mixed_precision

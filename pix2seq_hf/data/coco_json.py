@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import datasets
 
-from .images import ImageReadError, check_image, open_image, validate_image_options
+from .images import ImageReadError, check_image, image_size, validate_image_options
 from .schema import AnnotationStats, DetectionSplit, clean_objects, detection_features, unique_label_names
 
 
@@ -197,8 +197,7 @@ def load_coco_detection(
         try:
             check_image(path, record, check_images)
             if width is None or height is None:
-                with open_image(path, record, decode=False) as opened:
-                    width, height = opened.size
+                width, height = image_size(path, record)  # as shown: EXIF orientation applied, as when decoded
         except ImageReadError as error:
             if on_bad_image == "error":
                 raise
