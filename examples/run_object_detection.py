@@ -42,6 +42,7 @@ from pix2seq_hf.data import AUGMENTATION_PRESETS, Pix2SeqCollator, build_train_t
 from pix2seq_hf.evaluation import KEEP_ALL_THRESHOLD, METRIC_KEYS, CocoDetectionEvaluator
 from pix2seq_hf.hub import remote_code, write_model_card
 from pix2seq_hf.presets import PRESETS
+from pix2seq_hf.run_lock import hold_output_dir
 
 
 logger = logging.getLogger(__name__)
@@ -293,6 +294,13 @@ def parse_args(argv=None) -> tuple[ModelArguments, DataTrainingArguments, Traini
 
 def main(argv=None) -> int:
     model_args, data_args, training_args = parse_args(argv)
+    # One run per output folder: a second one is refused at its start, naming this one.
+    with hold_output_dir(training_args.output_dir):
+        return run(model_args, data_args, training_args)
+
+
+def run(model_args, data_args, training_args) -> int:
+    """Trains and/or evaluates as the arguments say; returns the exit status."""
     # The collator reads the image and objects columns, which are not arguments of `forward`.
     training_args.remove_unused_columns = False
     # Detections are scored one batch at a time: evaluation memory does not grow with the evaluation set.

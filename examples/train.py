@@ -61,7 +61,9 @@ from pix2seq_hf.data import (
 )
 from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, set_max_image_pixels, to_rgb
 from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
+from pix2seq_hf.interruption import StopOnSignal
 from pix2seq_hf.presets import PRESETS
+from pix2seq_hf.run_lock import hold_output_dir
 from pix2seq_hf.visualization import draw_detections
 
 
@@ -495,6 +497,13 @@ def save_visualizations(model, processor, dataset, args, output_dir: Path) -> li
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # One run per output folder (a second one is refused, naming this one); Ctrl-C / SIGTERM stop after a checkpoint.
+    with hold_output_dir(args.output_dir), StopOnSignal() as interrupt:
+        return train(args, interrupt)
+
+
+def train(args, interrupt: StopOnSignal) -> int:
+    """Runs the training `args` describe; returns the exit status (`interrupt.exit_code` when a signal stopped it)."""
     output_dir = Path(args.output_dir)
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
@@ -685,6 +694,17 @@ def main(argv=None) -> int:
                             accelerator.unwrap_model(model), processor, args,
                             commit_message=f"Training in progress, step {completed_steps}",
                         )  # fmt: skip
+            if interrupt.should_stop(accelerator):
+                save_checkpoint(
+                    accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit,
+                    elapsed_seconds=elapsed_seconds(),
+                )  # fmt: skip
+                logger.warning(
+                    f"Interrupted: stopped after step {completed_steps}, saved in {output_dir / f'step_{completed_steps}'}"
+                    ". To go on, run the same command with --resume_from_checkpoint latest (without "
+                    "--overwrite_output_dir)."
+                )
+                return interrupt.exit_code
             out_of_time = args.max_train_minutes and elapsed_seconds() / 60 >= args.max_train_minutes
             last_step = completed_steps >= args.max_train_steps or out_of_time
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
