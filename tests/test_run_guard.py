@@ -111,6 +111,30 @@ def test_an_interrupted_run_saves_a_checkpoint_says_how_to_resume_and_resumes(ru
     assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == step + 1
 
 
+
+def test_the_trainer_script_stops_on_sigint_with_a_checkpoint(tmp_path):
+    output_dir, log = tmp_path / "run", tmp_path / "trainer.log"
+    argv = [
+        "--do_train", "--output_dir", str(output_dir), "--max_steps", "100000",
+        "--synthetic_train_size", "8", "--validation_split", "none", "--image_size", "64",
+        "--per_device_train_batch_size", "4", "--warmup_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "--seed", "3",
+    ]  # fmt: skip
+    process = start("run_object_detection", argv, log)
+    try:
+        wait_for(log, "/100000", process)  # the progress bar: training has begun
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=300) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert step >= 1 and f"stopped after step {step}, saved in {checkpoints[0]}" in log.read_text()
+    assert not (output_dir / "model.safetensors").exists()
+
 def test_a_second_ctrl_c_quits_at_once_and_the_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT)
     with StopOnSignal() as stop:
