@@ -586,8 +586,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             threshold (`float`): keep detections with a score strictly above it.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `[batch_size, 2]`, *optional*):
                 `(height, width)` of each original image. Boxes are then mapped to its pixels (`box * max(height,
-                width)`, clipped to the image), and boxes left without area by the clipping (inside the padding) are
-                dropped. Without it boxes stay normalised to the canvas.
+                width)`, clipped to the image), and a box that the clipping leaves without area (one in the padding
+                beside the image) is dropped. Without it boxes stay normalised to the canvas.
             top_k (`int`, *optional*): keep at most the `top_k` best-scoring detections per image.
 
         Returns:
@@ -603,13 +603,12 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             scores, labels, boxes = scores[keep], labels[keep], boxes[keep].to(torch.float32)
             if sizes is not None:
                 height, width = sizes[index]
-                boxes = tv_tensors.BoundingBoxes(
-                    boxes * max(height, width), format="XYXY", canvas_size=(height, width)
-                )
+                scaled = boxes * max(height, width)
+                boxes = tv_tensors.BoundingBoxes(scaled, format="XYXY", canvas_size=(height, width))
                 boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
-                # A box in the padding beside the image is left without area by the clipping: not a detection.
-                keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-                scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+                # A box that the clipping leaves without area lies in the padding beside the image: not a detection.
+                emptied = ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])) & (boxes != scaled).any(dim=1)
+                scores, labels, boxes = scores[~emptied], labels[~emptied], boxes[~emptied]
             order = torch.sort(scores, descending=True, stable=True).indices
             if top_k is not None:
                 order = order[:top_k]
@@ -635,8 +634,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
                 Keep detections with a score strictly above it (`0.0` keeps all, as the official COCO evaluation).
             target_sizes (`torch.Tensor` of shape `[B, 2]` or `list[tuple[int, int]]`, *optional*):
                 `(height, width)` of each original image; boxes are then returned in its pixels, clipped to it, and
-                a box left without area by the clipping (one inside the padding) is dropped. Without it boxes are
-                normalised to the canvas.
+                a box that the clipping leaves without area (one in the padding beside the image) is dropped.
+                Without it boxes are normalised to the canvas.
             top_k (`int`, *optional*):
                 Keep at most the `top_k` best-scoring detections per image.
 

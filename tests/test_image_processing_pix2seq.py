@@ -408,12 +408,16 @@ def test_post_process_drops_boxes_left_without_area_by_clipping(processor):
         scores=torch.tensor([[0.9, 0.8, 0.7, 0.6]]),
         labels=torch.tensor([[0, 1, 2, 3]]),
         pred_boxes=torch.tensor(
-            [[[0.1, 0.5, 0.4, 0.9], [0.1, 0.0, 0.5, 0.05], [0.3, 0.3, 0.3, 0.6], [0.6, 0.02, 0.6, 0.08]]]
+            [[[0.1, 0.5, 0.4, 0.9], [0.1, 0.0, 0.5, 0.05], [0.3, 0.02, 0.3, 0.08], [0.6, 0.05, 0.7, 0.5]]]
         ),
     )
     (result,) = processor.post_process_object_detection(output, threshold=0.0, target_sizes=[(10, 100)])
-    assert result["labels"].tolist() == [1]
-    torch.testing.assert_close(result["boxes"], torch.tensor([[10.0, 0.0, 50.0, 5.0]]))
+    # Box 0 lies in the padding: dropped. Box 3 reaches into it: clipped. Box 2 has no width as the model gave it:
+    # kept (the clipping did not empty it).
+    assert result["labels"].tolist() == [1, 2, 3]
+    torch.testing.assert_close(
+        result["boxes"], torch.tensor([[10.0, 0.0, 50.0, 5.0], [30.0, 2.0, 30.0, 8.0], [60.0, 5.0, 70.0, 10.0]])
+    )
     # top_k counts the boxes that are kept.
     (result,) = processor.post_process_object_detection(output, threshold=0.0, target_sizes=[(10, 100)], top_k=1)
     assert result["labels"].tolist() == [1]

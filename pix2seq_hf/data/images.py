@@ -104,19 +104,21 @@ def _orientation(image: PIL.Image.Image) -> int | None:
 
 def image_size(value, record: str) -> tuple[int, int]:
     """
-    `(width, height)` of an image as it is shown (EXIF orientation applied), read from the file's header.
+    `(width, height)` of an image as it is shown (EXIF orientation applied), read from the file's header. A PIL image
+    is taken as it is, as `decode_image` takes it (`datasets` has already turned the images it decodes).
 
     Raises:
         `ImageReadError` naming the record and the file for a missing or unreadable image.
     """
+    if isinstance(value, PIL.Image.Image):
+        return value.size
     image = open_image(value, record, decode=False)
     try:
         width, height = image.size
         if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
             width, height = height, width
     finally:
-        if image is not value:
-            image.close()
+        image.close()
     return width, height
 
 
