@@ -20,10 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoModelForObjectDetection, AutoProcessor
 
 import pix2seq_hf  # noqa: F401  (registers the Pix2Seq classes with the Auto factories)
+from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, ImageReadError, decode_image, set_max_image_pixels, to_rgb
 from pix2seq_hf.visualization import draw_detections
 
 
@@ -44,6 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling, for repeatable detections.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_pictures", action="store_true", help="Write the JSON only.")
+    parser.add_argument(
+        "--on_bad_image",
+        default="skip",
+        choices=["skip", "error"],
+        help="A file that is not a readable image (truncated, not an image, a decompression bomb, a mode without an "
+        "RGB conversion): skip it (listed under 'skipped' in detections.json) or stop with an error naming it.",
+    )
+    parser.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
@@ -87,14 +96,17 @@ def picture_names(files: list[Path], output_dir: Path) -> list[str]:
     return names
 
 
-def load_image(path: Path) -> Image.Image | None:
-    """Opens an image, or returns `None` (with a warning) when the file is not a readable image."""
+def load_image(path: Path, on_bad_image: str = "skip") -> Image.Image | None:
+    """
+    The image as it is shown (EXIF orientation applied, as the pipeline reads it) in 8-bit RGB, or `None` (with a
+    warning) for a file that is not a readable image when `on_bad_image="skip"`; with "error", `ImageReadError`.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError) as error:
-        logger.warning("Skipping %s: not a readable image (%s)", path, error)
+        return to_rgb(decode_image(path, "input image"), "input image")
+    except ImageReadError as error:
+        if on_bad_image == "error":
+            raise ImageReadError(f"{error} (--on_bad_image skip skips such files)", missing=error.missing) from None
+        logger.warning("Skipping %s: %s", path, error)
         return None
 
 
@@ -116,7 +128,10 @@ def main(argv=None) -> int:
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     files = collect_images(args.images)
-    loaded = [(path, name, load_image(path)) for path, name in zip(files, picture_names(files, output_dir))]
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
+    names = picture_names(files, output_dir)
+    loaded = [(path, name, load_image(path, args.on_bad_image)) for path, name in zip(files, names)]
     skipped = [str(path) for path, _, image in loaded if image is None]
     loaded = [entry for entry in loaded if entry[2] is not None]
     torch.manual_seed(args.seed)

@@ -25,6 +25,7 @@ from transformers import AutoModelForObjectDetection, AutoProcessor
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits, undecoded_images
+from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, set_max_image_pixels
 from pix2seq_hf.evaluation import evaluate_model
 
 
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="A missing or undecodable image: stop with an error naming it, or leave it out of the evaluation "
         "(its ground truth too; counted in the report).",
     )
+    parser.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
     parser.add_argument("--seed", type=int, default=42, help="Seed of the synthetic set and of the sampling.")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--top_p", type=float, default=None, help="Sample with this mass (default: greedy decoding).")
@@ -66,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     use_cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(cpu=use_cpu)
     model = AutoModelForObjectDetection.from_pretrained(args.model)

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf.data.images import decode_image, to_rgb
 from pix2seq_hf.export import ExportedPix2Seq, export_onnx, export_programs, save_programs
 from pix2seq_hf.presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
 
@@ -49,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="Replace graphs already in --output_dir.")
     parser.add_argument(
         "--skip_export", action="store_true", help="Use the graphs already in --output_dir (to check or time them again)."
+    )
+    parser.add_argument(
+        "--trust_torch_export",
+        action="store_true",
+        help="With --skip_export: load the .pt2 graphs already in --output_dir (they are unpickled, which runs any "
+        "code they hold: only for graphs from a source you trust).",
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -107,7 +113,9 @@ def main(argv=None) -> int:
         processor.save_pretrained(output_dir)
     runners = {}
     if "torch" in formats:
-        runners["torch"] = ExportedPix2Seq.from_torch_export(output_dir)
+        # Graphs this run exported are trusted; graphs found in the folder only when the user says so.
+        trusted = not args.skip_export or args.trust_torch_export
+        runners["torch"] = ExportedPix2Seq.from_torch_export(output_dir, trusted_source=trusted)
     if "onnx" in formats:
         runners["onnx"] = ExportedPix2Seq.from_onnx(output_dir, num_threads=args.num_threads)
 
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
         runner = runners.get("onnx") or runners["torch"]
         report["detections"] = {}
         for path in args.images:
-            image = Image.open(path).convert("RGB")
+            image = to_rgb(decode_image(path, "--images"), "--images")  # as shown: EXIF orientation applied
             inputs = processor(images=image, return_tensors="pt")
             outputs = runner.generate(inputs["pixel_values"], max_new_tokens=max_new_tokens)
             found = processor.post_process_object_detection(

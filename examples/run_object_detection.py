@@ -41,7 +41,9 @@ from pix2seq_hf import training_plan, training_setup
 from pix2seq_hf.data import AUGMENTATION_PRESETS, Pix2SeqCollator, build_train_transforms, load_detection_splits
 from pix2seq_hf.evaluation import KEEP_ALL_THRESHOLD, METRIC_KEYS, CocoDetectionEvaluator
 from pix2seq_hf.hub import remote_code, write_model_card
+from pix2seq_hf.interruption import StopOnSignal
 from pix2seq_hf.presets import PRESETS
+from pix2seq_hf.run_lock import hold_output_dir
 
 
 logger = logging.getLogger(__name__)
@@ -288,6 +290,19 @@ class SetEpochCallback(TrainerCallback):
         self.collator.set_epoch(int(state.epoch or 0))
 
 
+class StopOnSignalCallback(TrainerCallback):
+    """Ends training after the step in which Ctrl-C (SIGINT) or SIGTERM came, with a checkpoint of that step."""
+
+    def __init__(self, interrupt: StopOnSignal, accelerator=None):
+        self.interrupt = interrupt
+        self.accelerator = accelerator
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupt.should_stop(self.accelerator):
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def parse_args(argv=None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -297,6 +312,13 @@ def parse_args(argv=None) -> tuple[ModelArguments, DataTrainingArguments, Traini
 
 def main(argv=None) -> int:
     model_args, data_args, training_args = parse_args(argv)
+    # One run per output folder (a second one is refused, naming this one); Ctrl-C / SIGTERM stop after a checkpoint.
+    with hold_output_dir(training_args.output_dir), StopOnSignal() as interrupt:
+        return run(model_args, data_args, training_args, interrupt)
+
+
+def run(model_args, data_args, training_args, interrupt: StopOnSignal) -> int:
+    """Trains and/or evaluates as the arguments say; returns the exit status (`interrupt.exit_code` when stopped)."""
     # The collator reads the image and objects columns, which are not arguments of `forward`.
     training_args.remove_unused_columns = False
     # Detections are scored one batch at a time: evaluation memory does not grow with the evaluation set.
@@ -396,11 +418,19 @@ def main(argv=None) -> int:
         encoder_lr_scale=encoder_lr_scale,
         card_info=card_info,
     )
+    trainer.add_callback(StopOnSignalCallback(interrupt, trainer.accelerator))
     # Pushing: every save (checkpoints, the final model) carries the code, so that the pushed copies load with
     # `trust_remote_code=True` where pix2seq_hf is not installed.
     with remote_code() if training_args.push_to_hub else contextlib.nullcontext():
         if training_args.do_train:
             result = trainer.train(resume_from_checkpoint=checkpoint)
+            if interrupt.received is not None:
+                logger.warning(
+                    f"Interrupted: stopped after step {trainer.state.global_step}, saved in "
+                    f"{training_args.output_dir}/checkpoint-{trainer.state.global_step}. To go on, run the same "
+                    "command again (it resumes from the last checkpoint of --output_dir)."
+                )
+                return interrupt.exit_code
             trainer.save_model()
             trainer.log_metrics("train", result.metrics)
             trainer.save_metrics("train", result.metrics)

@@ -59,8 +59,11 @@ from pix2seq_hf.data import (
     load_detection_splits,
     undecoded_images,
 )
+from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, set_max_image_pixels, to_rgb
 from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
+from pix2seq_hf.interruption import StopOnSignal
 from pix2seq_hf.presets import PRESETS
+from pix2seq_hf.run_lock import hold_output_dir
 from pix2seq_hf.visualization import draw_detections
 
 
@@ -170,6 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="A missing or undecodable image, found by --check_images or met while training: stop with an error "
         "naming it, or skip it (counted and logged).",
     )
+    data.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="A saved Pix2Seq model to fine-tune.")
@@ -546,7 +550,8 @@ def save_visualizations(model, processor, dataset, args, output_dir: Path) -> li
     for index in range(count):
         example = dataset[index]
         try:
-            image = decode_image(example["image"], f"image_id {example['image_id']}").convert("RGB")
+            record = f"image_id {example['image_id']}"
+            image = to_rgb(decode_image(example["image"], record), record)
         except ImageReadError as error:
             logger.warning(f"No picture: {error}")
             continue
@@ -564,7 +569,16 @@ def save_visualizations(model, processor, dataset, args, output_dir: Path) -> li
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # One run per output folder (a second one is refused, naming this one); Ctrl-C / SIGTERM stop after a checkpoint.
+    with hold_output_dir(args.output_dir), StopOnSignal() as interrupt:
+        return train(args, interrupt)
+
+
+def train(args, interrupt: StopOnSignal) -> int:
+    """Runs the training `args` describe; returns the exit status (`interrupt.exit_code` when a signal stopped it)."""
     output_dir = Path(args.output_dir)
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     # Accelerate only sets up gloo between CPU processes (torchrun, `accelerate launch --multi_gpu`) when told `cpu=True`.
     use_cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     mixed_precision = args.mixed_precision
@@ -745,6 +759,17 @@ def main(argv=None) -> int:
                             accelerator.unwrap_model(model), processor, args,
                             commit_message=f"Training in progress, step {completed_steps}",
                         )  # fmt: skip
+            if interrupt.should_stop(accelerator):
+                save_checkpoint(
+                    accelerator, output_dir, completed_steps, run, args.checkpoints_total_limit,
+                    elapsed_seconds=elapsed_seconds(),
+                )  # fmt: skip
+                logger.warning(
+                    f"Interrupted: stopped after step {completed_steps}, saved in {output_dir / f'step_{completed_steps}'}"
+                    ". To go on, run the same command with --resume_from_checkpoint latest (without "
+                    "--overwrite_output_dir)."
+                )
+                return interrupt.exit_code
             out_of_time = args.max_train_minutes and elapsed_seconds() / 60 >= args.max_train_minutes
             last_step = out_of_time or (args.max_train_steps is not None and completed_steps >= args.max_train_steps)
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:

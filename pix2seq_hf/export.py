@@ -251,7 +251,8 @@ class ExportedPix2Seq:
     with the model's token grammar (`Pix2SeqLogitsProcessor` and the grammar settings of its generation config, saved
     in `export_config.json`). Greedy decoding gives the tokens of `model.generate(pixel_values, do_sample=False)`.
 
-    Build it with `ExportedPix2Seq.from_onnx(folder)` (onnxruntime) or `ExportedPix2Seq.from_torch_export(folder)`.
+    Build it with `ExportedPix2Seq.from_onnx(folder)` (onnxruntime), or, for graphs from a trusted source only,
+    `ExportedPix2Seq.from_torch_export(folder, trusted_source=True)` (`.pt2` archives are unpickled).
     """
 
     def __init__(self, graphs: dict, export_config: dict, backend: str):
@@ -281,9 +282,25 @@ class ExportedPix2Seq:
         return cls(graphs, json.loads((folder / EXPORT_CONFIG_NAME).read_text()), "onnx")
 
     @classmethod
-    def from_torch_export(cls, folder: str | Path):
-        """Loads `folder/{encoder,decoder,decoder_with_past}.pt2` (`torch.export.load`)."""
+    def from_torch_export(cls, folder: str | Path, trusted_source: bool = False):
+        """
+        Loads `folder/{encoder,decoder,decoder_with_past}.pt2` (`torch.export.load`).
+
+        `torch.export.load` unpickles the archives, which runs whatever code they hold: load only graphs you exported
+        yourself or got from a source you trust, and say so with `trusted_source=True`. ONNX graphs (`from_onnx`)
+        hold no code and are the way to load graphs from others.
+
+        Raises:
+            `ValueError` without `trusted_source=True`.
+        """
         folder = Path(folder)
+        if not trusted_source:
+            raise ValueError(
+                f"Loading the torch.export graphs of {folder} unpickles them (torch.export.load), which runs any code "
+                "they hold. Load .pt2 files only from a source you trust, with "
+                "`ExportedPix2Seq.from_torch_export(folder, trusted_source=True)`, or load the ONNX graphs with "
+                "`ExportedPix2Seq.from_onnx(folder)`, which run no Python code."
+            )
         graphs = {name: torch.export.load(folder / f"{name}.pt2").module() for name in GRAPH_NAMES}
         return cls(graphs, json.loads((folder / EXPORT_CONFIG_NAME).read_text()), "torch")
 

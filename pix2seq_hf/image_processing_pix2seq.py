@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as tvF
@@ -37,9 +38,72 @@ from transformers.utils import TensorType, logging
 logger = logging.get_logger(__name__)
 
 # PIL modes holding more than 8 bits per pixel. Pillow opens 16-bit PNG/TIFF files as "I;16*" or, for some files and
-# older versions, as 32-bit "I"; both are read as 16-bit data here.
-_PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# older versions, as 32-bit "I"; an 8-bit image `.convert("I")` is "I" too, and "F" holds 32-bit floats.
+_PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _UINT16_MAX = 65535.0
+# Premultiplied-alpha modes, which Pillow converts to their straight-alpha form only.
+_PIL_PREMULTIPLIED_MODES = {"La": "LA", "RGBa": "RGBA"}
+# Modes whose conversion to RGB Pillow does not do right, with how to convert them.
+_PIL_REFUSED_MODES = {
+    "LAB": "convert it to RGB with a colour transform, e.g. PIL.ImageCms.applyTransform(image, "
+    'PIL.ImageCms.buildTransform(PIL.ImageCms.createProfile("LAB"), PIL.ImageCms.createProfile("sRGB"), "LAB", '
+    '"RGB"))',
+}
+
+
+def straight_alpha_pil_image(image: PIL.Image.Image) -> PIL.Image.Image:
+    """
+    A PIL image in a mode that converts to RGB: premultiplied alpha ("La", "RGBa") becomes straight alpha ("LA",
+    "RGBA"); other modes are returned as they are.
+
+    Raises:
+        `ValueError` naming the mode, and saying how to convert it, for modes Pillow cannot convert to RGB correctly
+        ("LAB") or at all.
+    """
+    if image.mode in _PIL_PREMULTIPLIED_MODES:
+        return image.convert(_PIL_PREMULTIPLIED_MODES[image.mode])
+    if image.mode in _PIL_REFUSED_MODES:
+        raise ValueError(f"PIL images of mode {image.mode!r} are not supported: {_PIL_REFUSED_MODES[image.mode]}.")
+    if image.mode not in PIL.Image.MODES and not image.mode.startswith("I;16"):
+        raise ValueError(f"PIL images of mode {image.mode!r} are not supported: convert it to 'RGB' first.")
+    return image
+
+
+def high_bit_depth_pil_values(image: PIL.Image.Image) -> tuple[np.ndarray, float] | None:
+    """
+    The pixels of a PIL image of more than 8 bits ("I;16*", "I", "F") as a float32 array with the value that stands
+    for full intensity, which is read from the data's real range:
+
+    - "I;16*": 16-bit, 65535;
+    - "I" (32-bit integers): 255 when every value is in 0..255 (an 8-bit image converted to "I"), else 65535 when
+      every value is in 0..65535 (a 16-bit file);
+    - "F" (32-bit floats): 1.0 when every value is in [0, 1], else 255 when every value is in [0, 255].
+
+    Returns:
+        `(array, full_intensity)`, or `None` for the other (8-bit) modes.
+
+    Raises:
+        `ValueError` naming the mode and the range of the values, and how to convert the image, for values outside
+        those ranges (negative, larger, or not finite).
+    """
+    if image.mode in _PIL_16BIT_MODES:
+        return np.array(image).astype(np.float32), _UINT16_MAX
+    if image.mode not in ("I", "F"):
+        return None
+    array = np.array(image)
+    if array.size == 0:
+        return array.astype(np.float32), 255.0
+    low, high = array.min(), array.max()
+    ranges = (255.0, _UINT16_MAX) if image.mode == "I" else (1.0, 255.0)
+    for full_intensity in ranges:
+        if low >= 0 and high <= full_intensity:  # False for NaN
+            return array.astype(np.float32), full_intensity
+    raise ValueError(
+        f"PIL image of mode {image.mode!r} has values in [{low}, {high}], which fit neither 8-bit (0..255) nor "
+        + ("16-bit (0..65535) data" if image.mode == "I" else "[0, 1] data")
+        + ": scale it to 0..255 yourself, e.g. `PIL.Image.fromarray(np.clip(values * k, 0, 255).astype(np.uint8))`, "
+        "or pass the values as a float array in [0, 1] with `do_rescale=False`."
+    )
 
 
 class Pix2SeqImageProcessorKwargs(ImagesKwargs, total=False):
@@ -119,8 +183,10 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
     canvas-normalised box maps back to the original image as `box * max(height, width)`.
 
     Inputs may be PIL images, NumPy arrays or torch tensors, channels first or last (`input_data_format` settles
-    ambiguous shapes such as `1 x 1 x 3`), grayscale, RGBA (composited on white) or 16-bit (PIL "I;16"/"I" images and
-    `uint16` arrays are scaled by `255 / 65535` to the 8-bit range first, so `rescale_factor` works for every input).
+    ambiguous shapes such as `1 x 1 x 3`), grayscale, RGBA (composited on white; premultiplied "La"/"RGBa" too) or
+    16-bit (PIL "I;16" images and `uint16` arrays are scaled by `255 / 65535` to the 8-bit range first, so
+    `rescale_factor` works for every input). PIL "I" and "F" images are scaled by the range of their values (8-bit,
+    16-bit, or [0, 1] floats; other values are refused, see `high_bit_depth_pil_values`).
 
     With `annotations` (COCO detection format, as DETR's image processor takes them), the output also holds `labels`:
     one dict per image with `boxes` (`[N, 4]`, `(x_min, y_min, x_max, y_max)` normalised to the canvas),
@@ -199,7 +265,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
     ) -> torch.Tensor:
         """
         Converts one PIL image, array or tensor into a channels-first tensor: `uint8` for 8-bit inputs, `float32` in
-        the 8-bit range [0, 255] for 16-bit inputs, unchanged dtype otherwise; RGB when `do_convert_rgb`.
+        the 8-bit range [0, 255] for 16-bit inputs and PIL "I"/"F" images (scaled by their range, see
+        `high_bit_depth_pil_values`), unchanged dtype otherwise; RGB when `do_convert_rgb`.
 
         A floating-point image whose values all lie in [0, 1] while `do_rescale` is on gets a warning (once): it is
         divided by 255 like any other input, as DETR's processor does, which leaves it nearly black.
@@ -208,17 +275,13 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         if image_type not in (ImageType.PIL, ImageType.TORCH, ImageType.NUMPY):
             raise ValueError(f"Unsupported image type {type(image)}; pass PIL images, NumPy arrays or torch tensors.")
 
-        is_16bit = False
+        full_intensity = None  # for inputs of more than 8 bits: the value of white, scaled to 255 below
         if image_type == ImageType.PIL:
-            if image.mode in _PIL_16BIT_MODES:
-                array = np.array(image)
-                if array.min() < 0 or array.max() > _UINT16_MAX:
-                    raise ValueError(
-                        f"PIL image of mode {image.mode!r} has values in [{array.min()}, {array.max()}]; only 16-bit "
-                        "data (0..65535) is supported for integer modes."
-                    )
-                image = torch.from_numpy(array.astype(np.float32))
-                is_16bit = True
+            image = straight_alpha_pil_image(image)
+            high_bit_depth = high_bit_depth_pil_values(image)
+            if high_bit_depth is not None:
+                array, full_intensity = high_bit_depth
+                image = torch.from_numpy(array)
             elif do_convert_rgb and (image.mode != "RGB" or "transparency" in image.info):
                 image = torch.from_numpy(convert_to_rgb_pil(image, return_numpy=True))
             else:
@@ -233,8 +296,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
 
         if image.dtype == torch.uint16:
             image = image.to(torch.float32)
-            is_16bit = True
-        elif image.is_floating_point() and kwargs.get("do_rescale") and image.numel() and bool(image.max() <= 1):
+            full_intensity = _UINT16_MAX
+        elif full_intensity is None and image.is_floating_point() and kwargs.get("do_rescale") and image.numel() and bool(image.max() <= 1):
             logger.warning_once(
                 "Pix2SeqImageProcessor got a floating-point image with every value in [0, 1] and rescales it by "
                 "`rescale_factor` (1/255) like 8-bit pixels, as DETR's processor does. If your pixels are already in "
@@ -252,9 +315,9 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         if ChannelDimension(input_data_format) == ChannelDimension.LAST:
             image = image.permute(2, 0, 1)
 
-        if is_16bit:
+        if full_intensity is not None:
             # To [0, 1] for the RGB(A) conversion, then to the 8-bit range that `rescale_factor` expects.
-            image = image / _UINT16_MAX
+            image = image / full_intensity
             if do_convert_rgb:
                 image = self.convert_to_rgb(image, input_data_format=ChannelDimension.FIRST)
             image = image * 255.0
@@ -523,7 +586,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             threshold (`float`): keep detections with a score strictly above it.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `[batch_size, 2]`, *optional*):
                 `(height, width)` of each original image. Boxes are then mapped to its pixels (`box * max(height,
-                width)`, clipped to the image). Without it boxes stay normalised to the canvas.
+                width)`, clipped to the image), and a box that the clipping leaves without area (one in the padding
+                beside the image) is dropped. Without it boxes stay normalised to the canvas.
             top_k (`int`, *optional*): keep at most the `top_k` best-scoring detections per image.
 
         Returns:
@@ -537,16 +601,18 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             scores, labels, boxes = detection["scores"], detection["labels"], detection["boxes"]
             keep = scores > threshold
             scores, labels, boxes = scores[keep], labels[keep], boxes[keep].to(torch.float32)
+            if sizes is not None:
+                height, width = sizes[index]
+                scaled = boxes * max(height, width)
+                boxes = tv_tensors.BoundingBoxes(scaled, format="XYXY", canvas_size=(height, width))
+                boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
+                # A box that the clipping leaves without area lies in the padding beside the image: not a detection.
+                emptied = ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])) & (boxes != scaled).any(dim=1)
+                scores, labels, boxes = scores[~emptied], labels[~emptied], boxes[~emptied]
             order = torch.sort(scores, descending=True, stable=True).indices
             if top_k is not None:
                 order = order[:top_k]
             scores, labels, boxes = scores[order], labels[order], boxes[order]
-            if sizes is not None:
-                height, width = sizes[index]
-                boxes = tv_tensors.BoundingBoxes(
-                    boxes * max(height, width), format="XYXY", canvas_size=(height, width)
-                )
-                boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
             results.append({"scores": scores, "labels": labels, "boxes": boxes})
         return results
 
@@ -567,7 +633,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             threshold (`float`, *optional*, defaults to 0.5):
                 Keep detections with a score strictly above it (`0.0` keeps all, as the official COCO evaluation).
             target_sizes (`torch.Tensor` of shape `[B, 2]` or `list[tuple[int, int]]`, *optional*):
-                `(height, width)` of each original image; boxes are then returned in its pixels, clipped to it.
+                `(height, width)` of each original image; boxes are then returned in its pixels, clipped to it, and
+                a box that the clipping leaves without area (one in the padding beside the image) is dropped.
                 Without it boxes are normalised to the canvas.
             top_k (`int`, *optional*):
                 Keep at most the `top_k` best-scoring detections per image.

@@ -8,6 +8,8 @@ import struct
 
 import numpy as np
 
+from .crc32c import crc32c, mask_crc32c
+
 
 # A TensorFlow checkpoint ("tensor bundle") is an `.index` file, an SSTable in LevelDB's table format whose keys are
 # variable names and whose values are `BundleEntryProto` messages (dtype, shape, shard, offset, size), plus one or
@@ -169,6 +171,8 @@ class TFCheckpointReader:
 
     Args:
         path (`str`): a checkpoint prefix (`.../ckpt-N`) or a directory (its latest checkpoint is read).
+        verify_checksums (`bool`, *optional*, defaults to `True`): check each tensor read against the CRC32C that
+            TensorFlow stored for it, as TensorFlow does when it restores (about 1 s per 100 MB).
 
     Example:
 
@@ -184,8 +188,9 @@ class TFCheckpointReader:
         checkpoint index or is truncated.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, verify_checksums: bool = True):
         self.prefix = resolve_checkpoint_prefix(path)
+        self.verify_checksums = verify_checksums
         index_path = self.prefix + ".index"
         with open(index_path, "rb") as handle:
             data = handle.read()
@@ -230,6 +235,7 @@ class TFCheckpointReader:
             "offset": fields.get(4, [0])[0],
             "size": fields.get(5, [0])[0],
             "sliced": 7 in fields,
+            "crc32c": fields.get(6, [None])[0],  # masked, of the tensor's bytes in the data file
         }
 
     def keys(self) -> list[str]:
@@ -245,8 +251,8 @@ class TFCheckpointReader:
         The value of the variable `key` as a NumPy array (bfloat16 is returned as float32).
 
         Raises:
-            `KeyError` for an unknown name; [`CheckpointFormatError`] for string or sliced tensors, or data that runs
-            past the end of its file.
+            `KeyError` for an unknown name; [`CheckpointFormatError`] for string or sliced tensors, data that runs
+            past the end of its file, or (with `verify_checksums`) data whose CRC32C is not the one stored for it.
         """
         if key not in self._entries:
             raise KeyError(f"The checkpoint {self.prefix} has no variable {key!r}.")
@@ -275,6 +281,14 @@ class TFCheckpointReader:
                 f"{key}: {data_path} ends before the tensor's {entry['size']} bytes at offset {entry['offset']} "
                 "(truncated checkpoint)."
             )
+        if self.verify_checksums and entry["crc32c"] is not None:
+            computed = mask_crc32c(crc32c(raw))
+            if computed != entry["crc32c"]:
+                raise CheckpointFormatError(
+                    f"{key}: its {entry['size']} bytes at offset {entry['offset']} of {data_path} do not match the "
+                    f"checksum stored in {self.prefix}.index (masked CRC32C {entry['crc32c']:#010x}, computed "
+                    f"{computed:#010x}): the checkpoint is corrupt (a damaged download or copy). Download it again."
+                )
         array = np.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
         if dtype_id == _DT_BFLOAT16:
             array = (array.astype(np.uint32) << 16).view(np.float32)

@@ -140,6 +140,44 @@ def test_truncated_checkpoints_are_refused(tmp_path):
         TFCheckpointReader(str(tmp_path))
 
 
+
+def test_a_corrupt_byte_is_found_by_the_stored_checksum_and_the_tensor_named(tmp_path):
+    source = fixture_path("official_tiny_r50")
+    for name in os.listdir(source):
+        shutil.copy(os.path.join(source, name), tmp_path / name)
+    reader = TFCheckpointReader(str(tmp_path))
+    name = "model/decoder/ar_decoder.Stoken_embedding/.ATTRIBUTES/VARIABLE_VALUE"
+    entry = reader._entries[name]
+    # One byte flipped inside that tensor, the file size unchanged: the values still look like floats.
+    data_file = tmp_path / "ckpt-1.data-00000-of-00001"
+    data = bytearray(data_file.read_bytes())
+    data[entry["offset"] + entry["size"] // 2] ^= 0x40
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match="Stoken_embedding.*checksum.*corrupt"):
+        read_official_variables(str(tmp_path))
+    with pytest.raises(CheckpointFormatError, match="Stoken_embedding"):
+        convert_pix2seq_checkpoint(str(tmp_path))
+    # The other tensors still read, and the check can be turned off.
+    assert reader.read("save_counter/.ATTRIBUTES/VARIABLE_VALUE") == 1
+    assert TFCheckpointReader(str(tmp_path), verify_checksums=False).read(name).shape == (3000, 32)
+
+
+def test_crc32c_matches_the_byte_by_byte_definition():
+    from pix2seq_hf.crc32c import crc32c, mask_crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C
+    assert crc32c(b"") == 0
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 511, 512, 4099, 70001):  # one byte loop, lanes, lanes and a remainder
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        crc = 0xFFFFFFFF
+        for byte in data:  # the definition, bit by bit
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        assert crc32c(data) == crc ^ 0xFFFFFFFF, size
+    assert mask_crc32c(0) == 0xA282EAD8 and mask_crc32c(1 << 15) == 0xA282EAD9
+
 def test_a_checkpoint_without_a_pix2seq_model_is_refused(tmp_path):
     write_bundle(str(tmp_path / "ckpt-1"), {"dense/kernel/.ATTRIBUTES/VARIABLE_VALUE": np.ones((2, 2))})
     with pytest.raises(ConversionError, match="not a checkpoint written by the official Pix2Seq trainer"):

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 
 import datasets
 import numpy as np
@@ -350,6 +351,42 @@ def test_coco_unknown_category_and_image_are_errors(tmp_path):
     with pytest.raises(ValueError, match="annotation 9 refers to image_id 5, which is not in 'images'"):
         load_coco_detection(annotation_file, folder)
 
+
+
+@pytest.mark.parametrize(
+    "section, index, field, value, message",
+    [
+        ("categories", 1, "id", "x", r"categories\[1\]: id must be an integer, got 'x'"),
+        ("categories", 0, "name", None, r"categories\[0\]: name must be a non-empty string, got None"),
+        ("images", 1, "id", "7", r"images\[1\]: id must be an integer, got '7'"),
+        ("images", 2, "width", "abc", r"images\[2\] \(image_id 1002\): width must be an integer, got 'abc'"),
+        ("images", 0, "height", 0, r"images\[0\] \(image_id 1000\): height must be at least 1, got 0"),
+        ("images", 0, "file_name", 12, r"images\[0\] \(image_id 1000\): file_name must be a non-empty string, got 12"),
+        ("annotations", 2, "category_id", "1", r"annotation 3 \(image_id 1001\): category_id must be an integer, got '1'"),
+        ("annotations", 0, "image_id", 1000.5, r"annotation 1: image_id must be an integer, got 1000.5"),
+        ("annotations", 1, "bbox", [1, 2, "3", 4], r"annotation 2 \(image_id 1000\): bbox must be a number, got '3'"),
+        ("annotations", 1, "bbox", [1, 2, 3], r"annotation 2 \(image_id 1000\): bbox must be a list of 4 numbers"),
+        ("annotations", 0, "area", "big", r"annotation 1 \(image_id 1000\): area must be a number, got 'big'"),
+        ("annotations", 0, "iscrowd", "no", r"annotation 1 \(image_id 1000\): iscrowd must be an integer, got 'no'"),
+    ],
+)
+def test_coco_fields_of_the_wrong_type_are_named_with_file_record_and_value(tmp_path, section, index, field, value, message):
+    annotation_file, folder = write_coco(tmp_path)
+    data = json.loads(annotation_file.read_text())
+    data[section][index][field] = value
+    annotation_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(str(annotation_file)) + ": " + message):
+        load_coco_detection(annotation_file, folder)
+
+
+def test_coco_integral_floats_are_integers(tmp_path):
+    annotation_file, folder = write_coco(tmp_path)
+    data = json.loads(annotation_file.read_text())
+    data["images"][0]["width"] = float(W)
+    data["annotations"][0]["category_id"] = 7.0
+    annotation_file.write_text(json.dumps(data))
+    split = load_coco_detection(annotation_file, folder)
+    assert split.dataset[0]["width"] == W and split.dataset[0]["objects"]["category"] == [2, 1]
 
 def test_coco_empty_and_malformed_json(tmp_path):
     annotation_file, folder = write_coco(tmp_path, images=0, extra_annotations=())

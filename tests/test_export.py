@@ -68,7 +68,10 @@ def test_exported_graphs_match_pytorch_for_any_batch_size(exported, backend):
     root, _, _ = exported
     model = Pix2SeqForObjectDetection.from_pretrained(root / "model").eval()
     processor = Pix2SeqProcessor.from_pretrained(root / "out")
-    runner = ExportedPix2Seq.from_onnx(root / "out") if backend == "onnx" else ExportedPix2Seq.from_torch_export(root / "out")
+    if backend == "onnx":
+        runner = ExportedPix2Seq.from_onnx(root / "out")
+    else:
+        runner = ExportedPix2Seq.from_torch_export(root / "out", trusted_source=True)
     for batch_size in (1, 3):
         pixel_values = torch.rand(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))
         with torch.no_grad():
@@ -96,3 +99,13 @@ def test_too_many_new_tokens_for_the_positions_is_refused(exported):
     runner = ExportedPix2Seq.from_onnx(root / "out")
     with pytest.raises(ValueError, match="max_new_tokens=64"):
         runner.generate(torch.rand(1, 3, 64, 64), max_new_tokens=64)
+
+
+def test_torch_export_graphs_are_loaded_only_from_a_trusted_source(exported):
+    from pix2seq_hf.export import ExportedPix2Seq
+
+    root, _, _ = exported
+    # torch.export.load unpickles: without the caller's word that the folder is trusted, nothing is read.
+    with pytest.raises(ValueError, match="trusted_source=True"):
+        ExportedPix2Seq.from_torch_export(root / "out")
+    assert ExportedPix2Seq.from_torch_export(root / "out", trusted_source=True).backend == "torch"

@@ -194,6 +194,33 @@ def test_32bit_pil_image_outside_16bit_range_is_an_error(processor):
         processor(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)))
 
 
+
+def test_integer_and_float_pil_images_are_scaled_by_their_range(processor):
+    gray = random_uint8(64, 64, channels=0)
+    expected = processor(Image.fromarray(gray, mode="L"))["pixel_values"]
+    # An 8-bit image converted to "I" or "F" holds 0..255: 8-bit data, not nearly-black 16-bit data.
+    for image in (Image.fromarray(gray, mode="L").convert("I"), Image.fromarray(gray, mode="L").convert("F")):
+        torch.testing.assert_close(processor(image)["pixel_values"], expected, atol=1e-6, rtol=1e-5)
+    # "F" in [0, 1]: unit-range data.
+    unit = Image.fromarray(gray.astype(np.float32) / 255, mode="F")
+    torch.testing.assert_close(processor(unit)["pixel_values"], expected, atol=1e-6, rtol=1e-5)
+    # Values that fit no range are refused, saying how to convert.
+    for values in (np.full((4, 4), -3.0, dtype=np.float32), np.full((4, 4), 1000.0, dtype=np.float32)):
+        with pytest.raises(ValueError, match=r"mode 'F' has values in \[.*scale it to 0..255 yourself"):
+            processor(Image.fromarray(values, mode="F"))
+    with pytest.raises(ValueError, match=r"mode 'I' has values in \[-5, 7\]"):
+        processor(Image.fromarray(np.array([[-5, 7]], dtype=np.int32)))
+
+
+def test_premultiplied_alpha_is_converted_and_lab_is_refused_by_name(processor):
+    la = Image.fromarray(np.stack([random_uint8(64, 64, channels=0), np.full((64, 64), 255, np.uint8)], axis=-1), "LA")
+    expected = processor(la)["pixel_values"]
+    torch.testing.assert_close(processor(la.convert("La"))["pixel_values"], expected)
+    rgba = Image.fromarray(np.dstack([random_uint8(64, 64), np.full((64, 64), 255, np.uint8)]), "RGBA")
+    torch.testing.assert_close(processor(rgba.convert("RGBa"))["pixel_values"], processor(rgba)["pixel_values"])
+    with pytest.raises(ValueError, match="mode 'LAB' are not supported: convert it to RGB with a colour transform"):
+        processor(Image.new("LAB", (8, 8)))
+
 def test_one_pixel_image(processor):
     colour = np.array([[[10, 200, 30]]], dtype=np.uint8)
     expected = torch.tensor([10, 200, 30]).float().div(255)[:, None, None].expand(3, S, S)
@@ -372,6 +399,31 @@ def test_post_process_errors(processor):
         processor.post_process_object_detection(generate_output)
     with pytest.raises(TypeError, match="Pix2SeqProcessor.post_process_object_detection"):
         processor.post_process_object_detection(torch.zeros(2, 6, dtype=torch.long))
+
+
+
+def test_post_process_drops_boxes_left_without_area_by_clipping(processor):
+    # A 100 x 10 image fills the top tenth of the canvas; below it is padding.
+    output = SimpleNamespace(
+        scores=torch.tensor([[0.9, 0.8, 0.7, 0.6]]),
+        labels=torch.tensor([[0, 1, 2, 3]]),
+        pred_boxes=torch.tensor(
+            [[[0.1, 0.5, 0.4, 0.9], [0.1, 0.0, 0.5, 0.05], [0.3, 0.02, 0.3, 0.08], [0.6, 0.05, 0.7, 0.5]]]
+        ),
+    )
+    (result,) = processor.post_process_object_detection(output, threshold=0.0, target_sizes=[(10, 100)])
+    # Box 0 lies in the padding: dropped. Box 3 reaches into it: clipped. Box 2 has no width as the model gave it:
+    # kept (the clipping did not empty it).
+    assert result["labels"].tolist() == [1, 2, 3]
+    torch.testing.assert_close(
+        result["boxes"], torch.tensor([[10.0, 0.0, 50.0, 5.0], [30.0, 2.0, 30.0, 8.0], [60.0, 5.0, 70.0, 10.0]])
+    )
+    # top_k counts the boxes that are kept.
+    (result,) = processor.post_process_object_detection(output, threshold=0.0, target_sizes=[(10, 100)], top_k=1)
+    assert result["labels"].tolist() == [1]
+    # Without target sizes nothing is clipped, so nothing is dropped.
+    (result,) = processor.post_process_object_detection(output, threshold=0.0)
+    assert len(result["labels"]) == 4
 
 
 @pytest.mark.parametrize("height, width", [(30, 50), (50, 30), (100, 97)])

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import datasets
 
-from .images import ImageReadError, check_image, open_image, validate_image_options
+from .images import ImageReadError, check_image, image_size, validate_image_options
 from .schema import AnnotationStats, DetectionSplit, clean_objects, detection_features, unique_label_names
 
 
@@ -48,6 +48,30 @@ def _fields(entry, keys: tuple[str, ...], where: str) -> None:
     if not isinstance(entry, Mapping) or any(key not in entry for key in keys):
         found = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
         raise ValueError(f"{where} must have the keys {list(keys)}, got {found}.")
+
+
+def _integer(value, where: str, name: str, minimum: int | None = None) -> int:
+    """A json field that holds an integer (`3` or `3.0`), or a `ValueError` naming the record, field and value."""
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ValueError(f"{where}: {name} must be an integer, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{where}: {name} must be at least {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _number(value, where: str, name: str) -> float:
+    """A json field that holds a number, or a `ValueError` naming the record, field and value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r}.")
+    return float(value)
+
+
+def _text(value, where: str, name: str) -> str:
+    """A json field that holds a non-empty string, or a `ValueError` naming the record, field and value."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {name} must be a non-empty string, got {value!r}.")
+    return value
 
 
 def load_coco_detection(
@@ -93,11 +117,12 @@ def load_coco_detection(
 
     names_by_id: dict[int, str] = {}
     for position, category in enumerate(data["categories"]):
-        _fields(category, ("id", "name"), f"{annotation_file}: categories[{position}]")
-        category_id = int(category["id"])
+        where = f"{annotation_file}: categories[{position}]"
+        _fields(category, ("id", "name"), where)
+        category_id = _integer(category["id"], where, "id")
         if category_id in names_by_id:
             raise ValueError(f"{annotation_file}: category id {category_id} appears twice in 'categories'.")
-        names_by_id[category_id] = str(category["name"])
+        names_by_id[category_id] = _text(category["name"], where, "name")
     if label2category_id is None:
         if not names_by_id:
             raise ValueError(f"{annotation_file}: 'categories' is empty.")
@@ -117,11 +142,21 @@ def load_coco_detection(
     if not images:
         raise ValueError(f"{annotation_file}: 'images' is empty, so the split {split_name!r} has no examples.")
     image_ids = set()
+    # Each image's fields, parsed: id, file_name, and width/height (None when the json has none).
+    image_entries = []
     for position, image in enumerate(images):
-        _fields(image, ("id", "file_name"), f"{annotation_file}: images[{position}]")
-        if image["id"] in image_ids:
-            raise ValueError(f"{annotation_file}: image id {image['id']} appears twice in 'images'.")
-        image_ids.add(image["id"])
+        where = f"{annotation_file}: images[{position}]"
+        _fields(image, ("id", "file_name"), where)
+        image_id = _integer(image["id"], where, "id")
+        where = f"{where} (image_id {image_id})"
+        file_name = _text(image["file_name"], where, "file_name")
+        width, height = (
+            None if image.get(key) is None else _integer(image[key], where, key, minimum=1) for key in ("width", "height")
+        )
+        if image_id in image_ids:
+            raise ValueError(f"{annotation_file}: image id {image_id} appears twice in 'images'.")
+        image_ids.add(image_id)
+        image_entries.append((image_id, file_name, width, height))
 
     if "annotations" not in data:
         logger.warning(f"{annotation_file} has no 'annotations': every image of {split_name!r} has no objects.")
@@ -130,54 +165,65 @@ def load_coco_detection(
         annotation_id = annotation.get("id", f"#{position}") if isinstance(annotation, Mapping) else f"#{position}"
         where = f"{annotation_file}: annotation {annotation_id}"
         _fields(annotation, ("image_id", "bbox", "category_id"), where)
-        if annotation["image_id"] not in image_ids:
-            raise ValueError(f"{where} refers to image_id {annotation['image_id']}, which is not in 'images'.")
-        if annotation["category_id"] not in category_to_label:
+        image_id = _integer(annotation["image_id"], where, "image_id")
+        if image_id not in image_ids:
+            raise ValueError(f"{where} refers to image_id {image_id}, which is not in 'images'.")
+        where = f"{where} (image_id {image_id})"
+        category_id = _integer(annotation["category_id"], where, "category_id")
+        if category_id not in category_to_label:
             known = sorted(category_to_label)
             raise ValueError(
-                f"{where} (image_id {annotation['image_id']}) has category_id {annotation['category_id']}, which is "
-                f"not in the label map (category ids {known[:20]}{' ...' if len(known) > 20 else ''})."
+                f"{where} has category_id {category_id}, which is not in the label map (category ids "
+                f"{known[:20]}{' ...' if len(known) > 20 else ''})."
             )
-        annotations_by_image[annotation["image_id"]].append(annotation)
+        bbox = annotation["bbox"]
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise ValueError(f"{where}: bbox must be a list of 4 numbers [x, y, width, height], got {bbox!r}.")
+        annotations_by_image[image_id].append(
+            {
+                "id": _integer(annotation["id"], where, "id") if annotation.get("id") is not None else None,
+                "bbox": [_number(value, where, "bbox") for value in bbox],
+                "category_id": category_id,
+                "area": _number(annotation["area"], where, "area") if annotation.get("area") is not None else None,
+                "iscrowd": _integer(annotation.get("iscrowd") or 0, where, "iscrowd"),
+            }
+        )
 
     stats = AnnotationStats()
     columns = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
-    for image in images:
-        path = os.path.abspath(os.path.join(image_dir, image["file_name"]))
-        record = f"{annotation_file}: image_id {image['id']} ({image['file_name']})"
-        if not isinstance(image["id"], int) or isinstance(image["id"], bool):
-            raise ValueError(f"{record}: the image id must be an integer, got {image['id']!r}.")
-        width, height = image.get("width"), image.get("height")
+    for image_id, file_name, width, height in image_entries:
+        path = os.path.abspath(os.path.join(image_dir, file_name))
+        record = f"{annotation_file}: image_id {image_id} ({file_name})"
         try:
             check_image(path, record, check_images)
             if width is None or height is None:
-                with open_image(path, record, decode=False) as opened:
-                    width, height = opened.size
+                width, height = image_size(path, record)  # as shown: EXIF orientation applied, as when decoded
         except ImageReadError as error:
             if on_bad_image == "error":
                 raise
             stats.add({"skipped_missing_images" if error.missing else "skipped_unreadable_images": 1})
             continue
-        if int(width) < 1 or int(height) < 1:
-            raise ValueError(f"{record}: invalid image size width={width!r}, height={height!r}.")
-        annotations = annotations_by_image.get(image["id"], [])
+        annotations = annotations_by_image.get(image_id, [])
         objects, counts = clean_objects(
             [annotation["bbox"] for annotation in annotations],
             [annotation["category_id"] for annotation in annotations],
-            int(width),
-            int(height),
+            width,
+            height,
             "xywh",
             category_to_label.__getitem__,
             record,
-            ids=[annotation.get("id", image["id"] * 1000 + i) for i, annotation in enumerate(annotations)],
-            areas=[annotation.get("area") for annotation in annotations],
-            iscrowd=[annotation.get("iscrowd", 0) for annotation in annotations],
+            ids=[
+                image_id * 1000 + i if annotation["id"] is None else annotation["id"]
+                for i, annotation in enumerate(annotations)
+            ],
+            areas=[annotation["area"] for annotation in annotations],
+            iscrowd=[annotation["iscrowd"] for annotation in annotations],
         )
         stats.add(counts)
         columns["image"].append(path)
-        columns["image_id"].append(image["id"])
-        columns["width"].append(int(width))
-        columns["height"].append(int(height))
+        columns["image_id"].append(image_id)
+        columns["width"].append(width)
+        columns["height"].append(height)
         columns["objects"].append(objects)
 
     if not columns["image"]:

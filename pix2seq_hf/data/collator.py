@@ -12,7 +12,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as tvF
 
-from .images import BAD_IMAGE_POLICIES, ImageReadError, decode_image
+from .images import BAD_IMAGE_POLICIES, ImageReadError, decode_image, to_rgb
 from .transforms import apply_transforms
 
 
@@ -64,7 +64,9 @@ class Pix2SeqCollator:
             (once; use the decoded image, boxes clipped to it and dropped when nothing is left), "error", or "skip"
             the example. Counted in `stats["size_mismatches"]` (in the process that collates: with DataLoader
             workers, in each worker).
-        on_bad_image (`str`, *optional*, defaults to `"error"`): for an image that is missing or does not decode:
+        on_bad_image (`str`, *optional*, defaults to `"error"`): for an image that is missing, does not decode, or
+            is in a PIL mode that does not convert to RGB (images are read as shown, EXIF orientation applied, and
+            converted to 8-bit RGB as the image processor converts them):
             "error" (an `ImageReadError` naming the image id and the file) or "skip" the example (logged, counted in
             `stats["skipped_bad_images"]`). Give the collator undecoded images (`undecoded_images(dataset)`) so that
             it decodes them itself: `datasets` would otherwise fail on a bad image before the collator sees it.
@@ -125,7 +127,7 @@ class Pix2SeqCollator:
                 f"{record}: 'image' must be a PIL image or a datasets.Image dict, got {type(value).__name__}."
             )
         try:
-            image = decode_image(value, record)
+            image = to_rgb(decode_image(value, record), record)
         except ImageReadError as error:
             if self.on_bad_image == "skip":
                 self.stats["skipped_bad_images"] += 1
@@ -221,7 +223,7 @@ class Pix2SeqCollator:
             boxes, labels = objects["boxes"][real], objects["labels"][real]
             if self.return_targets:
                 targets.append(self._target(image_id, image, objects))
-            pixels = tvF.pil_to_tensor(image.convert("RGB")) if augment else image
+            pixels = tvF.pil_to_tensor(image) if augment else image
             for copy in range(self.num_augmentations):
                 if augment:
                     seed = derive_seed(self.seed, self.epoch, image_id, copy)

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 
 from .bbox_format import BBOX_FORMATS_AUTO, collect_bbox_evidence, detect_bbox_format
-from .images import ImageReadError, check_image, open_image, validate_image_options
+from .images import ImageReadError, check_image, image_size, validate_image_options
 from .schema import STAT_FIELDS, AnnotationStats, DetectionSplit, clean_objects, detection_features
 
 
@@ -240,8 +240,7 @@ def prepare_detection_dataset(
                     image_value = batch[image_column][position]
                     check_image(image_value, record, check_images)
                     if width is None or height is None:
-                        with open_image(image_value, record, decode=False) as image:
-                            width, height = image.size
+                        width, height = image_size(image_value, record)
             except ImageReadError as error:
                 if on_bad_image == "error":
                     raise
@@ -328,8 +327,7 @@ def _detect_format(
         sizes = []
         for index, value in zip(indices, sample[image_column]):
             try:
-                with open_image(value, _record_name(split_name, index, "?"), decode=False) as image:
-                    sizes.append(image.size)
+                sizes.append(image_size(value, _record_name(split_name, index, "?")))
             except ImageReadError:
                 sizes.append((float("inf"), float("inf")))  # bad images are reported by the conversion
     evidence = collect_bbox_evidence(boxes, sizes)

@@ -1,4 +1,8 @@
-"""Reading image files and `datasets.Image` values (decoded or not) with errors that name the record."""
+"""
+Reading image files and `datasets.Image` values (decoded or not) with errors that name the record: the one image
+reader of the loaders, the collator and the scripts. Images are shown as a viewer shows them (EXIF orientation
+applied, as `datasets` and transformers' `load_image` do), and sizes are read in that frame.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,33 @@ import io
 import os
 
 import datasets
+import numpy as np
 import PIL.Image
+import PIL.ImageOps
+from transformers.image_transforms import convert_to_rgb
+
+from ..image_processing_pix2seq import high_bit_depth_pil_values, straight_alpha_pil_image
 
 
 IMAGE_CHECKS = ("none", "exists", "decode")
 BAD_IMAGE_POLICIES = ("error", "skip")
+# EXIF orientations that turn the stored image by 90 degrees (width and height swap when it is shown).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+MAX_IMAGE_PIXELS_HELP = (
+    "Pillow's guard against decompression bombs: an image of more pixels is read with a warning, one of more than "
+    f"twice as many is refused as unreadable (default: Pillow's {PIL.Image.MAX_IMAGE_PIXELS}; 0: no limit)."
+)
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """
+    Sets Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) for this process (and DataLoader workers
+    forked after it): Pillow warns about an image of more than `limit` pixels and refuses one of more than `2 * limit`
+    (`PIL.Image.DecompressionBombError`, reported as an unreadable image). `None` or 0 lifts the limit.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"The image pixel limit must be positive (or 0 for none), got {limit!r}.")
+    PIL.Image.MAX_IMAGE_PIXELS = limit or None
 
 
 class ImageReadError(ValueError):
@@ -69,10 +95,59 @@ def open_image(value, record: str, decode: bool = True) -> PIL.Image.Image:
     return image
 
 
+def _orientation(image: PIL.Image.Image) -> int | None:
+    try:
+        return image.getexif().get(PIL.Image.ExifTags.Base.Orientation)
+    except (OSError, SyntaxError, ValueError):  # unreadable EXIF: shown as stored
+        return None
+
+
+def image_size(value, record: str) -> tuple[int, int]:
+    """
+    `(width, height)` of an image as it is shown (EXIF orientation applied), read from the file's header. A PIL image
+    is taken as it is, as `decode_image` takes it (`datasets` has already turned the images it decodes).
+
+    Raises:
+        `ImageReadError` naming the record and the file for a missing or unreadable image.
+    """
+    if isinstance(value, PIL.Image.Image):
+        return value.size
+    image = open_image(value, record, decode=False)
+    try:
+        width, height = image.size
+        if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+    finally:
+        image.close()
+    return width, height
+
+
+def to_rgb(image: PIL.Image.Image, record: str) -> PIL.Image.Image:
+    """
+    An 8-bit RGB copy of a PIL image, converted as the image processor converts it: transparency composited on white,
+    premultiplied alpha and images of more than 8 bits ("I;16", "I", "F") scaled by the range of their values.
+
+    Raises:
+        `ImageReadError` naming the record for a mode that cannot be converted (the message says how to convert it).
+    """
+    try:
+        image = straight_alpha_pil_image(image)
+        high_bit_depth = high_bit_depth_pil_values(image)
+    except ValueError as error:
+        raise ImageReadError(f"{record}: {error}", missing=False) from None
+    if high_bit_depth is not None:
+        values, full_intensity = high_bit_depth
+        image = PIL.Image.fromarray(np.rint(values * (255.0 / full_intensity)).astype(np.uint8), mode="L")
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
 def decode_image(value, record: str) -> PIL.Image.Image:
     """
-    Decodes an image as `datasets` does when an example is read (`datasets.Image().decode_example`: EXIF orientation
-    applied), but with errors that name the record and the file.
+    Decodes an image as it is shown (EXIF orientation applied, as `datasets.Image().decode_example` and
+    transformers' `load_image` do), with errors that name the record and the file. Local files and bytes are read with
+    Pillow; other paths (`hf://...`) through `datasets`.
 
     Args:
         value: a PIL image (returned as is), a path, or a `datasets.Image` storage dict (`{"bytes", "path"}`).
@@ -94,12 +169,20 @@ def decode_image(value, record: str) -> PIL.Image.Image:
     if storage.get("bytes") is None:
         if not path:
             raise ImageReadError(f"{record}: the image has neither bytes nor a path.", missing=True)
-        if "://" not in path and not os.path.isfile(path):
-            raise ImageReadError(f"{record}: image {source} does not exist.", missing=True)
+        if "://" in path:
+            try:
+                return datasets.Image().decode_example(storage)
+            except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+                raise ImageReadError(f"{record}: cannot read image {source}: {error}", missing=False) from None
+    image = open_image(storage, record, decode=True)
+    if _orientation(image) is None:
+        return image
     try:
-        return datasets.Image().decode_example(storage)
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        return PIL.ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as error:
         raise ImageReadError(f"{record}: cannot read image {source}: {error}", missing=False) from None
+    finally:
+        image.close()  # the file; the transposed image is a copy
 
 
 def undecoded_images(dataset: datasets.Dataset, column: str = "image") -> datasets.Dataset:
