@@ -6,6 +6,7 @@ tokens into DETR-shaped detections.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -59,6 +60,27 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # Decode as the official evaluation: no Pix2Seq logits processor at all (no grammar, EOS fed back like any token).
     # Set by `official_evaluation.official_evaluation_generation_config`, which also turns off stopping at EOS.
     "official_evaluation": False,
+    # `detect` (hence `model(pixel_values)` and the object-detection pipeline) samples with the random generator seeded
+    # to this value on every call, so an image gets the same detections every time; the global random state is left as
+    # it was. None: draw from the global random state. `generate` never uses it (the paper's unseeded sampling).
+    "detect_seed": 0,
+}
+
+# The paper's sampling settings: nucleus sampling with top-p 0.4 and no top-k (transformers would otherwise add a
+# top-50 filter). The model's generation config holds them while it samples; `generate` fills them in whenever it
+# samples and they are unset (e.g. a model saved for greedy decoding, whose file leaves them out).
+PIX2SEQ_SAMPLING_DEFAULTS = {"top_p": 0.4, "top_k": 0}
+
+# The `generate` options whose other values `detect` refuses, with the value it needs and why: the detection output
+# holds one set of detections per image, scored from the raw logits of one sequence, and nothing else.
+_DETECTION_OPTIONS = {
+    "num_beams": (1, "each object's score is read from the logits of the one sequence written per image"),
+    "num_return_sequences": (1, "the detection output holds one set of detections per image"),
+    "return_dict_in_generate": (True, "the scores are read from the raw logits of generate's dict output"),
+    "output_logits": (True, "the scores are read from the raw logits"),
+    "output_scores": (False, "the detection output holds no processed scores"),
+    "output_attentions": (False, "the detection output holds no attentions"),
+    "output_hidden_states": (False, "the detection output holds no hidden states"),
 }
 
 
@@ -368,8 +390,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         generation_config = copy.deepcopy(base) if base is not None else GenerationConfig()
         generation_config.update(
             do_sample=True,
-            top_p=0.4,
-            top_k=0,
+            **PIX2SEQ_SAMPLING_DEFAULTS,
             max_new_tokens=5 * config.max_objects,
             bos_token_id=config.bos_token_id,
             decoder_start_token_id=config.decoder_start_token_id,
@@ -399,11 +420,48 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             if not hasattr(self.generation_config, name):
                 setattr(self.generation_config, name, value)
 
+    @staticmethod
+    def generation_config_to_save(generation_config: GenerationConfig) -> GenerationConfig:
+        """
+        The generation config as `save_pretrained` writes it: without the paper's sampling settings
+        (`PIX2SEQ_SAMPLING_DEFAULTS`) when it does not sample, so that a model switched to greedy decoding
+        (`model.generation_config.do_sample = False`) saves; `generate` fills them in again when sampling is turned
+        back on. Other values are kept as they are.
+
+        Returns:
+            `GenerationConfig`: `generation_config` itself, or a copy without those settings.
+        """
+        if generation_config is None or generation_config.do_sample is True:
+            return generation_config
+        unset = [name for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items() if getattr(generation_config, name) == value]
+        if not unset:
+            return generation_config
+        generation_config = copy.deepcopy(generation_config)
+        for name in unset:
+            setattr(generation_config, name, None)
+        return generation_config
+
     def _prepare_generation_config(self, generation_config, **kwargs):
         # The Pix2Seq decoding options are not `GenerationConfig` fields: take them out of the keyword arguments
         # (transformers would treat them as model inputs) and set them on the prepared config, defaults first.
         options = {name: kwargs.pop(name) for name in PIX2SEQ_GENERATION_DEFAULTS if name in kwargs}
+        # The paper's sampling settings replace transformers' global defaults where neither the call nor the model's
+        # config sets them.
+        base = generation_config if generation_config is not None else self.generation_config
+        sampling_defaults = {
+            name: value
+            for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items()
+            if name not in kwargs
+            and getattr(base, name, None) is None
+            and getattr(self.generation_config, name, None) is None
+        }
+        # A plain tensor output has no logits: don't let the configured `output_logits=True` warn about it.
+        if kwargs.get("return_dict_in_generate") is False:
+            kwargs.setdefault("output_logits", False)
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        if generation_config.do_sample:
+            for name, value in sampling_defaults.items():
+                setattr(generation_config, name, value)
         for name, default in PIX2SEQ_GENERATION_DEFAULTS.items():
             if name in options:
                 setattr(generation_config, name, options[name])
@@ -526,25 +584,42 @@ class Pix2SeqGenerationMixin(GenerationMixin):
     def detect(self, pixel_values: torch.FloatTensor, **generate_kwargs) -> Pix2SeqObjectDetectionOutput:
         """
         Detects objects: `generate` with the model's generation config (overridable with `generate_kwargs`), then
-        [`~detections_from_generation`]. Beam search is refused: each object's score is read from the logits of one
-        sequence per image.
+        [`~detections_from_generation`].
+
+        Sampling draws from the random generator seeded to `detect_seed` (a generation-config attribute, 0 by default)
+        on every call, so the same images give the same detections on every call; the global random state is left
+        as it was. `detect_seed=None` draws from the global random state, as `generate` always does.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
-            generate_kwargs: options for `generate` (e.g. `top_p=0.4`, `min_objects=1`, `do_sample=False`).
+            generate_kwargs: options for `generate` (e.g. `top_p=0.4`, `min_objects=1`, `do_sample=False`,
+                `detect_seed=3`).
 
         Returns:
             [`Pix2SeqObjectDetectionOutput`].
+
+        Raises:
+            `ValueError` naming an option whose result the detection output cannot hold: `num_beams` or
+            `num_return_sequences` above 1, `return_dict_in_generate=False`, `output_logits=False`, `output_scores`,
+            `output_attentions` or `output_hidden_states` (call `generate` for those).
         """
         generation_config = generate_kwargs.get("generation_config") or self.generation_config
-        num_beams = generate_kwargs.get("num_beams", generation_config.num_beams)
-        if num_beams not in (None, 1):
-            raise ValueError(
-                "`detect` reads each object's score from the logits of one sequence per image: it samples or decodes "
-                f"greedily, got `num_beams={num_beams}`."
-            )
+        for name, (needed, why) in _DETECTION_OPTIONS.items():
+            value = generate_kwargs.get(name, getattr(generation_config, name, None))
+            if value is not None and value != needed:
+                raise ValueError(
+                    f"`detect` (and `model(pixel_values)`) cannot honour `{name}={value!r}`: {why}. Call "
+                    "`model.generate(...)` for it and read the detections with `processor.post_process_object_detection`."
+                )
+        seed = generate_kwargs.pop(
+            "detect_seed", getattr(generation_config, "detect_seed", PIX2SEQ_GENERATION_DEFAULTS["detect_seed"])
+        )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`detect_seed` must be a non-negative int or None, got {seed!r}.")
         generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_logits": True}
-        return self.detections_from_generation(self.generate(pixel_values, **generate_kwargs))
+        with seeded_random_state(seed, pixel_values.device):
+            outputs = self.generate(pixel_values, **generate_kwargs)
+        return self.detections_from_generation(outputs)
 
     def detections_from_generation(self, generate_output) -> Pix2SeqObjectDetectionOutput:
         """
@@ -597,6 +672,27 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         )
 
 
+@contextlib.contextmanager
+def seeded_random_state(seed: int | None, device: torch.device | str):
+    """
+    A context in which torch's random generators (the CPU one and those of `device`'s accelerator type) start from
+    `seed`, and get their former state back on exit; with `seed=None` it changes nothing. transformers' sampling draws
+    with `torch.multinomial` from these global generators, which this seeds for one call without disturbing them.
+    """
+    if seed is None:
+        yield
+        return
+    device_type = torch.device(device).type
+    device_type = "cuda" if device_type == "cpu" else device_type
+    device_module = getattr(torch, device_type, None)
+    available = device_module is not None and hasattr(device_module, "is_available") and device_module.is_available()
+    with torch.random.fork_rng(
+        devices=list(range(device_module.device_count())) if available else [], device_type=device_type
+    ):
+        torch.manual_seed(seed)
+        yield
+
+
 # The options of `PIX2SEQ_GENERATION_DEFAULTS` that configure `Pix2SeqLogitsProcessor`.
 _GRAMMAR_OPTIONS = (
     "token_grammar",
@@ -611,6 +707,7 @@ _GRAMMAR_OPTIONS = (
 
 __all__ = [
     "PIX2SEQ_GENERATION_DEFAULTS",
+    "PIX2SEQ_SAMPLING_DEFAULTS",
     "Pix2SeqGenerationMixin",
     "Pix2SeqLogitsProcessor",
     "Pix2SeqObjectDetectionOutput",

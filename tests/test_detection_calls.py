@@ -1,0 +1,159 @@
+"""Tests of what `model(pixel_values)`, `detect` and the pipeline promise a transformers user: `generate`'s options
+are honoured or refused by name, detection is deterministic by default while `generate` samples as the paper, and a
+model saves with any valid choice of generation options."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import GenerationConfig, pipeline
+
+from pix2seq_hf.generation_pix2seq import PIX2SEQ_SAMPLING_DEFAULTS
+from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor
+from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection
+from helpers import tiny_config
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Pix2SeqForObjectDetection(tiny_config(id2label={i: f"class_{i}" for i in range(5)})).eval()
+
+
+def pixels(batch_size: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_detections(a, b):
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.pred_boxes, b.pred_boxes) and torch.equal(a.scores, b.scores)
+
+
+# ----- forward passes `generate`'s options on, or refuses them by name ----------------------------------------------
+
+
+def test_forward_passes_generate_options_on(model):
+    greedy = model.generate(pixels(), do_sample=False, max_new_tokens=15)
+    first = model(pixels(), do_sample=False, max_new_tokens=15)
+    second = model(pixels(), do_sample=False, max_new_tokens=15)
+    assert_same_detections(first, second)
+    assert torch.equal(first.sequences, greedy.sequences)
+    assert first.sequences.shape[1] <= 16
+    # A Pix2Seq decoding option reaches the logits processor: EOS masked, every image writes 3 objects.
+    forced = model(pixels(), do_sample=False, max_new_tokens=15, suppress_eos=True)
+    assert forced.object_mask.sum(dim=1).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"num_beams": 2},
+        {"num_return_sequences": 2, "do_sample": True},
+        {"output_attentions": True},
+        {"output_hidden_states": True},
+        {"output_scores": True},
+        {"output_logits": False},
+        {"return_dict_in_generate": False},
+    ],
+)
+def test_forward_refuses_options_the_detection_output_cannot_hold(model, option):
+    (name, value), *_ = option.items()
+    with pytest.raises(ValueError, match=f"cannot honour `{name}={value!r}`"):
+        model(pixels(), **option)
+    with pytest.raises(ValueError, match=f"cannot honour `{name}={value!r}`"):
+        model.detect(pixels(), **option)
+
+
+def test_forward_refuses_decoder_arguments_without_decoder_inputs(model):
+    with pytest.raises(ValueError, match="decoder_attention_mask only apply with `decoder_input_ids`"):
+        model(pixels(), decoder_attention_mask=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_forward_refuses_an_unknown_option_by_name(model):
+    with pytest.raises(ValueError, match="not_an_option"):
+        model(pixels(), not_an_option=3)
+
+
+# ----- deterministic detection, paper sampling in generate -----------------------------------------------------------
+
+
+def test_detect_is_deterministic_and_leaves_the_global_random_state_alone(model):
+    assert model.generation_config.do_sample  # the default samples
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = model(pixels())
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # another global state: same detections
+    second = model.detect(pixels())
+    assert_same_detections(first, second)
+    # Another seed samples other tokens.
+    other = model.detect(pixels(), detect_seed=1, top_p=1.0, temperature=3.0)
+    again = model.detect(pixels(), detect_seed=1, top_p=1.0, temperature=3.0)
+    assert_same_detections(other, again)
+    assert not torch.equal(other.sequences, model.detect(pixels(), top_p=1.0, temperature=3.0).sequences)
+
+
+def test_detect_seed_none_and_generate_draw_from_the_global_random_state(model):
+    options = dict(top_p=1.0, temperature=3.0)
+    sampled = [model.detect(pixels(), detect_seed=None, **options).sequences for _ in range(2)]
+    assert not torch.equal(*sampled)
+    generated = [model.generate(pixels(), **options).sequences for _ in range(2)]
+    assert not torch.equal(*generated)
+    # `generate` consumes the global random state like any sampling in transformers.
+    torch.manual_seed(5)
+    a = model.generate(pixels(), **options).sequences
+    torch.manual_seed(5)
+    assert torch.equal(a, model.generate(pixels(), **options).sequences)
+    with pytest.raises(ValueError, match="detect_seed"):
+        model.detect(pixels(), detect_seed=-1)
+
+
+def test_pipeline_gives_the_same_detections_on_every_call(model):
+    detector = pipeline(
+        "object-detection", model=model, image_processor=Pix2SeqImageProcessor(size={"longest_edge": 64})
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    first = detector(image, threshold=0.0)
+    assert first
+    for _ in range(2):
+        assert detector(image, threshold=0.0) == first
+
+
+# ----- saving with any valid choice of generation options ------------------------------------------------------------
+
+
+def test_greedy_model_saves_and_loads(model, tmp_path):
+    model.generation_config.do_sample = False
+    model.save_pretrained(tmp_path)
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    assert saved.do_sample is False and saved.top_p is None and saved.top_k is None
+    # The live model keeps its config.
+    assert model.generation_config.top_p == PIX2SEQ_SAMPLING_DEFAULTS["top_p"]
+
+    loaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path).eval()
+    assert loaded.generation_config.do_sample is False
+    assert_same_detections(model(pixels()), loaded(pixels()))
+    loaded.save_pretrained(tmp_path / "again")  # and saves again
+
+    # Sampling turned back on: the paper's top-p 0.4 and no top-k, not transformers' top-k 50.
+    loaded.generation_config.do_sample = True
+    prepared, _ = loaded._prepare_generation_config(None)
+    assert (prepared.top_p, prepared.top_k) == (0.4, 0)
+    prepared, _ = loaded._prepare_generation_config(None, top_k=5)
+    assert (prepared.top_p, prepared.top_k) == (0.4, 5)
+
+
+def test_sampling_model_saves_its_settings(model, tmp_path):
+    model.generation_config.top_p = 0.7
+    model.save_pretrained(tmp_path)
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    assert (saved.do_sample, saved.top_p, saved.top_k) == (True, 0.7, 0)
+
+
+def test_plain_tensor_output_does_not_warn_about_output_logits(model, caplog):
+    with caplog.at_level(logging.WARNING):
+        tokens = model.generate(pixels(), return_dict_in_generate=False, max_new_tokens=5)
+    assert isinstance(tokens, torch.Tensor)
+    assert "output_logits" not in caplog.text
