@@ -59,6 +59,7 @@ def test_official_detections_leave_out_inverted_boxes():
     # Group 1: ymax < ymin (COCO's evaluation ignores its negative area); group 2: a proper box.
     tokens = torch.tensor([[10, 1600, 1000, 1200, 1500, 101, 1100, 1100, 1300, 1300, 103]])
     logits = torch.zeros(1, 10, 3000)
+    logits[0, [4, 9], 103] = 5.0
     outputs = official_detections(tokens, logits, layout)
     assert outputs.object_mask.tolist() == [[False, True]]
     assert outputs.labels.tolist() == [[-1, 3]]
