@@ -306,6 +306,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     run.add_argument("--checkpointing_steps", default=None, help="Save state every N steps, or 'epoch'.")
     run.add_argument(
+        "--logging_steps",
+        type=int,
+        default=50,
+        help="When the output is not a terminal (e.g. a log file), no progress bar: log the loss every N steps.",
+    )
+    run.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest K checkpoints (default: all)."
     )
     run.add_argument(
@@ -511,6 +517,9 @@ def main(argv=None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not sys.stderr.isatty():  # a log file gets lines, not the redraws of progress bars
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     # Before anything is written: a folder holding another run is refused, or (--overwrite_output_dir) cleared of its
     # checkpoints so that `latest` can never resume them.
     earlier_checkpoints = check_output_dir(output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
@@ -625,9 +634,11 @@ def main(argv=None) -> int:
         f"(x{args.num_augmentations} augmentations), learning rate {args.learning_rate}"
         + (f", or {args.max_train_minutes} minutes, whichever ends first" if args.max_train_minutes else "")
     )
+    # `disable=None`: tqdm draws its bar on a terminal only; elsewhere the loss is logged every `logging_steps`.
     progress = tqdm(
-        range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
+        range(args.max_train_steps), initial=completed_steps, disable=None if accelerator.is_local_main_process else True
     )
+    log_steps = progress.disable and accelerator.is_local_main_process and args.logging_steps > 0
     history, start_time, stop = [], time.time(), False
 
     def elapsed_seconds() -> float:
@@ -667,6 +678,10 @@ def main(argv=None) -> int:
             loss = running_loss / running_count
             running_loss, running_count = 0.0, 0
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if log_steps and (completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps):
+                logger.info(
+                    f"step {completed_steps}/{args.max_train_steps}: loss {loss:.4f}, lr {scheduler.get_last_lr()[0]:.2e}"
+                )
             if args.with_tracking:
                 accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():

@@ -483,7 +483,7 @@ def evaluate_model(
         return_predictions (`bool`, *optional*): also return the predictions in the COCO results format.
         per_class (`bool`, *optional*): also return per-class AP and AR (see `CocoDetectionEvaluator.compute`).
         num_workers (`int`, *optional*): DataLoader workers when a dataset is given.
-        progress_bar (`bool`, *optional*): show a progress bar (on the main process).
+        progress_bar (`bool`, *optional*): show a progress bar (on the main process, when its output is a terminal).
 
     Returns:
         `dict` of metrics (see `CocoDetectionEvaluator.compute`), or `(metrics, predictions)` with
@@ -501,7 +501,7 @@ def evaluate_model(
         from tqdm.auto import tqdm
 
         main = accelerator is None or accelerator.is_local_main_process
-        batches = tqdm(batches, desc="evaluation", disable=not main)
+        batches = tqdm(batches, desc="evaluation", disable=None if main else True)  # None: on a terminal only
     evaluator = CocoDetectionEvaluator(model.config.id2label, label2category_id)
     device = _model_device(model)
     was_training = model.training
