@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForObjectDetection, AutoProcessor
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
+from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits, undecoded_images
 from pix2seq_hf.evaluation import evaluate_model
 from pix2seq_hf.official_evaluation import official_detect
@@ -103,10 +104,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--cpu", action="store_true", help="Run on the CPU even when a GPU is available.")
     return parser.parse_args(argv)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each option's default after its help."""
 
 
 def label_space(model_id2label: dict, splits) -> str:
