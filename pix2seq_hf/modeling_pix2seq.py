@@ -382,6 +382,11 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
     # compiled step of `Pix2SeqStaticDecoding`).
     _can_compile_fullgraph = True
 
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs):
+        """`PreTrainedModel.set_attn_implementation`; the backbone keeps its own implementation where it cannot take
+        the requested one (see `Pix2SeqConfig.attn_implementation_request`)."""
+        return super().set_attn_implementation(self.config.attn_implementation_request(attn_implementation), **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """
