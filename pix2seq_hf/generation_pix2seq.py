@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 from transformers.generation import GenerationMixin
+from transformers.generation.utils import GenerateBeamEncoderDecoderOutput, GenerateEncoderDecoderOutput
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
@@ -358,6 +359,52 @@ class Pix2SeqObjectDetectionOutput(ModelOutput):
 
 
 
+@dataclass
+class Pix2SeqGenerateOutput(GenerateEncoderDecoderOutput):
+    r"""
+    The dict output of `generate` (greedy decoding, sampling): transformers' [`GenerateEncoderDecoderOutput`] plus the
+    detections read out of it, so that the image processor's `post_process_object_detection` takes it as it takes
+    the output of `model(pixel_values)`.
+
+    Args:
+        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
+            The detections of each sequence ([`~Pix2SeqGenerationMixin.detections_from_generation`]); set when the
+            output has the raw `logits` (the default).
+    """
+
+    detections: Pix2SeqObjectDetectionOutput | None = None
+
+
+@dataclass
+class Pix2SeqGenerateBeamOutput(GenerateBeamEncoderDecoderOutput):
+    r"""
+    The dict output of `generate` with beam search: transformers' [`GenerateBeamEncoderDecoderOutput`] plus the
+    detections of each returned sequence (scored from the logits of the beams that wrote its tokens).
+
+    Args:
+        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
+            One row per returned sequence; set when the output has the raw `logits` (the default).
+    """
+
+    detections: Pix2SeqObjectDetectionOutput | None = None
+
+
+def logits_of_returned_sequences(logits: torch.Tensor, beam_indices: torch.Tensor, num_generated: int) -> torch.Tensor:
+    """
+    Logits `[batch_size * num_beams, T, V]` of a beam search -> `[num_sequences, num_generated, V]`: for each returned
+    sequence and step, the row of the beam that wrote its token (`beam_indices`, `-1` once the sequence has ended:
+    those steps come after its EOS and are never read).
+    """
+    if beam_indices.ndim != 2 or beam_indices.shape[1] < num_generated or logits.shape[1] < num_generated:
+        raise ValueError(
+            f"The beam-search output does not fit together: {num_generated} generated tokens, `beam_indices` "
+            f"{tuple(beam_indices.shape)}, logits {tuple(logits.shape)}."
+        )
+    rows = beam_indices[:, :num_generated].long().clamp(min=0).to(logits.device)
+    steps = torch.arange(num_generated, device=logits.device).expand_as(rows)
+    return logits[rows, steps]
+
+
 class Pix2SeqGenerationMixin(GenerationMixin):
     """
     `generate` for Pix2Seq: transformers' [`GenerationMixin`] with the Pix2Seq generation defaults, the Pix2Seq
@@ -579,6 +626,21 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             **model_kwargs,
         )
 
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """
+        [`GenerationMixin.generate`]. Its dict output (the default) with the raw `logits` (the default) also carries
+        the detections read out of the sequences: a [`Pix2SeqGenerateOutput`] (or [`Pix2SeqGenerateBeamOutput`]
+        for beam search) whose `detections` is a [`Pix2SeqObjectDetectionOutput`], one row per returned sequence.
+        """
+        outputs = super().generate(inputs, *args, **kwargs)
+        if isinstance(outputs, (GenerateEncoderDecoderOutput, GenerateBeamEncoderDecoderOutput)):
+            if outputs.get("logits") is not None and outputs.get("detections") is None:
+                beam = isinstance(outputs, GenerateBeamEncoderDecoderOutput)
+                output_class = Pix2SeqGenerateBeamOutput if beam else Pix2SeqGenerateOutput
+                outputs = output_class(**outputs, detections=self.detections_from_generation(outputs))
+        return outputs
+
     # ----- detection -------------------------------------------------------------------------------------------------
 
     def detect(self, pixel_values: torch.FloatTensor, **generate_kwargs) -> Pix2SeqObjectDetectionOutput:
@@ -618,14 +680,16 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             raise ValueError(f"`detect_seed` must be a non-negative int or None, got {seed!r}.")
         generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_logits": True}
         with seeded_random_state(seed, pixel_values.device):
-            outputs = self.generate(pixel_values, **generate_kwargs)
-        return self.detections_from_generation(outputs)
+            return self.generate(pixel_values, **generate_kwargs).detections
 
     def detections_from_generation(self, generate_output) -> Pix2SeqObjectDetectionOutput:
         """
         Turns a `generate` output (with `sequences` and the raw per-step `logits`) into DETR-shaped detections, read by
         `Pix2SeqBoxCodec.decode_groups` (box from the coordinate tokens; class and score from the raw logits at the
         class token, restricted to the real classes; reading stops at the first EOS).
+
+        A beam-search output gives each returned sequence the logits of the beams that wrote its tokens
+        (`beam_indices`).
 
         Returns:
             [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots, the
@@ -639,6 +703,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                 "output_logits=True)` (the model's defaults)."
             )
         logits = torch.stack(tuple(step_logits), dim=1) if isinstance(step_logits, (tuple, list)) else step_logits
+        beam_indices = generate_output.get("beam_indices")
+        if beam_indices is not None:
+            logits = logits_of_returned_sequences(logits, beam_indices, sequences.shape[1] - 1)
         batch_size, num_steps, _ = logits.shape
         layout = self.config.token_layout
         groups = self.box_codec.decode_groups(sequences[:, sequences.shape[1] - num_steps :], logits)
@@ -708,8 +775,11 @@ _GRAMMAR_OPTIONS = (
 __all__ = [
     "PIX2SEQ_GENERATION_DEFAULTS",
     "PIX2SEQ_SAMPLING_DEFAULTS",
+    "Pix2SeqGenerateBeamOutput",
+    "Pix2SeqGenerateOutput",
     "Pix2SeqGenerationMixin",
     "Pix2SeqLogitsProcessor",
     "Pix2SeqObjectDetectionOutput",
     "Pix2SeqTopPLogitsWarper",
+    "logits_of_returned_sequences",
 ]

@@ -157,3 +157,44 @@ def test_plain_tensor_output_does_not_warn_about_output_logits(model, caplog):
         tokens = model.generate(pixels(), return_dict_in_generate=False, max_new_tokens=5)
     assert isinstance(tokens, torch.Tensor)
     assert "output_logits" not in caplog.text
+
+
+# ----- post-processing: the image processor and the processor read the same outputs ----------------------------------
+
+
+def test_image_processor_post_processes_generate_outputs_as_the_processor(model):
+    from pix2seq_hf import Pix2SeqProcessor
+
+    image_processor = Pix2SeqImageProcessor(size={"longest_edge": 64})
+    processor = Pix2SeqProcessor.from_config(model, image_processor=image_processor)
+    sizes = [(48, 64), (64, 40)]
+    torch.manual_seed(0)
+    generated = model.generate(pixels())
+    assert generated.detections.pred_boxes.shape[0] == 2
+    from_image_processor = image_processor.post_process_object_detection(generated, threshold=0.0, target_sizes=sizes)
+    from_processor = processor.post_process_object_detection(generated, threshold=0.0, target_sizes=sizes)
+    # The processor's own reading of the tokens (its box codec), from the sequences and logits alone:
+    from_tokens = processor.post_process_object_detection(
+        {"sequences": generated.sequences, "logits": generated.logits}, threshold=0.0, target_sizes=sizes
+    )
+    for a, b, c in zip(from_image_processor, from_processor, from_tokens, strict=True):
+        assert len(a["scores"]) > 0
+        for key in ("scores", "labels", "boxes"):
+            torch.testing.assert_close(a[key], b[key])
+            torch.testing.assert_close(a[key], c[key].to(a[key].dtype))
+
+
+def test_beam_search_output_carries_the_detections_of_each_returned_sequence(model):
+    from pix2seq_hf import Pix2SeqProcessor
+
+    processor = Pix2SeqProcessor.from_config(model, image_processor=Pix2SeqImageProcessor(size={"longest_edge": 64}))
+    generated = model.generate(pixels(), num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=15)
+    assert generated.detections.scores.shape[0] == 4
+    from_image_processor = processor.image_processor.post_process_object_detection(generated, threshold=0.0)
+    from_tokens = processor.post_process_object_detection(
+        {"sequences": generated.sequences, "logits": generated.logits, "beam_indices": generated.beam_indices},
+        threshold=0.0,
+    )
+    for a, b in zip(from_image_processor, from_tokens, strict=True):
+        torch.testing.assert_close(a["scores"], b["scores"].to(a["scores"].dtype))
+        assert a["labels"].tolist() == b["labels"].tolist()
