@@ -60,7 +60,8 @@ CONFIGURATIONS = {
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """This script's options, then `examples/train.py`'s (every other argument: data, model, recipe)."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0] + " Every other option is examples/train.py's.", formatter_class=HelpFormatter
+        description=__doc__.split("\n")[0] + " Every other option is examples/train.py's.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: the usable cores).")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (the median is printed).")

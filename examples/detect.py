@@ -44,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="Images per batch.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling, for repeatable detections.")
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where the model runs ('cuda', 'cpu')."
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="Where the model runs ('cuda', 'cpu').",
     )
     parser.add_argument("--no_pictures", action="store_true", help="Write the JSON only.")
     parser.add_argument(

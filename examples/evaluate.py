@@ -118,7 +118,7 @@ def label_space(model_id2label: dict, splits) -> str:
     model_labels = {int(k): v for k, v in model_id2label.items()}
     if model_labels == splits.id2label:
         return "labels"
-    by_category_id = {int(category_id): splits.id2label[label] for label, category_id in splits.label2category_id.items()}
+    by_category_id = {int(category): splits.id2label[label] for label, category in splits.label2category_id.items()}
     if all(str(model_labels.get(c, "")).casefold() == str(name).casefold() for c, name in by_category_id.items()):
         return "category_ids"
     raise ValueError(

@@ -50,7 +50,8 @@ from pix2seq_hf.evaluation import CocoDetectionEvaluator, evaluate_model  # noqa
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """This script's options, then `examples/train.py`'s (every other argument)."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0] + " Every other option is examples/train.py's.", formatter_class=HelpFormatter
+        description=__doc__.split("\n")[0] + " Every other option is examples/train.py's.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--diagnostic_images", type=int, default=64, help="Validation images of the diagnostic.")
     parser.add_argument("--output_file", default=None, help="Write the evaluations here (JSON).")

@@ -85,14 +85,19 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "A saved Pix2Seq model to fine-tune."})
     config_preset: str = field(
         default="tiny",
-        metadata={"choices": sorted(PRESETS), "help": "Architecture of a new model; ignored with --model_name_or_path."},
+        metadata={
+            "choices": sorted(PRESETS),
+            "help": "Architecture of a new model; ignored with --model_name_or_path.",
+        },
     )
     pretrained_backbone: bool = field(default=False, metadata={"help": "Start from ImageNet timm weights (Hub)."})
     image_size: int | None = field(default=None, metadata={"help": "Canvas size (default: the preset's)."})
     max_objects: int | None = field(
         default=None, metadata={"help": "Objects per image in a sequence (default: the preset's, 100)."}
     )
-    num_bins: int | None = field(default=None, metadata={"help": "Coordinate quantisation bins (default: the preset's)."})
+    num_bins: int | None = field(
+        default=None, metadata={"help": "Coordinate quantisation bins (default: the preset's)."}
+    )
     no_sequence_augmentation: bool = field(
         default=False, metadata={"help": "Train on real objects then EOS, without the paper's noise objects."}
     )

@@ -670,7 +670,9 @@ def main(argv=None) -> int:
     )
     # `disable=None`: tqdm draws its bar on a terminal only; elsewhere the loss is logged every `logging_steps`.
     progress = tqdm(
-        range(args.max_train_steps), initial=completed_steps, disable=None if accelerator.is_local_main_process else True
+        range(args.max_train_steps),
+        initial=completed_steps,
+        disable=None if accelerator.is_local_main_process else True,
     )
     log_steps = progress.disable and accelerator.is_local_main_process and args.logging_steps > 0
     history, start_time, stop = [], time.time(), False
@@ -713,9 +715,8 @@ def main(argv=None) -> int:
             running_loss, running_count = 0.0, 0
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if log_steps and (completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps):
-                logger.info(
-                    f"step {completed_steps}/{args.max_train_steps}: loss {loss:.4f}, lr {scheduler.get_last_lr()[0]:.2e}"
-                )
+                learning_rate = scheduler.get_last_lr()[0]
+                logger.info(f"step {completed_steps}/{args.max_train_steps}: loss {loss:.4f}, lr {learning_rate:.2e}")
             if args.with_tracking:
                 accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():

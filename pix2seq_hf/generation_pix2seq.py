@@ -480,7 +480,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         """
         if generation_config is None or generation_config.do_sample is True:
             return generation_config
-        unset = [name for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items() if getattr(generation_config, name) == value]
+        unset = [
+            name for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items() if getattr(generation_config, name) == value
+        ]
         if not unset:
             return generation_config
         generation_config = copy.deepcopy(generation_config)
@@ -671,7 +673,8 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             if value is not None and value != needed:
                 raise ValueError(
                     f"`detect` (and `model(pixel_values)`) cannot honour `{name}={value!r}`: {why}. Call "
-                    "`model.generate(...)` for it and read the detections with `processor.post_process_object_detection`."
+                    "`model.generate(...)` for it and read the detections with "
+                    "`processor.post_process_object_detection`."
                 )
         seed = generate_kwargs.pop(
             "detect_seed", getattr(generation_config, "detect_seed", PIX2SEQ_GENERATION_DEFAULTS["detect_seed"])

@@ -578,8 +578,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             `list[dict]`: per image, `scores`, `labels` and `boxes` (`(x_min, y_min, x_max, y_max)`), best first.
 
         Raises:
-            `TypeError` for anything else, e.g. the bare tensor of tokens of `generate(..., return_dict_in_generate=False)`
-            (no scores: read it with `Pix2SeqProcessor.batch_decode`).
+            `TypeError` for anything else, e.g. the bare tensor of tokens of `generate(...,
+            return_dict_in_generate=False)` (no scores: read it with `Pix2SeqProcessor.batch_decode`).
         """
         if _field(outputs, "detections") is not None:
             outputs = _field(outputs, "detections")

@@ -1051,8 +1051,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         if decoder_input_ids is None and labels is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` (to detect objects) or `decoder_input_ids`/`labels`.")
-            given = {"decoder_attention_mask": decoder_attention_mask, "encoder_outputs": encoder_outputs, "cache": cache}
-            given = [name for name, value in given.items() if value is not None]
+            given = {"decoder_attention_mask": decoder_attention_mask, "encoder_outputs": encoder_outputs}
+            given = [name for name, value in {**given, "cache": cache}.items() if value is not None]
             if given:
                 raise ValueError(
                     f"`model(pixel_values)` detects objects and takes `generate`'s options; {', '.join(given)} only "

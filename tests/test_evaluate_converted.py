@@ -70,7 +70,8 @@ def test_label_space_reads_the_model_labels():
     with pytest.raises(ValueError, match="neither the data's labels"):
         evaluate.label_space({0: "N/A", 1: "person", 3: "bus", 7: "train"}, Splits)
 
-    collate = evaluate.CategoryIdTargets(lambda examples: {"targets": [{"labels": torch.tensor([2, 0, 1])}]}, {0: 1, 1: 3, 2: 7})
+    collator = lambda examples: {"targets": [{"labels": torch.tensor([2, 0, 1])}]}  # noqa: E731
+    collate = evaluate.CategoryIdTargets(collator, {0: 1, 1: 3, 2: 7})
     assert collate(None)["targets"][0]["labels"].tolist() == [7, 1, 3]
 
 
