@@ -152,11 +152,19 @@ def test_sampling_model_saves_its_settings(model, tmp_path):
     assert (saved.do_sample, saved.top_p, saved.top_k) == (True, 0.7, 0)
 
 
-def test_plain_tensor_output_does_not_warn_about_output_logits(model, caplog):
+def test_plain_tensor_output_does_not_warn_about_output_logits(model, caplog, monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    # transformers' logs reach caplog through propagation; `warning_once` must not remember an earlier test's warning.
+    monkeypatch.setattr(transformers_logging._get_library_root_logger(), "propagate", True)
+    transformers_logging.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING):
         tokens = model.generate(pixels(), return_dict_in_generate=False, max_new_tokens=5)
+        model.generate(pixels(), max_new_tokens=5, output_attentions=True, return_dict_in_generate=False)
     assert isinstance(tokens, torch.Tensor)
     assert "output_logits" not in caplog.text
+    # The capture works: an option that is ignored still gets transformers' warning.
+    assert "output_attentions" in caplog.text
 
 
 # ----- post-processing: the image processor and the processor read the same outputs ----------------------------------
