@@ -468,12 +468,12 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                 setattr(self.generation_config, name, value)
 
     @staticmethod
-    def generation_config_to_save(generation_config: GenerationConfig) -> GenerationConfig:
+    def without_idle_sampling_defaults(generation_config: GenerationConfig) -> GenerationConfig:
         """
-        The generation config as `save_pretrained` writes it: without the paper's sampling settings
-        (`PIX2SEQ_SAMPLING_DEFAULTS`) when it does not sample, so that a model switched to greedy decoding
-        (`model.generation_config.do_sample = False`) saves; `generate` fills them in again when sampling is turned
-        back on. Other values are kept as they are.
+        `generation_config` without the paper's sampling settings (`PIX2SEQ_SAMPLING_DEFAULTS`) when it does not
+        sample: what `save_pretrained` writes and `generate` starts from, so that a model switched to greedy decoding
+        (`model.generation_config.do_sample = False`) saves, and generates without transformers' warning about
+        sampling-only flags. `generate` fills them in again when sampling is turned back on. Other values are kept.
 
         Returns:
             `GenerationConfig`: `generation_config` itself, or a copy without those settings.
@@ -494,20 +494,26 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         # The Pix2Seq decoding options are not `GenerationConfig` fields: take them out of the keyword arguments
         # (transformers would treat them as model inputs) and set them on the prepared config, defaults first.
         options = {name: kwargs.pop(name) for name in PIX2SEQ_GENERATION_DEFAULTS if name in kwargs}
-        # The paper's sampling settings replace transformers' global defaults where neither the call nor the model's
-        # config sets them.
-        base = generation_config if generation_config is not None else self.generation_config
-        sampling_defaults = {
-            name: value
-            for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items()
-            if name not in kwargs
-            and getattr(base, name, None) is None
-            and getattr(self.generation_config, name, None) is None
-        }
         # A plain tensor output has no logits: don't let the configured `output_logits=True` warn about it.
         if kwargs.get("return_dict_in_generate") is False:
             kwargs.setdefault("output_logits", False)
-        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        # transformers starts from `self.generation_config`: a greedy one without the idle sampling settings.
+        model_config = self.generation_config
+        self.generation_config = self.without_idle_sampling_defaults(model_config)
+        try:
+            # The paper's sampling settings replace transformers' global defaults where neither the call nor the
+            # model's config sets them.
+            base = generation_config if generation_config is not None else self.generation_config
+            sampling_defaults = {
+                name: value
+                for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items()
+                if name not in kwargs
+                and getattr(base, name, None) is None
+                and getattr(self.generation_config, name, None) is None
+            }
+            generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        finally:
+            self.generation_config = model_config
         if generation_config.do_sample:
             for name, value in sampling_defaults.items():
                 setattr(generation_config, name, value)

@@ -1000,10 +1000,11 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """
         `PreTrainedModel.save_pretrained`, writing the generation config as
-        [`~Pix2SeqGenerationMixin.generation_config_to_save`] gives it (a model switched to greedy decoding saves).
+        [`~Pix2SeqGenerationMixin.without_idle_sampling_defaults`] gives it (a model switched to greedy decoding
+        saves).
         """
         generation_config = self.generation_config
-        self.generation_config = self.generation_config_to_save(generation_config)
+        self.generation_config = self.without_idle_sampling_defaults(generation_config)
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:

@@ -145,6 +145,22 @@ def test_greedy_model_saves_and_loads(model, tmp_path):
     assert (prepared.top_p, prepared.top_k) == (0.4, 5)
 
 
+def test_greedy_model_generates_without_warnings_about_sampling_flags(model, caplog, monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setattr(transformers_logging._get_library_root_logger(), "propagate", True)
+    transformers_logging.warning_once.cache_clear()
+    model.generation_config.do_sample = False
+    with caplog.at_level(logging.WARNING):
+        greedy = model.generate(pixels(), max_new_tokens=10)
+        # Sampling asked for in the call: the paper's settings, read from the logits processors built for it.
+        prepared, _ = model._prepare_generation_config(None, do_sample=True)
+    assert "top_p" not in caplog.text and "top_k" not in caplog.text
+    assert torch.equal(greedy.sequences, model.generate(pixels(), max_new_tokens=10, do_sample=False).sequences)
+    assert (prepared.top_p, prepared.top_k) == (0.4, 0)
+    assert model.generation_config.top_p == 0.4  # the model's config is left as the user set it
+
+
 def test_sampling_model_saves_its_settings(model, tmp_path):
     model.generation_config.top_p = 0.7
     model.save_pretrained(tmp_path)
