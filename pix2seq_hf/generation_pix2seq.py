@@ -751,21 +751,31 @@ class Pix2SeqGenerationMixin(GenerationMixin):
 @contextlib.contextmanager
 def seeded_random_state(seed: int | None, device: torch.device | str):
     """
-    A context in which torch's random generators (the CPU one and those of `device`'s accelerator type) start from
-    `seed`, and get their former state back on exit; with `seed=None` it changes nothing. transformers' sampling draws
-    with `torch.multinomial` from these global generators, which this seeds for one call without disturbing them.
+    A context in which torch's CPU random generator and, for an accelerator `device`, that device's generator start
+    from `seed`, and get their former state back on exit; with `seed=None` it changes nothing. transformers' sampling
+    draws with `torch.multinomial` from these global generators, which this seeds for one call without disturbing them
+    (nor initialising an accelerator the call does not use).
     """
     if seed is None:
         yield
         return
-    device_type = torch.device(device).type
-    device_type = "cuda" if device_type == "cpu" else device_type
-    device_module = getattr(torch, device_type, None)
-    available = device_module is not None and hasattr(device_module, "is_available") and device_module.is_available()
-    with torch.random.fork_rng(
-        devices=list(range(device_module.device_count())) if available else [], device_type=device_type
-    ):
-        torch.manual_seed(seed)
+    device = torch.device(device)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    device_module = torch.get_device_module(device.type)
+    if not (hasattr(device_module, "device") and hasattr(device_module, "current_device")):
+        # A backend without per-device generators (e.g. MPS): its generator is seeded and not restored.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else device_module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type), device_module.device(index):
+        torch.default_generator.manual_seed(seed)
+        device_module.manual_seed(seed)  # the generator of the current device, `index`
         yield
 
 
