@@ -69,6 +69,7 @@ from transformers import CompileConfig, DetrConfig, DetrForObjectDetection  # no
 from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
 import pix2seq_hf  # noqa: E402, F401
+from pix2seq_hf.cli import HelpFormatter  # noqa: E402
 from pix2seq_hf.fast_generation import Pix2SeqStaticDecoding  # noqa: E402
 from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection, shift_tokens_right  # noqa: E402
 from pix2seq_hf.presets import get_preset_config  # noqa: E402
@@ -78,17 +79,17 @@ logger = logging.getLogger("benchmark")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CPU, then CUDA if there is one."
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
-    parser.add_argument("--image_size", type=int, default=640)
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--image_size", type=int, default=640, help="Canvas of the random test images, in pixels.")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="Detection batch sizes to time.")
     parser.add_argument("--objects", type=int, nargs="+", default=[10, 100], help="Objects decoded per image.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed rounds (median), after one warm-up round.")
     parser.add_argument("--large_batch_repeats", type=int, default=2, help="Timed rounds for batch sizes > 1.")
-    parser.add_argument("--train_batch_size", type=int, default=4)
+    parser.add_argument("--train_batch_size", type=int, default=4, help="Images per timed training step.")
     parser.add_argument("--train_steps", type=int, default=2, help="Timed training steps (median), after one warm-up.")
     parser.add_argument("--detr_ffn_dim", type=int, default=1024, help="DETR's FFN width (its own default is 2048).")
     parser.add_argument("--detr_targets", type=int, default=10, help="Ground-truth objects per image for DETR's loss.")
@@ -96,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="Time the compiled loop too."
     )
     parser.add_argument("--uncached_objects", type=int, default=None, help="K of the no-cache run (default: max K).")
-    parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument("--skip_training", action="store_true", help="No training-step measurement.")
     parser.add_argument("--skip_profile", action="store_true", help="No torch-profiler breakdown of a token.")
     parser.add_argument("--skip_speed", action="store_true", help="Only the early-stop measurement.")
     parser.add_argument("--quick", action="store_true", help="Batch 1, one round, no compile, uncached at min K.")
@@ -115,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--early_stop_seed", type=int, default=42, help="Seed of the synthetic set (train.py: 42).")
     parser.add_argument("--omp_wait_policy", choices=["PASSIVE", "ACTIVE"], default=None,
                         help="OpenMP waiting (see above); default: OpenMP's own.")
-    parser.add_argument("--output", default="benchmark_results.json")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="benchmark_results.json", help="Where the results go (JSON).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and images.")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.repeats, args.train_steps, args.compile = [1], 1, 1, False

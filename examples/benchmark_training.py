@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
+from pix2seq_hf.cli import HelpFormatter  # noqa: E402
 from pix2seq_hf.data import build_train_transforms, derive_seed, load_detection_splits  # noqa: E402
 from pix2seq_hf.data.images import open_image  # noqa: E402
 from pix2seq_hf.data.real_images import build_coins_dataset  # noqa: E402
@@ -58,29 +59,33 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS, help="The detectors to train."
+    )
     parser.add_argument(
         "--dataset",
         default="synthetic",
         choices=["synthetic", "coins"],
         help="'synthetic': the synthetic shapes set; 'coins': real photographs with about 16 coins each, built from "
-        "scikit-image's coins photograph (`pix2seq_hf.data.real_images`; needs scikit-image). Default: synthetic.",
+        "scikit-image's coins photograph (`pix2seq_hf.data.real_images`; needs scikit-image).",
     )
     parser.add_argument("--coins_train_size", type=int, default=48, help="Training images of the coins set.")
     parser.add_argument("--coins_validation_size", type=int, default=16, help="Validation images of the coins set.")
     parser.add_argument("--max_train_steps", type=int, default=3000, help="Training steps of each detector.")
     parser.add_argument("--max_train_minutes", type=float, default=None, help="Also stop after this many minutes.")
-    parser.add_argument("--eval_steps", type=int, default=500)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--synthetic_train_size", type=int, default=4000)
-    parser.add_argument("--synthetic_validation_size", type=int, default=200)
+    parser.add_argument("--eval_steps", type=int, default=500, help="Evaluate every N steps (and at the end).")
+    parser.add_argument("--batch_size", type=int, default=8, help="Training images per step.")
+    parser.add_argument("--synthetic_train_size", type=int, default=4000, help="Images of the synthetic train split.")
+    parser.add_argument(
+        "--synthetic_validation_size", type=int, default=200, help="Images of the synthetic validation split."
+    )
     parser.add_argument(
         "--image_size", type=int, default=None, help="Canvas (default: 128 on the synthetic set, 384 on the coins)."
     )
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: torch's).")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output_file", default="benchmark_training.json")
+    parser.add_argument("--seed", type=int, default=42, help="Seed of the data, the weights and the data order.")
+    parser.add_argument("--output_file", default="benchmark_training.json", help="Where the results go (JSON).")
     args = parser.parse_args(argv)
     if args.max_train_steps < 1 or args.eval_steps < 1 or args.batch_size < 1:
         parser.error("--max_train_steps, --eval_steps and --batch_size must be positive")

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_setup  # noqa: E402
+from pix2seq_hf.cli import HelpFormatter  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
     build_train_transforms,
@@ -58,12 +59,15 @@ CONFIGURATIONS = {
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """This script's options, then `examples/train.py`'s (every other argument: data, model, recipe)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0] + " Every other option is examples/train.py's.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: the usable cores).")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (the median is printed).")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps per configuration and round.")
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps before each timing.")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per timed step.")
     parser.add_argument("--output_file", default=None, help="Write the timings here (JSON).")
     args, rest = parser.parse_known_args(argv)
     for name in ("rounds", "steps", "batch_size"):

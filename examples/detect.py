@@ -25,6 +25,7 @@ from transformers import AutoModelForObjectDetection, AutoProcessor
 
 import pix2seq_hf  # noqa: F401  (registers the Pix2Seq classes with the Auto factories)
 from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, ImageReadError, decode_image, set_max_image_pixels, to_rgb
+from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.visualization import draw_detections
 
 
@@ -34,16 +35,20 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", help="Image files and/or folders of images.")
     parser.add_argument("--model", required=True, help="Folder (or Hub id) of a saved Pix2Seq model and processor.")
     parser.add_argument("--output_dir", default="detections", help="Where the JSON and the pictures go.")
     parser.add_argument("--threshold", type=float, default=0.3, help="Lowest score kept.")
     parser.add_argument("--top_p", type=float, default=None, help="Nucleus sampling mass (the model's default: 0.4).")
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per batch.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling, for repeatable detections.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="Where the model runs ('cuda', 'cpu').",
+    )
     parser.add_argument("--no_pictures", action="store_true", help="Write the JSON only.")
     parser.add_argument(
         "--on_bad_image",

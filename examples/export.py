@@ -23,19 +23,25 @@ import torch
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 from pix2seq_hf.data.images import decode_image, to_rgb
+from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.export import ExportedPix2Seq, export_onnx, export_programs, save_programs
 from pix2seq_hf.presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="A saved Pix2Seq model (folder or Hub id).")
     source.add_argument(
         "--config_preset", choices=sorted(PRESETS), help="A preset with random weights (to measure speed only)."
     )
     parser.add_argument("--output_dir", required=True, help="Where the exported graphs go.")
-    parser.add_argument("--format", default="both", choices=["onnx", "torch", "both"])
+    parser.add_argument(
+        "--format",
+        default="both",
+        choices=["onnx", "torch", "both"],
+        help="ONNX graphs (onnxruntime), torch.export programs, or both.",
+    )
     parser.add_argument("--image_size", type=int, default=None, help="Canvas (default: the processor's).")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: the model's (5 * max_objects).")
     parser.add_argument("--check", type=int, default=0, help="Compare the greedy tokens of N random images with PyTorch.")
@@ -56,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="With --skip_export: load the .pt2 graphs already in --output_dir (they are unpickled, which runs any "
         "code they hold: only for graphs from a source you trust).",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights (presets) and test images.")
     return parser.parse_args(argv)
 
 

@@ -16,20 +16,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
 from pix2seq_hf.evaluation import evaluate_model
 from pix2seq_hf.presets import get_preset_config, get_preset_image_processor_kwargs
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--num_images", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--eval_every", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="The model preset to fit (see docs/model.md).")
+    parser.add_argument("--num_images", type=int, default=32, help="Synthetic images to fit (and evaluate on).")
+    parser.add_argument("--steps", type=int, default=800, help="Training steps.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per step.")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate.")
+    parser.add_argument("--eval_every", type=int, default=200, help="Evaluate on the training images every N steps.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the images and the weights.")
     parser.add_argument("--save_dir", default=None, help="Save the fitted model and processor here (save_pretrained).")
     args = parser.parse_args(argv)
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_plan, training_setup  # noqa: E402
+from pix2seq_hf.cli import HelpFormatter  # noqa: E402
 from pix2seq_hf.auxiliary_dense_head import cell_centres, feature_grid, object_groups  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
@@ -48,7 +49,10 @@ from pix2seq_hf.evaluation import CocoDetectionEvaluator, evaluate_model  # noqa
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """This script's options, then `examples/train.py`'s (every other argument)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0] + " Every other option is examples/train.py's.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--diagnostic_images", type=int, default=64, help="Validation images of the diagnostic.")
     parser.add_argument("--output_file", default=None, help="Write the evaluations here (JSON).")
     own, rest = parser.parse_known_args(argv)

@@ -6,13 +6,13 @@ every evaluation through the model's own decoding, early stopping, resuming from
 
 The data options are those of `examples/train.py`. With no data option it trains on the built-in synthetic shapes set:
 
-    python examples/run_object_detection.py --output_dir outputs/pix2seq-trainer --num_train_epochs 6 \
-        --per_device_train_batch_size 8 --learning_rate 2e-3 --warmup_steps 100 \
+    python examples/run_object_detection.py --output_dir outputs/pix2seq-trainer --num_train_epochs 6 \\
+        --per_device_train_batch_size 8 --learning_rate 2e-3 --warmup_steps 100 \\
         --eval_strategy steps --eval_steps 500 --save_strategy steps --save_steps 500 --load_best_model_at_end
 
     # CPPE-5 from the Hub, the paper's R50 with ImageNet weights, pushed to the Hub with every save
-    python examples/run_object_detection.py --dataset_name cppe-5 --config_preset r50 --pretrained_backbone \
-        --output_dir pix2seq-r50-cppe5 --eval_strategy epoch --save_strategy epoch --load_best_model_at_end \
+    python examples/run_object_detection.py --dataset_name cppe-5 --config_preset r50 --pretrained_backbone \\
+        --output_dir pix2seq-r50-cppe5 --eval_strategy epoch --save_strategy epoch --load_best_model_at_end \\
         --push_to_hub --hub_strategy checkpoint
 
 Evaluation decodes greedily (or samples with `--eval_top_p`) and scores every decoded object with pycocotools, one
@@ -38,6 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import training_plan, training_setup
+from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import AUGMENTATION_PRESETS, Pix2SeqCollator, build_train_transforms, load_detection_splits
 from pix2seq_hf.evaluation import KEEP_ALL_THRESHOLD, METRIC_KEYS, CocoDetectionEvaluator
 from pix2seq_hf.hub import remote_code, write_model_card
@@ -58,7 +59,7 @@ class DataTrainingArguments:
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local path of a HF dataset (default: synthetic)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Config name of the dataset."})
-    train_split: str = field(default="train")
+    train_split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
     validation_split: str = field(default="validation", metadata={"help": "Split to evaluate on ('none' to skip)."})
     bbox_format: str = field(default="auto", metadata={"help": "Box format of the data.", "choices": ["auto", "xywh", "xyxy"]})
     coco_annotations: str | None = field(default=None, metadata={"help": "COCO json of the training images."})
@@ -66,9 +67,9 @@ class DataTrainingArguments:
     validation_coco_annotations: str | None = field(default=None, metadata={"help": "COCO json of the validation images."})
     validation_coco_images: str | None = field(default=None, metadata={"help": "Folder of the validation images."})
     synthetic_train_size: int = field(default=4000, metadata={"help": "Images in the synthetic train split."})
-    synthetic_validation_size: int = field(default=200)
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
+    synthetic_validation_size: int = field(default=200, metadata={"help": "Images in the synthetic validation split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N images only."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
     augmentation: str | None = field(
         default=None,
         metadata={
@@ -84,16 +85,28 @@ class ModelArguments:
     """What model to train and how it decodes at evaluation."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "A saved Pix2Seq model to fine-tune."})
-    config_preset: str = field(default="tiny", metadata={"choices": sorted(PRESETS)})
+    config_preset: str = field(
+        default="tiny",
+        metadata={
+            "choices": sorted(PRESETS),
+            "help": "Architecture of a new model; ignored with --model_name_or_path.",
+        },
+    )
     pretrained_backbone: bool = field(default=False, metadata={"help": "Start from ImageNet timm weights (Hub)."})
     backbone_checkpoint: str | None = field(
         default=None,
         metadata={"help": "A local file of timm backbone weights to start a new model from (see examples/train.py)."},
     )
     image_size: int | None = field(default=None, metadata={"help": "Canvas size (default: the preset's)."})
-    max_objects: int | None = field(default=None)
-    num_bins: int | None = field(default=None)
-    no_sequence_augmentation: bool = field(default=False)
+    max_objects: int | None = field(
+        default=None, metadata={"help": "Objects per image in a sequence (default: the preset's, 100)."}
+    )
+    num_bins: int | None = field(
+        default=None, metadata={"help": "Coordinate quantisation bins (default: the preset's)."}
+    )
+    no_sequence_augmentation: bool = field(
+        default=False, metadata={"help": "Train on real objects then EOS, without the paper's noise objects."}
+    )
     object_order: str | None = field(
         default=None,
         metadata={
@@ -304,7 +317,9 @@ class StopOnSignalCallback(TrainerCallback):
 
 
 def parse_args(argv=None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, TrainingArguments), description=__doc__, formatter_class=HelpFormatter
+    )
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses(args=argv)

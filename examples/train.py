@@ -9,7 +9,7 @@ Other data:
     # a dataset on the Hub or on disk, CPPE-5 style (objects.bbox in COCO xywh) or an xyxy repackaging of COCO
     accelerate launch examples/train.py --dataset_name cppe-5 --config_preset r50 --pretrained_backbone
     # a local COCO json + image folder (COCO 2017, Objects365, any COCO-style set)
-    accelerate launch examples/train.py --coco_annotations ann/instances_train2017.json --coco_images train2017 \
+    accelerate launch examples/train.py --coco_annotations ann/instances_train2017.json --coco_images train2017 \\
         --validation_coco_annotations ann/instances_val2017.json --validation_coco_images val2017
 
 Two processes on one CPU machine (gloo): `torchrun --nproc_per_node 2 examples/train.py` or
@@ -49,6 +49,7 @@ from pix2seq_hf.checkpointing import (
     save_checkpoint,
     write_files_atomically,
 )
+from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import (
     AUGMENTATION_PRESETS,
     ImageReadError,
@@ -129,11 +130,11 @@ def json_object(text: str) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", default=None, help="Hub id or local path of a HF dataset (default: synthetic).")
     data.add_argument("--dataset_config", default=None, help="Config name of the dataset.")
-    data.add_argument("--train_split", default="train")
+    data.add_argument("--train_split", default="train", help="Split of --dataset_name to train on.")
     data.add_argument("--validation_split", default="validation", help="Split to evaluate on ('none' to skip).")
     data.add_argument("--bbox_format", default="auto", choices=["auto", "xywh", "xyxy"], help="Box format of the data.")
     data.add_argument("--coco_annotations", default=None, help="COCO json of the training images.")
@@ -141,7 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--validation_coco_annotations", default=None, help="COCO json of the validation images.")
     data.add_argument("--validation_coco_images", default=None, help="Folder of the validation images.")
     data.add_argument("--synthetic_train_size", type=int, default=4000, help="Images in the synthetic train split.")
-    data.add_argument("--synthetic_validation_size", type=int, default=200)
+    data.add_argument(
+        "--synthetic_validation_size", type=int, default=200, help="Images in the synthetic validation split."
+    )
     data.add_argument(
         "--synthetic_variant",
         default="shapes",
@@ -149,8 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="The synthetic set: 'shapes' (128 px, 1-10 objects) or 'dense' (384 px, 20-60 small objects; train it "
         "with --image_size 384 --max_objects 64).",
     )
-    data.add_argument("--max_train_samples", type=int, default=None)
-    data.add_argument("--max_eval_samples", type=int, default=None)
+    data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N images only.")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate on the first N images only.")
     data.add_argument(
         "--augmentation",
         default=None,
@@ -158,7 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Training augmentation (default: 'light' on the synthetic set, the official 'finetune' recipe otherwise).",
     )
     data.add_argument("--num_augmentations", type=int, default=1, help="Augmented copies of each image per batch (paper: 2).")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: load in the main one)."
+    )
     data.add_argument(
         "--check_images",
         default=None,
@@ -177,7 +182,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="A saved Pix2Seq model to fine-tune.")
-    model.add_argument("--config_preset", default="tiny", choices=sorted(PRESETS))
+    model.add_argument(
+        "--config_preset",
+        default="tiny",
+        choices=sorted(PRESETS),
+        help="Architecture of a new model (see docs/model.md); ignored with --model_name_or_path.",
+    )
     model.add_argument("--pretrained_backbone", action="store_true", help="Start from ImageNet timm weights (Hub).")
     model.add_argument(
         "--backbone_checkpoint",
@@ -194,9 +204,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         '\'{"backbone_kwargs": {"out_indices": [2]}}\' (features at stride 8).',
     )
     model.add_argument("--image_size", type=int, default=None, help="Canvas size (default: the preset's).")
-    model.add_argument("--max_objects", type=int, default=None)
-    model.add_argument("--num_bins", type=int, default=None)
-    model.add_argument("--no_sequence_augmentation", action="store_true")
+    model.add_argument(
+        "--max_objects", type=int, default=None, help="Objects per image in a sequence (default: the preset's, 100)."
+    )
+    model.add_argument(
+        "--num_bins", type=int, default=None, help="Coordinate quantisation bins (default: the preset's, 1000)."
+    )
+    model.add_argument(
+        "--no_sequence_augmentation",
+        action="store_true",
+        help="Train on real objects then EOS, without the paper's noise objects (sequence augmentation).",
+    )
     model.add_argument(
         "--object_order",
         default=None,
@@ -249,7 +267,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"({SYNTHETIC_BATCH_SIZE} on the synthetic set), halved while an epoch would have fewer than "
         f"{training_plan.MIN_STEPS_PER_EPOCH} steps (see 'How a run is planned' in docs/training.md).",
     )
-    optim.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    optim.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Images per evaluation batch.")
     optim.add_argument(
         "--learning_rate",
         type=float,
@@ -264,10 +282,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Learning-rate factor of the Transformer encoder (input projection, layers, bridge; not the backbone). "
         "Default: 0.1 when training from scratch (no --model_name_or_path), else 1. See docs/training.md.",
     )
-    optim.add_argument("--weight_decay", type=float, default=0.05)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.95)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (the paper's 0.05).")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    optim.add_argument(
+        "--adam_beta2",
+        type=float,
+        default=0.95,
+        help="AdamW beta2: 0.95, the official Pix2Seq code's, in place of the usual 0.999 (a shorter average of "
+        "squared gradients, steadier for Transformers trained at high learning rates).",
+    )
+    optim.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this (0: no clipping)."
+    )
     optim.add_argument(
         "--lr_scheduler_type",
         default="linear",
@@ -283,7 +309,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"(at most {training_plan.MAX_WARMUP_STEPS}) and, with --max_train_minutes and the linear schedule, at most "
         f"{training_plan.WARMUP_FRACTION * 100:g}%% of the minutes, whichever ends first.",
     )
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer step."
+    )
     optim.add_argument(
         "--num_train_epochs",
         type=int,
@@ -306,10 +334,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"{SYNTHETIC_MINUTES} on the synthetic set when neither --max_train_steps nor --num_train_epochs is given, so "
         "that the default run ends in about 15 minutes on a slow machine too.",
     )
-    optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--seed", type=int, default=42, help="Seed of the initialisation, data order and augmentation.")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", default="outputs/pix2seq-synthetic")
+    run.add_argument(
+        "--output_dir", default="outputs/pix2seq-synthetic", help="Where the model, checkpoints and results go."
+    )
     run.add_argument(
         "--overwrite_output_dir",
         action="store_true",
@@ -338,6 +368,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     run.add_argument("--checkpointing_steps", default=None, help="Save state every N steps, or 'epoch'.")
     run.add_argument(
+        "--logging_steps",
+        type=int,
+        default=50,
+        help="When the output is not a terminal (e.g. a log file), no progress bar: log the loss every N steps.",
+    )
+    run.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest K checkpoints (default: all)."
     )
     run.add_argument(
@@ -354,9 +390,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--eval_top_p", type=float, default=None, help="Sampling mass at evaluation (default: greedy).")
     run.add_argument("--num_visualizations", type=int, default=8, help="Validation images drawn at the end.")
     run.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
-    run.add_argument("--report_to", default="tensorboard")
-    run.add_argument("--push_to_hub", action="store_true")
-    run.add_argument("--hub_model_id", default=None)
+    run.add_argument("--report_to", default="tensorboard", help="Accelerate trackers for --with_tracking ('all').")
+    run.add_argument(
+        "--push_to_hub", action="store_true", help="Upload the model, processor and a model card to the Hub."
+    )
+    run.add_argument(
+        "--hub_model_id", default=None, help="Hub repository of --push_to_hub (unset: the name of --output_dir)."
+    )
     run.add_argument(
         "--hub_strategy",
         default="end",
@@ -597,6 +637,9 @@ def train(args, interrupt: StopOnSignal) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not sys.stderr.isatty():  # a log file gets lines, not the redraws of progress bars
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     # Before anything is written: a folder holding another run is refused, or (--overwrite_output_dir) cleared of its
     # checkpoints so that `latest` can never resume them.
     earlier_checkpoints = check_output_dir(output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
@@ -704,9 +747,13 @@ def train(args, interrupt: StopOnSignal) -> int:
     logger.info(
         f"{plan.describe()} Training at learning rate {args.learning_rate}, x{args.num_augmentations} augmentations."
     )
+    # `disable=None`: tqdm draws its bar on a terminal only; elsewhere the loss is logged every `logging_steps`.
     progress = tqdm(
-        total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process
+        total=args.max_train_steps,
+        initial=completed_steps,
+        disable=None if accelerator.is_local_main_process else True,
     )
+    log_steps = progress.disable and accelerator.is_local_main_process and args.logging_steps > 0
     history, start_time, stop = [], time.time(), False
 
     def elapsed_seconds() -> float:
@@ -746,6 +793,10 @@ def train(args, interrupt: StopOnSignal) -> int:
             loss = running_loss / running_count
             running_loss, running_count = 0.0, 0
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if log_steps and (completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps):
+                learning_rate = scheduler.get_last_lr()[0]
+                of_steps = f"/{args.max_train_steps}" if args.max_train_steps else ""
+                logger.info(f"step {completed_steps}{of_steps}: loss {loss:.4f}, lr {learning_rate:.2e}")
             if args.with_tracking:
                 accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():

@@ -17,6 +17,8 @@ from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from .configuration_pix2seq import Pix2SeqConfig
 from .generation_pix2seq import (
     PIX2SEQ_GENERATION_DEFAULTS,
+    Pix2SeqGenerateBeamOutput,
+    Pix2SeqGenerateOutput,
     Pix2SeqGenerationMixin,
     Pix2SeqLogitsProcessor,
     Pix2SeqTopPLogitsWarper,
@@ -47,6 +49,8 @@ __all__ = [
     "Pix2SeqBoxCodec",
     "Pix2SeqConfig",
     "Pix2SeqForObjectDetection",
+    "Pix2SeqGenerateBeamOutput",
+    "Pix2SeqGenerateOutput",
     "Pix2SeqGenerationMixin",
     "Pix2SeqImageProcessor",
     "Pix2SeqLogitsProcessor",

@@ -295,6 +295,34 @@ class Pix2SeqConfig(PreTrainedConfig):
             self.encoder_hidden_size = width
 
     @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None):
+        # `PreTrainedConfig` hands an implementation asked for by name (`from_pretrained(attn_implementation=...)`) to
+        # every sub-config. The backbone computes features with its own layers (timm's attention, or none in a
+        # ResNet): it gets the implementation when its class supports it, and keeps its own otherwise.
+        PreTrainedConfig._attn_implementation.fset(self, self.attn_implementation_request(value))
+
+    def attn_implementation_request(self, value: str | dict | None) -> str | dict | None:
+        """
+        `value` (an attention implementation for the whole model) as transformers' per-sub-config request: unchanged,
+        or `{"": value}` (the backbone keeps its implementation) when the backbone's class does not support `value`
+        (timm backbones declare no flex attention).
+        """
+        backbone_config = getattr(self, "backbone_config", None)
+        if not isinstance(value, str) or not isinstance(backbone_config, PreTrainedConfig):
+            return value
+        from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
+
+        backbone_class = MODEL_FOR_BACKBONE_MAPPING.get(type(backbone_config), None)
+        support_flag = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}.get(value)
+        if backbone_class is None or support_flag is None or getattr(backbone_class, support_flag, False):
+            return value
+        return {"": value}
+
+    @property
     def token_layout(self) -> Pix2SeqTokenLayout:
         """The token layout (`Pix2SeqTokenLayout`) of this model's vocabulary."""
         return Pix2SeqTokenLayout.from_config(self)

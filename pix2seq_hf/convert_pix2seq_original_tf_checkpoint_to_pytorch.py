@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from transformers import ResNetConfig
 
+from .cli import HelpFormatter
 from .configuration_pix2seq import Pix2SeqConfig
 from .tf_checkpoint import TFCheckpointReader
 
@@ -534,7 +535,8 @@ def convert_pix2seq_checkpoint(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert an official Pix2Seq TensorFlow checkpoint to a pix2seq_hf model folder."
+        description="Convert an official Pix2Seq TensorFlow checkpoint to a pix2seq_hf model folder.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--checkpoint_path", required=True, help="Checkpoint directory (latest checkpoint used) or prefix (ckpt-N)."

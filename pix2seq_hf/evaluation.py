@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -444,6 +444,7 @@ def evaluate_model(
     dataloader_or_dataset: Iterable[Mapping],
     batch_size: int = 8,
     generation_kwargs: Mapping | None = None,
+    detect: Callable | None = None,
     accelerator=None,
     label2category_id: Mapping[int, int] | None = None,
     return_predictions: bool = False,
@@ -472,6 +473,9 @@ def evaluate_model(
         generation_kwargs (`dict`, *optional*):
             Passed to `model.generate` (e.g. `{"do_sample": False}`); the model's generation config otherwise.
             `return_dict_in_generate` and `output_logits` are always on: the scores are read from the raw logits.
+        detect (`Callable`, *optional*):
+            `detect(model, pixel_values)` in place of `model.generate`, returning what
+            `processor.post_process_object_detection` reads (e.g. `official_evaluation.official_detect`).
         accelerator (`accelerate.Accelerator`, *optional*):
             With several processes, each evaluates its shard and the results are gathered: every process returns the
             metrics of the whole set.
@@ -479,7 +483,7 @@ def evaluate_model(
         return_predictions (`bool`, *optional*): also return the predictions in the COCO results format.
         per_class (`bool`, *optional*): also return per-class AP and AR (see `CocoDetectionEvaluator.compute`).
         num_workers (`int`, *optional*): DataLoader workers when a dataset is given.
-        progress_bar (`bool`, *optional*): show a progress bar (on the main process).
+        progress_bar (`bool`, *optional*): show a progress bar (on the main process, when its output is a terminal).
 
     Returns:
         `dict` of metrics (see `CocoDetectionEvaluator.compute`), or `(metrics, predictions)` with
@@ -497,7 +501,7 @@ def evaluate_model(
         from tqdm.auto import tqdm
 
         main = accelerator is None or accelerator.is_local_main_process
-        batches = tqdm(batches, desc="evaluation", disable=not main)
+        batches = tqdm(batches, desc="evaluation", disable=None if main else True)  # None: on a terminal only
     evaluator = CocoDetectionEvaluator(model.config.id2label, label2category_id)
     device = _model_device(model)
     was_training = model.training
@@ -506,7 +510,10 @@ def evaluate_model(
         for index, batch in enumerate(batches):
             pixel_values, targets = _batch_parts(batch, index)
             with torch.no_grad():
-                outputs = model.generate(pixel_values.to(device), **generation_kwargs)
+                if detect is not None:
+                    outputs = detect(model, pixel_values.to(device))
+                else:
+                    outputs = model.generate(pixel_values.to(device), **generation_kwargs)
             sizes = [tuple(int(v) for v in torch.as_tensor(target["orig_size"]).reshape(-1)) for target in targets]
             detections = processor.post_process_object_detection(
                 outputs, threshold=KEEP_ALL_THRESHOLD, target_sizes=sizes

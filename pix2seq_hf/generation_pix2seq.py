@@ -6,6 +6,7 @@ tokens into DETR-shaped detections.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 from transformers.generation import GenerationMixin
+from transformers.generation.utils import GenerateBeamEncoderDecoderOutput, GenerateEncoderDecoderOutput
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
@@ -59,6 +61,27 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # Decode as the official evaluation: no Pix2Seq logits processor at all (no grammar, EOS fed back like any token).
     # Set by `official_evaluation.official_evaluation_generation_config`, which also turns off stopping at EOS.
     "official_evaluation": False,
+    # `detect` (hence `model(pixel_values)` and the object-detection pipeline) samples with the random generator seeded
+    # to this value on every call, so an image gets the same detections every time; the global random state is left as
+    # it was. None: draw from the global random state. `generate` never uses it (the paper's unseeded sampling).
+    "detect_seed": 0,
+}
+
+# The paper's sampling settings: nucleus sampling with top-p 0.4 and no top-k (transformers would otherwise add a
+# top-50 filter). The model's generation config holds them while it samples; `generate` fills them in whenever it
+# samples and they are unset (e.g. a model saved for greedy decoding, whose file leaves them out).
+PIX2SEQ_SAMPLING_DEFAULTS = {"top_p": 0.4, "top_k": 0}
+
+# The `generate` options whose other values `detect` refuses, with the value it needs and why: the detection output
+# holds one set of detections per image, scored from the raw logits of one sequence, and nothing else.
+_DETECTION_OPTIONS = {
+    "num_beams": (1, "each object's score is read from the logits of the one sequence written per image"),
+    "num_return_sequences": (1, "the detection output holds one set of detections per image"),
+    "return_dict_in_generate": (True, "the scores are read from the raw logits of generate's dict output"),
+    "output_logits": (True, "the scores are read from the raw logits"),
+    "output_scores": (False, "the detection output holds no processed scores"),
+    "output_attentions": (False, "the detection output holds no attentions"),
+    "output_hidden_states": (False, "the detection output holds no hidden states"),
 }
 
 
@@ -336,6 +359,52 @@ class Pix2SeqObjectDetectionOutput(ModelOutput):
 
 
 
+@dataclass
+class Pix2SeqGenerateOutput(GenerateEncoderDecoderOutput):
+    r"""
+    The dict output of `generate` (greedy decoding, sampling): transformers' [`GenerateEncoderDecoderOutput`] plus the
+    detections read out of it, so that the image processor's `post_process_object_detection` takes it as it takes
+    the output of `model(pixel_values)`.
+
+    Args:
+        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
+            The detections of each sequence ([`~Pix2SeqGenerationMixin.detections_from_generation`]); set when the
+            output has the raw `logits` (the default).
+    """
+
+    detections: Pix2SeqObjectDetectionOutput | None = None
+
+
+@dataclass
+class Pix2SeqGenerateBeamOutput(GenerateBeamEncoderDecoderOutput):
+    r"""
+    The dict output of `generate` with beam search: transformers' [`GenerateBeamEncoderDecoderOutput`] plus the
+    detections of each returned sequence (scored from the logits of the beams that wrote its tokens).
+
+    Args:
+        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
+            One row per returned sequence; set when the output has the raw `logits` (the default).
+    """
+
+    detections: Pix2SeqObjectDetectionOutput | None = None
+
+
+def logits_of_returned_sequences(logits: torch.Tensor, beam_indices: torch.Tensor, num_generated: int) -> torch.Tensor:
+    """
+    Logits `[batch_size * num_beams, T, V]` of a beam search -> `[num_sequences, num_generated, V]`: for each returned
+    sequence and step, the row of the beam that wrote its token (`beam_indices`, `-1` once the sequence has ended:
+    those steps come after its EOS and are never read).
+    """
+    if beam_indices.ndim != 2 or beam_indices.shape[1] < num_generated or logits.shape[1] < num_generated:
+        raise ValueError(
+            f"The beam-search output does not fit together: {num_generated} generated tokens, `beam_indices` "
+            f"{tuple(beam_indices.shape)}, logits {tuple(logits.shape)}."
+        )
+    rows = beam_indices[:, :num_generated].long().clamp(min=0).to(logits.device)
+    steps = torch.arange(num_generated, device=logits.device).expand_as(rows)
+    return logits[rows, steps]
+
+
 class Pix2SeqGenerationMixin(GenerationMixin):
     """
     `generate` for Pix2Seq: transformers' [`GenerationMixin`] with the Pix2Seq generation defaults, the Pix2Seq
@@ -368,8 +437,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         generation_config = copy.deepcopy(base) if base is not None else GenerationConfig()
         generation_config.update(
             do_sample=True,
-            top_p=0.4,
-            top_k=0,
+            **PIX2SEQ_SAMPLING_DEFAULTS,
             max_new_tokens=5 * config.max_objects,
             bos_token_id=config.bos_token_id,
             decoder_start_token_id=config.decoder_start_token_id,
@@ -399,11 +467,56 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             if not hasattr(self.generation_config, name):
                 setattr(self.generation_config, name, value)
 
+    @staticmethod
+    def without_idle_sampling_defaults(generation_config: GenerationConfig) -> GenerationConfig:
+        """
+        `generation_config` without the paper's sampling settings (`PIX2SEQ_SAMPLING_DEFAULTS`) when it does not
+        sample: what `save_pretrained` writes and `generate` starts from, so that a model switched to greedy decoding
+        (`model.generation_config.do_sample = False`) saves, and generates without transformers' warning about
+        sampling-only flags. `generate` fills them in again when sampling is turned back on. Other values are kept.
+
+        Returns:
+            `GenerationConfig`: `generation_config` itself, or a copy without those settings.
+        """
+        if generation_config is None or generation_config.do_sample is True:
+            return generation_config
+        unset = [
+            name for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items() if getattr(generation_config, name) == value
+        ]
+        if not unset:
+            return generation_config
+        generation_config = copy.deepcopy(generation_config)
+        for name in unset:
+            setattr(generation_config, name, None)
+        return generation_config
+
     def _prepare_generation_config(self, generation_config, **kwargs):
         # The Pix2Seq decoding options are not `GenerationConfig` fields: take them out of the keyword arguments
         # (transformers would treat them as model inputs) and set them on the prepared config, defaults first.
         options = {name: kwargs.pop(name) for name in PIX2SEQ_GENERATION_DEFAULTS if name in kwargs}
-        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        # A plain tensor output has no logits: don't let the configured `output_logits=True` warn about it.
+        if kwargs.get("return_dict_in_generate") is False:
+            kwargs.setdefault("output_logits", False)
+        # transformers starts from `self.generation_config`: a greedy one without the idle sampling settings.
+        model_config = self.generation_config
+        self.generation_config = self.without_idle_sampling_defaults(model_config)
+        try:
+            # The paper's sampling settings replace transformers' global defaults where neither the call nor the
+            # model's config sets them.
+            base = generation_config if generation_config is not None else self.generation_config
+            sampling_defaults = {
+                name: value
+                for name, value in PIX2SEQ_SAMPLING_DEFAULTS.items()
+                if name not in kwargs
+                and getattr(base, name, None) is None
+                and getattr(self.generation_config, name, None) is None
+            }
+            generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        finally:
+            self.generation_config = model_config
+        if generation_config.do_sample:
+            for name, value in sampling_defaults.items():
+                setattr(generation_config, name, value)
         for name, default in PIX2SEQ_GENERATION_DEFAULTS.items():
             if name in options:
                 setattr(generation_config, name, options[name])
@@ -521,36 +634,71 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             **model_kwargs,
         )
 
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """
+        [`GenerationMixin.generate`]. Its dict output (the default) with the raw `logits` (the default) also carries
+        the detections read out of the sequences: a [`Pix2SeqGenerateOutput`] (or [`Pix2SeqGenerateBeamOutput`]
+        for beam search) whose `detections` is a [`Pix2SeqObjectDetectionOutput`], one row per returned sequence.
+        """
+        outputs = super().generate(inputs, *args, **kwargs)
+        if isinstance(outputs, (GenerateEncoderDecoderOutput, GenerateBeamEncoderDecoderOutput)):
+            if outputs.get("logits") is not None and outputs.get("detections") is None:
+                beam = isinstance(outputs, GenerateBeamEncoderDecoderOutput)
+                output_class = Pix2SeqGenerateBeamOutput if beam else Pix2SeqGenerateOutput
+                outputs = output_class(**outputs, detections=self.detections_from_generation(outputs))
+        return outputs
+
     # ----- detection -------------------------------------------------------------------------------------------------
 
     def detect(self, pixel_values: torch.FloatTensor, **generate_kwargs) -> Pix2SeqObjectDetectionOutput:
         """
         Detects objects: `generate` with the model's generation config (overridable with `generate_kwargs`), then
-        [`~detections_from_generation`]. Beam search is refused: each object's score is read from the logits of one
-        sequence per image.
+        [`~detections_from_generation`].
+
+        Sampling draws from the random generator seeded to `detect_seed` (a generation-config attribute, 0 by default)
+        on every call, so the same images give the same detections on every call; the global random state is left
+        as it was. `detect_seed=None` draws from the global random state, as `generate` always does.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`)
-            generate_kwargs: options for `generate` (e.g. `top_p=0.4`, `min_objects=1`, `do_sample=False`).
+            generate_kwargs: options for `generate` (e.g. `top_p=0.4`, `min_objects=1`, `do_sample=False`,
+                `detect_seed=3`).
 
         Returns:
             [`Pix2SeqObjectDetectionOutput`].
+
+        Raises:
+            `ValueError` naming an option whose result the detection output cannot hold: `num_beams` or
+            `num_return_sequences` above 1, `return_dict_in_generate=False`, `output_logits=False`, `output_scores`,
+            `output_attentions` or `output_hidden_states` (call `generate` for those).
         """
         generation_config = generate_kwargs.get("generation_config") or self.generation_config
-        num_beams = generate_kwargs.get("num_beams", generation_config.num_beams)
-        if num_beams not in (None, 1):
-            raise ValueError(
-                "`detect` reads each object's score from the logits of one sequence per image: it samples or decodes "
-                f"greedily, got `num_beams={num_beams}`."
-            )
+        for name, (needed, why) in _DETECTION_OPTIONS.items():
+            value = generate_kwargs.get(name, getattr(generation_config, name, None))
+            if value is not None and value != needed:
+                raise ValueError(
+                    f"`detect` (and `model(pixel_values)`) cannot honour `{name}={value!r}`: {why}. Call "
+                    "`model.generate(...)` for it and read the detections with "
+                    "`processor.post_process_object_detection`."
+                )
+        seed = generate_kwargs.pop(
+            "detect_seed", getattr(generation_config, "detect_seed", PIX2SEQ_GENERATION_DEFAULTS["detect_seed"])
+        )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`detect_seed` must be a non-negative int or None, got {seed!r}.")
         generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_logits": True}
-        return self.detections_from_generation(self.generate(pixel_values, **generate_kwargs))
+        with seeded_random_state(seed, pixel_values.device):
+            return self.generate(pixel_values, **generate_kwargs).detections
 
     def detections_from_generation(self, generate_output) -> Pix2SeqObjectDetectionOutput:
         """
         Turns a `generate` output (with `sequences` and the raw per-step `logits`) into DETR-shaped detections, read by
         `Pix2SeqBoxCodec.decode_groups` (box from the coordinate tokens; class and score from the raw logits at the
         class token, restricted to the real classes; reading stops at the first EOS).
+
+        A beam-search output gives each returned sequence the logits of the beams that wrote its tokens
+        (`beam_indices`).
 
         Returns:
             [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots, the
@@ -564,6 +712,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                 "output_logits=True)` (the model's defaults)."
             )
         logits = torch.stack(tuple(step_logits), dim=1) if isinstance(step_logits, (tuple, list)) else step_logits
+        beam_indices = generate_output.get("beam_indices")
+        if beam_indices is not None:
+            logits = logits_of_returned_sequences(logits, beam_indices, sequences.shape[1] - 1)
         batch_size, num_steps, _ = logits.shape
         layout = self.config.token_layout
         groups = self.box_codec.decode_groups(sequences[:, sequences.shape[1] - num_steps :], logits)
@@ -597,6 +748,37 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         )
 
 
+@contextlib.contextmanager
+def seeded_random_state(seed: int | None, device: torch.device | str):
+    """
+    A context in which torch's CPU random generator and, for an accelerator `device`, that device's generator start
+    from `seed`, and get their former state back on exit; with `seed=None` it changes nothing. transformers' sampling
+    draws with `torch.multinomial` from these global generators, which this seeds for one call without disturbing them
+    (nor initialising an accelerator the call does not use).
+    """
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    device_module = torch.get_device_module(device.type)
+    if not (hasattr(device_module, "device") and hasattr(device_module, "current_device")):
+        # A backend without per-device generators (e.g. MPS): its generator is seeded and not restored.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else device_module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type), device_module.device(index):
+        torch.default_generator.manual_seed(seed)
+        device_module.manual_seed(seed)  # the generator of the current device, `index`
+        yield
+
+
 # The options of `PIX2SEQ_GENERATION_DEFAULTS` that configure `Pix2SeqLogitsProcessor`.
 _GRAMMAR_OPTIONS = (
     "token_grammar",
@@ -611,8 +793,12 @@ _GRAMMAR_OPTIONS = (
 
 __all__ = [
     "PIX2SEQ_GENERATION_DEFAULTS",
+    "PIX2SEQ_SAMPLING_DEFAULTS",
+    "Pix2SeqGenerateBeamOutput",
+    "Pix2SeqGenerateOutput",
     "Pix2SeqGenerationMixin",
     "Pix2SeqLogitsProcessor",
     "Pix2SeqObjectDetectionOutput",
     "Pix2SeqTopPLogitsWarper",
+    "logits_of_returned_sequences",
 ]

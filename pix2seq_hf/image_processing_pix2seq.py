@@ -624,12 +624,14 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         top_k: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """
-        Turns the detection output of [`Pix2SeqForObjectDetection`] (`model(pixel_values)`) into DETR-style results.
+        Turns the detection output of [`Pix2SeqForObjectDetection`] (`model(pixel_values)`, or `model.generate`'s
+        output, which carries the same detections) into DETR-style results.
 
         Args:
-            outputs (`Pix2SeqObjectDetectionOutput`):
+            outputs (`Pix2SeqObjectDetectionOutput` or `Pix2SeqGenerateOutput`):
                 Has `scores` (`[B, N]`), `labels` (`[B, N]`), `pred_boxes` (`[B, N, 4]`, XYXY normalised to the
-                canvas) and, optionally, `object_mask` (`[B, N]`, `True` for real detection slots).
+                canvas) and, optionally, `object_mask` (`[B, N]`, `True` for real detection slots); or `detections`
+                holding them (the output of `generate`, one row per returned sequence).
             threshold (`float`, *optional*, defaults to 0.5):
                 Keep detections with a score strictly above it (`0.0` keeps all, as the official COCO evaluation).
             target_sizes (`torch.Tensor` of shape `[B, 2]` or `list[tuple[int, int]]`, *optional*):
@@ -643,16 +645,19 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             `list[dict]`: per image, `scores`, `labels` and `boxes` (`(x_min, y_min, x_max, y_max)`), best first.
 
         Raises:
-            `TypeError` for `model.generate` outputs (token sequences need the box codec: use
-            `Pix2SeqProcessor.post_process_object_detection`).
+            `TypeError` for anything else, e.g. the bare tensor of tokens of `generate(...,
+            return_dict_in_generate=False)` (no scores: read it with `Pix2SeqProcessor.batch_decode`).
         """
+        if _field(outputs, "detections") is not None:
+            outputs = _field(outputs, "detections")
         pred_boxes, scores, labels = (_field(outputs, name) for name in ("pred_boxes", "scores", "labels"))
         if isinstance(outputs, torch.Tensor) or pred_boxes is None or scores is None or labels is None:
             raise TypeError(
                 "`Pix2SeqImageProcessor.post_process_object_detection` expects the detection output of "
-                "`Pix2SeqForObjectDetection` (`model(pixel_values)`, with `scores`, `labels` and `pred_boxes`), got "
-                f"{type(outputs).__name__}. Outputs of `model.generate` are token sequences: decode them with "
-                "`Pix2SeqProcessor.post_process_object_detection`, which holds the box codec."
+                "`Pix2SeqForObjectDetection` (`model(pixel_values)`, with `scores`, `labels` and `pred_boxes`) or the "
+                f"output of `model.generate` with its defaults (which carries `detections`), got "
+                f"{type(outputs).__name__}. A bare tensor of tokens has no scores: read it with "
+                "`Pix2SeqProcessor.batch_decode`."
             )
         if scores.ndim == 2 and scores.shape[-1] != pred_boxes.shape[-2]:
             raise ValueError(

@@ -382,6 +382,11 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
     # compiled step of `Pix2SeqStaticDecoding`).
     _can_compile_fullgraph = True
 
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs):
+        """`PreTrainedModel.set_attn_implementation`; the backbone keeps its own implementation where it cannot take
+        the requested one (see `Pix2SeqConfig.attn_implementation_request`)."""
+        return super().set_attn_implementation(self.config.attn_implementation_request(attn_implementation), **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """
@@ -992,6 +997,19 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, writing the generation config as
+        [`~Pix2SeqGenerationMixin.without_idle_sampling_defaults`] gives it (a model switched to greedy decoding
+        saves).
+        """
+        generation_config = self.generation_config
+        self.generation_config = self.without_idle_sampling_defaults(generation_config)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.generation_config = generation_config
+
     # ----- forward ---------------------------------------------------------------------------------------------------
 
     @can_return_tuple
@@ -1023,15 +1041,27 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         Returns:
             With `decoder_input_ids` and/or `labels`: [`Seq2SeqLMOutput`] with `loss` (when `labels` are given),
             `logits` of shape `(batch_size, target_length, vocab_size)`, `cache` and the optional attentions and hidden
-            states. With neither: the detections, [`Pix2SeqObjectDetectionOutput`] (see [`~detect`]).
+            states. With neither: the detections, [`Pix2SeqObjectDetectionOutput`] of `self.detect(pixel_values,
+            **kwargs)`: `kwargs` are then `generate`'s options (e.g. `do_sample=False`, `min_objects=1`), and
+            sampling is seeded with `generation_config.detect_seed` (see [`~detect`]).
 
         Raises:
-            `ValueError` when `labels` hold ids outside `[0, vocab_size)` other than `-100`.
+            `ValueError` when `labels` hold ids outside `[0, vocab_size)` other than `-100`; without decoder inputs,
+            for a `generate` option whose result the detection output cannot hold (e.g. `num_beams=2`).
         """
         if decoder_input_ids is None and labels is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` (to detect objects) or `decoder_input_ids`/`labels`.")
-            return self.detect(pixel_values)
+            given = {"decoder_attention_mask": decoder_attention_mask, "encoder_outputs": encoder_outputs}
+            given = [name for name, value in {**given, "cache": cache}.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"`model(pixel_values)` detects objects and takes `generate`'s options; {', '.join(given)} only "
+                    "apply with `decoder_input_ids` or `labels`."
+                )
+            if use_cache is not None:
+                kwargs["use_cache"] = use_cache
+            return self.detect(pixel_values, **kwargs)
 
         if labels is not None:
             if encoder_outputs is None:

@@ -52,7 +52,9 @@ def official_detections(sequences: torch.Tensor, logits: torch.Tensor, token_lay
     sorted.
 
     A group whose argmax lands on a class token beyond the model's classes (no such category: the official COCO
-    evaluation cannot match it and ignores it) is marked absent in `object_mask`; every other group is kept.
+    evaluation cannot match it and ignores it) is marked absent in `object_mask`, and so is a group whose box has its
+    maximum below its minimum on an axis (COCO's evaluation gives it a negative area, outside every area range, and
+    ignores it; no box format can hold it); every other group is kept.
 
     Args:
         sequences (`torch.LongTensor` of shape `(batch_size, 1 + T)`): generated tokens, prompt first.
@@ -69,9 +71,9 @@ def official_detections(sequences: torch.Tensor, logits: torch.Tensor, token_lay
     candidates = class_probs[..., token_layout.class_token_offset : token_layout.coord_token_offset]
     scores, best = candidates.max(dim=-1)
     labels = best
-    real = labels < token_layout.num_classes
     coordinates = (tokens[..., :4] - token_layout.coord_token_offset).float() / (token_layout.num_bins - 1)
     ymin, xmin, ymax, xmax = coordinates.clamp(0.0, 1.0).unbind(-1)
+    real = (labels < token_layout.num_classes) & (xmin <= xmax) & (ymin <= ymax)
     class_log_probs = torch.log(
         class_probs[..., token_layout.class_token_offset : token_layout.class_token_end].clamp_min(1e-38)
     )

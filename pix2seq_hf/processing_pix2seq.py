@@ -14,6 +14,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import TensorType
 
 from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
+from .generation_pix2seq import logits_of_returned_sequences
 from .image_processing_pix2seq import Pix2SeqImageProcessor, _field
 
 _GENERATE_HINT = (
@@ -235,7 +236,7 @@ class Pix2SeqProcessor(ProcessorMixin):
         if isinstance(logits, (tuple, list)):
             logits = torch.stack(tuple(logits), dim=1)
         if logits is not None and beam_indices is not None:
-            logits = self._follow_beams(logits, beam_indices, sequences.shape[1] - 1)
+            logits = logits_of_returned_sequences(logits, beam_indices, sequences.shape[1] - 1)
         if logits is not None:
             if logits.ndim != 3 or logits.shape[0] != sequences.shape[0]:
                 raise ValueError(
@@ -259,22 +260,6 @@ class Pix2SeqProcessor(ProcessorMixin):
         elif sequences.shape[1] > 0 and bool((sequences[:, 0] == self.bos_token_id).all()):
             sequences = sequences[:, 1:]
         return sequences, logits
-
-    @staticmethod
-    def _follow_beams(logits: torch.Tensor, beam_indices: torch.Tensor, num_generated: int) -> torch.Tensor:
-        """
-        Logits `[batch_size * num_beams, T, V]` of a beam search -> `[num_sequences, num_generated, V]`: for each
-        returned sequence and step, the row of the beam that wrote its token (`beam_indices`, `-1` once the sequence
-        has ended: those steps come after its EOS and are never read).
-        """
-        if beam_indices.ndim != 2 or beam_indices.shape[1] < num_generated or logits.shape[1] < num_generated:
-            raise ValueError(
-                f"The beam-search output does not fit together: {num_generated} generated tokens, `beam_indices` "
-                f"{tuple(beam_indices.shape)}, logits {tuple(logits.shape)}."
-            )
-        rows = beam_indices[:, :num_generated].long().clamp(min=0).to(logits.device)
-        steps = torch.arange(num_generated, device=logits.device).expand_as(rows)
-        return logits[rows, steps]
 
     def batch_decode(self, sequences, logits=None) -> list[dict[str, torch.Tensor]]:
         """
@@ -307,9 +292,11 @@ class Pix2SeqProcessor(ProcessorMixin):
 
         Args:
             outputs:
-                Either the detection output of `model(pixel_values)` (`scores`, `labels`, `pred_boxes`, handled by
-                [`Pix2SeqImageProcessor.post_process_object_detection`]) or the output of `model.generate` with
-                `sequences` (`[B, 1 + T]`, prompt first) and raw `logits` (tuple of `T` tensors `[B, vocab_size]`).
+                The detection output of `model(pixel_values)` (`scores`, `labels`, `pred_boxes`) or the output of
+                `model.generate`, which carries its `detections` (both read by
+                [`Pix2SeqImageProcessor.post_process_object_detection`]), or any output with `sequences`
+                (`[B, 1 + T]`, prompt first) and raw `logits` (tuple of `T` tensors `[B, vocab_size]`), read with the
+                processor's box codec.
             threshold (`float`, *optional*, defaults to 0.5):
                 Keep detections with a score strictly above it.
             target_sizes (`torch.Tensor` `[B, 2]` or `list[tuple[int, int]]`, *optional*):
@@ -326,7 +313,7 @@ class Pix2SeqProcessor(ProcessorMixin):
                 "`post_process_object_detection` got a bare tensor of token ids; it needs the raw logits too. "
                 + _GENERATE_HINT
             )
-        if _field(outputs, "pred_boxes") is not None:
+        if _field(outputs, "pred_boxes") is not None or _field(outputs, "detections") is not None:
             return self.image_processor.post_process_object_detection(
                 outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k
             )

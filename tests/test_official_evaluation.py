@@ -52,3 +52,14 @@ def test_official_detections_read_every_group():
     torch.testing.assert_close(outputs.scores[0, 0], probability)
     # Official box: (ymin, xmin, ymax, xmax) from tokens - 1000, dequantised, clipped to [0, 1]; output is xyxy.
     torch.testing.assert_close(outputs.pred_boxes[0, 0], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+def test_official_detections_leave_out_inverted_boxes():
+    layout = Pix2SeqTokenLayout(num_classes=91)
+    # Group 1: ymax < ymin (COCO's evaluation ignores its negative area); group 2: a proper box.
+    tokens = torch.tensor([[10, 1600, 1000, 1200, 1500, 101, 1100, 1100, 1300, 1300, 103]])
+    logits = torch.zeros(1, 10, 3000)
+    logits[0, [4, 9], 103] = 5.0
+    outputs = official_detections(tokens, logits, layout)
+    assert outputs.object_mask.tolist() == [[False, True]]
+    assert outputs.labels.tolist() == [[-1, 3]]

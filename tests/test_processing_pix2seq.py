@@ -358,7 +358,7 @@ def test_processor_and_model_end_to_end(tiny_model, tmp_path):
     pixel_values = inputs["pixel_values"]
     with torch.no_grad():
         torch.manual_seed(3)
-        detection = tiny_model(pixel_values)
+        detection = tiny_model(pixel_values, detect_seed=None)  # the global random state, as `generate`
         torch.manual_seed(3)
         generated = tiny_model.generate(pixel_values)
     from_detection = processor.post_process_object_detection(detection, threshold=0.0, target_sizes=sizes)

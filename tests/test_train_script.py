@@ -167,3 +167,19 @@ def test_two_processes_train_together(tmp_path):
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["world_size"] == 2 and results["train_steps"] == 2
     assert isinstance(results["map"], float)
+
+
+def test_training_log_to_a_file_has_lines_not_progress_bars(tmp_path):
+    """Output redirected to a file (not a terminal): no progress-bar redraws, a loss line every `--logging_steps`."""
+    log_file = tmp_path / "train.log"
+    command = [
+        sys.executable, str(EXAMPLES / "train.py"), *TINY_RUN, "--max_train_steps", "4", "--logging_steps", "2",
+        "--num_visualizations", "0", "--output_dir", str(tmp_path / "model"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log_file, "w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=600)
+    log = log_file.read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert "\r" not in log and "it/s]" not in log and "█" not in log
+    assert "step 2/4: loss " in log and "step 4/4: loss " in log and "step 1/4" not in log
