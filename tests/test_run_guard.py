@@ -61,7 +61,7 @@ def running(tmp_path):
     """A training run in a child process that has started its training loop; killed at the end if still alive."""
     log = tmp_path / "first.log"
     process = start("train", RUN + ["--output_dir", str(tmp_path / "run")], log)
-    wait_for(log, "Training 100000 steps", process)
+    wait_for(log, "Training at learning rate", process)
     yield process, tmp_path / "run", log
     if process.poll() is None:
         process.kill()
