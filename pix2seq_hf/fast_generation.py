@@ -41,9 +41,7 @@ def decoder_step(model, token_ids: torch.LongTensor, encoder_hidden_states: torc
     Returns:
         `torch.FloatTensor` of shape `(batch, vocab_size)`: the next-token logits, float32.
     """
-    hidden = model.model.decoder(
-        token_ids, encoder_hidden_states, cache=cache, use_cache=True, return_dict=True
-    ).last_hidden_state
+    hidden = model.model.decoder.decode(token_ids, encoder_hidden_states, cache=cache)
     return model.lm_head(hidden[:, -1]).float()
 
 

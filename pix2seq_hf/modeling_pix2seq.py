@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoBackbone
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -137,10 +137,43 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def concatenated_parameters(owner: nn.Module, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """
+    `torch.cat(tensors)` along the first dimension, for one matrix product in place of several: the weights (or
+    biases) of several projections stacked, so that they read the same input once.
+
+    Without gradients the concatenation is kept on `owner` (a plain attribute `name`: not a parameter or buffer, never
+    in the state dict) and built again only when one of `tensors` changed (other tensors, moved or cast, or updated
+    in place). With gradients, and inside `torch.compile` / `torch.export` (where inductor folds it into a constant
+    when the weights are frozen), it is computed where it is used.
+
+    Returns:
+        `torch.Tensor`: the concatenation, to be used read-only.
+    """
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return torch.cat(tensors)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return torch.cat(tensors)
+    try:
+        key = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
+    except RuntimeError:  # inference tensors have no version counter: nothing tells an update apart
+        return torch.cat(tensors)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.cat(tensors))
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
 class Pix2SeqAttention(nn.Module):
     """
     Multi-head attention: self-attention (optionally causal, with a growing cache) or cross-attention to the encoded
     image, whose keys and values are computed once per image and then read from the cache at every decoding step.
+
+    Self-attention computes the query, key and value of its input in one matrix product (the three projections'
+    weights stacked, see [`concatenated_parameters`]); with a static cache the new keys and values are written in place
+    at `cache_position`.
     """
 
     def __init__(
@@ -165,12 +198,27 @@ class Pix2SeqAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
+    def project_query_key_value(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The query, key and value of `hidden_states` (`(batch, length, hidden)`) in one matrix product.
+
+        Returns:
+            Three `torch.Tensor`s of shape `(batch, heads, length, head_dim)`.
+        """
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = concatenated_parameters(self, "_qkv_weight", [projection.weight for projection in projections])
+        bias = concatenated_parameters(self, "_qkv_bias", [projection.bias for projection in projections])
+        batch_size, length = hidden_states.shape[:2]
+        qkv = nn.functional.linear(hidden_states, weight, bias).view(batch_size, length, 3, -1, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        cache_position: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
@@ -180,52 +228,85 @@ class Pix2SeqAttention(nn.Module):
                 The encoded image, for cross-attention.
             attention_mask (`torch.Tensor`, *optional*): the mask from `create_causal_mask` (or `None`).
             cache (`EncoderDecoderCache`, *optional*): the decoder cache.
+            cache_position (`torch.LongTensor` of shape `(length,)`, *optional*): the positions of `hidden_states` in
+                the sequence; with a static cache, where its keys and values are written.
 
         Returns:
             `(attn_output, attn_weights)`; `attn_weights` is `None` unless eager attention is used.
         """
         is_cross_attention = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
-        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
 
-        layer_cache = None
-        reuse_cross_attention = False
-        if cache is not None:
-            if is_cross_attention:
-                layer_cache = cache.cross_attention_cache
-                reuse_cross_attention = bool(cache.is_updated.get(self.layer_idx, False))
+        if is_cross_attention:
+            query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            if cache is not None and cache.is_updated.get(self.layer_idx, False):
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                key_states, value_states = layer.keys, layer.values
             else:
-                layer_cache = cache.self_attention_cache
-
-        if reuse_cross_attention:
-            key_states = layer_cache.layers[self.layer_idx].keys
-            value_states = layer_cache.layers[self.layer_idx].values
-        else:
-            source = key_value_states if is_cross_attention else hidden_states
-            kv_shape = (*source.shape[:-1], -1, self.head_dim)
-            key_states = self.k_proj(source).view(kv_shape).transpose(1, 2)
-            value_states = self.v_proj(source).view(kv_shape).transpose(1, 2)
-            if layer_cache is not None:
-                key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
-                if is_cross_attention:
+                kv_shape = (*key_value_states.shape[:-1], -1, self.head_dim)
+                key_states = self.k_proj(key_value_states).view(kv_shape).transpose(1, 2)
+                value_states = self.v_proj(key_value_states).view(kv_shape).transpose(1, 2)
+                if cache is not None:
+                    key_states, value_states = cache.cross_attention_cache.update(
+                        key_states, value_states, self.layer_idx
+                    )
                     cache.is_updated[self.layer_idx] = True
+        else:
+            if self.training and torch.is_grad_enabled():
+                # Three projections: the stacked weights would be a copy per step for autograd to go through.
+                query_states, key_states, value_states = (
+                    projection(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+                    for projection in (self.q_proj, self.k_proj, self.v_proj)
+                )
+            else:
+                query_states, key_states, value_states = self.project_query_key_value(hidden_states)
+            if cache is not None:
+                key_states, value_states = self._write_cache(
+                    cache.self_attention_cache, key_states, value_states, cache_position
+                )
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=self.is_causal,
-            **kwargs,
-        )
-        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa" and input_shape[1] == 1 and not self.training:
+            # A decoding step: transformers' sdpa wrapper without its per-call checks, which concern longer queries (one
+            # query attends to the keys the mask allows, or to all of them).
+            attn_output = nn.functional.scaled_dot_product_attention(
+                query_states, key_states, value_states, attn_mask=attention_mask, scale=self.scaling
+            )
+            attn_weights = None
+            attn_output = attn_output.transpose(1, 2)
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query_states,
+                key_states,
+                value_states,
+                attention_mask,
+                dropout=self.dropout if self.training else 0.0,
+                scaling=self.scaling,
+                is_causal=self.is_causal,
+                **kwargs,
+            )
+        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1))
         return attn_output, attn_weights
+
+    def _write_cache(
+        self, layer_cache, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Adds the new keys and values to this layer's self-attention cache and returns all the cached ones. A filled
+        static layer is written in place at `cache_position` (the positions the decoder computed once for every
+        layer); other caches through their own `update`.
+        """
+        layer = layer_cache.layers[self.layer_idx] if self.layer_idx < len(layer_cache.layers) else None
+        if cache_position is None or type(layer) is not StaticLayer or not layer.is_initialized:
+            return layer_cache.update(key_states, value_states, self.layer_idx)
+        layer.keys.index_copy_(2, cache_position, key_states)
+        layer.values.index_copy_(2, cache_position, value_states)
+        layer.cumulative_length.add_(key_states.shape[2])
+        return layer.keys, layer.values
 
 
 class Pix2SeqMLP(nn.Module):
@@ -341,10 +422,15 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor,
         cache: EncoderDecoderCache | None = None,
+        cache_position: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
-            self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs
+            self.self_attn_layer_norm(hidden_states),
+            attention_mask=attention_mask,
+            cache=cache,
+            cache_position=cache_position,
+            **kwargs,
         )
         hidden_states = hidden_states + self.drop_path(attn_output)
 
@@ -691,16 +777,57 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 f"`max_position_embeddings={self.config.max_position_embeddings}`: decode at most "
                 f"{self.config.max_position_embeddings - 1} new tokens after the prompt (`max_new_tokens`)."
             )
+        hidden_states = self.decode(
+            input_ids, encoder_hidden_states, attention_mask=attention_mask, cache=cache, **kwargs
+        )
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, cache=cache if use_cache else None
+        )
+
+    def decode(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        The decoder's computation, without `forward`'s checks and output object: what a decoding loop calls at every
+        step (`forward` calls it too, so both run the same layers).
+
+        A decoding step (one token over a cache, no padding mask) builds no causal mask: the query attends to the
+        whole cache, or with a static cache to its positions up to the token's own (a comparison of the cache
+        positions). The first call with a cache fills the cross-attention keys and values of every layer, in one
+        matrix product over the encoded image.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`): tokens after those in `cache`.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, memory_length, decoder_hidden_size)`).
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + target_length)`, *optional*).
+            cache (`EncoderDecoderCache`, *optional*): updated in place.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, target_length, decoder_hidden_size)`: the final LayerNorm's output.
+        """
+        target_length = input_ids.shape[1]
+        past_length = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(target_length, device=input_ids.device) + past_length
         inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(positions)[None])
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache.self_attention_cache if cache is not None else None,
-        )
+        if cache is not None:
+            self.fill_cross_attention_cache(cache, encoder_hidden_states)
+        implementation = self.config._attn_implementation
+        if target_length == 1 and cache is not None and attention_mask is None and implementation in ("sdpa", "eager"):
+            causal_mask = self._decoding_step_mask(cache.self_attention_cache, positions, hidden_states.dtype)
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache.self_attention_cache if cache is not None else None,
+            )
 
         for layer in self.layers:
             hidden_states = layer(
@@ -708,11 +835,47 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 causal_mask,
                 encoder_hidden_states,  # positional, so that gradient checkpointing passes its gradient through
                 cache=cache,
+                cache_position=positions,
                 **kwargs,
             )
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=self.layer_norm(hidden_states), cache=cache if use_cache else None
-        )
+        return self.layer_norm(hidden_states)
+
+    def _decoding_step_mask(self, self_attention_cache, positions: torch.Tensor, dtype: torch.dtype):
+        """
+        The attention mask of one query over the self-attention cache: `None` for a cache that holds only the
+        previous tokens; for a static cache (all its positions, filled or not) the positions up to the query's, as
+        booleans for sdpa or additive for eager attention.
+        """
+        layer = self_attention_cache.layers[0] if self_attention_cache.layers else None
+        if type(layer) is not StaticLayer:
+            return None
+        allowed = torch.arange(layer.max_cache_len, device=positions.device) <= positions
+        if self.config._attn_implementation == "eager":
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return allowed.view(1, 1, 1, -1)
+
+    def fill_cross_attention_cache(self, cache: EncoderDecoderCache, encoder_hidden_states: torch.Tensor) -> None:
+        """
+        Computes the cross-attention keys and values of every layer from the encoded image, in one matrix product (the
+        layers' key and value projections stacked), and stores them in `cache`; does nothing when they are there.
+        """
+        if all(cache.is_updated.get(index, False) for index in range(len(self.layers))):
+            return
+        projections = [
+            projection for layer in self.layers for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)
+        ]
+        weight = concatenated_parameters(self, "_cross_kv_weight", [projection.weight for projection in projections])
+        bias = concatenated_parameters(self, "_cross_kv_bias", [projection.bias for projection in projections])
+        batch_size, memory_length = encoder_hidden_states.shape[:2]
+        attention = self.layers[0].encoder_attn
+        states = nn.functional.linear(encoder_hidden_states, weight, bias)
+        states = states.view(batch_size, memory_length, len(projections), attention.num_heads, attention.head_dim)
+        states = states.permute(2, 0, 3, 1, 4)  # (2 * layers, batch, heads, memory_length, head_dim)
+        for index in range(len(self.layers)):
+            cache.cross_attention_cache.update(states[2 * index], states[2 * index + 1], index)
+            cache.is_updated[index] = True
 
 
 class Pix2SeqModel(Pix2SeqPreTrainedModel):
