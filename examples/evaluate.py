@@ -1,6 +1,7 @@
 """COCO evaluation of a saved Pix2Seq model on a dataset split (pycocotools COCOeval, every prediction kept).
 
     python examples/evaluate.py --model outputs/pix2seq-synthetic                      # synthetic validation split
+    python examples/evaluate.py --model outputs/pix2seq-synthetic --dtype bfloat16     # bf16 weights and activations
     python examples/evaluate.py --model my-model --dataset_name cppe-5 --validation_split test
     python examples/evaluate.py --model my-model --validation_coco_annotations instances_val2017.json \
         --validation_coco_images val2017
@@ -60,6 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=None, help="Sample with this mass (default: greedy decoding).")
     parser.add_argument("--output_file", default=None, help="JSON of metrics and predictions (default: <model>/eval_results.json).")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="Weights and activations of the model (`from_pretrained(..., dtype=...)`); the token grammar, sampling "
+        "and scores stay float32.",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,7 +76,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     use_cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(cpu=use_cpu)
-    model = AutoModelForObjectDetection.from_pretrained(args.model)
+    model = AutoModelForObjectDetection.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     processor = AutoProcessor.from_pretrained(args.model)
     processor.check_model_compatible(model)
 
@@ -128,6 +136,7 @@ def main(argv=None) -> int:
             "skipped_bad_images": skipped,
             "seconds": round(seconds, 2),
             "generation": generation_kwargs,
+            "dtype": args.dtype,
             "metrics": metrics,
             "predictions": predictions,
         }

@@ -209,9 +209,10 @@ class Pix2SeqStaticDecoding:
         sequences = torch.empty((batch_size, max(max_length, prompt_length)), dtype=torch.long, device=device)
         sequences[:, :prompt_length] = input_ids
         length = prompt_length
-        unfinished = torch.ones(batch_size, dtype=torch.long, device=device)
-        # Rows of the full batch that the decoder still runs (all, until some finish).
+        unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        # Rows of the full batch that the decoder still runs (all, until some finish), and how many.
         active = None
+        num_active = batch_size
 
         # `LogitsProcessorList.__call__` inspects every processor's signature at every step; this loop passes no
         # extra arguments, so it checks once and calls them directly.
@@ -247,24 +248,28 @@ class Pix2SeqStaticDecoding:
             else:
                 next_tokens = torch.argmax(next_token_scores, dim=-1)
             if has_eos_stopping_criteria:
-                next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+                next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
             sequences[:, length] = next_tokens
             length += 1
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
 
             unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
-            if length >= max_length or not bool(unfinished.any()):
+            if length >= max_length:
                 break
-            if has_eos_stopping_criteria and drop_finished:
+            # The step's one host synchronisation: how many sequences go on.
+            num_unfinished = int(unfinished.sum())
+            if num_unfinished == 0:
+                break
+            if has_eos_stopping_criteria and drop_finished and num_unfinished < num_active:
                 # Finished rows only get padding from now on: stop computing them.
-                still = unfinished.bool() if active is None else unfinished.bool()[active]
-                if not bool(still.all()):
-                    keep = still.nonzero().flatten()
-                    active = (torch.arange(batch_size, device=device) if active is None else active)[keep]
-                    cache.self_attention_cache.reorder_cache(keep)
-                    cache.cross_attention_cache.reorder_cache(keep)
-                    memory = memory.index_select(0, keep.to(memory.device))
+                still = unfinished if active is None else unfinished[active]
+                keep = still.nonzero().flatten()
+                num_active = num_unfinished
+                active = (torch.arange(batch_size, device=device) if active is None else active)[keep]
+                cache.self_attention_cache.reorder_cache(keep)
+                cache.cross_attention_cache.reorder_cache(keep)
+                memory = memory.index_select(0, keep.to(memory.device))
             tokens = sequences[:, length - 1 : length] if active is None else sequences[active, length - 1 : length]
             step_logits = step(model, tokens, memory, cache)
 
