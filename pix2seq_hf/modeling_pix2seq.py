@@ -137,33 +137,67 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def concatenated_parameters(owner: nn.Module, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+def concatenated_parameters(
+    owner: nn.Module, name: str, tensors: list[torch.Tensor], transpose: bool = False
+) -> torch.Tensor:
     """
     `torch.cat(tensors)` along the first dimension, for one matrix product in place of several: the weights (or
-    biases) of several projections stacked, so that they read the same input once.
+    biases) of several projections stacked, so that they read the same input once. With `transpose`, the (stacked)
+    weight transposed and contiguous, `(in_features, out_features)`: the layout in which a CPU multiplies a single row
+    by it fastest (a decoding step).
 
-    Without gradients the concatenation is kept on `owner` (a plain attribute `name`: not a parameter or buffer, never
-    in the state dict) and built again only when one of `tensors` changed (other tensors, moved or cast, or updated
-    in place). With gradients, and inside `torch.compile` / `torch.export` (where inductor folds it into a constant
-    when the weights are frozen), it is computed where it is used.
+    Without gradients the result is kept on `owner` (a plain attribute `name`: not a parameter or buffer, never in the
+    state dict) and built again only when one of `tensors` changed (other tensors, moved or cast, or updated in
+    place). With gradients, and inside `torch.compile` / `torch.export` (where inductor folds it into a constant when
+    the weights are frozen), it is computed where it is used.
 
     Returns:
         `torch.Tensor`: the concatenation, to be used read-only.
     """
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        return torch.cat(tensors)
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return torch.cat(tensors)
+    if len(tensors) == 1 and not transpose:
+        return tensors[0]
+    if (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)) or (
+        torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    ):
+        stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        return stacked.t() if transpose else stacked
     try:
         key = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
     except RuntimeError:  # inference tensors have no version counter: nothing tells an update apart
-        return torch.cat(tensors)
+        key = None
     cached = owner.__dict__.get(name)
-    if cached is None or cached[0] != key:
+    if key is None or cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, torch.cat(tensors))
+            stacked = torch.cat(tensors)
+            cached = (key, stacked.t().contiguous() if transpose else stacked)
         owner.__dict__[name] = cached
     return cached[1]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is an `nn.Linear` with a bias and no hooks: its output is `x @ W^T + b` and nothing else (an
+    adapter such as a LoRA layer, or a hook, must be called as a module)."""
+    return (
+        type(module) is nn.Linear
+        and module.bias is not None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def decoding_linear(owner: nn.Module, name: str, linears: list[nn.Linear], hidden_states: torch.Tensor) -> torch.Tensor:
+    """
+    The outputs of `linears` (plain `nn.Linear`s of the same input size), concatenated, for the tokens of one
+    decoding step `hidden_states` (`(batch, 1, in_features)`): one product with their weights stacked and kept
+    transposed on `owner` as `name` (see [`concatenated_parameters`]); the same result as calling them.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, 1, sum of out_features)`.
+    """
+    weight = concatenated_parameters(owner, f"{name}_weight", [linear.weight for linear in linears], transpose=True)
+    bias = concatenated_parameters(owner, f"{name}_bias", [linear.bias for linear in linears])
+    output = torch.addmm(bias, hidden_states.reshape(-1, hidden_states.shape[-1]), weight)
+    return output.view(*hidden_states.shape[:-1], -1)
 
 
 class Pix2SeqAttention(nn.Module):
@@ -171,9 +205,9 @@ class Pix2SeqAttention(nn.Module):
     Multi-head attention: self-attention (optionally causal, with a growing cache) or cross-attention to the encoded
     image, whose keys and values are computed once per image and then read from the cache at every decoding step.
 
-    Self-attention computes the query, key and value of its input in one matrix product (the three projections'
-    weights stacked, see [`concatenated_parameters`]); with a static cache the new keys and values are written in place
-    at `cache_position`.
+    A decoding step (one token per sequence, outside training) computes the query, key and value in one matrix product
+    (the three projections' weights stacked, see [`decoding_linear`]); with a static cache the new keys and values are
+    written in place at `cache_position`.
     """
 
     def __init__(
@@ -198,19 +232,24 @@ class Pix2SeqAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
+    def is_decoding_step(self, hidden_states: torch.Tensor) -> bool:
+        """Whether `hidden_states` is one token per sequence, outside training, through plain linear projections: then
+        the projections run as [`decoding_linear`] (stacked, transposed weights kept on the module)."""
+        return (
+            hidden_states.shape[1] == 1
+            and not self.training
+            and all(is_plain_linear(projection) for projection in (self.q_proj, self.k_proj, self.v_proj, self.out_proj))
+        )
+
     def project_query_key_value(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
-        The query, key and value of `hidden_states` (`(batch, length, hidden)`) in one matrix product.
+        The query, key and value of one decoding step's `hidden_states` (`(batch, 1, hidden)`) in one matrix product.
 
         Returns:
-            Three `torch.Tensor`s of shape `(batch, heads, length, head_dim)`.
+            Three `torch.Tensor`s of shape `(batch, heads, 1, head_dim)`.
         """
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = concatenated_parameters(self, "_qkv_weight", [projection.weight for projection in projections])
-        bias = concatenated_parameters(self, "_qkv_bias", [projection.bias for projection in projections])
-        batch_size, length = hidden_states.shape[:2]
-        qkv = nn.functional.linear(hidden_states, weight, bias).view(batch_size, length, 3, -1, self.head_dim)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = decoding_linear(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj], hidden_states)
+        return qkv.view(hidden_states.shape[0], 3, self.num_heads, 1, self.head_dim).unbind(1)
 
     def forward(
         self,
@@ -236,9 +275,14 @@ class Pix2SeqAttention(nn.Module):
         """
         is_cross_attention = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
+        decoding_step = self.is_decoding_step(hidden_states)
 
         if is_cross_attention:
-            query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            if decoding_step:
+                query_states = decoding_linear(self, "_q", [self.q_proj], hidden_states)
+                query_states = query_states.view(input_shape[0], self.num_heads, 1, self.head_dim)
+            else:
+                query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
             if cache is not None and cache.is_updated.get(self.layer_idx, False):
                 layer = cache.cross_attention_cache.layers[self.layer_idx]
                 key_states, value_states = layer.keys, layer.values
@@ -252,21 +296,20 @@ class Pix2SeqAttention(nn.Module):
                     )
                     cache.is_updated[self.layer_idx] = True
         else:
-            if self.training and torch.is_grad_enabled():
-                # Three projections: the stacked weights would be a copy per step for autograd to go through.
+            if decoding_step:
+                query_states, key_states, value_states = self.project_query_key_value(hidden_states)
+            else:
                 query_states, key_states, value_states = (
                     projection(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
                     for projection in (self.q_proj, self.k_proj, self.v_proj)
                 )
-            else:
-                query_states, key_states, value_states = self.project_query_key_value(hidden_states)
             if cache is not None:
                 key_states, value_states = self._write_cache(
                     cache.self_attention_cache, key_states, value_states, cache_position
                 )
 
         implementation = self.config._attn_implementation
-        if implementation == "sdpa" and input_shape[1] == 1 and not self.training:
+        if implementation == "sdpa" and decoding_step:
             # A decoding step: transformers' sdpa wrapper without its per-call checks, which concern longer queries (one
             # query attends to the keys the mask allows, or to all of them).
             attn_output = nn.functional.scaled_dot_product_attention(
@@ -289,8 +332,10 @@ class Pix2SeqAttention(nn.Module):
                 is_causal=self.is_causal,
                 **kwargs,
             )
-        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1))
-        return attn_output, attn_weights
+        attn_output = attn_output.reshape(*input_shape, -1)
+        if decoding_step:
+            return decoding_linear(self, "_out", [self.out_proj], attn_output), attn_weights
+        return self.out_proj(attn_output), attn_weights
 
     def _write_cache(
         self, layer_cache, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor | None
@@ -320,6 +365,10 @@ class Pix2SeqMLP(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.shape[1] == 1 and not self.training and is_plain_linear(self.fc1) and is_plain_linear(self.fc2):
+            # A decoding step: the products with the transposed weights kept on the module (`decoding_linear`).
+            hidden_states = self.activation_fn(decoding_linear(self, "_fc1", [self.fc1], hidden_states))
+            return decoding_linear(self, "_fc2", [self.fc2], hidden_states)
         return self.fc2(self.dropout(self.activation_fn(self.fc1(hidden_states))))
 
 
@@ -859,13 +908,16 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
     def fill_cross_attention_cache(self, cache: EncoderDecoderCache, encoder_hidden_states: torch.Tensor) -> None:
         """
         Computes the cross-attention keys and values of every layer from the encoded image, in one matrix product (the
-        layers' key and value projections stacked), and stores them in `cache`; does nothing when they are there.
+        layers' key and value projections stacked), and stores them in `cache`; does nothing when they are there (or
+        when a projection is not a plain `nn.Linear`: the layers then compute their own).
         """
         if all(cache.is_updated.get(index, False) for index in range(len(self.layers))):
             return
         projections = [
             projection for layer in self.layers for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)
         ]
+        if not all(is_plain_linear(projection) for projection in projections):
+            return  # adapters or hooks: each layer calls its own projections
         weight = concatenated_parameters(self, "_cross_kv_weight", [projection.weight for projection in projections])
         bias = concatenated_parameters(self, "_cross_kv_bias", [projection.bias for projection in projections])
         batch_size, memory_length = encoder_hidden_states.shape[:2]

