@@ -337,16 +337,56 @@ _LINEAR_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
 _ATTENTION_OPS = {"aten::scaled_dot_product_attention", "aten::bmm", "aten::_softmax", "aten::softmax"}
 _NORM_OPS = {"aten::layer_norm", "aten::native_layer_norm", "aten::gelu"}
 _SAMPLING_OPS = {"aten::softmax", "aten::_softmax", "aten::multinomial", "aten::argmax"}
-_CALLERS = ("modeling_pix2seq", "decoder_step", "logits_process", "generation_pix2seq", "stopping_criteria",
-            "fast_generation")
+
+
+DECODER_STEP_RANGE, PROCESSORS_RANGE = "pix2seq decoder step", "pix2seq logits processors"
+
+
+class _LabelledProcessor:
+    """A logits processor called inside a profiler range (`PROCESSORS_RANGE`)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, input_ids, scores):
+        with torch.profiler.record_function(PROCESSORS_RANGE):
+            return self.processor(input_ids, scores)
+
+
+@contextlib.contextmanager
+def labelled_decoding(model):
+    """
+    Inside it, the static loop's decoder steps and `model`'s logits processors run inside profiler ranges
+    (`DECODER_STEP_RANGE`, `PROCESSORS_RANGE`), which `token_breakdown` reads.
+    """
+    import pix2seq_hf.fast_generation as fast_generation
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    decoder_step = fast_generation.decoder_step
+    get_logits_processor = model._get_logits_processor
+
+    def labelled_step(*args):
+        with torch.profiler.record_function(DECODER_STEP_RANGE):
+            return decoder_step(*args)
+
+    def labelled_processors(*args, **kwargs):
+        return LogitsProcessorList(_LabelledProcessor(p) for p in get_logits_processor(*args, **kwargs))
+
+    fast_generation.decoder_step = labelled_step
+    model._get_logits_processor = labelled_processors
+    try:
+        yield
+    finally:
+        fast_generation.decoder_step = decoder_step
+        del model._get_logits_processor
 
 
 def token_breakdown(prof, steps: int, vocab_size: int) -> dict:
     """
-    Splits a profiled decoding run into `TOKEN_CATEGORIES`: every outermost aten operator (with the time of the
-    operators it calls) goes to the logits processors or the stopping criteria when called from them (the Python frames
-    the profiler records above it with `with_stack=True`), to the sampling when the loop calls softmax/multinomial/argmax itself, else by its name (linear layers,
-    attention, norms and GELU, other layer operators; operators of the loop body go to bookkeeping).
+    Splits a decoding run profiled under `labelled_decoding` into `TOKEN_CATEGORIES`: every outermost aten operator
+    (with the time of the operators it calls) goes to the logits processors when called in their range, by its name
+    to the linear layers, attention, norms and GELU or the layers' other operators when called in a decoder step,
+    else to the sampling (softmax, multinomial, argmax) or the loop's bookkeeping (stopping criteria, token writes).
 
     Returns:
         `{"categories": {name: {"us": self time per token, "ops": operators per token}}, "lm_head_us": ...}`.
@@ -357,18 +397,15 @@ def token_breakdown(prof, steps: int, vocab_size: int) -> dict:
         name = event.name
         if not name.startswith("aten::"):
             continue
-        # The Python frames above the operator (the profiler records them as its ancestors, with `with_stack`).
-        frames, parent = [], event.cpu_parent
+        ranges, parent = [], event.cpu_parent
         while parent is not None and not parent.name.startswith("aten::"):
-            frames.append(parent.name)
+            ranges.append(parent.name)
             parent = parent.cpu_parent
         if parent is not None:
             continue  # called by another aten operator, whose time includes it
-        # The innermost Pix2Seq, transformers-processor or stopping-criteria frame says who called the operator.
-        caller = next((frame for frame in frames if any(key in frame for key in _CALLERS)), "")
-        if "logits_process" in caller or "generation_pix2seq" in caller:
+        if PROCESSORS_RANGE in ranges:
             category = "logits processors (grammar, top-p)"
-        elif "modeling_pix2seq" in caller or "decoder_step" in caller:
+        elif DECODER_STEP_RANGE in ranges:
             if name in _LINEAR_OPS:
                 category = "linear layers"
                 if any(vocab_size in shape for shape in (event.input_shapes or []) if isinstance(shape, list)):
@@ -379,7 +416,7 @@ def token_breakdown(prof, steps: int, vocab_size: int) -> dict:
                 category = "norms and GELU"
             else:
                 category = "other layer ops (residuals, cache writes, embeddings)"
-        elif "fast_generation" in caller and name in _SAMPLING_OPS:
+        elif name in _SAMPLING_OPS:
             category = "sampling"
         else:
             category = "loop bookkeeping (stopping criteria, token writes)"
@@ -610,7 +647,7 @@ class Runner:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         start = time.perf_counter()
-        with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+        with labelled_decoding(self.model_for(loop)), profile(activities=activities, record_shapes=True) as prof:
             self.decode(encoder_hidden_states, num_objects, loop)
         wall = time.perf_counter() - start
         steps = 5 * num_objects
