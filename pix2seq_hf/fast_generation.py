@@ -27,7 +27,9 @@ from transformers.cache_utils import EncoderDecoderCache, StaticCache
 from transformers.generation.utils import GenerateEncoderDecoderOutput
 
 
-def decoder_step(model, token_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor, cache) -> torch.Tensor:
+def decoder_step(
+    model, token_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor, cache, key_length: int | None = None
+) -> torch.Tensor:
     """
     One call of the model's decoder and output projection, for the last position of `token_ids`.
 
@@ -37,11 +39,13 @@ def decoder_step(model, token_ids: torch.LongTensor, encoder_hidden_states: torc
         encoder_hidden_states (`torch.Tensor` of shape `(batch, memory_length, hidden)`): the encoded images (read
             only until the cache holds their cross-attention keys/values).
         cache (`EncoderDecoderCache`): the static cache, updated in place.
+        key_length (`int`, *optional*): the cache positions filled after this step, for a single-token step to attend
+            to those only (see `Pix2SeqDecoder.decode`); `None` (compiled steps): the whole cache, masked.
 
     Returns:
         `torch.FloatTensor` of shape `(batch, vocab_size)`: the next-token logits, float32.
     """
-    hidden = model.model.decoder.decode(token_ids, encoder_hidden_states, cache=cache)
+    hidden = model.model.decoder.decode(token_ids, encoder_hidden_states, cache=cache, key_length=key_length)
     return model.lm_head(hidden[:, -1]).float()
 
 
@@ -271,7 +275,11 @@ class Pix2SeqStaticDecoding:
                 cache.cross_attention_cache.reorder_cache(keep)
                 memory = memory.index_select(0, keep.to(memory.device))
             tokens = sequences[:, length - 1 : length] if active is None else sequences[active, length - 1 : length]
-            step_logits = step(model, tokens, memory, cache)
+            if compiled:
+                step_logits = step(model, tokens, memory, cache)
+            else:
+                # The token goes to position `length - 1`: the step attends to the `length` filled positions.
+                step_logits = step(model, tokens, memory, cache, length)
 
         if streamer is not None:
             streamer.end()

@@ -258,6 +258,7 @@ class Pix2SeqAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         cache_position: torch.Tensor | None = None,
+        key_length: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
@@ -269,6 +270,8 @@ class Pix2SeqAttention(nn.Module):
             cache (`EncoderDecoderCache`, *optional*): the decoder cache.
             cache_position (`torch.LongTensor` of shape `(length,)`, *optional*): the positions of `hidden_states` in
                 the sequence; with a static cache, where its keys and values are written.
+            key_length (`int`, *optional*): with a static cache, how many of its positions are filled after this
+                step's write; attention then reads only those (and `attention_mask` must be `None`).
 
         Returns:
             `(attn_output, attn_weights)`; `attn_weights` is `None` unless eager attention is used.
@@ -307,6 +310,8 @@ class Pix2SeqAttention(nn.Module):
                 key_states, value_states = self._write_cache(
                     cache.self_attention_cache, key_states, value_states, cache_position
                 )
+                if key_length is not None:
+                    key_states, value_states = key_states[:, :, :key_length], value_states[:, :, :key_length]
 
         implementation = self.config._attn_implementation
         if implementation == "sdpa" and decoding_step:
@@ -472,6 +477,7 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor,
         cache: EncoderDecoderCache | None = None,
         cache_position: torch.Tensor | None = None,
+        key_length: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
@@ -479,6 +485,7 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             cache=cache,
             cache_position=cache_position,
+            key_length=key_length,
             **kwargs,
         )
         hidden_states = hidden_states + self.drop_path(attn_output)
@@ -839,6 +846,7 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        key_length: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
@@ -855,6 +863,10 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
             encoder_hidden_states (`torch.Tensor` of shape `(batch_size, memory_length, decoder_hidden_size)`).
             attention_mask (`torch.Tensor` of shape `(batch_size, past_length + target_length)`, *optional*).
             cache (`EncoderDecoderCache`, *optional*): updated in place.
+            key_length (`int`, *optional*): for a decoding step over a static cache, the number of its positions filled
+                after the step (known to the loop without reading the device): the token attends to those only, with
+                no mask. Without it the step attends over the whole static cache with a mask of the filled positions
+                (fixed shapes, for compilation and CUDA graphs).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, target_length, decoder_hidden_size)`: the final LayerNorm's output.
@@ -868,7 +880,10 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         if cache is not None:
             self.fill_cross_attention_cache(cache, encoder_hidden_states)
         implementation = self.config._attn_implementation
-        if target_length == 1 and cache is not None and attention_mask is None and implementation in ("sdpa", "eager"):
+        decoding_step = target_length == 1 and cache is not None and attention_mask is None
+        if decoding_step and key_length is not None:
+            causal_mask = None
+        elif decoding_step and implementation in ("sdpa", "eager"):
             causal_mask = self._decoding_step_mask(cache.self_attention_cache, positions, hidden_states.dtype)
         else:
             causal_mask = create_causal_mask(
@@ -885,6 +900,7 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 encoder_hidden_states,  # positional, so that gradient checkpointing passes its gradient through
                 cache=cache,
                 cache_position=positions,
+                key_length=key_length if decoding_step else None,
                 **kwargs,
             )
         return self.layer_norm(hidden_states)
