@@ -6,8 +6,10 @@ criteria, so the options, outputs and post-processing are the same as with trans
 
 - the decoder runs over transformers' `StaticCache` (self-attention keys/values in preallocated tensors of the
   maximum length, cross-attention keys/values of the image computed once, at the prompt);
-- one step is the model's own decoder layers and output projection on one token, with no `generate` bookkeeping
-  around it (no input preparation, output objects or cache copies per step);
+- one step is the model's own decoder layers and output projection on one token (their decoding-step path: stacked
+  query/key/value product, in-place cache writes, attention over the filled part of the cache, no mask), with no
+  `generate` bookkeeping around it (no input preparation, output objects or cache copies per step), and one host
+  synchronisation per token (how many images go on);
 - images whose sequence has finished are dropped from the decoder batch (their cache rows are removed), so a batch
   costs what its unfinished images cost;
 - with compilation (when `generate` is given a `compile_config`), the single-token step is compiled with
