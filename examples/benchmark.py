@@ -66,6 +66,7 @@ from timm.utils.model import freeze_batch_norm_2d  # noqa: E402
 
 import transformers  # noqa: E402
 from transformers import CompileConfig, DetrConfig, DetrForObjectDetection  # noqa: E402
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
 import pix2seq_hf  # noqa: E402, F401
@@ -99,6 +100,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--uncached_objects", type=int, default=None, help="K of the no-cache run (default: max K).")
     parser.add_argument("--skip_training", action="store_true", help="No training-step measurement.")
     parser.add_argument("--skip_profile", action="store_true", help="No torch-profiler breakdown of a token.")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Only the per-token breakdown of the default loop (batch 1, K = the largest of --objects; with --bf16 "
+        "also the bf16 model), after timing it over --repeats rounds: a table of ms and operators per token by kind.",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="Also time the model with bfloat16 weights (`model.to(torch.bfloat16)`)."
+    )
+    parser.add_argument(
+        "--first_call",
+        action="store_true",
+        help="Only the first call of `detect` in a new process against a warm call (batch 1, each K of --objects): the "
+        "default loop, and with --compile the compiled one, in two new processes (the first compiles and fills "
+        "torch's on-disk caches, the second starts from them).",
+    )
+    parser.add_argument("--first_call_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip_speed", action="store_true", help="Only the early-stop measurement.")
     parser.add_argument("--quick", action="store_true", help="Batch 1, one round, no compile, uncached at min K.")
     parser.add_argument(
@@ -119,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default="benchmark_results.json", help="Where the results go (JSON).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and images.")
     args = parser.parse_args(argv)
+    if args.profile or args.first_call:
+        args.skip_training = True
     if args.quick:
         args.batch_sizes, args.repeats, args.train_steps, args.compile = [1], 1, 1, False
         args.uncached_objects = args.uncached_objects or min(args.objects)
@@ -304,12 +324,116 @@ def detr_training_labels(batch_size: int, num_targets: int, num_labels: int, dev
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The kinds of operator a decoded token's time is split into (`token_breakdown`).
+TOKEN_CATEGORIES = (
+    "linear layers",
+    "attention",
+    "norms and GELU",
+    "other layer ops (residuals, cache writes, embeddings)",
+    "logits processors (grammar, top-p)",
+    "sampling",
+    "loop bookkeeping (stopping criteria, token writes)",
+)
+_LINEAR_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
+_ATTENTION_OPS = {"aten::scaled_dot_product_attention", "aten::bmm", "aten::_softmax", "aten::softmax"}
+_NORM_OPS = {"aten::layer_norm", "aten::native_layer_norm", "aten::gelu"}
+_SAMPLING_OPS = {"aten::softmax", "aten::_softmax", "aten::multinomial", "aten::argmax"}
+
+
+DECODER_STEP_RANGE, PROCESSORS_RANGE = "pix2seq decoder step", "pix2seq logits processors"
+
+
+class _LabelledProcessor:
+    """A logits processor called inside a profiler range (`PROCESSORS_RANGE`)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, input_ids, scores):
+        with torch.profiler.record_function(PROCESSORS_RANGE):
+            return self.processor(input_ids, scores)
+
+
+@contextlib.contextmanager
+def labelled_decoding(model):
+    """
+    Inside it, the static loop's decoder steps and `model`'s logits processors run inside profiler ranges
+    (`DECODER_STEP_RANGE`, `PROCESSORS_RANGE`), which `token_breakdown` reads.
+    """
+    import pix2seq_hf.fast_generation as fast_generation
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    decoder_step = fast_generation.decoder_step
+    get_logits_processor = model._get_logits_processor
+
+    def labelled_step(*args):
+        with torch.profiler.record_function(DECODER_STEP_RANGE):
+            return decoder_step(*args)
+
+    def labelled_processors(*args, **kwargs):
+        return LogitsProcessorList(_LabelledProcessor(p) for p in get_logits_processor(*args, **kwargs))
+
+    fast_generation.decoder_step = labelled_step
+    model._get_logits_processor = labelled_processors
+    try:
+        yield
+    finally:
+        fast_generation.decoder_step = decoder_step
+        del model._get_logits_processor
+
+
+def token_breakdown(prof, steps: int, vocab_size: int) -> dict:
+    """
+    Splits a decoding run profiled under `labelled_decoding` into `TOKEN_CATEGORIES`: every outermost aten operator
+    (with the time of the operators it calls) goes to the logits processors when called in their range, by its name
+    to the linear layers, attention, norms and GELU or the layers' other operators when called in a decoder step,
+    else to the sampling (softmax, multinomial, argmax) or the loop's bookkeeping (stopping criteria, token writes).
+
+    Returns:
+        `{"categories": {name: {"us": self time per token, "ops": operators per token}}, "lm_head_us": ...}`.
+    """
+    categories = {name: {"us": 0.0, "ops": 0.0} for name in TOKEN_CATEGORIES}
+    lm_head_us = 0.0
+    for event in prof.events():
+        name = event.name
+        if not name.startswith("aten::"):
+            continue
+        ranges, parent = [], event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            ranges.append(parent.name)
+            parent = parent.cpu_parent
+        if parent is not None:
+            continue  # called by another aten operator, whose time includes it
+        if PROCESSORS_RANGE in ranges:
+            category = "logits processors (grammar, top-p)"
+        elif DECODER_STEP_RANGE in ranges:
+            if name in _LINEAR_OPS:
+                category = "linear layers"
+                if any(vocab_size in shape for shape in (event.input_shapes or []) if isinstance(shape, list)):
+                    lm_head_us += event.cpu_time_total
+            elif name in _ATTENTION_OPS or "attention" in name:
+                category = "attention"
+            elif name in _NORM_OPS:
+                category = "norms and GELU"
+            else:
+                category = "other layer ops (residuals, cache writes, embeddings)"
+        elif name in _SAMPLING_OPS:
+            category = "sampling"
+        else:
+            category = "loop bookkeeping (stopping criteria, token writes)"
+        categories[category]["us"] += event.cpu_time_total / steps
+        categories[category]["ops"] += 1 / steps
+    return {"categories": categories, "lm_head_us": lm_head_us / steps}
+
+
 class Runner:
     def __init__(self, args, device: torch.device, pix2seq, detr):
         self.args = args
         self.device = device
         self.pix2seq = pix2seq
         self.detr = detr
+        # `--bf16`: the same model with bfloat16 weights (`model.to(torch.bfloat16)`), for the "bf16" loops.
+        self.pix2seq_bf16 = copy.deepcopy(pix2seq).to(torch.bfloat16) if args.bf16 else None
         self.autocast_dtype = None
         if device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -320,6 +444,7 @@ class Runner:
         self.loops = {
             # `generate` as a user calls it: nothing extra (the static-cache loop, eager on CPU).
             "generate": {},
+            "generate bf16": {},
             "compiled": {"compile_config": compile_config},
             "stock": {"static_decoding": False},
             "stock eager attention": {"static_decoding": False},
@@ -330,10 +455,18 @@ class Runner:
             "uncached": {"use_cache": False},
         }
 
-    def autocast(self):
-        if self.autocast_dtype is None:
+    def autocast(self, loop: str | None = None):
+        if self.autocast_dtype is None or (loop is not None and loop.endswith("bf16")):
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def model_for(self, loop: str):
+        """The Pix2Seq model a loop runs: the bf16 copy for the "bf16" loops, else the float32 model."""
+        if loop.endswith("bf16"):
+            if self.pix2seq_bf16 is None:
+                raise ValueError(f"The {loop!r} loop needs `--bf16`.")
+            return self.pix2seq_bf16
+        return self.pix2seq
 
     def _loop_kwargs(self, loop: str) -> dict:
         """`generate` arguments of a decoding loop (`self.loops`)."""
@@ -354,8 +487,8 @@ class Runner:
 
     def detect(self, pixel_values, num_objects: int, loop: str):
         kwargs = {"max_new_tokens": 5 * num_objects, "min_objects": num_objects, **self._loop_kwargs(loop)}
-        with torch.inference_mode(), self.autocast(), self._attention(loop):
-            output = self.pix2seq.detect(pixel_values, **kwargs)
+        with torch.inference_mode(), self.autocast(loop), self._attention(loop):
+            output = self.model_for(loop).detect(pixel_values, **kwargs)
         if output.sequences.shape[1] != 1 + 5 * num_objects:
             raise RuntimeError(f"Expected {5 * num_objects} tokens, got {output.sequences.shape[1] - 1}.")
         return output
@@ -364,9 +497,10 @@ class Runner:
         """The decoder alone: `generate` from given encoder outputs, exactly `5 * num_objects` tokens unless
         `kwargs` say otherwise."""
         kwargs = {"max_new_tokens": 5 * num_objects, "min_objects": num_objects, **kwargs, **self._loop_kwargs(loop)}
-        with torch.inference_mode(), self.autocast(), self._attention(loop):
-            output = self.pix2seq.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states), **kwargs
+        model = self.model_for(loop)
+        with torch.inference_mode(), self.autocast(loop), self._attention(loop):
+            output = model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states.to(model.dtype)), **kwargs
             )
         if "logits_processor" not in kwargs and output.sequences.shape[1] != 1 + 5 * num_objects:
             raise RuntimeError(f"Expected {5 * num_objects} tokens, got {output.sequences.shape[1] - 1}.")
@@ -395,6 +529,8 @@ class Runner:
         loops = ["generate", "stock"]
         if args.compile:
             loops.append("compiled")
+        if args.bf16:
+            loops.append("generate bf16")
         for num_objects in args.objects:
             for loop in loops:
                 configs[f"pix2seq {loop} K={num_objects}"] = (
@@ -433,6 +569,8 @@ class Runner:
         results = {}
         num_objects = max(args.objects)
         loops = ["generate", "stock", "transformers static cache"]
+        if args.bf16:
+            loops.append("generate bf16")
         if batch_size == 1:
             loops.append("stock eager attention")
         if args.compile:
@@ -493,87 +631,101 @@ class Runner:
 
     # ----- per-token profile -----------------------------------------------------------------------------------------
 
-    def profile(self, num_objects: int, unprofiled_ms_per_token: float | None) -> dict:
+    def profile(self, num_objects: int, unprofiled_ms_per_token: float | None, loop: str = "generate") -> dict:
         """
         Where the time of a decoded token goes, in the static loop at batch 1: the operators' own time under the torch
-        profiler, by kind, as shares of the unprofiled time per token (`unprofiled_ms_per_token`, from the decoder
-        timings). The profiler's own cost inflates every operator, so Python/dispatch overhead is not split out here:
-        the compiled loop (fused operators, no dispatch between them) bounds it.
+        profiler, by kind (`token_breakdown`), as shares of the unprofiled time per token (`unprofiled_ms_per_token`,
+        from the decoder timings), with the operator counts per token. The profiler's own cost inflates every
+        operator, so Python/dispatch overhead is spread over the operators here: the compiled loop (fused operators,
+        no dispatch between them) bounds it.
         """
         args = self.args
         pixel_values = torch.rand(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(7))
         encoder_hidden_states = self.encode(pixel_values.to(self.device))
         config = self.pix2seq.config
-        self.decode(encoder_hidden_states, num_objects, "generate")
+        self.decode(encoder_hidden_states, num_objects, loop)
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         start = time.perf_counter()
-        with profile(activities=activities, record_shapes=True) as prof:
-            self.decode(encoder_hidden_states, num_objects, "generate")
+        # The profile holds every operator: a few objects are enough. The cache keeps the length of K objects (a step
+        # attends over the whole static cache), EOS is forced after `profiled` objects.
+        from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+
+        profiled = min(num_objects, 20)
+        eos = config.eos_token_id
+
+        class EndAfter(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if input_ids.shape[1] - 1 == 5 * profiled:
+                    scores = torch.full_like(scores, -float("inf"))
+                    scores[:, eos] = 0.0
+                return scores
+
+        with labelled_decoding(self.model_for(loop)), profile(activities=activities, record_shapes=True) as prof:
+            self.decode(
+                encoder_hidden_states, num_objects, loop, min_objects=profiled,
+                logits_processor=LogitsProcessorList([EndAfter()]),
+            )
         wall = time.perf_counter() - start
-        steps = 5 * num_objects
-        categories = defaultdict(float)
-        lm_head_us = 0.0
-        vocab = config.vocab_size
-        for event in prof.key_averages(group_by_input_shape=True):
-            name, self_us = event.key, event.self_cpu_time_total
-            if name in ("aten::addmm", "aten::mm", "aten::linear"):
-                categories["linear layers (weights)"] += self_us
-                if any(vocab in shape for shape in (event.input_shapes or []) if isinstance(shape, list)):
-                    lm_head_us += self_us
-            elif name in ("aten::bmm", "aten::_softmax", "aten::softmax") or "attention" in name:
-                categories["attention (cache reads)"] += self_us
-            elif name.startswith("aten::"):
-                categories["other ops (norms, GELU, sampling, processors)"] += self_us
-        op_total = sum(categories.values())
+        steps = 5 * profiled + 1
+        breakdown = token_breakdown(prof, steps, config.vocab_size)
+        op_total = sum(entry["us"] for entry in breakdown["categories"].values())
         reference_ms = unprofiled_ms_per_token if unprofiled_ms_per_token is not None else wall * 1000 / steps
-        per_token_ms = {key: reference_ms * value / op_total for key, value in categories.items()}
-        lm_head_us *= reference_ms * 1000 / op_total
+        per_token_ms = {key: reference_ms * entry["us"] / op_total for key, entry in breakdown["categories"].items()}
+        ops_per_token = {key: entry["ops"] for key, entry in breakdown["categories"].items()}
+        lm_head_ms = reference_ms * breakdown["lm_head_us"] / op_total
         layers = config.decoder_layers
+        model = self.model_for(loop)
+        dtype_bytes = 2 if (self.autocast_dtype or model.dtype != torch.float32) else 4
         # Weights a step reads: every decoder layer's but the cross-attention key/value projections (used once per
         # image), and the output projection.
-        decoder_layers = self.pix2seq.model.decoder.layers
-        read_parameters = sum(p.numel() for p in decoder_layers.parameters()) - sum(
+        decoder = model.model.decoder
+        read_parameters = sum(p.numel() for p in decoder.layers.parameters()) - sum(
             p.numel()
-            for layer in decoder_layers
+            for layer in decoder.layers
             for p in (*layer.encoder_attn.k_proj.parameters(), *layer.encoder_attn.v_proj.parameters())
         )
-        weight_bytes = (read_parameters + self.pix2seq.lm_head.weight.numel()) * (2 if self.autocast_dtype else 4)
+        weight_bytes = (read_parameters + model.lm_head.weight.numel()) * dtype_bytes
         memory_length = encoder_hidden_states.shape[1]
-        cross_bytes = 2 * layers * memory_length * config.decoder_hidden_size * (2 if self.autocast_dtype else 4)
+        cross_bytes = 2 * layers * memory_length * config.decoder_hidden_size * dtype_bytes
         bandwidth = read_bandwidth_gbs(self.device)
         cache_bandwidth = read_bandwidth_gbs(self.device, mib=16)  # fits the last-level cache of most CPUs
         floor_ms = (weight_bytes + cross_bytes) / (bandwidth * 1e9) * 1000
-        # What computing the cross-attention keys/values costs: once per image here, at every step without the cache.
+
+        # What computing the cross-attention keys/values costs (one product for all layers): once per image here, at
+        # every step without the cache.
         def cross_keys_values():
-            for layer in decoder_layers:
-                layer.encoder_attn.k_proj(encoder_hidden_states)
-                layer.encoder_attn.v_proj(encoder_hidden_states)
+            decoder.fill_cross_attention_cache(
+                EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config)),
+                encoder_hidden_states.to(model.dtype),
+            )
 
         with torch.inference_mode():
             cross_kv_s = statistics.median(timed(cross_keys_values, self.device)[0] for _ in range(5))
         compiled = {}
-        for loop in ("compiled",) if args.compile else ():
+        for compiled_loop in ("compiled",) if args.compile and loop == "generate" else ():
             # The compiled step is one region in the profile: the rest of a token's time is the loop around it
             # (logits processors, sampling, stopping criteria, bookkeeping).
-            self.decode(encoder_hidden_states, num_objects, loop)
+            self.decode(encoder_hidden_states, num_objects, compiled_loop)
             with profile(activities=activities) as prof:
-                self.decode(encoder_hidden_states, num_objects, loop)
+                self.decode(encoder_hidden_states, num_objects, compiled_loop)
             region_us = sum(
                 event.cpu_time_total for event in prof.key_averages() if event.key.startswith("Torch-Compiled Region")
             )
-            compiled[loop] = {"compiled_step_ms": region_us / 1000 / steps}
+            compiled[compiled_loop] = {"compiled_step_ms": region_us / 1000 / steps}
+        linear_ms = per_token_ms.get("linear layers", 0.0)
         return {
+            "loop": loop,
             "batch_size": 1,
             "objects": num_objects,
             "compiled": compiled,
             "wall_ms_per_token": reference_ms,
             "profiled_wall_ms_per_token": wall * 1000 / steps,
             "per_token_ms": per_token_ms,
-            "per_layer_ms": (per_token_ms["linear layers (weights)"] - lm_head_us / 1000
-                             + per_token_ms["attention (cache reads)"]) / layers,
-            "lm_head_ms": lm_head_us / 1000,
+            "ops_per_token": ops_per_token,
+            "per_layer_ms": (linear_ms - lm_head_ms + per_token_ms.get("attention", 0.0)) / layers,
+            "lm_head_ms": lm_head_ms,
             "bytes_read_per_token_mb": (weight_bytes + cross_bytes) / 1e6,
             "read_bandwidth_gbs": bandwidth,
             "read_bandwidth_16mib_gbs": cache_bandwidth,
@@ -754,6 +906,122 @@ def run_device(args, device: torch.device) -> dict:
     return report
 
 
+def profile_only(args, device: torch.device) -> dict:
+    """`--profile`: the decoder alone at batch 1, K = the largest of `--objects`, timed, then profiled."""
+    pix2seq, detr = build_models(args, device)
+    runner = Runner(args, device, pix2seq, detr)
+    num_objects = max(args.objects)
+    generator = torch.Generator().manual_seed(args.seed + 101)
+    pixel_values = torch.rand(1, 3, args.image_size, args.image_size, generator=generator).to(device)
+    encoder_hidden_states = runner.encode(pixel_values)
+    loops = ["generate"] + (["generate bf16"] if args.bf16 else []) + (["compiled"] if args.compile else [])
+    configs = {loop: (lambda l=loop: runner.decode(encoder_hidden_states, num_objects, l)) for loop in loops}
+    timings = interleaved(configs, device, args.repeats, warmup=True)
+    ms_per_token = {loop: 1000 * entry["median_s"] / (5 * num_objects) for loop, entry in timings.items()}
+    profiles = {}
+    for loop in loops:
+        if loop != "compiled":
+            profiles[loop] = runner.profile(num_objects, ms_per_token[loop], loop)
+    for loop, entry in profiles.get("generate", {}).get("compiled", {}).items():
+        entry["ms_per_token"] = ms_per_token[loop]
+        entry["loop_ms"] = entry["ms_per_token"] - entry["compiled_step_ms"]
+    return {"device": str(device), "objects": num_objects, "ms_per_token": ms_per_token, "profiles": profiles}
+
+
+def format_profile(profile: dict) -> str:
+    """A profile (`Runner.profile`) as a table: ms, share and aten operators per token, by kind."""
+    total = sum(profile["per_token_ms"].values())
+    lines = [
+        f"{profile['loop']}, batch 1, K={profile['objects']}: {profile['wall_ms_per_token']:.2f} ms per token",
+        "",
+        "| kind | ms per token | share | aten operators per token |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, ms in profile["per_token_ms"].items():
+        lines.append(f"| {name} | {ms:.2f} | {ms / total:.0%} | {profile['ops_per_token'][name]:.0f} |")
+    lines.append(f"| total | {total:.2f} | 100% | {sum(profile['ops_per_token'].values()):.0f} |")
+    lines.append("")
+    lines.append(
+        f"Per decoder layer {profile['per_layer_ms']:.2f} ms (linear + attention), output projection "
+        f"{profile['lm_head_ms']:.2f} ms. A step reads {profile['bytes_read_per_token_mb']:.1f} MB (weights + "
+        f"cross-attention K/V); at the measured read bandwidth of {profile['read_bandwidth_gbs']:.1f} GB/s (256 MiB; "
+        f"{profile['read_bandwidth_16mib_gbs']:.1f} GB/s for 16 MiB) that is >= "
+        f"{profile['bandwidth_floor_ms_per_token']:.2f} ms per token. The cross-attention K/V of an image (all layers, "
+        f"one product) take {profile['cross_kv_projection_ms_per_image']:.1f} ms, once per image."
+        + "".join(
+            f" {loop}: {entry['ms_per_token']:.2f} ms per token, of which the compiled step "
+            f"{entry['compiled_step_ms']:.2f} ms and the loop around it (processors, sampling) "
+            f"{entry['loop_ms']:.2f} ms."
+            for loop, entry in profile["compiled"].items()
+            if "ms_per_token" in entry
+        )
+    )
+    return "\n".join(lines)
+
+
+FIRST_CALL_MARK = "FIRST_CALL_JSON "
+
+
+def first_call_child(args, device: torch.device) -> dict:
+    """In a new process: the first `detect` call of the loop `--first_call_child` and the best of two warm calls."""
+    loop = args.first_call_child
+    pix2seq, detr = build_models(args, device)
+    del detr
+    runner = Runner(args, device, pix2seq, None)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    pixel_values = torch.rand(1, 3, args.image_size, args.image_size, generator=generator).to(device)
+    results = {}
+    for num_objects in args.objects:
+        first, _ = timed(lambda: runner.detect(pixel_values, num_objects, loop), device)
+        warm = min(timed(lambda: runner.detect(pixel_values, num_objects, loop), device)[0] for _ in range(2))
+        results[str(num_objects)] = {"first_s": first, "warm_s": warm, "ratio": first / warm}
+    return results
+
+
+def first_call_in_new_processes(args) -> dict:
+    """
+    `--first_call`: `first_call_child` in new processes: the default loop; with `--compile`, the compiled loop twice
+    with torch's on-disk compile caches in a new folder (`TORCHINDUCTOR_CACHE_DIR`): the first process compiles and
+    fills them, the second starts from them (a machine that compiled once).
+    """
+    import subprocess
+    import tempfile
+
+    runs = [("generate", "new process")]
+    if args.bf16:
+        runs.append(("generate bf16", "new process"))
+    if args.compile:
+        runs += [("compiled", "new process, empty compile caches"), ("compiled", "new process, compile caches filled")]
+    common = [
+        "--device", args.device if args.device != "auto" else "cpu", "--threads", str(args.threads),
+        "--image_size", str(args.image_size), "--seed", str(args.seed), "--objects", *map(str, args.objects),
+    ]
+    if args.omp_wait_policy:
+        common += ["--omp_wait_policy", args.omp_wait_policy]
+    results = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+        for loop, name in runs:
+            logger.info("first call: %s (%s)", loop, name)
+            command = [sys.executable, os.path.abspath(__file__), "--first_call_child", loop, *common]
+            if loop.endswith("bf16"):
+                command.append("--bf16")
+            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            line = next(line for line in output.splitlines() if line.startswith(FIRST_CALL_MARK))
+            results[f"{loop}, {name}"] = json.loads(line[len(FIRST_CALL_MARK) :])
+    return results
+
+
+def format_first_call(results: dict) -> str:
+    lines = ["| loop | K | first call (s) | warm call (s) | first / warm |", "|---|---:|---:|---:|---:|"]
+    for name, per_k in results.items():
+        for num_objects, entry in per_k.items():
+            lines.append(
+                f"| {name} | {num_objects} | {entry['first_s']:.2f} | {entry['warm_s']:.2f} | {entry['ratio']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def check_targets(args, report: dict) -> dict:
     """The issue's targets, each a ratio within this run."""
     targets = {}
@@ -765,9 +1033,14 @@ def check_targets(args, report: dict) -> dict:
                 ratio = uncached["ms_per_step"] / decoder[loop]["ms_per_step"]
                 targets[f"cached ({loop}) vs uncached decoding at K={max(args.objects)}"] = {
                     "ratio": ratio, "target": ">= 10", "met": ratio >= 10}
-    for batch_size, num_objects, limit in ((1, 10, 1.0), (1, 100, 1.6), (8, 100, 1.2)):
+    for batch_size, num_objects, limit, loops in (
+        (1, 10, 1.0, ("generate", "stock", "compiled")),
+        (1, 100, 2.5, ("generate", "stock", "compiled")),
+        (8, 100, 1.2, ("generate", "stock", "compiled")),
+        (1, 100, 2.0, ("generate bf16",)),
+    ):
         detection = report["detection"].get(str(batch_size), {})
-        for loop in ("generate", "stock", "compiled"):
+        for loop in loops:
             name = f"pix2seq {loop} K={num_objects}"
             if name in detection:
                 ratio = detection[name]["median_s"] / detection["detr"]["median_s"]
@@ -833,24 +1106,9 @@ def format_report(report: dict) -> str:
             for loop, entry in finished["loops"].items():
                 lines.append(f"| {loop} | {entry['median_s']:.2f} | {entry['images_per_s']:.2f} |")
     profile = report["profile"]
-    lines.append("")
-    lines.append("" if profile is None else
-        f"Default loop, batch 1, K={profile['objects']}: {profile['wall_ms_per_token']:.2f} ms per token = "
-        + ", ".join(f"{key} {value:.2f}" for key, value in profile["per_token_ms"].items())
-        + f"; per decoder layer {profile['per_layer_ms']:.2f} ms, LM head {profile['lm_head_ms']:.2f} ms. "
-        f"A step reads {profile['bytes_read_per_token_mb']:.1f} MB (weights + cross-attention K/V); at the measured "
-        f"read bandwidth of {profile['read_bandwidth_gbs']:.1f} GB/s (256 MiB; "
-        f"{profile['read_bandwidth_16mib_gbs']:.1f} GB/s for 16 MiB) that is >= "
-        f"{profile['bandwidth_floor_ms_per_token']:.2f} ms per token. Computing the cross-attention K/V of an image "
-        f"takes {profile['cross_kv_projection_ms_per_image']:.1f} ms (once per image, not per step)."
-        + "".join(
-            f" {loop}: {entry['ms_per_token']:.2f} ms per token, of which the compiled step "
-            f"{entry['compiled_step_ms']:.2f} ms and the loop around it (processors, sampling) "
-            f"{entry['loop_ms']:.2f} ms."
-            for loop, entry in profile["compiled"].items()
-            if "ms_per_token" in entry
-        )
-    )
+    if profile is not None:
+        lines.append("")
+        lines.append(format_profile(profile))
     if "training" in report:
         training = report["training"]
         lines.append("")
@@ -898,11 +1156,27 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
+    if args.first_call_child:
+        device = torch.device("cuda" if args.device == "cuda" else "cpu")
+        print(FIRST_CALL_MARK + json.dumps(first_call_child(args, device)), flush=True)
+        return 0
     report = {"machine": machine_info(args), "results": []}
     start = time.perf_counter()
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         devices.append(torch.device("cuda"))
+    if args.profile:
+        report["profile"] = [profile_only(args, device) for device in devices]
+        for entry in report["profile"]:
+            print(f"## {entry['device']}: ms per token " + ", ".join(
+                f"{loop} {ms:.2f}" for loop, ms in entry["ms_per_token"].items()))
+            for profile in entry["profiles"].values():
+                print("\n" + format_profile(profile), flush=True)
+        args.skip_speed = True
+    if args.first_call:
+        report["first_call"] = first_call_in_new_processes(args)
+        print(format_first_call(report["first_call"]), flush=True)
+        args.skip_speed = True
     for device in [] if args.skip_speed else devices:
         logger.info("benchmarking on %s", device)
         device_report = run_device(args, device)

@@ -1,6 +1,7 @@
 """COCO evaluation of a saved Pix2Seq model on a dataset split (pycocotools COCOeval, every prediction kept).
 
     python examples/evaluate.py --model_name_or_path outputs/pix2seq-synthetic          # synthetic validation split
+    python examples/evaluate.py --model_name_or_path outputs/pix2seq-synthetic --dtype bfloat16  # bf16 weights
     python examples/evaluate.py --model_name_or_path my-model --dataset_name cppe-5 --validation_split test
     python examples/evaluate.py --model_name_or_path my-model --coco_annotations instances_val2017.json \\
         --coco_images val2017
@@ -105,6 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--output_file", default=None, help="JSON of metrics and predictions (unset: <model>/eval_results.json)."
     )
     parser.add_argument("--cpu", action="store_true", help="Run on the CPU even when a GPU is available.")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="Weights and activations of the model (`from_pretrained(..., dtype=...)`); the token grammar, sampling "
+        "and scores stay float32.",
+    )
     return parser.parse_args(argv)
 
 
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
         set_max_image_pixels(args.max_image_pixels)
     use_cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(cpu=use_cpu)
-    model = AutoModelForObjectDetection.from_pretrained(args.model)
+    model = AutoModelForObjectDetection.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     processor = AutoProcessor.from_pretrained(args.model)
     processor.check_model_compatible(model)
 
@@ -217,6 +225,7 @@ def main(argv=None) -> int:
             "seconds": round(seconds, 2),
             "generation": generation_kwargs,
             "labels": labels,
+            "dtype": args.dtype,
             "metrics": metrics,
             "predictions": predictions,
         }

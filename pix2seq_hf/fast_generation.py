@@ -6,8 +6,10 @@ criteria, so the options, outputs and post-processing are the same as with trans
 
 - the decoder runs over transformers' `StaticCache` (self-attention keys/values in preallocated tensors of the
   maximum length, cross-attention keys/values of the image computed once, at the prompt);
-- one step is the model's own decoder layers and output projection on one token, with no `generate` bookkeeping
-  around it (no input preparation, output objects or cache copies per step);
+- one step is the model's own decoder layers and output projection on one token (their decoding-step path: stacked
+  query/key/value product, in-place cache writes, attention over the filled part of the cache, no mask), with no
+  `generate` bookkeeping around it (no input preparation, output objects or cache copies per step), and one host
+  synchronisation per token (how many images go on);
 - images whose sequence has finished are dropped from the decoder batch (their cache rows are removed), so a batch
   costs what its unfinished images cost;
 - with compilation (when `generate` is given a `compile_config`), the single-token step is compiled with
@@ -27,7 +29,9 @@ from transformers.cache_utils import EncoderDecoderCache, StaticCache
 from transformers.generation.utils import GenerateEncoderDecoderOutput
 
 
-def decoder_step(model, token_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor, cache) -> torch.Tensor:
+def decoder_step(
+    model, token_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor, cache, key_length: int | None = None
+) -> torch.Tensor:
     """
     One call of the model's decoder and output projection, for the last position of `token_ids`.
 
@@ -37,13 +41,13 @@ def decoder_step(model, token_ids: torch.LongTensor, encoder_hidden_states: torc
         encoder_hidden_states (`torch.Tensor` of shape `(batch, memory_length, hidden)`): the encoded images (read
             only until the cache holds their cross-attention keys/values).
         cache (`EncoderDecoderCache`): the static cache, updated in place.
+        key_length (`int`, *optional*): the cache positions filled after this step, for a single-token step to attend
+            to those only (see `Pix2SeqDecoder.decode`); `None` (compiled steps): the whole cache, masked.
 
     Returns:
         `torch.FloatTensor` of shape `(batch, vocab_size)`: the next-token logits, float32.
     """
-    hidden = model.model.decoder(
-        token_ids, encoder_hidden_states, cache=cache, use_cache=True, return_dict=True
-    ).last_hidden_state
+    hidden = model.model.decoder.decode(token_ids, encoder_hidden_states, cache=cache, key_length=key_length)
     return model.lm_head(hidden[:, -1]).float()
 
 
@@ -211,9 +215,10 @@ class Pix2SeqStaticDecoding:
         sequences = torch.empty((batch_size, max(max_length, prompt_length)), dtype=torch.long, device=device)
         sequences[:, :prompt_length] = input_ids
         length = prompt_length
-        unfinished = torch.ones(batch_size, dtype=torch.long, device=device)
-        # Rows of the full batch that the decoder still runs (all, until some finish).
+        unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        # Rows of the full batch that the decoder still runs (all, until some finish), and how many.
         active = None
+        num_active = batch_size
 
         # `LogitsProcessorList.__call__` inspects every processor's signature at every step; this loop passes no
         # extra arguments, so it checks once and calls them directly.
@@ -249,26 +254,34 @@ class Pix2SeqStaticDecoding:
             else:
                 next_tokens = torch.argmax(next_token_scores, dim=-1)
             if has_eos_stopping_criteria:
-                next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+                next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
             sequences[:, length] = next_tokens
             length += 1
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
 
             unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
-            if length >= max_length or not bool(unfinished.any()):
+            if length >= max_length:
                 break
-            if has_eos_stopping_criteria and drop_finished:
+            # The step's one host synchronisation: how many sequences go on.
+            num_unfinished = int(unfinished.sum())
+            if num_unfinished == 0:
+                break
+            if has_eos_stopping_criteria and drop_finished and num_unfinished < num_active:
                 # Finished rows only get padding from now on: stop computing them.
-                still = unfinished.bool() if active is None else unfinished.bool()[active]
-                if not bool(still.all()):
-                    keep = still.nonzero().flatten()
-                    active = (torch.arange(batch_size, device=device) if active is None else active)[keep]
-                    cache.self_attention_cache.reorder_cache(keep)
-                    cache.cross_attention_cache.reorder_cache(keep)
-                    memory = memory.index_select(0, keep.to(memory.device))
+                still = unfinished if active is None else unfinished[active]
+                keep = still.nonzero().flatten()
+                num_active = num_unfinished
+                active = (torch.arange(batch_size, device=device) if active is None else active)[keep]
+                cache.self_attention_cache.reorder_cache(keep)
+                cache.cross_attention_cache.reorder_cache(keep)
+                memory = memory.index_select(0, keep.to(memory.device))
             tokens = sequences[:, length - 1 : length] if active is None else sequences[active, length - 1 : length]
-            step_logits = step(model, tokens, memory, cache)
+            if compiled:
+                step_logits = step(model, tokens, memory, cache)
+            else:
+                # The token goes to position `length - 1`: the step attends to the `length` filled positions.
+                step_logits = step(model, tokens, memory, cache, length)
 
         if streamer is not None:
             streamer.end()

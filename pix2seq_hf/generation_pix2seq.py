@@ -200,6 +200,9 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
             classes[token_layout.noise_token_id] = True
         # Allowed tokens per slot, before the EOS rules.
         self._slot_masks = torch.stack([coordinates] * 4 + [classes])
+        # What one step applies, kept per device: the disallowed tokens of each (slot, EOS allowed) case, and the
+        # scores of a row that ended (only EOS).
+        self._step_tensors: dict = {}
 
     def allowed_tokens(self, num_generated: int) -> torch.BoolTensor:
         """
@@ -208,18 +211,20 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         Returns:
             `torch.BoolTensor` of shape `[vocab_size]`.
         """
-        slot, num_objects = num_generated % 5, num_generated // 5
+        slot = num_generated % 5
         if self.token_grammar:
             allowed = self._slot_masks[slot].clone()
         else:
             allowed = torch.ones(self.token_layout.vocab_size, dtype=torch.bool)
             if self.suppress_noise_class:
                 allowed[self.token_layout.noise_token_id] = False
-        eos_allowed = (
-            not self.suppress_eos and num_objects >= self.min_objects and (slot == 0 or not self.token_grammar)
-        )
-        allowed[self.token_layout.eos_token_id] = eos_allowed
+        allowed[self.token_layout.eos_token_id] = self._eos_allowed(num_generated)
         return allowed
+
+    def _eos_allowed(self, num_generated: int) -> bool:
+        """Whether a row that has not ended may write EOS after `num_generated` generated tokens."""
+        slot, num_objects = num_generated % 5, num_generated // 5
+        return not self.suppress_eos and num_objects >= self.min_objects and (slot == 0 or not self.token_grammar)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """
@@ -244,22 +249,36 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
             )
         eos = self.token_layout.eos_token_id
         stop = self._early_stop_rows(num_generated, scores) if self.early_stop_patience > 0 else None
-        scores = scores.clone()
-        if self.eos_bias != 0.0:
+        disallowed, eos_allowed = self._disallowed_tokens(num_generated, scores.device)
+        scores = scores.masked_fill(disallowed, -float("inf"))
+        if self.eos_bias != 0.0 and eos_allowed:
             scores[:, eos] += self.eos_bias
 
-        allowed = self.allowed_tokens(num_generated).to(scores.device)
-        scores = scores.masked_fill(~allowed, -float("inf"))
-
         # Rows that already ended keep writing EOS (transformers pads them with it anyway); early-stopped rows end.
-        ended = (input_ids[:, self.prompt_length :] == eos).any(dim=1)
-        if stop is not None:
-            ended = ended | stop
-        if num_generated > 0 and bool(ended.any()):
-            only_eos = torch.full_like(scores[0], -float("inf"))
-            only_eos[eos] = 0.0
-            scores = torch.where(ended[:, None], only_eos, scores)
+        # Applied to every row without asking whether any ended: no host synchronisation.
+        if num_generated > 0:
+            ended = (input_ids[:, self.prompt_length :] == eos).any(dim=1)
+            if stop is not None:
+                ended = ended | stop
+            scores = torch.where(ended[:, None], self._step_tensor("only_eos", scores.device), scores)
         return scores
+
+    def _disallowed_tokens(self, num_generated: int, device: torch.device) -> tuple[torch.BoolTensor, bool]:
+        """The complement of [`~allowed_tokens`] on `device` (built once per case), and whether EOS is allowed."""
+        eos_allowed = self._eos_allowed(num_generated)
+        key = (num_generated % 5 if self.token_grammar else None, eos_allowed, device)
+        disallowed = self._step_tensors.get(key)
+        if disallowed is None:
+            disallowed = self._step_tensors[key] = (~self.allowed_tokens(num_generated)).to(device)
+        return disallowed, eos_allowed
+
+    def _step_tensor(self, name: str, device: torch.device) -> torch.Tensor:
+        tensor = self._step_tensors.get((name, device))
+        if tensor is None:
+            tensor = torch.full((self.token_layout.vocab_size,), -float("inf"), device=device)
+            tensor[self.token_layout.eos_token_id] = 0.0
+            self._step_tensors[(name, device)] = tensor
+        return tensor
 
     def _early_stop_rows(self, num_generated: int, raw_scores: torch.FloatTensor) -> torch.BoolTensor | None:
         """

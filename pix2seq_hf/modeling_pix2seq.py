@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoBackbone
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -137,10 +137,77 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def concatenated_parameters(
+    owner: nn.Module, name: str, tensors: list[torch.Tensor], transpose: bool = False
+) -> torch.Tensor:
+    """
+    `torch.cat(tensors)` along the first dimension, for one matrix product in place of several: the weights (or
+    biases) of several projections stacked, so that they read the same input once. With `transpose`, the (stacked)
+    weight transposed and contiguous, `(in_features, out_features)`: the layout in which a CPU multiplies a single row
+    by it fastest (a decoding step).
+
+    Without gradients the result is kept on `owner` (a plain attribute `name`: not a parameter or buffer, never in the
+    state dict) and built again only when one of `tensors` changed (other tensors, moved or cast, or updated in
+    place). With gradients, and inside `torch.compile` / `torch.export` (where inductor folds it into a constant when
+    the weights are frozen), it is computed where it is used.
+
+    Returns:
+        `torch.Tensor`: the concatenation, to be used read-only.
+    """
+    if len(tensors) == 1 and not transpose:
+        return tensors[0]
+    if (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)) or (
+        torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    ):
+        stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        return stacked.t() if transpose else stacked
+    try:
+        key = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
+    except RuntimeError:  # inference tensors have no version counter: nothing tells an update apart
+        key = None
+    cached = owner.__dict__.get(name)
+    if key is None or cached is None or cached[0] != key:
+        with torch.no_grad():
+            stacked = torch.cat(tensors)
+            cached = (key, stacked.t().contiguous() if transpose else stacked)
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is an `nn.Linear` with a bias and no hooks: its output is `x @ W^T + b` and nothing else (an
+    adapter such as a LoRA layer, or a hook, must be called as a module)."""
+    return (
+        type(module) is nn.Linear
+        and module.bias is not None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def decoding_linear(owner: nn.Module, name: str, linears: list[nn.Linear], hidden_states: torch.Tensor) -> torch.Tensor:
+    """
+    The outputs of `linears` (plain `nn.Linear`s of the same input size), concatenated, for the tokens of one
+    decoding step `hidden_states` (`(batch, 1, in_features)`): one product with their weights stacked and kept
+    transposed on `owner` as `name` (see [`concatenated_parameters`]); the same result as calling them.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, 1, sum of out_features)`.
+    """
+    weight = concatenated_parameters(owner, f"{name}_weight", [linear.weight for linear in linears], transpose=True)
+    bias = concatenated_parameters(owner, f"{name}_bias", [linear.bias for linear in linears])
+    output = torch.addmm(bias, hidden_states.reshape(-1, hidden_states.shape[-1]), weight)
+    return output.view(*hidden_states.shape[:-1], -1)
+
+
 class Pix2SeqAttention(nn.Module):
     """
     Multi-head attention: self-attention (optionally causal, with a growing cache) or cross-attention to the encoded
     image, whose keys and values are computed once per image and then read from the cache at every decoding step.
+
+    A decoding step (one token per sequence, outside training) computes the query, key and value in one matrix product
+    (the three projections' weights stacked, see [`decoding_linear`]); with a static cache the new keys and values are
+    written in place at `cache_position`.
     """
 
     def __init__(
@@ -165,12 +232,33 @@ class Pix2SeqAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
+    def is_decoding_step(self, hidden_states: torch.Tensor) -> bool:
+        """Whether `hidden_states` is one token per sequence, outside training, through plain linear projections: then
+        the projections run as [`decoding_linear`] (stacked, transposed weights kept on the module)."""
+        return (
+            hidden_states.shape[1] == 1
+            and not self.training
+            and all(is_plain_linear(projection) for projection in (self.q_proj, self.k_proj, self.v_proj, self.out_proj))
+        )
+
+    def project_query_key_value(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The query, key and value of one decoding step's `hidden_states` (`(batch, 1, hidden)`) in one matrix product.
+
+        Returns:
+            Three `torch.Tensor`s of shape `(batch, heads, 1, head_dim)`.
+        """
+        qkv = decoding_linear(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj], hidden_states)
+        return qkv.view(hidden_states.shape[0], 3, self.num_heads, 1, self.head_dim).unbind(1)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        key_length: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
@@ -180,52 +268,95 @@ class Pix2SeqAttention(nn.Module):
                 The encoded image, for cross-attention.
             attention_mask (`torch.Tensor`, *optional*): the mask from `create_causal_mask` (or `None`).
             cache (`EncoderDecoderCache`, *optional*): the decoder cache.
+            cache_position (`torch.LongTensor` of shape `(length,)`, *optional*): the positions of `hidden_states` in
+                the sequence; with a static cache, where its keys and values are written.
+            key_length (`int`, *optional*): with a static cache, how many of its positions are filled after this
+                step's write; attention then reads only those (and `attention_mask` must be `None`).
 
         Returns:
             `(attn_output, attn_weights)`; `attn_weights` is `None` unless eager attention is used.
         """
         is_cross_attention = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
-        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        decoding_step = self.is_decoding_step(hidden_states)
 
-        layer_cache = None
-        reuse_cross_attention = False
-        if cache is not None:
-            if is_cross_attention:
-                layer_cache = cache.cross_attention_cache
-                reuse_cross_attention = bool(cache.is_updated.get(self.layer_idx, False))
+        if is_cross_attention:
+            if decoding_step:
+                query_states = decoding_linear(self, "_q", [self.q_proj], hidden_states)
+                query_states = query_states.view(input_shape[0], self.num_heads, 1, self.head_dim)
             else:
-                layer_cache = cache.self_attention_cache
-
-        if reuse_cross_attention:
-            key_states = layer_cache.layers[self.layer_idx].keys
-            value_states = layer_cache.layers[self.layer_idx].values
-        else:
-            source = key_value_states if is_cross_attention else hidden_states
-            kv_shape = (*source.shape[:-1], -1, self.head_dim)
-            key_states = self.k_proj(source).view(kv_shape).transpose(1, 2)
-            value_states = self.v_proj(source).view(kv_shape).transpose(1, 2)
-            if layer_cache is not None:
-                key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
-                if is_cross_attention:
+                query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            if cache is not None and cache.is_updated.get(self.layer_idx, False):
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                key_states, value_states = layer.keys, layer.values
+            else:
+                kv_shape = (*key_value_states.shape[:-1], -1, self.head_dim)
+                key_states = self.k_proj(key_value_states).view(kv_shape).transpose(1, 2)
+                value_states = self.v_proj(key_value_states).view(kv_shape).transpose(1, 2)
+                if cache is not None:
+                    key_states, value_states = cache.cross_attention_cache.update(
+                        key_states, value_states, self.layer_idx
+                    )
                     cache.is_updated[self.layer_idx] = True
+        else:
+            if decoding_step:
+                query_states, key_states, value_states = self.project_query_key_value(hidden_states)
+            else:
+                query_states, key_states, value_states = (
+                    projection(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+                    for projection in (self.q_proj, self.k_proj, self.v_proj)
+                )
+            if cache is not None:
+                key_states, value_states = self._write_cache(
+                    cache.self_attention_cache, key_states, value_states, cache_position
+                )
+                if key_length is not None:
+                    key_states, value_states = key_states[:, :, :key_length], value_states[:, :, :key_length]
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=self.is_causal,
-            **kwargs,
-        )
-        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa" and decoding_step:
+            # A decoding step: transformers' sdpa wrapper without its per-call checks, which concern longer queries (one
+            # query attends to the keys the mask allows, or to all of them).
+            attn_output = nn.functional.scaled_dot_product_attention(
+                query_states, key_states, value_states, attn_mask=attention_mask, scale=self.scaling
+            )
+            attn_weights = None
+            attn_output = attn_output.transpose(1, 2)
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query_states,
+                key_states,
+                value_states,
+                attention_mask,
+                dropout=self.dropout if self.training else 0.0,
+                scaling=self.scaling,
+                is_causal=self.is_causal,
+                **kwargs,
+            )
+        attn_output = attn_output.reshape(*input_shape, -1)
+        if decoding_step:
+            return decoding_linear(self, "_out", [self.out_proj], attn_output), attn_weights
+        return self.out_proj(attn_output), attn_weights
+
+    def _write_cache(
+        self, layer_cache, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Adds the new keys and values to this layer's self-attention cache and returns all the cached ones. A filled
+        static layer is written in place at `cache_position` (the positions the decoder computed once for every
+        layer); other caches through their own `update`.
+        """
+        layer = layer_cache.layers[self.layer_idx] if self.layer_idx < len(layer_cache.layers) else None
+        if cache_position is None or type(layer) is not StaticLayer or not layer.is_initialized:
+            return layer_cache.update(key_states, value_states, self.layer_idx)
+        layer.keys.index_copy_(2, cache_position, key_states)
+        layer.values.index_copy_(2, cache_position, value_states)
+        layer.cumulative_length.add_(key_states.shape[2])
+        return layer.keys, layer.values
 
 
 class Pix2SeqMLP(nn.Module):
@@ -239,6 +370,10 @@ class Pix2SeqMLP(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.shape[1] == 1 and not self.training and is_plain_linear(self.fc1) and is_plain_linear(self.fc2):
+            # A decoding step: the products with the transposed weights kept on the module (`decoding_linear`).
+            hidden_states = self.activation_fn(decoding_linear(self, "_fc1", [self.fc1], hidden_states))
+            return decoding_linear(self, "_fc2", [self.fc2], hidden_states)
         return self.fc2(self.dropout(self.activation_fn(self.fc1(hidden_states))))
 
 
@@ -341,10 +476,17 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor,
         cache: EncoderDecoderCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        key_length: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
-            self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs
+            self.self_attn_layer_norm(hidden_states),
+            attention_mask=attention_mask,
+            cache=cache,
+            cache_position=cache_position,
+            key_length=key_length,
+            **kwargs,
         )
         hidden_states = hidden_states + self.drop_path(attn_output)
 
@@ -696,16 +838,65 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 f"`max_position_embeddings={self.config.max_position_embeddings}`: decode at most "
                 f"{self.config.max_position_embeddings - 1} new tokens after the prompt (`max_new_tokens`)."
             )
+        hidden_states = self.decode(
+            input_ids, encoder_hidden_states, attention_mask=attention_mask, cache=cache, **kwargs
+        )
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, cache=cache if use_cache else None
+        )
+
+    def decode(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        key_length: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        The decoder's computation, without `forward`'s checks and output object: what a decoding loop calls at every
+        step (`forward` calls it too, so both run the same layers).
+
+        A decoding step (one token over a cache, no padding mask) builds no causal mask: the query attends to the
+        whole cache, or with a static cache to its positions up to the token's own (a comparison of the cache
+        positions). The first call with a cache fills the cross-attention keys and values of every layer, in one
+        matrix product over the encoded image.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`): tokens after those in `cache`.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, memory_length, decoder_hidden_size)`).
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + target_length)`, *optional*).
+            cache (`EncoderDecoderCache`, *optional*): updated in place.
+            key_length (`int`, *optional*): for a decoding step over a static cache, the number of its positions filled
+                after the step (known to the loop without reading the device): the token attends to those only, with
+                no mask. Without it the step attends over the whole static cache with a mask of the filled positions
+                (fixed shapes, for compilation and CUDA graphs).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, target_length, decoder_hidden_size)`: the final LayerNorm's output.
+        """
+        target_length = input_ids.shape[1]
+        past_length = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(target_length, device=input_ids.device) + past_length
         inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(positions)[None])
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache.self_attention_cache if cache is not None else None,
-        )
+        if cache is not None:
+            self.fill_cross_attention_cache(cache, encoder_hidden_states)
+        implementation = self.config._attn_implementation
+        decoding_step = target_length == 1 and cache is not None and attention_mask is None
+        if decoding_step and key_length is not None:
+            causal_mask = None
+        elif decoding_step and implementation in ("sdpa", "eager"):
+            causal_mask = self._decoding_step_mask(cache.self_attention_cache, positions, hidden_states.dtype)
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache.self_attention_cache if cache is not None else None,
+            )
 
         for layer in self.layers:
             hidden_states = layer(
@@ -713,11 +904,51 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 causal_mask,
                 encoder_hidden_states,  # positional, so that gradient checkpointing passes its gradient through
                 cache=cache,
+                cache_position=positions,
+                key_length=key_length if decoding_step else None,
                 **kwargs,
             )
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=self.layer_norm(hidden_states), cache=cache if use_cache else None
-        )
+        return self.layer_norm(hidden_states)
+
+    def _decoding_step_mask(self, self_attention_cache, positions: torch.Tensor, dtype: torch.dtype):
+        """
+        The attention mask of one query over the self-attention cache: `None` for a cache that holds only the
+        previous tokens; for a static cache (all its positions, filled or not) the positions up to the query's, as
+        booleans for sdpa or additive for eager attention.
+        """
+        layer = self_attention_cache.layers[0] if self_attention_cache.layers else None
+        if type(layer) is not StaticLayer:
+            return None
+        allowed = torch.arange(layer.max_cache_len, device=positions.device) <= positions
+        if self.config._attn_implementation == "eager":
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return allowed.view(1, 1, 1, -1)
+
+    def fill_cross_attention_cache(self, cache: EncoderDecoderCache, encoder_hidden_states: torch.Tensor) -> None:
+        """
+        Computes the cross-attention keys and values of every layer from the encoded image, in one matrix product (the
+        layers' key and value projections stacked), and stores them in `cache`; does nothing when they are there (or
+        when a projection is not a plain `nn.Linear`: the layers then compute their own).
+        """
+        if all(cache.is_updated.get(index, False) for index in range(len(self.layers))):
+            return
+        projections = [
+            projection for layer in self.layers for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)
+        ]
+        if not all(is_plain_linear(projection) for projection in projections):
+            return  # adapters or hooks: each layer calls its own projections
+        weight = concatenated_parameters(self, "_cross_kv_weight", [projection.weight for projection in projections])
+        bias = concatenated_parameters(self, "_cross_kv_bias", [projection.bias for projection in projections])
+        batch_size, memory_length = encoder_hidden_states.shape[:2]
+        attention = self.layers[0].encoder_attn
+        states = nn.functional.linear(encoder_hidden_states, weight, bias)
+        states = states.view(batch_size, memory_length, len(projections), attention.num_heads, attention.head_dim)
+        states = states.permute(2, 0, 3, 1, 4)  # (2 * layers, batch, heads, memory_length, head_dim)
+        for index in range(len(self.layers)):
+            cache.cross_attention_cache.update(states[2 * index], states[2 * index + 1], index)
+            cache.is_updated[index] = True
 
 
 class Pix2SeqModel(Pix2SeqPreTrainedModel):

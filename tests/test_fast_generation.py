@@ -1,10 +1,14 @@
 """Tests of the decoding loop `generate` runs by default (`fast_generation.py`) and of the early-stop option."""
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
 import pix2seq_hf.fast_generation as fast_generation
+import pix2seq_hf.modeling_pix2seq as modeling_pix2seq
 from pix2seq_hf.box_codec import Pix2SeqTokenLayout
 from pix2seq_hf.fast_generation import Pix2SeqStaticDecoding, decoder_step
 from pix2seq_hf.generation_pix2seq import Pix2SeqGenerationMixin
@@ -102,8 +106,8 @@ def test_sampling_draws_the_same_tokens_as_the_stock_loop(model):
 @pytest.mark.parametrize(
     "widths",
     [
-        # R50-like decoder: width 256, 8 heads, FFN 1024.
-        dict(decoder_hidden_size=256, decoder_attention_heads=8, decoder_ffn_dim=1024),
+        # R50 decoder: 6 layers of width 256, 8 heads, FFN 1024.
+        dict(decoder_layers=6, decoder_hidden_size=256, decoder_attention_heads=8, decoder_ffn_dim=1024),
         # ViT-B-like: encoder 768 wide, decoder 512 wide with 16 heads, FFN 2048.
         dict(
             encoder_hidden_size=768,
@@ -131,6 +135,113 @@ def test_static_loop_equals_the_stock_loop_at_real_widths(widths):
         torch.manual_seed(7)
         fast = wide.generate(pixels, **sampling, **kwargs)
         assert_same_generation(reference, fast)
+        # Without a cache every step runs the whole prefix (causal mask, no cache writes): the same tokens.
+        torch.manual_seed(7)
+        uncached = wide.generate(pixels, use_cache=False, **sampling, **kwargs)
+        assert_same_generation(uncached, fast)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decoding_step_is_one_product_per_projection_group_no_mask_and_one_host_synchronisation(model, monkeypatch):
+    masks = []
+    create_causal_mask = modeling_pix2seq.create_causal_mask
+    monkeypatch.setattr(
+        modeling_pix2seq, "create_causal_mask", lambda *args, **kwargs: masks.append(1) or create_causal_mask(*args, **kwargs)
+    )
+    pixels = make_pixels(2)
+    counts = {}
+    for steps in (10, 15):
+        with OpCounter() as counter:
+            model.generate(pixels, do_sample=False, max_new_tokens=steps, suppress_eos=True)
+        counts[steps] = counter.counts
+    per_step = {name: (counts[15][name] - counts[10][name]) / 5 for name in counts[15]}
+    layers = model.config.decoder_layers
+    # Per layer: query/key/value, self-attention output, cross-attention query and output, two feed-forward
+    # products; plus the output projection.
+    assert per_step["aten.addmm"] + per_step.get("aten.mm", 0) == 6 * layers + 1
+    # The loop reads one number per step back to the host (how many images go on); the step builds no causal mask.
+    assert per_step["aten._local_scalar_dense"] == 1
+    assert masks == []
+    # transformers' loop runs the same layers: one token over the cache builds no mask there either.
+    model.generate(pixels, do_sample=False, max_new_tokens=5, suppress_eos=True, **STOCK)
+    assert masks == []
+
+
+def test_stacked_projection_weights_follow_the_parameters_and_stay_out_of_the_state_dict(model):
+    pixels = make_pixels(2)
+    kwargs = dict(do_sample=False, max_new_tokens=15, min_objects=3)
+    keys = list(Pix2SeqForObjectDetection(tiny_config()).state_dict())
+    before = model.generate(pixels, **kwargs)
+    assert list(model.state_dict()) == keys
+    changed = Pix2SeqForObjectDetection(tiny_config()).eval()
+    changed.load_state_dict(model.state_dict())
+    changed.generate(pixels, **kwargs)  # builds its stacked weights
+    with torch.no_grad():
+        # In place (as an optimizer step does) and as a new tensor.
+        changed.model.decoder.layers[0].self_attn.k_proj.weight.mul_(-1.0)
+        changed.model.decoder.layers[1].encoder_attn.v_proj.bias.add_(0.5)
+    changed.model.decoder.layers[1].self_attn.v_proj.weight = torch.nn.Parameter(
+        changed.model.decoder.layers[1].self_attn.v_proj.weight.detach() * 2.0
+    )
+    after = changed.generate(pixels, **kwargs)
+    fresh = Pix2SeqForObjectDetection(tiny_config()).eval()
+    fresh.load_state_dict(changed.state_dict())
+    assert_same_generation(fresh.generate(pixels, **kwargs), after, atol=1e-5)
+    assert not torch.allclose(after.logits[1], before.logits[1])
+
+    # A projection with a hook (as an adapter would have) is called as a module, by every loop: doubling its output
+    # is doubling its weights.
+    with torch.no_grad():
+        changed.model.decoder.layers[0].mlp.fc1.weight.mul_(2.0)
+        changed.model.decoder.layers[0].mlp.fc1.bias.mul_(2.0)
+        changed.model.decoder.layers[1].encoder_attn.k_proj.weight.mul_(2.0)
+        changed.model.decoder.layers[1].encoder_attn.k_proj.bias.mul_(2.0)
+    expected = changed.generate(pixels, **kwargs)
+    hooks = [
+        module.register_forward_hook(lambda module, args, output: output * 2.0)
+        for module in (fresh.model.decoder.layers[0].mlp.fc1, fresh.model.decoder.layers[1].encoder_attn.k_proj)
+    ]
+    try:
+        for loop in ({}, STOCK):
+            assert_same_generation(expected, fresh.generate(pixels, **kwargs, **loop), atol=1e-5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_bfloat16_weights_decode_with_float32_grammar_and_scores(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    half = Pix2SeqForObjectDetection.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert half.model.decoder.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    pixels = make_pixels(2)
+    kwargs = dict(do_sample=False, max_new_tokens=30, suppress_eos=True, output_scores=True)
+    output = half.generate(pixels, **kwargs)
+    assert all(step.dtype == torch.float32 for step in (*output.logits, *output.scores))
+    stock = half.generate(pixels, **STOCK, **kwargs)
+    assert torch.equal(stock.sequences, output.sequences)
+    torch.testing.assert_close(torch.stack(output.logits), torch.stack(stock.logits), atol=0.1, rtol=0.05)
+    # The bf16 tokens against float32: the float32 model, fed the bf16 sequence, picks the same next token under the
+    # grammar at most steps (rounding can swap near-ties), and its logits are close.
+    reference = model(pixels, decoder_input_ids=output.sequences[:, :-1]).logits
+    processed = torch.stack(output.scores, dim=1)
+    allowed = torch.isfinite(processed)
+    float32_choice = reference.masked_fill(~allowed, -float("inf")).argmax(-1)
+    agreement = (float32_choice == output.sequences[:, 1:]).float().mean()
+    assert agreement >= 0.9, agreement
+    torch.testing.assert_close(torch.stack(output.logits, dim=1), reference, atol=0.1, rtol=0.05)
+    detections = half.detect(pixels, max_new_tokens=10)
+    assert detections.scores.dtype == detections.pred_boxes.dtype == torch.float32
 
 
 def test_detections_and_output_formats_match(model):

@@ -242,23 +242,44 @@ def test_greedy_generation_same_with_and_without_cache(model):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_cross_attention_keys_values_computed_once_per_image(model):
-    calls = []
-    hooks = [
-        layer.encoder_attn.k_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
-        for layer in model.model.decoder.layers
-    ]
+def test_cross_attention_keys_values_computed_once_per_image(model, monkeypatch):
+    # The cached loop computes every layer's cross-attention keys/values in one product with the stacked key and value
+    # weights (2 * layers * width rows); without a cache each layer projects the image at every step.
+    width, layers = model.config.decoder_hidden_size, model.config.decoder_layers
+    stacked_calls, per_layer_calls = [], []
+    linear = torch.nn.functional.linear
+
+    def recording_linear(input, weight, bias=None):
+        if weight.shape[0] == 2 * layers * width:
+            stacked_calls.append(input.shape)
+        return linear(input, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
     encoder_calls = []
-    hooks.append(model.model.encoder.register_forward_hook(lambda *args: encoder_calls.append(1)))
+    hooks = [model.model.encoder.register_forward_hook(lambda *args: encoder_calls.append(1))]
     try:
-        output = model.generate(make_pixels(2), do_sample=False, suppress_eos=True, max_new_tokens=20)
-        assert len(calls) == model.config.decoder_layers  # once per layer, for the whole generation
-        assert len(encoder_calls) == 1
-        assert all(output.cache.is_updated[i] for i in range(model.config.decoder_layers))
-        assert output.cache.get_seq_length() == 20  # the last token is never fed back
-        calls.clear()
-        model.generate(make_pixels(2), do_sample=False, suppress_eos=True, max_new_tokens=20, use_cache=False)
-        assert len(calls) == 20 * model.config.decoder_layers
+        pixels = make_pixels(2)
+        for loop in ({}, {"static_decoding": False}):
+            stacked_calls.clear()
+            encoder_calls.clear()
+            output = model.generate(pixels, do_sample=False, suppress_eos=True, max_new_tokens=20, **loop)
+            assert len(stacked_calls) == 1  # once for the whole generation
+            assert len(encoder_calls) == 1
+            assert all(output.cache.is_updated[i] for i in range(layers))
+            assert int(output.cache.get_seq_length()) == 20  # the last token is never fed back
+        # The stacked product gives each layer's own projections.
+        memory = model.model.encoder(pixels).last_hidden_state
+        for index, layer in enumerate(model.model.decoder.layers):
+            cached = output.cache.cross_attention_cache.layers[index]
+            heads = layer.encoder_attn.num_heads
+            expected = layer.encoder_attn.k_proj(memory).view(2, -1, heads, width // heads).transpose(1, 2)
+            torch.testing.assert_close(cached.keys, expected)
+        hooks += [
+            layer.encoder_attn.k_proj.register_forward_hook(lambda module, args, out: per_layer_calls.append(1))
+            for layer in model.model.decoder.layers
+        ]
+        model.generate(pixels, do_sample=False, suppress_eos=True, max_new_tokens=20, use_cache=False)
+        assert len(per_layer_calls) == 20 * layers  # every layer at every step
     finally:
         for hook in hooks:
             hook.remove()
