@@ -173,6 +173,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="A missing or undecodable image, found by --check_images or met while training: stop with an error "
         "naming it, or skip it (counted and logged).",
     )
+    data.add_argument(
+        "--annotation_cache_dir",
+        default=None,
+        help="Where a COCO json is kept once prepared (memory-mapped, shared by the processes of a machine). "
+        "Default: pix2seq_annotations in the datasets cache (HF_DATASETS_CACHE).",
+    )
     data.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
 
     model = parser.add_argument_group("model")
