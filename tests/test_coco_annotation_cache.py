@@ -9,6 +9,7 @@ import os
 import datasets
 import numpy as np
 import pytest
+from helpers import load_example
 from PIL import Image
 
 from pix2seq_hf.data import coco_json
@@ -157,3 +158,22 @@ def test_coco_split_is_shared_by_concurrent_processes(tmp_path):
         assert process.exitcode == 0
     assert results[0] == results[1]
     assert [entry for entry in os.listdir(cache) if not entry.endswith(".lock")] == [os.path.basename(os.path.dirname(results[0][1]))]
+
+
+def test_data_loading_benchmark_smoke(tmp_path, capsys):
+    benchmark = load_example("benchmarks/benchmark_data_loading")
+    annotation_file = tmp_path / "generated.json"
+    num_boxes = benchmark.write_objects365_like_json(str(annotation_file), 50)
+    data = json.loads(annotation_file.read_text())
+    assert len(data["images"]) == 50 and len(data["annotations"]) == num_boxes > 300
+    assert len(data["categories"]) == 365
+    split = load_coco_detection(annotation_file, tmp_path, check_images="none", cache_dir=tmp_path / "cache")
+    assert split.stats.objects == num_boxes and split.stats.clipped_boxes == 0
+
+    results = benchmark.main(["--num_images", "40", "--processes", "1", "--output_file", str(tmp_path / "r.json")])
+    assert [(run["images"], run["processes"]) for run in results["runs"]] == [(40, 1)]
+    for run in results["runs"]:
+        assert len(run["first_peak_rss_mib"]) == len(run["cached_peak_rss_mib"]) == run["processes"]
+        assert run["cached_startup_s"] >= 0 and run["boxes"] > 0
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+    assert "cached s" in capsys.readouterr().out
