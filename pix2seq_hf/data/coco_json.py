@@ -341,8 +341,6 @@ def _build_split(
 ) -> tuple[pa.Table, datasets.Features, dict, dict, AnnotationStats]:
     """Reads and checks the json once and builds the split's Arrow table (see `load_coco_detection`)."""
     data = _read_json(annotation_file)
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"Image folder {image_dir!r} (for {annotation_file!r}) does not exist.")
 
     names_by_id: dict[int, str] = {}
     for position, category in enumerate(data["categories"]):
@@ -491,6 +489,8 @@ def load_coco_detection(
     split_name = split_name or os.path.basename(annotation_file)
     if not os.path.isfile(annotation_file):
         raise FileNotFoundError(f"COCO annotation file {annotation_file!r} does not exist.")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"Image folder {image_dir!r} (for {annotation_file!r}) does not exist.")
     if label2category_id is not None:
         label2category_id = {int(label): int(category_id) for label, category_id in label2category_id.items()}
         if sorted(label2category_id) != list(range(len(label2category_id))):
