@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf import hub, training_plan, training_setup
+from pix2seq_hf import hub, training_plan, training_recipes, training_setup
 from pix2seq_hf.checkpointing import (
     check_output_dir,
     check_same_run,
@@ -178,6 +178,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="A missing or undecodable image, found by --check_images or met while training: stop with an error "
         "naming it, or skip it (counted and logged).",
     )
+    data.add_argument(
+        "--annotation_cache_dir",
+        default=None,
+        help="Where a COCO json is kept once prepared (memory-mapped, shared by the processes of a machine). "
+        "Default: pix2seq_annotations in the datasets cache (HF_DATASETS_CACHE).",
+    )
     data.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
 
     model = parser.add_argument_group("model")
@@ -259,6 +265,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
 
     optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--recipe",
+        default=None,
+        choices=sorted(training_recipes.RECIPES),
+        help="The paper's values for image size, augmentation, global batch (split over the processes), steps or "
+        "epochs, learning rate and schedule (see 'Training at scale' in docs/training.md); options given "
+        "explicitly override them.",
+    )
     optim.add_argument(
         "--per_device_train_batch_size",
         type=int,
@@ -403,6 +417,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["end", "every_save"],
         help="With --push_to_hub: upload at the end only, or also the model at every checkpoint.",
     )
+    # A recipe's values become the defaults, so that options given on the command line win.
+    known, _ = parser.parse_known_args(argv)
+    if known.recipe is not None:
+        parser.set_defaults(
+            **training_recipes.recipe_defaults(
+                known.recipe, None, known.gradient_accumulation_steps, known.per_device_train_batch_size
+            )
+        )
     args = parser.parse_args(argv)
     if args.num_augmentations < 1:
         parser.error("--num_augmentations must be at least 1")

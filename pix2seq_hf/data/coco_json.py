@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Mapping
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from .annotation_cache import annotation_cache_key, cached_split
 from .images import ImageReadError, check_image, image_size, validate_image_options
-from .schema import AnnotationStats, DetectionSplit, clean_objects, detection_features, unique_label_names
+from .schema import AnnotationStats, DetectionSplit, detection_features, unique_label_names
 
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,368 @@ def _text(value, where: str, name: str) -> str:
     return value
 
 
+class _NotClean(Exception):
+    """A column that the vectorised checks cannot accept; the per-record checks then find and name the record."""
+
+
+def _integer_column(values: list, optional: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """
+    The json values of one integer field as `(int64 array, present mask)`, or `_NotClean` when any value is not an
+    integer (`3` or `3.0`, not a bool), or is missing and not `optional`.
+    """
+    try:
+        array = pa.array(values)
+    except (pa.ArrowException, OverflowError, TypeError):
+        raise _NotClean from None
+    present = ~np.asarray(array.is_null(), dtype=bool)
+    if not optional and not present.all():
+        raise _NotClean
+    if pa.types.is_null(array.type):
+        return np.zeros(len(values), dtype=np.int64), present
+    if pa.types.is_integer(array.type):
+        return array.fill_null(0).to_numpy().astype(np.int64), present
+    if pa.types.is_floating(array.type):
+        numbers = array.fill_null(0).to_numpy()
+        if not (np.isfinite(numbers) & (numbers == np.round(numbers)) & (np.abs(numbers) < 2**62)).all():
+            raise _NotClean
+        return numbers.astype(np.int64), present
+    raise _NotClean
+
+
+def _number_column(values: list) -> np.ndarray:
+    """The json values of one optional number field as float64 (NaN where missing), or `_NotClean`."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowException, OverflowError, TypeError):
+        raise _NotClean from None
+    if pa.types.is_null(array.type):
+        return np.full(len(values), np.nan)
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+        raise _NotClean
+    return array.cast(pa.float64()).fill_null(np.nan).to_numpy()
+
+
+def _checked_image(image, position: int, annotation_file: str) -> tuple[int, str, int | None, int | None]:
+    """One `images` record checked: `(id, file_name, width, height)`, `ValueError` naming record, field and value."""
+    where = f"{annotation_file}: images[{position}]"
+    _fields(image, ("id", "file_name"), where)
+    image_id = _integer(image["id"], where, "id")
+    where = f"{where} (image_id {image_id})"
+    file_name = _text(image["file_name"], where, "file_name")
+    width, height = (
+        None if image.get(key) is None else _integer(image[key], where, key, minimum=1) for key in ("width", "height")
+    )
+    return image_id, file_name, width, height
+
+
+def _image_columns(images: list, annotation_file: str) -> dict:
+    """
+    The `images` records as columns: `id` (int64), `file_name` (list of str), `width` / `height` (int64, 0 where the
+    json has none). Checked column by column; a bad record is named as by `_checked_image`.
+    """
+    try:
+        ids, _ = _integer_column([image["id"] for image in images])
+        file_names = pa.array([image["file_name"] for image in images])
+        if not pa.types.is_string(file_names.type) or file_names.null_count:
+            raise _NotClean
+        if len(images) and pc.min(pc.utf8_length(file_names)).as_py() == 0:
+            raise _NotClean
+        sizes = {}
+        for key in ("width", "height"):
+            values, present = _integer_column([image.get(key) for image in images], optional=True)
+            if (present & (values < 1)).any():
+                raise _NotClean
+            sizes[key] = np.where(present, values, 0)
+        columns = {"id": ids, "file_name": file_names.to_pylist(), **sizes}
+    except (_NotClean, KeyError, TypeError, AttributeError, OverflowError, pa.ArrowException):
+        # A record the columns cannot hold: check record by record, which names the first bad one.
+        entries = [_checked_image(image, position, annotation_file) for position, image in enumerate(images)]
+        columns = {
+            "id": np.array([entry[0] for entry in entries], dtype=np.int64),
+            "file_name": [entry[1] for entry in entries],
+            "width": np.array([entry[2] or 0 for entry in entries], dtype=np.int64),
+            "height": np.array([entry[3] or 0 for entry in entries], dtype=np.int64),
+        }
+    unique, counts = np.unique(columns["id"], return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{annotation_file}: image id {int(unique[counts > 1][0])} appears twice in 'images'.")
+    return columns
+
+
+def _checked_annotation(
+    annotation, position: int, annotation_file: str, image_ids, category_to_label: Mapping[int, int]
+) -> tuple[int, int, list[float], int | None, float | None, int]:
+    """
+    One `annotations` record checked: `(image_id, category_id, bbox, id, area, iscrowd)`, or a `ValueError` naming
+    the file, the annotation (its id, else its position) and the bad value.
+    """
+    annotation_id = annotation.get("id", f"#{position}") if isinstance(annotation, Mapping) else f"#{position}"
+    where = f"{annotation_file}: annotation {annotation_id}"
+    _fields(annotation, ("image_id", "bbox", "category_id"), where)
+    image_id = _integer(annotation["image_id"], where, "image_id")
+    if image_id not in image_ids:
+        raise ValueError(f"{where} refers to image_id {image_id}, which is not in 'images'.")
+    where = f"{where} (image_id {image_id})"
+    category_id = _integer(annotation["category_id"], where, "category_id")
+    if category_id not in category_to_label:
+        known = sorted(category_to_label)
+        raise ValueError(
+            f"{where} has category_id {category_id}, which is not in the label map (category ids "
+            f"{known[:20]}{' ...' if len(known) > 20 else ''})."
+        )
+    bbox = annotation["bbox"]
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise ValueError(f"{where}: bbox must be a list of 4 numbers [x, y, width, height], got {bbox!r}.")
+    return (
+        image_id,
+        category_id,
+        [_number(value, where, "bbox") for value in bbox],
+        _integer(annotation["id"], where, "id") if annotation.get("id") is not None else None,
+        _number(annotation["area"], where, "area") if annotation.get("area") is not None else None,
+        _integer(annotation.get("iscrowd") or 0, where, "iscrowd"),
+    )
+
+
+def _annotation_columns(annotations: list, annotation_file: str, image_ids: np.ndarray, category_to_label) -> dict:
+    """
+    The `annotations` records as columns: `image_id`, `category_id`, `id` (int64), `has_id` (bool), `bbox`
+    (float64, n x 4), `area` (float64, NaN where missing), `iscrowd` (int64). Checked column by column, with the
+    image and category of every annotation looked up at once; a bad record is named as by `_checked_annotation`.
+    """
+    known_images = np.sort(image_ids)
+    known_categories = np.array(sorted(category_to_label), dtype=np.int64)
+
+    def first_unknown(values: np.ndarray, known: np.ndarray) -> int | None:
+        where = np.searchsorted(known, values).clip(max=max(len(known) - 1, 0))
+        unknown = np.flatnonzero(known[where] != values) if len(known) else np.arange(len(values))
+        return int(unknown[0]) if len(unknown) else None
+
+    try:
+        image_column, _ = _integer_column([annotation["image_id"] for annotation in annotations])
+        category_column, _ = _integer_column([annotation["category_id"] for annotation in annotations])
+        boxes = pa.array([annotation["bbox"] for annotation in annotations])
+        if not pa.types.is_list(boxes.type) or boxes.null_count:
+            raise _NotClean
+        if len(annotations) and (pc.list_value_length(boxes).to_numpy() != 4).any():
+            raise _NotClean
+        values = boxes.flatten()
+        if values.null_count or not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+            if len(values):
+                raise _NotClean
+        bbox = values.cast(pa.float64()).to_numpy().reshape(-1, 4)
+        ids, has_id = _integer_column([annotation.get("id") for annotation in annotations], optional=True)
+        area = _number_column([annotation.get("area") for annotation in annotations])
+        iscrowd, _ = _integer_column([annotation.get("iscrowd") or 0 for annotation in annotations])
+        columns = {
+            "image_id": image_column,
+            "category_id": category_column,
+            "bbox": bbox,
+            "id": ids,
+            "has_id": has_id,
+            "area": area,
+            "iscrowd": iscrowd,
+        }
+        bad = [
+            position
+            for position in (first_unknown(image_column, known_images), first_unknown(category_column, known_categories))
+            if position is not None
+        ]
+        if bad:
+            # The first record the per-record loop would stop at, named as it would name it.
+            _checked_annotation(annotations[min(bad)], min(bad), annotation_file, set(image_ids.tolist()), category_to_label)
+            raise AssertionError("the per-record checks accepted an annotation that the columns reject")
+    except (_NotClean, KeyError, TypeError, AttributeError, OverflowError, pa.ArrowException):
+        known = set(image_ids.tolist())
+        entries = [
+            _checked_annotation(annotation, position, annotation_file, known, category_to_label)
+            for position, annotation in enumerate(annotations)
+        ]
+        columns = {
+            "image_id": np.array([entry[0] for entry in entries], dtype=np.int64),
+            "category_id": np.array([entry[1] for entry in entries], dtype=np.int64),
+            "bbox": np.array([entry[2] for entry in entries], dtype=np.float64).reshape(-1, 4),
+            "id": np.array([entry[3] or 0 for entry in entries], dtype=np.int64),
+            "has_id": np.array([entry[3] is not None for entry in entries], dtype=bool),
+            "area": np.array([np.nan if entry[4] is None else entry[4] for entry in entries], dtype=np.float64),
+            "iscrowd": np.array([entry[5] for entry in entries], dtype=np.int64),
+        }
+    return columns
+
+
+def _clean_boxes(bbox: np.ndarray, width: np.ndarray, height: np.ndarray, area: np.ndarray) -> dict:
+    """
+    `clean_objects`' rules over all boxes at once: xywh boxes clipped to their image (`width`, `height` per box);
+    non-finite, empty (zero or negative size) and outside (no area once clipped) boxes flagged for dropping; a given
+    area kept (no larger than a clipped box), the box's area otherwise.
+
+    Returns:
+        `dict` with `bbox` (clipped xywh), `area`, `keep`, and the masks `nonfinite`, `empty`, `outside`, `clipped`.
+    """
+    finite = np.isfinite(bbox).all(axis=1)
+    xyxy = np.where(finite[:, None], bbox, 0.0)
+    xyxy[:, 2:] += xyxy[:, :2]
+    empty = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
+    limits = np.stack([width, height, width, height], axis=1).astype(np.float64)
+    clipped = np.clip(xyxy, 0.0, limits)
+    outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    changed = (clipped != xyxy).any(axis=1)
+    clipped[:, 2:] -= clipped[:, :2]
+    box_area = clipped[:, 2] * clipped[:, 3]
+    given = np.isfinite(area) & (area > 0)
+    area = np.where(given, np.where(changed, np.minimum(area, box_area), area), box_area)
+    return {
+        "bbox": clipped,
+        "area": area,
+        "keep": finite & ~empty & ~outside,
+        "nonfinite": ~finite,
+        "empty": finite & empty,
+        "outside": finite & ~empty & outside,
+        "clipped": finite & ~empty & ~outside & changed,
+    }
+
+
+def _image_paths_and_sizes(
+    columns: dict, annotation_file: str, image_dir: str, check_images: str, on_bad_image: str, stats: AnnotationStats
+) -> tuple[np.ndarray, list[str]]:
+    """
+    Each image's absolute path, checked as `check_images` asks, and its size read from the file when the json has
+    none (`columns["width"]` / `["height"]` are filled in place).
+
+    Returns:
+        `(keep, paths)`: which images are kept (a bad image is skipped with `on_bad_image="skip"`, counted in `stats`)
+        and the paths of every image.
+    """
+    paths = [os.path.abspath(os.path.join(image_dir, file_name)) for file_name in columns["file_name"]]
+    keep = np.ones(len(paths), dtype=bool)
+    missing_size = (columns["width"] == 0) | (columns["height"] == 0)
+    rows = range(len(paths)) if check_images != "none" else np.flatnonzero(missing_size).tolist()
+    for row in rows:
+        record = f"{annotation_file}: image_id {int(columns['id'][row])} ({columns['file_name'][row]})"
+        try:
+            check_image(paths[row], record, check_images)
+            if missing_size[row]:
+                # As shown: EXIF orientation applied, as when decoded.
+                columns["width"][row], columns["height"][row] = image_size(paths[row], record)
+        except ImageReadError as error:
+            if on_bad_image == "error":
+                raise
+            stats.add({"skipped_missing_images" if error.missing else "skipped_unreadable_images": 1})
+            keep[row] = False
+    return keep, paths
+
+
+def _list_array(offsets: pa.Array, values: pa.Array) -> pa.ListArray:
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def _build_split(
+    annotation_file: str,
+    image_dir: str,
+    check_images: str,
+    on_bad_image: str,
+    label2category_id: Mapping[int, int] | None,
+    split_name: str,
+) -> tuple[pa.Table, datasets.Features, dict, dict, AnnotationStats]:
+    """Reads and checks the json once and builds the split's Arrow table (see `load_coco_detection`)."""
+    data = _read_json(annotation_file)
+
+    names_by_id: dict[int, str] = {}
+    for position, category in enumerate(data["categories"]):
+        where = f"{annotation_file}: categories[{position}]"
+        _fields(category, ("id", "name"), where)
+        category_id = _integer(category["id"], where, "id")
+        if category_id in names_by_id:
+            raise ValueError(f"{annotation_file}: category id {category_id} appears twice in 'categories'.")
+        names_by_id[category_id] = _text(category["name"], where, "name")
+    if label2category_id is None:
+        if not names_by_id:
+            raise ValueError(f"{annotation_file}: 'categories' is empty.")
+        label2category_id = dict(enumerate(sorted(names_by_id)))
+    category_to_label = {category_id: label for label, category_id in label2category_id.items()}
+    category_ids = [label2category_id[label] for label in range(len(label2category_id))]
+    label_names = unique_label_names([names_by_id.get(c, str(c)) for c in category_ids], category_ids)
+    id2label = dict(enumerate(label_names))
+
+    if not data["images"]:
+        raise ValueError(f"{annotation_file}: 'images' is empty, so the split {split_name!r} has no examples.")
+    images = _image_columns(data.pop("images"), annotation_file)
+    if "annotations" not in data:
+        logger.warning(f"{annotation_file} has no 'annotations': every image of {split_name!r} has no objects.")
+    annotations = _annotation_columns(data.pop("annotations", None) or [], annotation_file, images["id"], category_to_label)
+    del data
+
+    stats = AnnotationStats()
+    keep_image, paths = _image_paths_and_sizes(images, annotation_file, image_dir, check_images, on_bad_image, stats)
+
+    # Annotations grouped by image (in the json's order within an image), each with its image's row and size.
+    order = np.argsort(images["id"], kind="stable")
+    row = order[np.searchsorted(images["id"], annotations["image_id"], sorter=order)]
+    by_image = np.argsort(row, kind="stable")
+    row = row[by_image]
+    annotations = {name: values[by_image] for name, values in annotations.items()}
+    first_of_image = np.searchsorted(row, row, side="left")
+    position_in_image = np.arange(len(row)) - first_of_image
+    ids = np.where(annotations["has_id"], annotations["id"], annotations["image_id"] * 1000 + position_in_image)
+
+    cleaned = _clean_boxes(annotations["bbox"], images["width"][row], images["height"][row], annotations["area"])
+    counted = keep_image[row]
+    keep = cleaned["keep"] & counted
+    stats.add(
+        {
+            "dropped_nonfinite_boxes": (cleaned["nonfinite"] & counted).sum(),
+            "dropped_empty_boxes": (cleaned["empty"] & counted).sum(),
+            "dropped_outside_boxes": (cleaned["outside"] & counted).sum(),
+            "clipped_boxes": (cleaned["clipped"] & counted).sum(),
+        }
+    )
+    kept_rows = np.flatnonzero(keep_image)
+    if not len(kept_rows):
+        raise ValueError(f"{annotation_file}: no usable image left in split {split_name!r}: {stats.to_dict()}.")
+    # Kept images renumbered 0..n-1 in json order; per image, the offset of its first object.
+    new_row = np.cumsum(keep_image) - 1
+    objects_per_image = np.bincount(new_row[row[keep]], minlength=len(kept_rows))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(objects_per_image)]), type=pa.int32())
+    crowd = (annotations["iscrowd"][keep] != 0).astype(np.int8)
+    stats.add(
+        {
+            "images": len(kept_rows),
+            "objects": int(keep.sum()),
+            "crowd_objects": int(crowd.sum()),
+            "images_without_objects": int((objects_per_image == 0).sum()),
+        }
+    )
+
+    lookup_ids = np.array(sorted(category_to_label), dtype=np.int64)
+    lookup_labels = np.array([category_to_label[c] for c in lookup_ids.tolist()], dtype=np.int64)
+    labels = lookup_labels[np.searchsorted(lookup_ids, annotations["category_id"][keep])]
+    boxes = pa.FixedSizeListArray.from_arrays(pa.array(cleaned["bbox"][keep].astype(np.float32).ravel()), 4)
+    objects = pa.StructArray.from_arrays(
+        [
+            _list_array(offsets, pa.array(ids[keep], type=pa.int64())),
+            _list_array(offsets, pa.array(cleaned["area"][keep].astype(np.float32))),
+            _list_array(offsets, boxes),
+            _list_array(offsets, pa.array(labels, type=pa.int64())),
+            _list_array(offsets, pa.array(crowd, type=pa.int8())),
+        ],
+        names=["id", "area", "bbox", "category", "iscrowd"],
+    )
+    image_column = pa.StructArray.from_arrays(
+        [pa.nulls(len(kept_rows), pa.binary()), pa.array([paths[i] for i in kept_rows.tolist()], type=pa.string())],
+        names=["bytes", "path"],
+    )
+    features = detection_features(label_names)
+    table = pa.table(
+        {
+            "image": image_column,
+            "image_id": pa.array(images["id"][kept_rows], type=pa.int64()),
+            "width": pa.array(images["width"][kept_rows], type=pa.int32()),
+            "height": pa.array(images["height"][kept_rows], type=pa.int32()),
+            "objects": objects,
+        }
+    ).cast(features.arrow_schema)
+    return table, features, id2label, dict(label2category_id), stats
+
+
 def load_coco_detection(
     annotation_file: str | os.PathLike,
     image_dir: str | os.PathLike,
@@ -81,9 +446,17 @@ def load_coco_detection(
     on_bad_image: str = "error",
     label2category_id: Mapping[int, int] | None = None,
     split_name: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> DetectionSplit:
     """
     Reads a COCO detection json and its image folder into the common example format.
+
+    The json is read and checked once: the split is written as an Arrow file to `cache_dir`, under a name made of a
+    hash of the json's bytes and of the other arguments, and memory-mapped from there. Every later call with the
+    same json and arguments (the other processes of a run, the next runs) maps that file: its start-up costs a read
+    of the json to hash it, not a parse, and its resident memory does not grow with the number of annotations.
+    Processes that call it together wait for the first to finish building. Images are checked (`check_images`)
+    when the split is built; an image that goes missing later fails when it is read.
 
     Args:
         annotation_file (`str` or `os.PathLike`): the json (`images`, `annotations`, `categories`; a json without
@@ -98,10 +471,13 @@ def load_coco_detection(
             training split's, so that a validation split shares its labels). Defaults to the json's categories
             sorted by id.
         split_name (`str`, *optional*): names the split in messages (defaults to the json file name).
+        cache_dir (`str` or `os.PathLike`, *optional*): where prepared splits are kept (defaults to
+            `pix2seq_annotations` in the `datasets` cache, `HF_DATASETS_CACHE`). Share it between the processes of
+            a machine.
 
     Returns:
-        `DetectionSplit` with the dataset (image paths, lazily decoded), `id2label` from the json category names,
-        `label2category_id` and `stats`.
+        `DetectionSplit` with the dataset (image paths, lazily decoded; memory-mapped), `id2label` from the json
+        category names, `label2category_id` and `stats`.
 
     Raises:
         `FileNotFoundError` for a missing json or image folder; `ValueError` for malformed json, no images, a
@@ -111,123 +487,27 @@ def load_coco_detection(
     validate_image_options(check_images, on_bad_image)
     annotation_file, image_dir = os.fspath(annotation_file), os.fspath(image_dir)
     split_name = split_name or os.path.basename(annotation_file)
-    data = _read_json(annotation_file)
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"COCO annotation file {annotation_file!r} does not exist.")
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"Image folder {image_dir!r} (for {annotation_file!r}) does not exist.")
-
-    names_by_id: dict[int, str] = {}
-    for position, category in enumerate(data["categories"]):
-        where = f"{annotation_file}: categories[{position}]"
-        _fields(category, ("id", "name"), where)
-        category_id = _integer(category["id"], where, "id")
-        if category_id in names_by_id:
-            raise ValueError(f"{annotation_file}: category id {category_id} appears twice in 'categories'.")
-        names_by_id[category_id] = _text(category["name"], where, "name")
-    if label2category_id is None:
-        if not names_by_id:
-            raise ValueError(f"{annotation_file}: 'categories' is empty.")
-        label2category_id = dict(enumerate(sorted(names_by_id)))
-    else:
+    if label2category_id is not None:
         label2category_id = {int(label): int(category_id) for label, category_id in label2category_id.items()}
         if sorted(label2category_id) != list(range(len(label2category_id))):
             raise ValueError(
                 f"`label2category_id` must have the labels 0..n-1 as keys, got {sorted(label2category_id)}."
             )
-    category_to_label = {category_id: label for label, category_id in label2category_id.items()}
-    category_ids = [label2category_id[label] for label in range(len(label2category_id))]
-    label_names = unique_label_names([names_by_id.get(c, str(c)) for c in category_ids], category_ids)
-    id2label = dict(enumerate(label_names))
-
-    images = data["images"]
-    if not images:
-        raise ValueError(f"{annotation_file}: 'images' is empty, so the split {split_name!r} has no examples.")
-    image_ids = set()
-    # Each image's fields, parsed: id, file_name, and width/height (None when the json has none).
-    image_entries = []
-    for position, image in enumerate(images):
-        where = f"{annotation_file}: images[{position}]"
-        _fields(image, ("id", "file_name"), where)
-        image_id = _integer(image["id"], where, "id")
-        where = f"{where} (image_id {image_id})"
-        file_name = _text(image["file_name"], where, "file_name")
-        width, height = (
-            None if image.get(key) is None else _integer(image[key], where, key, minimum=1) for key in ("width", "height")
-        )
-        if image_id in image_ids:
-            raise ValueError(f"{annotation_file}: image id {image_id} appears twice in 'images'.")
-        image_ids.add(image_id)
-        image_entries.append((image_id, file_name, width, height))
-
-    if "annotations" not in data:
-        logger.warning(f"{annotation_file} has no 'annotations': every image of {split_name!r} has no objects.")
-    annotations_by_image = defaultdict(list)
-    for position, annotation in enumerate(data.get("annotations") or []):
-        annotation_id = annotation.get("id", f"#{position}") if isinstance(annotation, Mapping) else f"#{position}"
-        where = f"{annotation_file}: annotation {annotation_id}"
-        _fields(annotation, ("image_id", "bbox", "category_id"), where)
-        image_id = _integer(annotation["image_id"], where, "image_id")
-        if image_id not in image_ids:
-            raise ValueError(f"{where} refers to image_id {image_id}, which is not in 'images'.")
-        where = f"{where} (image_id {image_id})"
-        category_id = _integer(annotation["category_id"], where, "category_id")
-        if category_id not in category_to_label:
-            known = sorted(category_to_label)
-            raise ValueError(
-                f"{where} has category_id {category_id}, which is not in the label map (category ids "
-                f"{known[:20]}{' ...' if len(known) > 20 else ''})."
-            )
-        bbox = annotation["bbox"]
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise ValueError(f"{where}: bbox must be a list of 4 numbers [x, y, width, height], got {bbox!r}.")
-        annotations_by_image[image_id].append(
-            {
-                "id": _integer(annotation["id"], where, "id") if annotation.get("id") is not None else None,
-                "bbox": [_number(value, where, "bbox") for value in bbox],
-                "category_id": category_id,
-                "area": _number(annotation["area"], where, "area") if annotation.get("area") is not None else None,
-                "iscrowd": _integer(annotation.get("iscrowd") or 0, where, "iscrowd"),
-            }
-        )
-
-    stats = AnnotationStats()
-    columns = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
-    for image_id, file_name, width, height in image_entries:
-        path = os.path.abspath(os.path.join(image_dir, file_name))
-        record = f"{annotation_file}: image_id {image_id} ({file_name})"
-        try:
-            check_image(path, record, check_images)
-            if width is None or height is None:
-                width, height = image_size(path, record)  # as shown: EXIF orientation applied, as when decoded
-        except ImageReadError as error:
-            if on_bad_image == "error":
-                raise
-            stats.add({"skipped_missing_images" if error.missing else "skipped_unreadable_images": 1})
-            continue
-        annotations = annotations_by_image.get(image_id, [])
-        objects, counts = clean_objects(
-            [annotation["bbox"] for annotation in annotations],
-            [annotation["category_id"] for annotation in annotations],
-            width,
-            height,
-            "xywh",
-            category_to_label.__getitem__,
-            record,
-            ids=[
-                image_id * 1000 + i if annotation["id"] is None else annotation["id"]
-                for i, annotation in enumerate(annotations)
-            ],
-            areas=[annotation["area"] for annotation in annotations],
-            iscrowd=[annotation["iscrowd"] for annotation in annotations],
-        )
-        stats.add(counts)
-        columns["image"].append(path)
-        columns["image_id"].append(image_id)
-        columns["width"].append(width)
-        columns["height"].append(height)
-        columns["objects"].append(objects)
-
-    if not columns["image"]:
-        raise ValueError(f"{annotation_file}: no usable image left in split {split_name!r}: {stats.to_dict()}.")
-    dataset = datasets.Dataset.from_dict(columns, features=detection_features(label_names))
-    stats.log_warnings(split_name)
-    return DetectionSplit(dataset, id2label, label2category_id, stats, split_name)
+    options = {
+        "image_dir": os.path.abspath(image_dir),
+        "check_images": check_images,
+        "on_bad_image": on_bad_image,
+        "label2category_id": sorted(label2category_id.items()) if label2category_id is not None else None,
+    }
+    split = cached_split(
+        annotation_cache_key(annotation_file, options),
+        lambda: _build_split(annotation_file, image_dir, check_images, on_bad_image, label2category_id, split_name),
+        cache_dir,
+        split_name,
+    )
+    split.stats.log_warnings(split_name)
+    return split

@@ -40,6 +40,7 @@ SPLIT_OPTIONS: dict[str, object] = {
     "max_eval_samples": None,
     "check_images": None,
     "on_bad_image": "error",
+    "annotation_cache_dir": None,
     "seed": 42,
 }
 
@@ -141,8 +142,9 @@ def load_detection_splits(args: argparse.Namespace | Mapping | None = None, **ov
             arguments); names that are not options are ignored.
         **overrides: options by keyword, taking precedence over `args`. The options and their defaults are
             `SPLIT_OPTIONS`; besides the sources: `bbox_format` ("auto"), `max_train_samples` / `max_eval_samples`
-            (keep the first N examples), `check_images` (default "exists" for COCO json, "none" otherwise) and
-            `on_bad_image` ("error" or "skip").
+            (keep the first N examples), `check_images` (default "exists" for COCO json, "none" otherwise),
+            `on_bad_image` ("error" or "skip") and `annotation_cache_dir` (where a COCO json's prepared split is
+            kept, see `load_coco_detection`).
 
     Returns:
         `DetectionSplits`.
@@ -157,7 +159,11 @@ def load_detection_splits(args: argparse.Namespace | Mapping | None = None, **ov
         if not (options["coco_annotations"] and options["coco_images"]):
             raise ValueError("`coco_annotations` and `coco_images` go together; give both.")
         source = f"COCO json {options['coco_annotations']}"
-        coco_kwargs = {"check_images": check_images or "exists", "on_bad_image": on_bad_image}
+        coco_kwargs = {
+            "check_images": check_images or "exists",
+            "on_bad_image": on_bad_image,
+            "cache_dir": options["annotation_cache_dir"],
+        }
         train = load_coco_detection(
             options["coco_annotations"], options["coco_images"], split_name="train", **coco_kwargs
         )

@@ -1,0 +1,179 @@
+"""The COCO json split: vectorised checks and cleaning equal to the per-image rules, and the memory-mapped cache
+shared by processes and runs."""
+
+import json
+import math
+import multiprocessing
+import os
+
+import datasets
+import numpy as np
+import pytest
+from helpers import load_example
+from PIL import Image
+
+from pix2seq_hf.data import coco_json
+from pix2seq_hf.data.coco_json import load_coco_detection
+from pix2seq_hf.data.schema import clean_objects
+
+
+def write_messy_coco(tmp_path, num_images=30, seed=0):
+    """A json with every case the cleaning handles: clipped, outside, empty and non-finite boxes, missing ids, areas
+    and crowd flags, integral floats, images without a size (read from their file) and images without objects."""
+    rng = np.random.default_rng(seed)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images, annotations = [], []
+    for index in range(num_images):
+        width, height = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+        entry = {"id": 500 - 7 * index, "file_name": f"{index}.png"}
+        Image.new("RGB", (width, height)).save(folder / entry["file_name"])
+        if index % 5:
+            entry.update(width=width, height=height)
+        images.append(entry)
+    for position in range(8 * num_images):
+        image = images[int(rng.integers(0, num_images - 3))]
+        box = (rng.uniform(-20, 70, size=4) * [1, 1, 0.6, 0.6]).round(1).tolist()
+        if position % 11 == 0:
+            box[2] = -box[2]
+        if position % 13 == 0:
+            box[0] = float("nan")
+        annotation = {"image_id": image["id"], "bbox": box, "category_id": int(rng.choice([3, 9, 4]))}
+        if position % 3:
+            annotation["id"] = 10_000 + position
+        if position % 4:
+            annotation["area"] = float(rng.uniform(-5, 900))
+        if position % 7 == 0:
+            annotation["iscrowd"] = [0, 1, 2, None][position % 4]
+        if position % 9 == 0:
+            annotation["category_id"] = float(annotation["category_id"])
+        annotations.append(annotation)
+    categories = [{"id": 9, "name": "nine"}, {"id": 3, "name": "three"}, {"id": 4, "name": "four"}]
+    path = tmp_path / "messy.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path, folder
+
+
+def test_coco_split_matches_the_per_image_cleaning(tmp_path):
+    path, folder = write_messy_coco(tmp_path)
+    split = load_coco_detection(path, folder, check_images="exists", cache_dir=tmp_path / "cache")
+    data = json.loads(path.read_text())
+    category_to_label = {3: 0, 4: 1, 9: 2}
+    assert split.label2category_id == {0: 3, 1: 4, 2: 9}
+    total = {}
+    assert split.dataset["image_id"] == [image["id"] for image in data["images"]]
+    for image, row in zip(data["images"], split.dataset.cast_column("image", datasets.Image(decode=False))):
+        width, height = image.get("width"), image.get("height")
+        if width is None:
+            width, height = Image.open(folder / image["file_name"]).size
+        assert (row["width"], row["height"]) == (width, height)
+        assert row["image"] == {"bytes": None, "path": str(folder / image["file_name"])}
+        mine = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        objects, counts = clean_objects(
+            [a["bbox"] for a in mine],
+            [int(a["category_id"]) for a in mine],
+            width,
+            height,
+            "xywh",
+            category_to_label.__getitem__,
+            str(image["id"]),
+            ids=[a.get("id", image["id"] * 1000 + i) for i, a in enumerate(mine)],
+            areas=[a.get("area") for a in mine],
+            iscrowd=[a.get("iscrowd") or 0 for a in mine],
+        )
+        for name, value in counts.items():
+            total[name] = total.get(name, 0) + value
+        got = row["objects"]
+        assert got["id"] == objects["id"]
+        assert got["category"] == objects["category"]
+        assert got["iscrowd"] == objects["iscrowd"]
+        np.testing.assert_allclose(np.array(got["bbox"]).reshape(-1, 4), np.array(objects["bbox"]).reshape(-1, 4), rtol=1e-6)
+        np.testing.assert_allclose(got["area"], objects["area"], rtol=1e-6)
+    assert split.stats.to_dict() == total
+    assert total["dropped_nonfinite_boxes"] and total["dropped_empty_boxes"] and total["dropped_outside_boxes"]
+    assert total["clipped_boxes"] and total["crowd_objects"] and total["images_without_objects"] >= 3
+
+
+def test_coco_split_is_built_once_and_then_mapped(tmp_path, monkeypatch):
+    path, folder = write_messy_coco(tmp_path)
+    cache = tmp_path / "cache"
+    first = load_coco_detection(path, folder, check_images="none", cache_dir=cache)
+
+    def no_parse(*args):
+        raise AssertionError("the json was parsed again")
+
+    monkeypatch.setattr(coco_json, "_read_json", no_parse)
+    again = load_coco_detection(path, folder, check_images="none", cache_dir=cache)
+    assert again.dataset.data.table.equals(first.dataset.data.table)
+    assert again.stats == first.stats and again.id2label == first.id2label
+    (cached_file,) = [entry["filename"] for entry in again.dataset.cache_files]
+    assert cached_file.startswith(str(cache))
+    # Another label map, or another json content, is another entry (and needs a parse).
+    with pytest.raises(AssertionError, match="parsed again"):
+        load_coco_detection(path, folder, check_images="none", cache_dir=cache, label2category_id={0: 9, 1: 3, 2: 4})
+    data = json.loads(path.read_text())
+    data["annotations"][0]["bbox"][2] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(AssertionError, match="parsed again"):
+        load_coco_detection(path, folder, check_images="none", cache_dir=cache)
+
+
+def test_coco_split_with_an_error_leaves_no_cache_entry(tmp_path):
+    path, folder = write_messy_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["annotations"][40]["bbox"] = [1, 2, "3", 4]
+    path.write_text(json.dumps(data))
+    name = data["annotations"][40].get("id", "#40")
+    with pytest.raises(ValueError, match=rf"annotation {name} \(image_id -?\d+\): bbox must be a number, got '3'"):
+        load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "cache")
+    assert [entry for entry in os.listdir(tmp_path / "cache") if not entry.endswith(".lock")] == []
+
+
+def test_coco_unknown_image_is_named_at_its_first_annotation(tmp_path):
+    path, folder = write_messy_coco(tmp_path)
+    data = json.loads(path.read_text())
+    for position in (50, 20):
+        data["annotations"][position].update(id=90_000 + position, image_id=12345)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotation 90020 refers to image_id 12345, which is not in 'images'"):
+        load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "cache")
+
+
+def _load_in_process(path, folder, cache, queue):
+    split = load_coco_detection(path, folder, check_images="none", cache_dir=cache)
+    queue.put((len(split.dataset), split.dataset.cache_files[0]["filename"], math.fsum(split.dataset["width"])))
+
+
+def test_coco_split_is_shared_by_concurrent_processes(tmp_path):
+    path, folder = write_messy_coco(tmp_path, num_images=200)
+    cache = tmp_path / "cache"
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_load_in_process, args=(path, folder, cache, queue)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert results[0] == results[1]
+    assert [entry for entry in os.listdir(cache) if not entry.endswith(".lock")] == [os.path.basename(os.path.dirname(results[0][1]))]
+
+
+def test_data_loading_benchmark_smoke(tmp_path, capsys):
+    benchmark = load_example("benchmarks/benchmark_data_loading")
+    annotation_file = tmp_path / "generated.json"
+    num_boxes = benchmark.write_objects365_like_json(str(annotation_file), 50)
+    data = json.loads(annotation_file.read_text())
+    assert len(data["images"]) == 50 and len(data["annotations"]) == num_boxes > 300
+    assert len(data["categories"]) == 365
+    split = load_coco_detection(annotation_file, tmp_path, check_images="none", cache_dir=tmp_path / "cache")
+    assert split.stats.objects == num_boxes and split.stats.clipped_boxes == 0
+
+    results = benchmark.main(["--num_images", "40", "--processes", "1", "--output_file", str(tmp_path / "r.json")])
+    assert [(run["images"], run["processes"]) for run in results["runs"]] == [(40, 1)]
+    for run in results["runs"]:
+        assert len(run["first_peak_rss_mib"]) == len(run["cached_peak_rss_mib"]) == run["processes"]
+        assert run["cached_startup_s"] >= 0 and run["boxes"] > 0
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+    assert "cached s" in capsys.readouterr().out
