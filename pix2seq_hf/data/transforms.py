@@ -66,6 +66,8 @@ AUGMENTATION_PRESETS: dict[str, AugmentationConfig] = {
     "finetune": AugmentationConfig(scale_range=(0.3, 2.0), hflip_prob=0.5, color_jitter_strength=0.0),
     # The paper's from-scratch recipe: scale jitter [0.1, 3.0] and colour distortion 0.5.
     "scratch": AugmentationConfig(scale_range=(0.1, 3.0), hflip_prob=0.5, color_jitter_strength=0.5),
+    # The paper's Objects365 pretraining of ResNet models: scale jitter [0.9, 1.2], no colour.
+    "pretrain": AugmentationConfig(scale_range=(0.9, 1.2), hflip_prob=0.5, color_jitter_strength=0.0),
     # Mild jitter and flips, for small data sets and short runs (e.g. the synthetic shapes on a CPU), where the
     # official range shrinks small objects to a few pixels.
     "light": AugmentationConfig(scale_range=(0.8, 1.25), hflip_prob=0.5, color_jitter_strength=0.0),
