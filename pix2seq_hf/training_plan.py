@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 
 
-# Images per step and device on a large set (the earlier fixed default for data other than the synthetic set).
+# Images per step and device on a large set.
 MAX_BATCH_SIZE = 32
 # A small set gets the largest power-of-two batch that leaves at least this many steps an epoch.
 MIN_STEPS_PER_EPOCH = 4
@@ -31,7 +31,7 @@ MIN_STEPS_PER_EPOCH = 4
 DEFAULT_NUM_EPOCHS = 50
 MIN_PLANNED_STEPS = 2000
 # The warm-up: this fraction of the planned steps and of the minutes, whichever ends first, and at most this many steps
-# (the earlier fixed warm-up: long runs warm up as before).
+# (long runs warm up over their first 100 steps).
 WARMUP_FRACTION = 0.05
 MAX_WARMUP_STEPS = 100
 
