@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +139,28 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+# The stacked / transposed decoding weights built during the current `generate` call (see `decoding_weights_cache`).
+_DECODING_WEIGHTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pix2seq_decoding_weights", default=None)
+
+
+@contextlib.contextmanager
+def decoding_weights_cache() -> Iterator[None]:
+    """
+    Keeps the weights that [`concatenated_parameters`] stacks for the duration of the block, one `generate` call, and
+    drops them at its end. The parameters cannot change during a call, while between calls an optimizer may update
+    them in place without a trace (fused AdamW does not bump tensors' version counters), so nothing is kept longer.
+    Nested blocks share the outermost one's weights.
+    """
+    if _DECODING_WEIGHTS.get() is not None:
+        yield
+        return
+    token = _DECODING_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _DECODING_WEIGHTS.reset(token)
+
+
 def concatenated_parameters(
     owner: nn.Module, name: str, tensors: list[torch.Tensor], transpose: bool = False
 ) -> torch.Tensor:
@@ -146,32 +170,35 @@ def concatenated_parameters(
     weight transposed and contiguous, `(in_features, out_features)`: the layout in which a CPU multiplies a single row
     by it fastest (a decoding step).
 
-    Without gradients the result is kept on `owner` (a plain attribute `name`: not a parameter or buffer, never in the
-    state dict) and built again only when one of `tensors` changed (other tensors, moved or cast, or updated in
-    place). With gradients, and inside `torch.compile` / `torch.export` (where inductor folds it into a constant when
-    the weights are frozen), it is computed where it is used.
+    Inside [`decoding_weights_cache`] (every `generate` call) and without gradients, the result is built once per call
+    and per `owner` and `name` (never a parameter or buffer, never in the state dict); elsewhere, with gradients, and
+    inside `torch.compile` / `torch.export` (where inductor folds it into a constant when the weights are frozen), it
+    is computed where it is used.
 
     Returns:
         `torch.Tensor`: the concatenation, to be used read-only.
     """
     if len(tensors) == 1 and not transpose:
         return tensors[0]
-    if (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)) or (
-        torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    cache = _DECODING_WEIGHTS.get()
+    if (
+        cache is None
+        or (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
     ):
         stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         return stacked.t() if transpose else stacked
-    try:
-        key = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
-    except RuntimeError:  # inference tensors have no version counter: nothing tells an update apart
-        key = None
-    cached = owner.__dict__.get(name)
-    if key is None or cached is None or cached[0] != key:
+    # The tensors themselves (not their values, which cannot change within a call): a model moved or cast mid-call,
+    # or two models sharing `owner`, build their own.
+    key = (id(owner), name, tuple((tensor.data_ptr(), tensor.dtype, tensor.device) for tensor in tensors))
+    stacked = cache.get(key)
+    if stacked is None:
         with torch.no_grad():
             stacked = torch.cat(tensors)
-            cached = (key, stacked.t().contiguous() if transpose else stacked)
-        owner.__dict__[name] = cached
-    return cached[1]
+            stacked = stacked.t().contiguous() if transpose else stacked
+        cache[key] = stacked
+    return stacked
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -189,7 +216,7 @@ def decoding_linear(owner: nn.Module, name: str, linears: list[nn.Linear], hidde
     """
     The outputs of `linears` (plain `nn.Linear`s of the same input size), concatenated, for the tokens of one
     decoding step `hidden_states` (`(batch, 1, in_features)`): one product with their weights stacked and kept
-    transposed on `owner` as `name` (see [`concatenated_parameters`]); the same result as calling them.
+    transposed (built once per `generate` call, see [`concatenated_parameters`]); the same result as calling them.
 
     Returns:
         `torch.Tensor` of shape `(batch, 1, sum of out_features)`.
@@ -234,7 +261,7 @@ class Pix2SeqAttention(nn.Module):
 
     def is_decoding_step(self, hidden_states: torch.Tensor) -> bool:
         """Whether `hidden_states` is one token per sequence, outside training, through plain linear projections: then
-        the projections run as [`decoding_linear`] (stacked, transposed weights kept on the module)."""
+        the projections run as [`decoding_linear`] (stacked, transposed weights built once per `generate` call)."""
         return (
             hidden_states.shape[1] == 1
             and not self.training
@@ -371,7 +398,7 @@ class Pix2SeqMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.shape[1] == 1 and not self.training and is_plain_linear(self.fc1) and is_plain_linear(self.fc2):
-            # A decoding step: the products with the transposed weights kept on the module (`decoding_linear`).
+            # A decoding step: the products with the transposed weights of the `generate` call (`decoding_linear`).
             hidden_states = self.activation_fn(decoding_linear(self, "_fc1", [self.fc1], hidden_states))
             return decoding_linear(self, "_fc2", [self.fc2], hidden_states)
         return self.fc2(self.dropout(self.activation_fn(self.fc1(hidden_states))))
@@ -1224,6 +1251,12 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         if self._box_codec is None or self._box_codec.layout != layout:
             self._box_codec = Pix2SeqBoxCodec(layout)
         return self._box_codec
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, with the decoding layers' stacked weights built once for the call
+        ([`decoding_weights_cache`])."""
+        with decoding_weights_cache():
+            return super().generate(*args, **kwargs)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)

@@ -469,3 +469,21 @@ def test_the_model_takes_its_generation_from_the_mixin():
     plumbing = ("_sample", "_get_logits_processor", "_prepare_generation_config", "detect", "default_generation_config")
     for name in plumbing:
         assert name not in vars(Pix2SeqForObjectDetection), name
+
+
+def test_generation_after_a_fused_optimizer_step_uses_the_updated_weights(model):
+    # Fused AdamW updates the parameters in place without bumping their version counters: nothing the decoding layers
+    # stack may outlive a `generate` call (a training run's later evaluations read the trained weights).
+    pixels = make_pixels(2)
+    kwargs = dict(do_sample=False, max_new_tokens=15, min_objects=3)
+    trained = Pix2SeqForObjectDetection(tiny_config()).eval()
+    trained.load_state_dict(model.state_dict())
+    trained.generate(pixels, **kwargs)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=0.05, fused=True)
+    for parameter in trained.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    after = trained.generate(pixels, **kwargs)
+    fresh = Pix2SeqForObjectDetection(tiny_config()).eval()
+    fresh.load_state_dict(trained.state_dict())
+    assert_same_generation(fresh.generate(pixels, **kwargs), after, atol=1e-5)
