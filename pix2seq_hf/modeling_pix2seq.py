@@ -212,6 +212,12 @@ def is_plain_linear(module: nn.Module) -> bool:
     )
 
 
+def is_decoding_step(module: nn.Module, hidden_states: torch.Tensor, linears: list[nn.Module]) -> bool:
+    """Whether `module` runs a decoding step on `hidden_states`: one token per sequence, outside training, through
+    plain linear `linears` ([`is_plain_linear`]); then they run as [`decoding_linear`]."""
+    return hidden_states.shape[1] == 1 and not module.training and all(is_plain_linear(linear) for linear in linears)
+
+
 def decoding_linear(owner: nn.Module, name: str, linears: list[nn.Linear], hidden_states: torch.Tensor) -> torch.Tensor:
     """
     The outputs of `linears` (plain `nn.Linear`s of the same input size), concatenated, for the tokens of one
@@ -262,11 +268,7 @@ class Pix2SeqAttention(nn.Module):
     def is_decoding_step(self, hidden_states: torch.Tensor) -> bool:
         """Whether `hidden_states` is one token per sequence, outside training, through plain linear projections: then
         the projections run as [`decoding_linear`] (stacked, transposed weights built once per `generate` call)."""
-        return (
-            hidden_states.shape[1] == 1
-            and not self.training
-            and all(is_plain_linear(projection) for projection in (self.q_proj, self.k_proj, self.v_proj, self.out_proj))
-        )
+        return is_decoding_step(self, hidden_states, [self.q_proj, self.k_proj, self.v_proj, self.out_proj])
 
     def project_query_key_value(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
@@ -397,7 +399,7 @@ class Pix2SeqMLP(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.shape[1] == 1 and not self.training and is_plain_linear(self.fc1) and is_plain_linear(self.fc2):
+        if is_decoding_step(self, hidden_states, [self.fc1, self.fc2]):
             # A decoding step: the products with the transposed weights of the `generate` call (`decoding_linear`).
             hidden_states = self.activation_fn(decoding_linear(self, "_fc1", [self.fc1], hidden_states))
             return decoding_linear(self, "_fc2", [self.fc2], hidden_states)
