@@ -7,8 +7,10 @@ tokens into DETR-shaped detections.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -424,6 +426,32 @@ def logits_of_returned_sequences(logits: torch.Tensor, beam_indices: torch.Tenso
     return logits[rows, steps]
 
 
+# The stacked / transposed decoding weights that the model's layers build during the current `generate` call
+# (`modeling_pix2seq.concatenated_parameters`; see `decoding_weights_cache`).
+DECODING_WEIGHTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "pix2seq_decoding_weights", default=None
+)
+
+
+@contextlib.contextmanager
+def decoding_weights_cache() -> Iterator[None]:
+    """
+    Keeps the weights that the model's decoding layers stack (`concatenated_parameters`) for the duration of the
+    block, one `generate` call, and drops them at its end. The parameters cannot change during a call, while between
+    calls an optimizer may update them in place without a trace (fused AdamW does not bump tensors' version
+    counters), so nothing is kept longer.
+    Nested blocks share the outermost one's weights.
+    """
+    if DECODING_WEIGHTS.get() is not None:
+        yield
+        return
+    token = DECODING_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        DECODING_WEIGHTS.reset(token)
+
+
 class Pix2SeqGenerationMixin(GenerationMixin):
     """
     `generate` for Pix2Seq: transformers' [`GenerationMixin`] with the Pix2Seq generation defaults, the Pix2Seq
@@ -658,9 +686,11 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         """
         [`GenerationMixin.generate`]. Its dict output (the default) with the raw `logits` (the default) also carries
         the detections read out of the sequences: a [`Pix2SeqGenerateOutput`] (or [`Pix2SeqGenerateBeamOutput`]
-        for beam search) whose `detections` is a [`Pix2SeqObjectDetectionOutput`], one row per returned sequence.
+        for beam search) whose `detections` is a [`Pix2SeqObjectDetectionOutput`], one row per returned sequence. The
+        decoding layers' stacked weights are built once for the call ([`decoding_weights_cache`]).
         """
-        outputs = super().generate(inputs, *args, **kwargs)
+        with decoding_weights_cache():
+            outputs = super().generate(inputs, *args, **kwargs)
         if isinstance(outputs, (GenerateEncoderDecoderOutput, GenerateBeamEncoderDecoderOutput)):
             if outputs.get("logits") is not None and outputs.get("detections") is None:
                 beam = isinstance(outputs, GenerateBeamEncoderDecoderOutput)

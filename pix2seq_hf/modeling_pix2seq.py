@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead, cell_centres, cross_attention_guidance_loss
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
-from .generation_pix2seq import Pix2SeqGenerationMixin, Pix2SeqObjectDetectionOutput
+from .generation_pix2seq import DECODING_WEIGHTS, Pix2SeqGenerationMixin, Pix2SeqObjectDetectionOutput
 
 
 logger = logging.get_logger(__name__)
@@ -139,28 +137,6 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-# The stacked / transposed decoding weights built during the current `generate` call (see `decoding_weights_cache`).
-_DECODING_WEIGHTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pix2seq_decoding_weights", default=None)
-
-
-@contextlib.contextmanager
-def decoding_weights_cache() -> Iterator[None]:
-    """
-    Keeps the weights that [`concatenated_parameters`] stacks for the duration of the block, one `generate` call, and
-    drops them at its end. The parameters cannot change during a call, while between calls an optimizer may update
-    them in place without a trace (fused AdamW does not bump tensors' version counters), so nothing is kept longer.
-    Nested blocks share the outermost one's weights.
-    """
-    if _DECODING_WEIGHTS.get() is not None:
-        yield
-        return
-    token = _DECODING_WEIGHTS.set({})
-    try:
-        yield
-    finally:
-        _DECODING_WEIGHTS.reset(token)
-
-
 def concatenated_parameters(
     owner: nn.Module, name: str, tensors: list[torch.Tensor], transpose: bool = False
 ) -> torch.Tensor:
@@ -180,7 +156,7 @@ def concatenated_parameters(
     """
     if len(tensors) == 1 and not transpose:
         return tensors[0]
-    cache = _DECODING_WEIGHTS.get()
+    cache = DECODING_WEIGHTS.get()
     if (
         cache is None
         or (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))
@@ -1253,12 +1229,6 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         if self._box_codec is None or self._box_codec.layout != layout:
             self._box_codec = Pix2SeqBoxCodec(layout)
         return self._box_codec
-
-    def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, with the decoding layers' stacked weights built once for the call
-        ([`decoding_weights_cache`])."""
-        with decoding_weights_cache():
-            return super().generate(*args, **kwargs)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
