@@ -297,7 +297,13 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         if image.dtype == torch.uint16:
             image = image.to(torch.float32)
             full_intensity = _UINT16_MAX
-        elif full_intensity is None and image.is_floating_point() and kwargs.get("do_rescale") and image.numel() and bool(image.max() <= 1):
+        elif (
+            full_intensity is None
+            and image.is_floating_point()
+            and kwargs.get("do_rescale")
+            and image.numel()
+            and bool(image.max() <= 1)
+        ):
             logger.warning_once(
                 "Pix2SeqImageProcessor got a floating-point image with every value in [0, 1] and rescales it by "
                 "`rescale_factor` (1/255) like 8-bit pixels, as DETR's processor does. If your pixels are already in "
