@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "pix2seq_hf" / "__init__.py").read_text(), re.M).group(1)
 
 EXTRAS = {
-    # examples/benchmark.py: transformers' DETR loss matches boxes with scipy's Hungarian solver; the coins set of
-    # examples/benchmark_training.py is built from scikit-image's sample photograph and segmentation.
+    # examples/benchmarks/benchmark.py: transformers' DETR loss matches boxes with scipy's Hungarian solver; the coins
+    # set of examples/benchmarks/benchmark_training.py is built from scikit-image's sample photograph and segmentation.
     "benchmark": ["scipy", "scikit-image"],
     # pix2seq_hf.export / examples/export.py: ONNX graphs of the encoder and the cached decoder step, run with onnxruntime.
     "export": ["onnx>=1.18", "onnxscript>=0.3", "onnxruntime>=1.20"],

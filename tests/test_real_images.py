@@ -45,7 +45,7 @@ def test_the_coins_set_is_reproducible_with_many_objects_per_image(tmp_path):
 
 
 def test_training_benchmark_runs_pix2seq_and_fcos_on_the_coins(tmp_path):
-    benchmark = load_example("benchmark_training")
+    benchmark = load_example("benchmarks/benchmark_training")
     output = tmp_path / "report.json"
     argv = [
         "--dataset", "coins", "--detectors", "pix2seq", "fcos", "--coins_train_size", "4", "--coins_validation_size",

@@ -8,7 +8,11 @@ from pix2seq_hf import convert_pix2seq_original_tf_checkpoint_to_pytorch as conv
 from helpers import EXAMPLES, load_example
 
 
-SCRIPTS = sorted(path.stem for path in EXAMPLES.glob("*.py"))
+# The user scripts of `examples/` and the benchmark scripts of `examples/benchmarks/`, as `load_example` names them.
+SCRIPTS = sorted(
+    str(path.relative_to(EXAMPLES).with_suffix(""))
+    for path in [*EXAMPLES.glob("*.py"), *(EXAMPLES / "benchmarks").glob("*.py")]
+)
 
 
 class _Parsed(Exception):
@@ -22,7 +26,7 @@ def script_parsers(name: str, monkeypatch) -> list[argparse.ArgumentParser]:
 
     def capture(self, args=None, namespace=None):
         parsers.append(self)
-        if len(parsers) == 1 and name in ("benchmark_training_step", "recipe_ablation"):
+        if len(parsers) == 1 and name in ("benchmarks/benchmark_training_step", "benchmarks/recipe_ablation"):
             return original(self, [], namespace)  # its own options first, then train.py's parser
         raise _Parsed
 

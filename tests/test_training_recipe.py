@@ -432,7 +432,7 @@ def test_dense_synthetic_variant_has_many_small_objects_on_a_large_canvas():
 
 
 def test_training_benchmark_runs_all_three_detectors(tmp_path):
-    benchmark = load_example("benchmark_training")
+    benchmark = load_example("benchmarks/benchmark_training")
     output = tmp_path / "report.json"
     argv = [
         "--max_train_steps", "2", "--eval_steps", "1", "--batch_size", "2", "--image_size", "64",
@@ -448,7 +448,7 @@ def test_training_benchmark_runs_all_three_detectors(tmp_path):
 
 
 def test_training_step_benchmark_times_every_cpu_setting(tmp_path, capsys):
-    benchmark = load_example("benchmark_training_step")
+    benchmark = load_example("benchmarks/benchmark_training_step")
     output = tmp_path / "steps.json"
     argv = [
         "--rounds", "2", "--steps", "1", "--warmup_steps", "0", "--batch_size", "2", "--num_threads", "1",
@@ -463,7 +463,7 @@ def test_training_step_benchmark_times_every_cpu_setting(tmp_path, capsys):
 
 
 def test_recipe_ablation_reports_metrics_and_image_use(tmp_path):
-    ablation = load_example("recipe_ablation")
+    ablation = load_example("benchmarks/recipe_ablation")
     output = tmp_path / "run.json"
     argv = [
         "--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "2", "--image_size", "64",

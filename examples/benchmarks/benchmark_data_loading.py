@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from pix2seq_hf.cli import HelpFormatter
+
 
 OBJECTS365_IMAGES = 1_700_000
 OBJECTS365_CATEGORIES = 365
@@ -139,8 +141,10 @@ def run_processes(count: int, annotation_file: str, cache_dir: str | None) -> li
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_images", type=int, nargs="+", default=[10_000, 100_000])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--num_images", type=int, nargs="+", default=[10_000, 100_000], help="Images of each generated json."
+    )
     parser.add_argument("--objects365_size", action="store_true", help=f"Also {OBJECTS365_IMAGES} images.")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="Processes started together.")
     parser.add_argument("--work_dir", default=None, help="Where the jsons and caches go (default: a temporary folder).")

@@ -14,9 +14,9 @@ and `bf16 autocast alone` for reference. Every other argument is `examples/train
 other models and data can be timed the same way. Each configuration is timed once per round, rounds interleaved, and
 the median over rounds printed, so that a change in the machine's load hits all of them alike.
 
-    python examples/benchmark_training_step.py                 # 3 rounds of 20 steps each, about 2 minutes on 2 cores
-    python examples/benchmark_training_step.py --num_threads 2 --rounds 5 --steps 30 --output_file step.json
-    python examples/benchmark_training_step.py --synthetic_variant dense --image_size 384 --max_objects 64
+    python examples/benchmarks/benchmark_training_step.py  # 3 rounds of 20 steps each, about 2 minutes on 2 cores
+    python examples/benchmarks/benchmark_training_step.py --num_threads 2 --rounds 5 --steps 30 --output_file step.json
+    python examples/benchmarks/benchmark_training_step.py --synthetic_variant dense --image_size 384 --max_objects 64
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_setup  # noqa: E402

@@ -1,8 +1,8 @@
 """Side-by-side training benchmark: Pix2Seq (this project's default run), transformers' DETR and torchvision's FCOS
 trained from scratch on the same data, with the same budget and the same COCO evaluation.
 
-    python examples/benchmark_training.py                          # all three, 3000 steps each, mAP every 500
-    python examples/benchmark_training.py --detectors fcos detr --max_train_steps 2000 --num_threads 1
+    python examples/benchmarks/benchmark_training.py       # all three, 3000 steps each, mAP every 500
+    python examples/benchmarks/benchmark_training.py --detectors fcos detr --max_train_steps 2000 --num_threads 1
 
 Data: the synthetic shapes set of `examples/train.py` (4000 training and 200 validation images of 128 px, seed 42),
 the same `light` augmentation (seeded per epoch and image), batch 8. Every detector starts from random weights (a
@@ -15,7 +15,7 @@ about 16 coins each, mosaics of crops of scikit-image's coins photograph with bo
 (`pix2seq_hf.data.real_images.build_coins_dataset`; validation shows coins never trained on). Pix2Seq then trains
 with `--max_objects 64` and the same `light` augmentation:
 
-    python examples/benchmark_training.py --dataset coins --detectors pix2seq fcos --max_train_minutes 15
+    python examples/benchmarks/benchmark_training.py --dataset coins --detectors pix2seq fcos --max_train_minutes 15
 
 - `pix2seq`: `examples/train.py` with its defaults (the tiny preset and the from-scratch recipe), in this process.
 - `detr`: `transformers.DetrForObjectDetection`, d_model 128, 2+2 layers, 4 heads, FFN 512, 20 queries (the tiny
@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf.cli import HelpFormatter  # noqa: E402

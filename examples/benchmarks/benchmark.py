@@ -1,9 +1,9 @@
 """Speed and memory of Pix2Seq detection and training, side by side with transformers' DETR, in one run.
 
-    python examples/benchmark.py                      # full run (CPU; CUDA too when there is one), ~11 min on 2 cores
-    python examples/benchmark.py --quick              # batch 1 only, one repeat, no compile: ~1-2 minutes
-    python examples/benchmark.py --early_stop_model outputs/pix2seq-synthetic   # + early stop's effect on mAP
-    python examples/benchmark.py --early_stop_model outputs/pix2seq-synthetic --skip_speed   # that alone
+    python examples/benchmarks/benchmark.py               # full run (CPU; CUDA too when there is one), ~11 min, 2 cores
+    python examples/benchmarks/benchmark.py --quick        # batch 1 only, one repeat, no compile: ~1-2 minutes
+    python examples/benchmarks/benchmark.py --early_stop_model outputs/pix2seq-synthetic  # + early stop's effect on mAP
+    python examples/benchmarks/benchmark.py --early_stop_model outputs/pix2seq-synthetic --skip_speed   # that alone
 
 Both models have the paper's R50 sizes with random weights: timm ResNet-50, a 6-layer encoder and a 6-layer decoder of
 width 256 with 8 heads and FFN 1024 (DETR's FFN follows `--detr_ffn_dim`, by default Pix2Seq's 1024 so that the two
@@ -129,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="validation",
         choices=["validation", "train"],
         help="Synthetic split to evaluate on ('train' with `--early_stop_seed 0 --early_stop_images 32`: the images "
-        "of `examples/overfit_check.py`).",
+        "of `examples/benchmarks/overfit_check.py`).",
     )
     parser.add_argument("--early_stop_seed", type=int, default=42, help="Seed of the synthetic set (train.py: 42).")
     parser.add_argument("--omp_wait_policy", choices=["PASSIVE", "ACTIVE"], default=None,

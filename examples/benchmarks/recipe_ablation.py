@@ -11,8 +11,9 @@ float32 loop (no Accelerate, no checkpoints) and every `--eval_steps` steps prin
 - with an auxiliary dense head, the mAP of that head read as a one-level FCOS detector (`auxiliary_head_map`): what
   the encoder knows, against what the decoder writes.
 
-    python examples/recipe_ablation.py --num_threads 1 --max_train_steps 1500 --eval_steps 500 --output_file run.json
-    python examples/recipe_ablation.py --auxiliary_loss_weight 0 --coordinate_label_sigma 0 \\
+    python examples/benchmarks/recipe_ablation.py --num_threads 1 --max_train_steps 1500 --eval_steps 500 \\
+        --output_file run.json
+    python examples/benchmarks/recipe_ablation.py --auxiliary_loss_weight 0 --coordinate_label_sigma 0 \\
         --coordinate_embedding_init normal --max_train_steps 1500 --eval_steps 500     # the paper's losses and init
 
 examples/benchmarks/RESULTS.md tabulates what these runs gave.
@@ -32,7 +33,7 @@ from torchvision.ops import batched_nms
 from transformers import get_scheduler
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_plan, training_setup  # noqa: E402

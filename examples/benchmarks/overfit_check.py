@@ -1,10 +1,10 @@
 """Learning check: train a preset on a few synthetic images, then detect on those same images and print COCO mAP.
 
-    python examples/overfit_check.py --num_images 32 --steps 800 [--save_dir outputs/overfit]
+    python examples/benchmarks/overfit_check.py --num_images 32 --steps 800 [--save_dir outputs/overfit]
 
 A model, codec, generation and post-processing that work together fit a small set: on this 2-core CPU the `tiny`
 preset reaches train-set mAP 0.58-0.66 after 800 steps (3.5 to 9 minutes, depending on the load). Prints one line
-per evaluation; `--save_dir` saves the fitted model (e.g. for `examples/benchmark.py --early_stop_model`).
+per evaluation; `--save_dir` saves the fitted model (e.g. for `examples/benchmarks/benchmark.py --early_stop_model`).
 """
 
 from __future__ import annotations
