@@ -25,19 +25,17 @@ import logging
 import os
 import shutil
 import sys
-import unittest.mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
-import transformers.trainer
 from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf import training_plan, training_setup
+from pix2seq_hf import Pix2SeqProcessor, training_plan, training_setup
 from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import AUGMENTATION_PRESETS, Pix2SeqCollator, build_train_transforms, load_detection_splits
 from pix2seq_hf.evaluation import KEEP_ALL_THRESHOLD, METRIC_KEYS, CocoDetectionEvaluator
@@ -192,18 +190,26 @@ class Pix2SeqTrainer(Trainer):
     A `Trainer` whose evaluation decodes: `prediction_step` computes the teacher-forced loss, then generates and
     post-processes the detections of the batch (every decoded object kept), returning them with the ground truth as
     padded tensors for `CocoMetric`.
+
+    The Trainer's `processing_class` is the image processor, as in transformers' object-detection example: the
+    Trainer aligns the special tokens of a `ProcessorMixin`'s tokenizer with the model before training, and Pix2Seq's
+    processor has no tokenizer (its token layout is checked against the model by `check_model_compatible`). The
+    whole processor (`processor`: box codec and token layout besides the image processor) is saved with every model
+    the Trainer saves or pushes.
     """
 
     def __init__(
         self,
         *args,
+        processor: Pix2SeqProcessor,
         eval_data_collator=None,
         generation_kwargs: dict | None = None,
         encoder_lr_scale: float = 1.0,
         card_info: dict | None = None,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, processing_class=processor.image_processor, **kwargs)
+        self.processor = processor
         self.eval_data_collator = eval_data_collator
         self.generation_kwargs = dict(generation_kwargs or {"do_sample": False})
         self.encoder_lr_scale = encoder_lr_scale
@@ -211,11 +217,10 @@ class Pix2SeqTrainer(Trainer):
         self.card_info = dict(card_info or {})
         self.card_metrics: dict | None = None
 
-    def train(self, *args, **kwargs):
-        # The Trainer aligns the special tokens of a processor's tokenizer with the model; Pix2Seq's processor has no
-        # tokenizer (its token layout was checked against the model by `check_model_compatible`).
-        with unittest.mock.patch.object(transformers.trainer, "align_special_tokens", lambda model, processor: None):
-            return super().train(*args, **kwargs)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            self.processor.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
     def get_eval_dataloader(self, eval_dataset=None):
         """The evaluation loader, collated without augmentation and with the ground truth (`eval_data_collator`)."""
@@ -252,7 +257,7 @@ class Pix2SeqTrainer(Trainer):
             )
         targets = inputs["targets"]
         sizes = [tuple(int(v) for v in target["orig_size"].reshape(-1)) for target in targets]
-        found = self.processing_class.post_process_object_detection(
+        found = self.processor.post_process_object_detection(
             generated, threshold=KEEP_ALL_THRESHOLD, target_sizes=sizes
         )
         detections = pack_rows(
@@ -290,6 +295,7 @@ class Pix2SeqTrainer(Trainer):
             shutil.copy(source, Path(self.args.output_dir) / source.name)
         if not (Path(self.args.output_dir) / "README.md").is_file():
             self.create_model_card()
+        self.processor.save_pretrained(self.args.output_dir)
         super()._push_from_checkpoint(checkpoint_folder)
 
 
@@ -424,7 +430,7 @@ def run(model_args, data_args, training_args, interrupt: StopOnSignal) -> int:
         args=training_args,
         train_dataset=splits.train if training_args.do_train else None,
         eval_dataset=splits.validation,
-        processing_class=processor,
+        processor=processor,
         data_collator=train_collator,
         eval_data_collator=eval_collator,
         compute_metrics=CocoMetric(splits.id2label),

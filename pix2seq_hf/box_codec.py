@@ -446,8 +446,12 @@ class Pix2SeqBoxCodec:
         Returns:
             `dict` with `decoder_input_ids` and `labels`, both CPU `torch.LongTensor` of shape `[5 * max_objects]`.
         """
-        layout = self.layout
         boxes, labels = self._check_objects(boxes, labels)
+        return self._training_sequence(boxes, labels, generator)
+
+    def _training_sequence(self, boxes: torch.Tensor, labels: torch.Tensor, generator) -> dict:
+        """`build_training_sequence` of objects already checked (as `_check_objects` returns them)."""
+        layout = self.layout
         order = self._order(boxes, labels, generator)[: layout.max_objects]
         boxes, labels = boxes[order], labels[order]
         num_real, length = boxes.shape[0], layout.max_sequence_length
@@ -497,12 +501,28 @@ class Pix2SeqBoxCodec:
         """
         if len(boxes_list) != len(labels_list):
             raise ValueError(f"Got {len(boxes_list)} box lists but {len(labels_list)} label lists.")
-        built = []
+        checked_boxes, checked_labels = [], []
         for index, (boxes, labels) in enumerate(zip(boxes_list, labels_list, strict=True)):
             try:
-                built.append(self.build_training_sequence(boxes, labels, generator))
+                boxes, labels = self._check_objects(boxes, labels)
             except ValueError as error:
                 raise ValueError(f"Image {index} of the batch: {error}") from error
+            checked_boxes.append(boxes)
+            checked_labels.append(labels)
+        return self._batch_training_sequences(checked_boxes, checked_labels, generator)
+
+    def _batch_training_sequences(
+        self, boxes_list: list[torch.Tensor], labels_list: list[torch.Tensor], generator: torch.Generator | None
+    ) -> dict:
+        """
+        `batch_build_training_sequences` of objects already checked where they entered: per image, float CPU boxes
+        `[N, 4]` (xyxy in [0, 1], each with area) and long CPU labels `[N]` in `[0, num_classes)` (the processor
+        checks them in pixels, before normalising them to the canvas).
+        """
+        built = [
+            self._training_sequence(boxes, labels, generator)
+            for boxes, labels in zip(boxes_list, labels_list, strict=True)
+        ]
         length = self.layout.max_sequence_length
         if not built:
             return {key: torch.zeros(0, length, dtype=torch.long) for key in ("decoder_input_ids", "labels")}

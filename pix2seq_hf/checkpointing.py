@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,6 @@ PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 # Files that show that a folder holds a saved model (or the results of a finished run).
 MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "all_results.json")
-# Test hook: `<step>:<point>` SIGKILLs the process at that point of the save of checkpoint `step_<step>` (points:
-# "started", "state_written", "marker_written", "renamed"), so that tests can interrupt a real save deterministically.
-KILL_POINT_ENV = "PIX2SEQ_TEST_KILL_CHECKPOINT"
-
-
-def _kill_point(step: int, point: str) -> None:
-    if os.environ.get(KILL_POINT_ENV) == f"{step}:{point}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 def _fsync_path(path: Path) -> None:
     """Flushes a file or a folder entry to disk (best effort: some filesystems refuse to sync folders)."""
@@ -216,18 +206,15 @@ def save_checkpoint(
             if stale.is_dir() and checkpoint_step(stale) is not None:
                 shutil.rmtree(stale)
         partial.mkdir(parents=True)
-        _kill_point(step, "started")
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _kill_point(step, "state_written")
         state = {"completed_steps": int(step), "run": dict(run) if run is not None else None}
         if elapsed_seconds is not None:
             state["elapsed_seconds"] = round(float(elapsed_seconds), 3)
         (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
         _fsync_tree(partial)
-        _kill_point(step, "marker_written")
         replaced = None
         if final.exists():
             replaced = output_dir / f"step_{step}.replaced"
@@ -239,7 +226,6 @@ def save_checkpoint(
         if replaced is not None:
             shutil.rmtree(replaced)
         logger.info(f"Saved checkpoint {final}")
-        _kill_point(step, "renamed")
         if total_limit is not None:
             complete, _ = list_checkpoints(output_dir)
             older = [path for path in complete if path != final]

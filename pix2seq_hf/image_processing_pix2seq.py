@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,49 @@ def get_size_for_longest_edge(
     if height >= width:
         return longest_edge, max(1, math.floor(width * longest_edge / height + 0.5))
     return max(1, math.floor(height * longest_edge / width + 0.5)), longest_edge
+
+
+_BOX_FORMAT_NAMES = {"XYXY": "x_min, y_min, x_max, y_max", "XYWH": "x, y, w, h"}
+
+
+def clip_boxes_to_image(
+    boxes: torch.Tensor, image_size: tuple[int, int], box_name: Callable[[int], str], box_format: str = "XYXY"
+) -> tv_tensors.BoundingBoxes:
+    """
+    Checks the boxes of one image and clips them to it: the one check of boxes given in pixels, whichever way they
+    come in (COCO annotations or tensors).
+
+    Args:
+        boxes (`torch.Tensor` of shape `[N, 4]`): boxes in the pixels of the image, in `box_format`.
+        image_size (`tuple[int, int]`): `(height, width)` of the image.
+        box_name (`Callable[[int], str]`): how an error names box `i` (e.g. `"Image 7, annotation 2"`).
+        box_format (`str`, *optional*, defaults to `"XYXY"`): `"XYXY"` (`x_min, y_min, x_max, y_max`) or `"XYWH"`
+            (COCO's `x, y, w, h`).
+
+    Returns:
+        `tv_tensors.BoundingBoxes` (`[N, 4]`, XYXY, float64) clipped to the image.
+
+    Raises:
+        `ValueError` naming the box and its value for a box that is not finite or has no area inside the image.
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    given = boxes.detach().to("cpu", torch.float64).reshape(-1, 4)
+    format_name = _BOX_FORMAT_NAMES[box_format]
+    finite = torch.isfinite(given).all(dim=1)
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{box_name(index)}: box {given[index].tolist()} ({format_name}) is not finite (NaN or inf).")
+    clipped = tv_tensors.BoundingBoxes(given, format=box_format, canvas_size=(height, width))
+    clipped = tvF.clamp_bounding_boxes(tvF.convert_bounding_box_format(clipped, new_format="XYXY"))
+    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    if bool(empty.any()):
+        index = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"{box_name(index)}: box {given[index].tolist()} ({format_name}) has no area inside the {width}x{height} "
+            f"image (clipped to {clipped[index].tolist()} as x_min, y_min, x_max, y_max). Remove degenerate boxes "
+            "before processing."
+        )
+    return clipped
 
 
 def _field(outputs: Any, name: str) -> Any:
@@ -375,8 +418,8 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             (`LongTensor[N]`), `image_id` (`LongTensor[1]`) and `orig_size` (`LongTensor[2]`).
 
         Raises:
-            `ValueError` naming the image id, the annotation index and the value for a malformed, non-finite or (after
-            clipping) empty box, or a non-integer `category_id`/`image_id`.
+            `ValueError` naming the image id, the annotation index and the value for a malformed box, a non-integer
+            `category_id`/`image_id`, or a box that `clip_boxes_to_image` refuses (not finite, no area in the image).
         """
         height, width = int(image_size[0]), int(image_size[1])
         image_id = annotation["image_id"]
@@ -402,8 +445,6 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
                 raise ValueError(f"Image {image_id}, annotation {index}: 'bbox' must be 4 numbers, got {bbox!r}.")
             if len(bbox) != 4:
                 raise ValueError(f"Image {image_id}, annotation {index}: 'bbox' must be 4 numbers, got {bbox!r}.")
-            if not all(math.isfinite(v) for v in bbox):
-                raise ValueError(f"Image {image_id}, annotation {index}: 'bbox' {bbox} is not finite (NaN or inf).")
             category_id = obj["category_id"]
             if isinstance(category_id, torch.Tensor) and category_id.numel() == 1:
                 category_id = category_id.item()
@@ -417,18 +458,12 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             class_labels.append(int(category_id))
             indices.append(index)
 
-        boxes = tv_tensors.BoundingBoxes(
-            torch.tensor(xywh, dtype=torch.float64).reshape(-1, 4), format="XYWH", canvas_size=(height, width)
+        boxes = clip_boxes_to_image(
+            torch.tensor(xywh, dtype=torch.float64),
+            (height, width),
+            box_name=lambda position: f"Image {image_id}, annotation {indices[position]}",
+            box_format="XYWH",
         )
-        boxes = tvF.clamp_bounding_boxes(tvF.convert_bounding_box_format(boxes, new_format="XYXY"))
-        empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-        if empty.any():
-            position = int(empty.nonzero()[0, 0])
-            raise ValueError(
-                f"Image {image_id}, annotation {indices[position]}: box {xywh[position]} (x, y, w, h) has no area "
-                f"inside the {width}x{height} image (clipped to {boxes[position].tolist()} as x_min, y_min, x_max, "
-                "y_max). Remove degenerate boxes before processing."
-            )
         return {
             "boxes": boxes,
             "class_labels": torch.tensor(class_labels, dtype=torch.int64),
@@ -453,31 +488,41 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         self,
         images: ImageInput,
         annotations: dict | list[dict] | None = None,
+        boxes: list[torch.Tensor] | None = None,
         **kwargs: Unpack[Pix2SeqImageProcessorKwargs],
     ) -> BatchFeature:
         r"""
-        Prepares images (and, optionally, their COCO detection annotations) for the model.
+        Prepares images (and, optionally, their objects' boxes) for the model.
 
         Args:
             images (`ImageInput`):
                 An image or a batch of images (PIL, NumPy or torch; channels first or last; 8- or 16-bit).
             annotations (`dict` or `list[dict]`, *optional*):
                 COCO detection annotations, one `{"image_id", "annotations": [{"bbox", "category_id", "iscrowd"?}]}`
-                per image, boxes `[x, y, w, h]` in absolute pixels.
+                per image, boxes `[x, y, w, h]` in absolute pixels (as DETR's image processor takes them).
+            boxes (`list[torch.Tensor]`, *optional*):
+                The same boxes as tensors, instead of `annotations`: per image a `[N, 4]` tensor of
+                `(x_min, y_min, x_max, y_max)` in its pixels (what `Pix2SeqCollator` hands over).
             **kwargs:
                 Overrides of the processor's settings (`size`, `do_rescale`, `do_normalize`, `image_mean`,
                 `image_std`, `pad_value`, `input_data_format`, `return_tensors`, ...).
 
         Returns:
-            [`BatchFeature`] with `pixel_values` (`[batch_size, 3, S, S]`) and, with annotations, `labels` (see the
-            class docstring).
+            [`BatchFeature`] with `pixel_values` (`[batch_size, 3, S, S]`); with `annotations`, `labels` (see the
+            class docstring); with `boxes`, `boxes`: per image a `FloatTensor[N, 4]` of `(x_min, y_min, x_max, y_max)`
+            normalised to the canvas.
+
+        Raises:
+            `ValueError` naming the image and box (image id and annotation index, or position in the batch and in
+            `boxes`) and the value for a box that is not finite or has no area inside its image.
         """
-        return super().preprocess(images, annotations, **kwargs)
+        return super().preprocess(images, annotations, boxes, **kwargs)
 
     def _preprocess(
         self,
         images: list[torch.Tensor],
         annotations: dict | list[dict] | None,
+        boxes: list[torch.Tensor] | None,
         do_resize: bool,
         size: SizeDict,
         resample: PILImageResampling | tvF.InterpolationMode | int | None,
@@ -512,7 +557,11 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
                     "images must hold finite values."
                 )
 
+        if annotations is not None and boxes is not None:
+            raise ValueError("Pass the boxes either as COCO `annotations` or as `boxes` tensors, not both.")
         targets = None
+        if boxes is not None:
+            boxes = self._pixel_boxes(boxes, [image.shape[-2:] for image in images])
         if annotations is not None:
             if isinstance(annotations, dict):
                 annotations = [annotations]
@@ -570,7 +619,35 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
                 target["size"] = torch.tensor(resized_size, dtype=torch.int64)
                 labels.append(BatchFeature(target, tensor_type=return_tensors))
             encoded["labels"] = labels
+        if boxes is not None:
+            encoded["boxes"] = [
+                self.boxes_to_canvas(image_boxes, resized_size, canvas)
+                for image_boxes, resized_size in zip(boxes, resized_sizes)
+            ]
         return encoded
+
+    @staticmethod
+    def _pixel_boxes(boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[tv_tensors.BoundingBoxes]:
+        """The `boxes` tensors of a batch, checked and clipped to their images by `clip_boxes_to_image`."""
+        if isinstance(boxes, torch.Tensor) or len(boxes) != len(image_sizes):
+            count = "a single tensor" if isinstance(boxes, torch.Tensor) else f"{len(boxes)} box tensors"
+            raise ValueError(
+                f"`boxes` must be a list with one `[N, 4]` tensor per image: got {count} for {len(image_sizes)} "
+                "images."
+            )
+        checked = []
+        for index, (image_boxes, image_size) in enumerate(zip(boxes, image_sizes)):
+            image_boxes = torch.as_tensor(image_boxes)
+            if image_boxes.numel() == 0:
+                image_boxes = image_boxes.reshape(0, 4)
+            if image_boxes.ndim != 2 or image_boxes.shape[1] != 4:
+                raise ValueError(
+                    f"Image {index} of the batch: `boxes` must have shape [N, 4] (x_min, y_min, x_max, y_max), got "
+                    f"{tuple(image_boxes.shape)}."
+                )
+            name = f"Image {index} of the batch, box {{}}"
+            checked.append(clip_boxes_to_image(image_boxes, image_size, box_name=name.format))
+        return checked
 
     # ----------------------------------------------------------------------------------------------------------------
     # Post-processing

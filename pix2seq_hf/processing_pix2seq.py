@@ -28,8 +28,9 @@ class Pix2SeqProcessor(ProcessorMixin):
     r"""
     Pix2Seq processor: a [`Pix2SeqImageProcessor`] and the box codec (token layout + sequence augmentation).
 
-    `processor(images, annotations=...)` returns `pixel_values` and, with annotations, the training inputs
-    `decoder_input_ids` and `labels` (`[batch_size, 5 * max_objects]`) built by [`Pix2SeqBoxCodec`];
+    `processor(images, annotations=...)` (COCO dicts) or `processor(images, boxes=..., class_labels=...)` (tensors)
+    returns `pixel_values` and the training inputs `decoder_input_ids` and `labels` (`[batch_size, 5 * max_objects]`)
+    built by [`Pix2SeqBoxCodec`];
     `processor.post_process_object_detection(outputs, ...)` turns model outputs (the detection output of
     `model(pixel_values)` or the output of `model.generate`) into DETR-style detections.
 
@@ -153,10 +154,14 @@ class Pix2SeqProcessor(ProcessorMixin):
         annotations: dict | list[dict] | None = None,
         return_tensors: str | TensorType | None = "pt",
         generator: torch.Generator | None = None,
+        boxes: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """
-        Prepares images and, optionally, training sequences.
+        Prepares images and, optionally, training sequences. The objects come either as COCO `annotations` (as
+        DETR's processors take them) or as `boxes` and `class_labels` tensors; both are checked once, where they
+        enter (boxes by the image processor, labels here), and encoded the same way.
 
         Args:
             images (`ImageInput`):
@@ -164,36 +169,58 @@ class Pix2SeqProcessor(ProcessorMixin):
             annotations (`dict` or `list[dict]`, *optional*):
                 COCO detection annotations, one `{"image_id", "annotations": [{"bbox": [x, y, w, h],
                 "category_id", "iscrowd"?}]}` per image; `category_id` must be a contiguous label in
-                `[0, num_classes)`.
+                `[0, num_classes)`. Crowd annotations are left out.
             return_tensors (`str` or `TensorType`, *optional*, defaults to `"pt"`):
                 Type of the returned arrays.
             generator (`torch.Generator`, *optional*):
                 Random generator of the sequence augmentation (object order, noise objects, class corruption).
+            boxes (`list[torch.Tensor]`, *optional*):
+                Instead of `annotations`: per image a `[N, 4]` tensor of `(x_min, y_min, x_max, y_max)` in its pixels.
+            class_labels (`list[torch.Tensor]`, *optional*):
+                With `boxes`: per image the `[N]` integer labels of its boxes, in `[0, num_classes)`.
             **kwargs:
                 Passed to the image processor (`size`, `do_normalize`, `input_data_format`, ...).
 
         Returns:
-            [`BatchFeature`] with `pixel_values` and, with annotations, `decoder_input_ids` and `labels`
+            [`BatchFeature`] with `pixel_values` and, with objects, `decoder_input_ids` and `labels`
             (`[batch_size, 5 * max_objects]`), ready for `model(**inputs)`.
+
+        Raises:
+            `ValueError` naming the image, the object and the value for a box that is not finite or has no area in
+            its image, or a label that is not an integer in `[0, num_classes)`.
         """
         if images is None:
             raise ValueError("`Pix2SeqProcessor` needs `images`.")
+        if (boxes is None) != (class_labels is None):
+            raise ValueError("`boxes` and `class_labels` go together: pass both (one tensor of each per image).")
+        if annotations is not None and boxes is not None:
+            raise ValueError(
+                "Pass the objects either as COCO `annotations` or as `boxes` and `class_labels`, not both."
+            )
+
         if annotations is not None:
             annotations = [annotations] if isinstance(annotations, dict) else list(annotations)
             self._check_category_ids(annotations)
-
-        inputs = self.image_processor(images, annotations=annotations, return_tensors="pt", **kwargs)
+            inputs = self.image_processor(images, annotations=annotations, return_tensors="pt", **kwargs)
+            canvas_boxes = [target["boxes"] for target in inputs["labels"]]
+            class_labels = [target["class_labels"] for target in inputs["labels"]]
+        elif boxes is not None:
+            inputs = self.image_processor(images, boxes=boxes, return_tensors="pt", **kwargs)
+            canvas_boxes = inputs["boxes"]
+            class_labels = self._checked_class_labels(class_labels, canvas_boxes)
+        else:
+            inputs = self.image_processor(images, return_tensors="pt", **kwargs)
         data = {"pixel_values": inputs["pixel_values"]}
-        if annotations is not None:
-            targets = inputs["labels"]
-            sequences = self.box_codec.batch_build_training_sequences(
-                [target["boxes"] for target in targets],
-                [target["class_labels"] for target in targets],
-                generator=generator,
-            )
-            data["decoder_input_ids"] = sequences["decoder_input_ids"]
-            data["labels"] = sequences["labels"]
+        if annotations is not None or boxes is not None:
+            data.update(self.box_codec._batch_training_sequences(canvas_boxes, class_labels, generator))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _label_range_error(self, label: str) -> ValueError:
+        """The error for `label` (which names the image, the object and the value) outside `[0, num_classes)`."""
+        return ValueError(
+            f"{label} is outside [0, num_classes={self.num_classes}). Map dataset category ids to contiguous labels "
+            "0..num_classes-1 before the processor (see `id2label`)."
+        )
 
     def _check_category_ids(self, annotations: list[dict]) -> None:
         """Raises `ValueError` for a `category_id` outside `[0, num_classes)`, naming image, annotation and id."""
@@ -205,11 +232,37 @@ class Pix2SeqProcessor(ProcessorMixin):
                 if isinstance(category_id, torch.Tensor) and category_id.numel() == 1:
                     category_id = category_id.item()
                 if isinstance(category_id, numbers.Real) and not 0 <= category_id < self.num_classes:
-                    raise ValueError(
-                        f"Image {annotation.get('image_id')}, annotation {index}: category_id {category_id} is "
-                        f"outside [0, num_classes={self.num_classes}). Map dataset category ids to contiguous "
-                        "labels 0..num_classes-1 before the processor (see `id2label`)."
-                    )
+                    label = f"Image {annotation.get('image_id')}, annotation {index}: category_id {category_id}"
+                    raise self._label_range_error(label)
+
+    def _checked_class_labels(self, class_labels, boxes: list[torch.Tensor]) -> list[torch.LongTensor]:
+        """
+        The `class_labels` tensors of a batch as CPU `LongTensor`s, one per image and one label per box; raises
+        `ValueError` naming the image and the object for anything else or a label outside `[0, num_classes)`.
+        """
+        if isinstance(class_labels, torch.Tensor) or len(class_labels) != len(boxes):
+            raise ValueError(
+                f"`class_labels` must be a list with one tensor per image: got {type(class_labels).__name__} of "
+                f"length {len(class_labels)} for {len(boxes)} images."
+            )
+        checked = []
+        for index, (labels, image_boxes) in enumerate(zip(class_labels, boxes)):
+            labels = torch.as_tensor(labels).detach().cpu()
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"Image {index} of the batch: `class_labels` must hold integers, got {labels.dtype}.")
+            labels = labels.reshape(-1).long()
+            if labels.numel() != image_boxes.shape[0]:
+                raise ValueError(
+                    f"Image {index} of the batch: {image_boxes.shape[0]} boxes but {labels.numel()} class labels; "
+                    "give one label per box."
+                )
+            outside = (labels < 0) | (labels >= self.num_classes)
+            if bool(outside.any()):
+                position = int(outside.nonzero()[0, 0])
+                label = f"Image {index} of the batch, box {position}: label {int(labels[position])}"
+                raise self._label_range_error(label)
+            checked.append(labels)
+        return checked
 
     # ----------------------------------------------------------------------------------------------------------------
     # Outputs

@@ -28,8 +28,10 @@ class RecordingProcessor:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, images, annotations=None, return_tensors="pt", generator=None, **kwargs):
-        self.calls.append({"images": images, "annotations": annotations, "generator": generator, **kwargs})
+    def __call__(self, images, boxes=None, class_labels=None, return_tensors="pt", generator=None, **kwargs):
+        self.calls.append(
+            {"images": images, "boxes": boxes, "class_labels": class_labels, "generator": generator, **kwargs}
+        )
         pixel_values = torch.zeros(len(images), 3, CANVAS, CANVAS)
         for index, image in enumerate(images):
             tensor = image if isinstance(image, torch.Tensor) else tvF.pil_to_tensor(image.convert("RGB"))
@@ -38,7 +40,7 @@ class RecordingProcessor:
             assert max(tensor.shape[-2:]) <= CANVAS
             pixel_values[index, :, : tensor.shape[1], : tensor.shape[2]] = tensor.float() / 255
         out = {"pixel_values": pixel_values}
-        if annotations is not None:
+        if boxes is not None:
             out["decoder_input_ids"] = torch.randint(0, 50, (len(images), 10), generator=generator)
             out["labels"] = torch.randint(0, 50, (len(images), 10), generator=generator)
         return out
@@ -81,12 +83,14 @@ def test_training_batch_goes_through_augmentation_then_the_processor_without_res
     call = processor.calls[-1]
     assert call["do_resize"] is False and call["input_data_format"] == "channels_first"
     assert isinstance(call["generator"], torch.Generator)
-    assert [a["image_id"] for a in call["annotations"]] == [11, 12, 13]
-    for image, annotation in zip(call["images"], call["annotations"]):
+    # The objects go to the processor as tensors, in one box format: (x_min, y_min, x_max, y_max) pixels.
+    assert "annotations" not in call and len(call["boxes"]) == len(call["class_labels"]) == 3
+    for image, boxes, labels in zip(call["images"], call["boxes"], call["class_labels"]):
         assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and max(image.shape[-2:]) <= CANVAS
-        for obj in annotation["annotations"]:
-            assert obj["category_id"] == 1  # the crowd object (label 2) never reaches a training sequence
-            x, y, w, h = obj["bbox"]
+        assert isinstance(boxes, torch.Tensor) and boxes.shape == (labels.shape[0], 4)
+        assert labels.dtype == torch.int64 and (labels == 1).all()  # the crowd object (label 2) is left out
+        for x0, y0, x1, y1 in boxes.tolist():
+            w, h, x, y = x1 - x0, y1 - y0, x0, y0
             assert w >= 1 and h >= 1 and x >= 0 and y >= 0
             assert x + w <= image.shape[2] + 1e-4 and y + h <= image.shape[1] + 1e-4
             # The box still frames white pixels of the augmented image.
@@ -117,7 +121,7 @@ def test_two_augmentations_per_image():
     collator = Pix2SeqCollator(processor, transforms=build_train_transforms("finetune", CANVAS), num_augmentations=2)
     batch = collator(EXAMPLES[:2])
     assert batch["pixel_values"].shape[0] == 4 and batch["labels"].shape[0] == 4
-    assert [a["image_id"] for a in processor.calls[-1]["annotations"]] == [11, 11, 12, 12]
+    assert len(processor.calls[-1]["images"]) == len(processor.calls[-1]["boxes"]) == 4
     assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
     with pytest.raises(ValueError, match="num_augmentations"):
         Pix2SeqCollator(processor, num_augmentations=0)
@@ -128,7 +132,7 @@ def test_training_without_transforms_lets_the_processor_resize():
     Pix2SeqCollator(processor, transforms=None)(EXAMPLES)
     call = processor.calls[-1]
     assert "do_resize" not in call and isinstance(call["images"][0], Image.Image)
-    assert call["annotations"][0]["annotations"] == [{"bbox": [5.0, 5.0, 20.0, 10.0], "category_id": 1, "iscrowd": 0}]
+    assert call["boxes"][0].tolist() == [[5.0, 5.0, 25.0, 15.0]] and call["class_labels"][0].tolist() == [1]
 
 
 def test_evaluation_batch_has_ground_truth_with_crowd_objects():
@@ -217,6 +221,20 @@ def test_collator_with_the_real_processor_on_synthetic_data():
     assert len(evaluation["targets"]) == 6
     assert evaluation["targets"][0]["orig_size"].tolist() == [96, 96]
     assert evaluation["targets"][0]["boxes"].shape[0] == len(examples[0]["objects"]["bbox"])
+
+
+def test_the_processor_checks_the_objects_and_the_error_names_the_image_ids():
+    processor = _real_processor()  # 5 classes
+    bad_label = _example(12, size=(50, 90), objects=[(10, 20, 15, 15)])
+    bad_label["objects"]["category"] = [7]
+    for collator in (Pix2SeqCollator(processor), Pix2SeqCollator(processor, training=False)):
+        message = r"Image 1 of the batch, box 0: label 7 is outside \[0, num_classes=5\).*image_ids \[11, 12\]"
+        with pytest.raises(ValueError, match=message):
+            collator([EXAMPLES[0], bad_label])
+    not_finite = _example(14, objects=[(5, 5, 20, 10)])
+    not_finite["objects"]["bbox"] = [[5.0, float("nan"), 20.0, 10.0]]
+    with pytest.raises(ValueError, match=r"Image 0 of the batch, box 0: box \[5.0, nan, 25.0, nan\] .* not finite"):
+        Pix2SeqCollator(processor)([not_finite])
 
 
 def test_collator_in_a_dataloader_with_a_prepared_dataset():

@@ -302,8 +302,8 @@ def test_image_without_objects(processor):
 @pytest.mark.parametrize(
     "bbox, message",
     [
-        ([1, 2, float("nan"), 4], r"Image 11, annotation 1: 'bbox' \[1.0, 2.0, nan, 4.0\] is not finite"),
-        ([1, 2, float("inf"), 4], r"Image 11, annotation 1: 'bbox' .*inf.* is not finite"),
+        ([1, 2, float("nan"), 4], r"Image 11, annotation 1: box \[1.0, 2.0, nan, 4.0\] \(x, y, w, h\) is not finite"),
+        ([1, 2, float("inf"), 4], r"Image 11, annotation 1: box .*inf.* is not finite"),
         ([5, 5, 0, 4], r"Image 11, annotation 1: box \[5.0, 5.0, 0.0, 4.0\] .* has no area"),
         ([5, 5, -3, 4], r"Image 11, annotation 1: box .* has no area"),
         ([100, 5, 10, 4], r"Image 11, annotation 1: box \[100.0, 5.0, 10.0, 4.0\] .* has no area inside the 20x10"),
@@ -317,6 +317,39 @@ def test_bad_boxes_are_errors(processor, bbox, message):
     }
     with pytest.raises(ValueError, match=message):
         processor(Image.fromarray(random_uint8(10, 20)), annotations=annotation)
+
+
+def test_boxes_as_tensors_map_to_the_canvas_like_coco_annotations(processor):
+    images = [Image.fromarray(random_uint8(48, 80, seed=1)), Image.fromarray(random_uint8(90, 30, seed=2))]
+    annotations = [coco(1, (-10, 5, 30, 30, 0), (60, 10, 30, 20, 4)), coco(2, (3, 40, 20, 60, 1))]
+    from_coco = processor(images, annotations=annotations)
+    boxes = [torch.tensor([[-10.0, 5, 20, 35], [60, 10, 90, 30]]), torch.tensor([[3.0, 40, 23, 100]])]
+    from_tensors = processor(images, boxes=boxes)
+    torch.testing.assert_close(from_tensors["pixel_values"], from_coco["pixel_values"])
+    assert "labels" not in from_tensors
+    for canvas_boxes, target in zip(from_tensors["boxes"], from_coco["labels"]):
+        torch.testing.assert_close(canvas_boxes, target["boxes"])
+    with pytest.raises(ValueError, match="either as COCO `annotations` or as `boxes`"):
+        processor(images, annotations=annotations, boxes=boxes)
+
+
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ([1.0, 2.0, float("nan"), 4.0], r"Image 1 of the batch, box 1: box \[1.0, 2.0, nan, 4.0\] \(x_min.*finite"),
+        ([5.0, 5.0, 5.0, 9.0], r"Image 1 of the batch, box 1: box \[5.0, 5.0, 5.0, 9.0\] .* has no area"),
+        ([30.0, 2.0, 40.0, 4.0], r"Image 1 of the batch, box 1: .* has no area inside the 20x10 image"),
+    ],
+)
+def test_bad_box_tensors_are_errors_naming_image_box_and_value(processor, box, message):
+    images = [Image.fromarray(random_uint8(10, 20)), Image.fromarray(random_uint8(10, 20))]
+    boxes = [torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 2.0, 2.0], box])]
+    with pytest.raises(ValueError, match=message):
+        processor(images, boxes=boxes)
+    with pytest.raises(ValueError, match=r"Image 0 of the batch: `boxes` must have shape \[N, 4\].*\(3,\)"):
+        processor(images, boxes=[torch.ones(3), boxes[1]])
+    with pytest.raises(ValueError, match=r"one `\[N, 4\]` tensor per image: got 1 box tensors for 2 images"):
+        processor(images, boxes=boxes[:1])
 
 
 def test_malformed_annotations_are_errors(processor):

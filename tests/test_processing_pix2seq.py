@@ -226,9 +226,43 @@ def test_category_id_out_of_range_is_an_error():
             processor(image(10, 10), annotations=annotation)
 
 
+def test_tensor_objects_give_the_sequences_of_coco_annotations():
+    processor = make_processor()
+    images = [image(30, 50, seed=1), image(40, 20, seed=2)]
+    annotations = [coco(1, (2, 3, 10, 12, 0), (20, 5, 25, 20, 4)), coco(2)]
+    from_coco = processor(images, annotations=annotations, generator=torch.Generator().manual_seed(3))
+    boxes = [torch.tensor([[2.0, 3, 12, 15], [20, 5, 45, 25]]), torch.zeros(0, 4)]
+    class_labels = [torch.tensor([0, 4]), torch.zeros(0, dtype=torch.long)]
+    from_tensors = processor(
+        images, boxes=boxes, class_labels=class_labels, generator=torch.Generator().manual_seed(3)
+    )
+    assert set(from_tensors) == {"pixel_values", "decoder_input_ids", "labels"}
+    for key in from_coco:
+        assert torch.equal(from_tensors[key], from_coco[key]), key
+    with pytest.raises(ValueError, match="`boxes` and `class_labels` go together"):
+        processor(images, boxes=boxes)
+    with pytest.raises(ValueError, match="either as COCO `annotations` or as `boxes`"):
+        processor(images, annotations=annotations, boxes=boxes, class_labels=class_labels)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 5], r"Image 0 of the batch, box 1: label 5 is outside \[0, num_classes=5\)"),
+        ([-1, 0], r"Image 0 of the batch, box 0: label -1 is outside"),
+        ([0.0, 1.0], r"Image 0 of the batch: `class_labels` must hold integers, got torch.float32"),
+        ([0], r"Image 0 of the batch: 2 boxes but 1 class labels"),
+    ],
+)
+def test_bad_class_labels_are_errors(labels, message):
+    boxes = [torch.tensor([[2.0, 3, 12, 15], [20, 5, 45, 25]])]
+    with pytest.raises(ValueError, match=message):
+        make_processor()(image(30, 50), boxes=boxes, class_labels=[torch.tensor(labels)])
+
+
 def test_bad_boxes_are_errors():
     processor = make_processor()
-    with pytest.raises(ValueError, match="Image 4, annotation 0: 'bbox' .* is not finite"):
+    with pytest.raises(ValueError, match="Image 4, annotation 0: box .* is not finite"):
         processor(image(10, 10), annotations=coco(4, (float("nan"), 1, 2, 2, 0)))
     with pytest.raises(ValueError, match="Image 4, annotation 0: box .* has no area"):
         processor(image(10, 10), annotations=coco(4, (3, 3, 0, 2, 0)))

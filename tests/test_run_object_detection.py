@@ -82,6 +82,8 @@ def test_pushed_copy_has_code_card_and_last_checkpoint(pushed_run):
     assert (pushed / "processor_config.json").is_file() and (pushed / "model.safetensors").is_file()
     assert not any(pushed.glob("checkpoint-*"))
     assert (pushed / "last-checkpoint" / "model.safetensors").is_file()
+    # The whole processor (token layout and codec), not only the image processor, goes with every checkpoint.
+    assert (pushed / "last-checkpoint" / "processor_config.json").is_file()
     card = (pushed / "README.md").read_text()
     assert "pipeline_tag: object-detection" in card and "license: apache-2.0" in card
     assert "| mAP |" in card and "synthetic shapes" in card and "`learning_rate` | `0.001`" in card

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import EXAMPLES, load_example
-from pix2seq_hf.checkpointing import KILL_POINT_ENV, find_checkpoint, list_checkpoints, write_files_atomically
+from pix2seq_hf.checkpointing import find_checkpoint, list_checkpoints, write_files_atomically
 
 
 # 24 images at batch 4: 6 steps an epoch; no validation split, to keep each run to seconds.
@@ -38,6 +38,7 @@ RUN = [
 # Points of the save of step_4 where a training process is killed: just after the folder appears, after every file of
 # Accelerate's state (before the completeness marker), after the rename (before the older checkpoint is pruned).
 KILL_POINTS = ("started", "state_written", "renamed")
+KILL_LAUNCHER = Path(__file__).resolve().parent / "kill_during_checkpoint.py"
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +46,18 @@ def train_module():
     return load_example("train")
 
 
-def _start_training(argv: list[str], environment: dict[str, str], log: Path) -> subprocess.Popen:
+def _start_training(argv: list[str], kill_at: str, log: Path) -> subprocess.Popen:
     """
-    Starts `examples/train.py argv` in a new Python process with `environment` added (its output in `log`) and returns
-    it. A new interpreter rather than a fork of pytest: a forked child cannot run autograd once its parent has.
+    Starts `examples/train.py argv` in a new Python process that `kill_during_checkpoint.py` SIGKILLs at `kill_at`
+    (`<step>:<point>`), its output in `log`, and returns it. A new interpreter rather than a fork of pytest: a forked
+    child cannot run autograd once its parent has.
     """
     package_root = str(EXAMPLES.parent)
-    env = {**os.environ, **environment}
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    command = [sys.executable, str(KILL_LAUNCHER), kill_at, str(EXAMPLES / "train.py"), *argv]
     with open(log, "w") as output:
-        return subprocess.Popen(
-            [sys.executable, str(EXAMPLES / "train.py"), *argv], env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def killed_processes(tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     processes = {
         point: _start_training(
-            RUN + ["--output_dir", str(root / point)], {KILL_POINT_ENV: f"4:{point}"}, root / f"{point}.log"
+            RUN + ["--output_dir", str(root / point)], f"4:{point}", root / f"{point}.log"
         )
         for point in KILL_POINTS
     }

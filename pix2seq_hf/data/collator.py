@@ -46,9 +46,11 @@ class Pix2SeqCollator:
 
     Args:
         processor (`Pix2SeqProcessor`):
-            Called as `processor(images=..., annotations=..., return_tensors="pt", generator=..., **image_kwargs)`;
-            annotations are `{"image_id", "annotations": [{"bbox": [x, y, w, h], "category_id", "iscrowd"}]}` with
-            absolute pixel boxes and contiguous labels.
+            Called as `processor(images=..., boxes=..., class_labels=..., return_tensors="pt", generator=...,
+            **image_kwargs)`: per image a `[N, 4]` tensor of `(x_min, y_min, x_max, y_max)` pixel boxes and the `[N]`
+            contiguous labels of its real (not crowd) objects. The processor checks them (a box that is not finite
+            or has no area in its image, a label outside `[0, num_classes)`); the error then names the image ids of
+            the batch.
         transforms (`Callable`, *optional*):
             Training augmentation on `{"image", "boxes", "labels"}` (see `build_train_transforms`); must leave images
             at most `canvas x canvas`. Ignored for evaluation.
@@ -159,48 +161,41 @@ class Pix2SeqCollator:
 
     @staticmethod
     def _objects(example: Mapping, record: str) -> dict[str, torch.Tensor]:
-        """Boxes (xywh), labels, crowd flags and areas of an example as tensors."""
+        """
+        Boxes, labels, crowd flags and areas of an example as tensors: boxes `(x_min, y_min, x_max, y_max)`, the one
+        box format of everything after this point (the examples hold COCO's `[x, y, w, h]`).
+        """
         objects = example.get("objects")
         if not isinstance(objects, Mapping) or "bbox" not in objects or "category" not in objects:
             raise ValueError(
                 f"{record}: expected 'objects' with 'bbox' and 'category' (the common format; see "
                 f"`prepare_detection_dataset`), got {objects!r:.200}."
             )
-        boxes = torch.as_tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
-        num = boxes.shape[0]
+        xywh = torch.as_tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+        num = xywh.shape[0]
         labels = torch.as_tensor(objects["category"], dtype=torch.int64).reshape(-1)
         iscrowd = torch.as_tensor(objects.get("iscrowd") or [0] * num, dtype=torch.int64).reshape(-1)
         areas = objects.get("area")
-        area = torch.as_tensor(areas, dtype=torch.float32).reshape(-1) if areas else boxes[:, 2] * boxes[:, 3]
+        area = torch.as_tensor(areas, dtype=torch.float32).reshape(-1) if areas else xywh[:, 2] * xywh[:, 3]
         if not labels.numel() == iscrowd.numel() == area.numel() == num:
             raise ValueError(f"{record}: 'objects' fields have different lengths.")
+        boxes = tvF.convert_bounding_box_format(xywh, old_format="XYWH", new_format="XYXY", inplace=False)
         return {"boxes": boxes, "labels": labels, "iscrowd": iscrowd, "area": area}
 
     @staticmethod
     def _fit_to_image(objects: dict[str, torch.Tensor], image: PIL.Image.Image) -> dict[str, torch.Tensor]:
         """Clips boxes to the decoded image and drops those left empty (after a size mismatch)."""
-        boxes = tv_tensors.BoundingBoxes(objects["boxes"], format="XYWH", canvas_size=(image.height, image.width))
+        boxes = tv_tensors.BoundingBoxes(objects["boxes"], format="XYXY", canvas_size=(image.height, image.width))
         boxes = tvF.clamp_bounding_boxes(boxes).as_subclass(torch.Tensor)
-        keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return {"boxes": boxes[keep], **{key: objects[key][keep] for key in ("labels", "iscrowd", "area")}}
-
-    @staticmethod
-    def _annotation(image_id: int, boxes: torch.Tensor, labels: torch.Tensor, iscrowd: torch.Tensor | None = None):
-        """A COCO detection annotation for the processor (xywh absolute pixel boxes)."""
-        crowd = iscrowd.tolist() if iscrowd is not None else [0] * len(labels)
-        return {
-            "image_id": image_id,
-            "annotations": [
-                {"bbox": box, "category_id": label, "iscrowd": flag}
-                for box, label, flag in zip(boxes.tolist(), labels.tolist(), crowd)
-            ],
-        }
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise ValueError("Cannot collate an empty list of examples.")
         augment = self.training and self.transforms is not None
-        images, annotations, targets, image_ids = [], [], [], []
+        # `image_ids`: one per example kept (they seed the batch); `image_of_input`: one per image for the processor.
+        images, boxes, labels, targets, image_ids, image_of_input = [], [], [], [], [], []
         for example in examples:
             if "image_id" not in example:
                 raise ValueError(f"An example has no 'image_id'; its keys are {sorted(example)}.")
@@ -213,38 +208,36 @@ class Pix2SeqCollator:
             if (example.get("width"), example.get("height")) != (image.width, image.height):
                 objects = self._fit_to_image(objects, image)
             image_ids.append(image_id)
-            if not self.training:
-                images.append(image)
-                annotations.append(self._annotation(image_id, objects["boxes"], objects["labels"], objects["iscrowd"]))
-                if self.return_targets:
-                    targets.append(self._target(image_id, image, objects))
-                continue
-            real = objects["iscrowd"] == 0
-            boxes, labels = objects["boxes"][real], objects["labels"][real]
             if self.return_targets:
                 targets.append(self._target(image_id, image, objects))
+            # Crowd regions are ground truth for evaluation only: no training sequence holds them.
+            real = objects["iscrowd"] == 0
+            real_boxes, real_labels = objects["boxes"][real], objects["labels"][real]
             pixels = tvF.pil_to_tensor(image) if augment else image
             for copy in range(self.num_augmentations):
+                out_image, out_boxes, out_labels = pixels, real_boxes, real_labels
                 if augment:
                     seed = derive_seed(self.seed, self.epoch, image_id, copy)
                     out_image, out_boxes, out_labels = apply_transforms(
-                        self.transforms, pixels, boxes, labels, seed=seed
+                        self.transforms, pixels, real_boxes, real_labels, bbox_format="XYXY", seed=seed
                     )
-                    images.append(out_image)
-                    annotations.append(self._annotation(image_id, out_boxes, out_labels))
-                else:
-                    images.append(pixels)
-                    annotations.append(self._annotation(image_id, boxes, labels))
+                images.append(out_image)
+                boxes.append(out_boxes)
+                labels.append(out_labels)
+                image_of_input.append(image_id)
         if not images:
             raise ValueError(f"Every example of the batch was skipped ({self.stats}).")
 
-        batch_seed = derive_seed(self.seed, self.epoch if self.training else "eval", tuple(image_ids))
         kwargs = {"do_resize": False, "input_data_format": "channels_first"} if augment else {}
         if self.return_sequences:
+            batch_seed = derive_seed(self.seed, self.epoch if self.training else "eval", tuple(image_ids))
             generator = torch.Generator().manual_seed(batch_seed)
-            inputs = self.processor(
-                images=images, annotations=annotations, return_tensors="pt", generator=generator, **kwargs
-            )
+            try:
+                inputs = self.processor(
+                    images=images, boxes=boxes, class_labels=labels, return_tensors="pt", generator=generator, **kwargs
+                )
+            except ValueError as error:
+                raise ValueError(f"{error} (the batch's images, in order, are image_ids {image_of_input})") from error
         else:
             inputs = self.processor(images=images, return_tensors="pt", **kwargs)
         batch = {"pixel_values": inputs["pixel_values"]}
@@ -258,11 +251,10 @@ class Pix2SeqCollator:
     @staticmethod
     def _target(image_id: int, image: PIL.Image.Image, objects: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Ground truth of one image for COCO evaluation (boxes XYXY in the pixels of the decoded image)."""
-        boxes = tvF.convert_bounding_box_format(objects["boxes"], old_format="XYWH", new_format="XYXY", inplace=False)
         return {
             "image_id": torch.tensor([image_id], dtype=torch.int64),
             "orig_size": torch.tensor([image.height, image.width], dtype=torch.int64),
-            "boxes": boxes,
+            "boxes": objects["boxes"],
             "labels": objects["labels"],
             "iscrowd": objects["iscrowd"],
             "area": objects["area"],

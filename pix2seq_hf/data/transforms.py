@@ -166,13 +166,14 @@ def apply_transforms(
         image (`torch.Tensor`): `[3, H, W]` image (uint8 or float).
         boxes (`torch.Tensor`): `[N, 4]` boxes in absolute pixels of `image`, in `bbox_format`.
         labels (`torch.Tensor`): `[N]` labels.
-        bbox_format (`str`, *optional*, defaults to `"XYWH"`): format of `boxes` (torchvision's names).
+        bbox_format (`str`, *optional*, defaults to `"XYWH"`): format of `boxes`, given and returned (torchvision's
+            names: "XYWH", "XYXY", "CXCYWH").
         seed (`int`, *optional*): run the transforms with torch's global generator seeded with `seed` (the global
             state is restored afterwards); `None` uses the current global state.
 
     Returns:
-        `(image, boxes, labels)`: the augmented image `[3, H', W']`, its boxes `[M, 4]` in XYWH absolute pixels
-        (clipped, each with positive area) and their labels `[M]`, all plain tensors.
+        `(image, boxes, labels)`: the augmented image `[3, H', W']`, its boxes `[M, 4]` in `bbox_format` absolute
+        pixels (clipped, each with positive area) and their labels `[M]`, all plain tensors.
     """
     sample = {
         "image": tv_tensors.Image(image),
@@ -189,7 +190,7 @@ def apply_transforms(
             # also seed every accelerator's, recording a stack trace for each (a sixth of a batch's collation time).
             torch.default_generator.manual_seed(seed)
             out = transforms(sample)
-    out_boxes = tvF.convert_bounding_box_format(out["boxes"], new_format="XYWH")
+    out_boxes = tvF.convert_bounding_box_format(out["boxes"], new_format=bbox_format)
     return (
         out["image"].as_subclass(torch.Tensor),
         out_boxes.as_subclass(torch.Tensor),
