@@ -17,8 +17,6 @@ from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from .configuration_pix2seq import Pix2SeqConfig
 from .generation_pix2seq import (
     PIX2SEQ_GENERATION_DEFAULTS,
-    Pix2SeqGenerateBeamOutput,
-    Pix2SeqGenerateOutput,
     Pix2SeqGenerationMixin,
     Pix2SeqLogitsProcessor,
     Pix2SeqTopPLogitsWarper,
@@ -26,6 +24,8 @@ from .generation_pix2seq import (
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import (
     Pix2SeqForObjectDetection,
+    Pix2SeqGenerateBeamOutput,
+    Pix2SeqGenerateOutput,
     Pix2SeqModel,
     Pix2SeqObjectDetectionOutput,
     Pix2SeqPreTrainedModel,

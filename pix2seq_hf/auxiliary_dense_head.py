@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
 
 
@@ -33,15 +34,10 @@ def object_groups(labels: torch.Tensor, config: Pix2SeqConfig) -> tuple[torch.Te
     Returns:
         `(boxes, classes, real)` of shapes `(batch_size, groups, 4)`, `(batch_size, groups)`, `(batch_size, groups)`:
         `xyxy` boxes normalised to the canvas, class indices, and whether the group is a real object (noise objects,
-        EOS, padding and `-100` are not).
+        EOS, padding and `-100` are not), as [`Pix2SeqBoxCodec.decode_groups`] reads them (0 and -1 elsewhere).
     """
-    groups = labels[:, : labels.shape[1] // 5 * 5].reshape(labels.shape[0], -1, 5)
-    classes = groups[..., 4] - config.class_token_offset
-    coordinates = groups[..., :4] - config.coord_token_offset
-    real = (classes >= 0) & (classes < config.num_classes)
-    real &= ((coordinates >= 0) & (coordinates < config.num_bins)).all(-1)
-    ymin, xmin, ymax, xmax = (coordinates.float() / (config.num_bins - 1)).unbind(-1)
-    return torch.stack([xmin, ymin, xmax, ymax], dim=-1), classes, real
+    decoded = Pix2SeqBoxCodec(config.token_layout).decode_groups(labels)
+    return decoded["boxes"], decoded["labels"], decoded["mask"]
 
 
 def objects_from_labels(labels: torch.Tensor, config: Pix2SeqConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:

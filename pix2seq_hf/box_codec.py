@@ -2,120 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
 import torch
 
-
-@dataclass(frozen=True)
-class Pix2SeqTokenLayout:
-    """
-    Where each kind of token lives in the Pix2Seq vocabulary (see docs/concepts.md).
-
-    Args:
-        num_bins (`int`): number of quantisation bins per coordinate.
-        num_classes (`int`): number of real object classes (labels `0..num_classes-1`).
-        vocab_size (`int`): size of the vocabulary; every range below must fit inside it.
-        pad_token_id (`int`): padding token, also used as end-of-sequence (as in the official code).
-        eos_token_id (`int`): end-of-sequence token.
-        bos_token_id (`int`): detection prompt, the first token of every decoder input.
-        noise_token_id (`int`): class token of the fake ("noise") objects of sequence augmentation.
-        class_token_offset (`int`): token of label `i` is `class_token_offset + i`.
-        coord_token_offset (`int`): token of bin `b` is `coord_token_offset + b`.
-        max_objects (`int`): objects per training sequence; a sequence holds `5 * max_objects` tokens.
-    """
-
-    num_bins: int = 1000
-    num_classes: int = 80
-    vocab_size: int = 3000
-    pad_token_id: int = 0
-    eos_token_id: int = 0
-    bos_token_id: int = 10
-    noise_token_id: int = 30
-    class_token_offset: int = 100
-    coord_token_offset: int = 1000
-    max_objects: int = 100
-
-    @classmethod
-    def from_config(cls, config) -> Pix2SeqTokenLayout:
-        """Reads the layout fields off a `Pix2SeqConfig` (or any object with the same attributes)."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def class_token_end(self) -> int:
-        """One past the last class token."""
-        return self.class_token_offset + self.num_classes
-
-    @property
-    def coord_token_end(self) -> int:
-        """One past the last coordinate token."""
-        return self.coord_token_offset + self.num_bins
-
-    @property
-    def tokens_per_object(self) -> int:
-        return 5
-
-    @property
-    def max_sequence_length(self) -> int:
-        """Tokens in a full target sequence: `5 * max_objects` (EOS included only when there is room)."""
-        return self.tokens_per_object * self.max_objects
-
-    def validate(self) -> None:
-        """Raises `ValueError` naming the offending field when the layout is inconsistent."""
-        if self.num_bins < 2:
-            raise ValueError(f"`num_bins` must be at least 2 to quantise a coordinate, got {self.num_bins}.")
-        if self.num_classes < 1:
-            raise ValueError(f"`num_classes` must be at least 1, got {self.num_classes}.")
-        if self.max_objects < 1:
-            raise ValueError(f"`max_objects` must be at least 1, got {self.max_objects}.")
-        if self.pad_token_id != self.eos_token_id:
-            raise ValueError(
-                f"`pad_token_id` ({self.pad_token_id}) and `eos_token_id` ({self.eos_token_id}) must be the same "
-                "token: Pix2Seq pads with end-of-sequence."
-            )
-        ranges = {
-            "pad/eos token": (self.pad_token_id, self.pad_token_id + 1),
-            "bos token": (self.bos_token_id, self.bos_token_id + 1),
-            "noise token": (self.noise_token_id, self.noise_token_id + 1),
-            "class tokens": (self.class_token_offset, self.class_token_end),
-            "coordinate tokens": (self.coord_token_offset, self.coord_token_end),
-        }
-        for name, (start, end) in ranges.items():
-            if start < 0:
-                raise ValueError(f"The {name} start at {start}; token ids must be non-negative.")
-            if end > self.vocab_size:
-                raise ValueError(
-                    f"The {name} occupy ids {start}..{end - 1}, which does not fit in `vocab_size={self.vocab_size}`"
-                    f" (num_classes={self.num_classes}, num_bins={self.num_bins}); raise `vocab_size` or move the range."
-                )
-        items = sorted(ranges.items(), key=lambda item: item[1])
-        for (name_a, (start_a, end_a)), (name_b, (start_b, end_b)) in zip(items, items[1:]):
-            if start_b < end_a:
-                raise ValueError(
-                    f"Token ranges overlap: {name_a} use ids {start_a}..{end_a - 1} and {name_b} use ids "
-                    f"{start_b}..{end_b - 1}. Check `class_token_offset`, `coord_token_offset`, `noise_token_id`, "
-                    f"`bos_token_id`, `num_classes` and `num_bins`."
-                )
-
-    def check_compatible(self, other: Pix2SeqTokenLayout, what: str = "model config") -> None:
-        """
-        Raises `ValueError` listing every field on which `other` (e.g. a model's layout) disagrees with this one
-        (e.g. a processor's layout): sequences written with one cannot be read with the other.
-        """
-        mismatches = [
-            f"{f.name}: {getattr(self, f.name)} here vs {getattr(other, f.name)} in the {what}"
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
-        if mismatches:
-            raise ValueError(
-                "The Pix2Seq token layout of the processor does not match the "
-                f"{what}: " + "; ".join(mismatches) + ". Build the processor with `Pix2SeqProcessor.from_pretrained` "
-                "of the same checkpoint, or with the model's config."
-            )
+from .configuration_pix2seq import TOKENS_PER_OBJECT, Pix2SeqTokenLayout
 
 
 OBJECT_ORDERS = ("random", "area", "dist2ori", "class", "none")
@@ -467,7 +358,7 @@ class Pix2SeqBoxCodec:
             num_noise = layout.max_objects - num_real
             noise = self._sample_noise(boxes, num_noise, generator)["boxes"]
             noise_tokens = self._tokens(noise, torch.full((num_noise,), layout.noise_token_id))
-            sequence = torch.cat([real_tokens, noise_tokens]).reshape(layout.max_objects, 5)
+            sequence = torch.cat([real_tokens, noise_tokens]).reshape(layout.max_objects, TOKENS_PER_OBJECT)
 
             targets = sequence.clone()
             targets[num_real:, :4] = -100
@@ -532,26 +423,43 @@ class Pix2SeqBoxCodec:
     # Decoding
     # ---------------------------------------------------------------------------------------------------------------
 
-    def decode_groups(self, sequences: torch.Tensor, logits: torch.Tensor | None = None) -> dict:
+    def decode_groups(
+        self, sequences: torch.Tensor, logits: torch.Tensor | None = None, mode: str = "strict"
+    ) -> dict:
         """
-        Reads generated sequences object by object into padded tensors (the vectorised core of `decode`).
+        Reads generated sequences object by object into padded tensors: the one reader of Pix2Seq tokens.
 
-        Group `g` of a sequence is its tokens `5g..5g+4`. A group holds an object (`mask` is true) when its slots 0-3
-        are coordinate tokens, its slot 4 is a class token (or, with `logits`, the noise token) and no EOS came before
-        or inside it; a group cut short by the end of the sequence is not read at all.
+        Group `g` of a sequence is its tokens `TOKENS_PER_OBJECT * g` to `TOKENS_PER_OBJECT * g + 4`; a trailing group
+        cut short by the end of the sequence is not read. The box of a group is its four coordinate slots
+        (`ymin xmin ymax xmax`) dequantised, a token outside the coordinate range counting as the nearest bin.
+
+        - `mode="strict"` (detection): a group holds an object (`mask` is true) when its slots 0-3 are coordinate
+          tokens, its slot 4 is a class token (or, with `logits`, the noise token) and no EOS came before or inside
+          it. A box written with min > max on an axis is returned with the two sorted.
+        - `mode="official"` (the official COCO evaluation, `decode_object_seq_to_bbox`): every group is read whatever
+          its tokens (EOS included); the class is the argmax of the softmax over the whole vocabulary restricted to
+          `[class_token_offset, coord_token_offset)`. A group is masked out when that class lies beyond the model's
+          classes (COCO's evaluation cannot match it) or its box has max < min on an axis (a negative area, which
+          COCO's evaluation ignores). Needs `logits`.
 
         Args:
             sequences (`torch.LongTensor` of shape `[B, T]` or `[T]`): generated tokens *without* the BOS prompt.
             logits (`torch.FloatTensor` of shape `[B, T, V]` or `[T, V]`, *optional*): the raw logits that produced
-                each token. With them, the label is the best real class under a softmax over the full vocabulary at
-                the class slot and the score its probability. Without them, the label is read from the class token
-                and the score is 1.
+                each token. With them, the label is the best class under a softmax over the full vocabulary at the
+                class slot and the score its probability. Without them (strict mode only), the label is read from the
+                class token and the score is 1.
+            mode (`str`, *optional*, defaults to `"strict"`): `"strict"` or `"official"`, as above.
 
         Returns:
-            `dict` with, for `G = T // 5` groups: `boxes` (`[B, G, 4]` xyxy normalised to the canvas, min/max sorted
-            per axis), `labels` (`[B, G]`), `scores` (`[B, G]`) and `mask` (`[B, G]` bool). Where `mask` is false,
-            boxes and scores are 0 and labels -1.
+            `dict` with, for `G = T // TOKENS_PER_OBJECT` groups: `boxes` (`[B, G, 4]` xyxy normalised to the canvas),
+            `labels` (`[B, G]`), `scores` (`[B, G]`) and `mask` (`[B, G]` bool), where `mask` is false boxes and
+            scores are 0 and labels -1; with `logits` also `class_log_probs` (`[B, G, num_classes]`, float32), the
+            log-probabilities of the real classes at each class slot (softmax over the full vocabulary).
         """
+        if mode not in ("strict", "official"):
+            raise ValueError(f'`mode` must be "strict" or "official", got {mode!r}.')
+        if mode == "official" and logits is None:
+            raise ValueError("The official reading takes the class and score from the raw `logits`; pass them.")
         layout = self.layout
         sequences = torch.as_tensor(sequences)
         if sequences.is_floating_point() or sequences.is_complex():
@@ -575,38 +483,51 @@ class Pix2SeqBoxCodec:
                     f"(up to id {layout.class_token_end - 1})."
                 )
         batch_size, length = sequences.shape
-        num_groups = length // 5
-        groups = sequences[:, : 5 * num_groups].reshape(batch_size, num_groups, 5)
-
+        num_groups = length // TOKENS_PER_OBJECT
+        groups = sequences[:, : TOKENS_PER_OBJECT * num_groups].reshape(batch_size, num_groups, TOKENS_PER_OBJECT)
         coord_tokens, class_tokens = groups[..., :4], groups[..., 4]
-        is_coord = (coord_tokens >= layout.coord_token_offset) & (coord_tokens < layout.coord_token_end)
-        is_real_class = (class_tokens >= layout.class_token_offset) & (class_tokens < layout.class_token_end)
-        well_formed = is_coord.all(dim=-1) & is_real_class
-        if logits is not None:
-            well_formed |= is_coord.all(dim=-1) & (class_tokens == layout.noise_token_id)
-        # Reading stops at the first EOS: the group holding it and every later group are dropped.
-        eos_in_group = (groups == layout.eos_token_id).any(dim=-1)
-        before_eos = eos_in_group.cumsum(dim=1) == 0
-        mask = well_formed & before_eos
 
         bins = (coord_tokens - layout.coord_token_offset).clamp(0, layout.num_bins - 1)
         y0, x0, y1, x1 = dequantize_coordinates(bins, layout.num_bins).unbind(-1)
-        boxes = torch.stack(
-            [torch.minimum(x0, x1), torch.minimum(y0, y1), torch.maximum(x0, x1), torch.maximum(y0, y1)], dim=-1
-        )
-
+        class_log_probs = None
         if logits is not None:
-            scores, labels = best_class_scores(logits[:, 4 : 5 * num_groups : 5], layout)
-        else:
-            labels = class_tokens - layout.class_token_offset
-            scores = torch.ones(batch_size, num_groups, device=sequences.device)
+            class_slots = slice(4, TOKENS_PER_OBJECT * num_groups, TOKENS_PER_OBJECT)
+            log_probs = torch.log_softmax(logits[:, class_slots].float(), dim=-1)
+            class_log_probs = log_probs[..., layout.class_token_offset : layout.class_token_end]
 
-        return {
+        if mode == "official":
+            best, labels = log_probs[..., layout.class_token_offset : layout.coord_token_offset].max(dim=-1)
+            scores = best.exp()
+            mask = (labels < layout.num_classes) & (x0 <= x1) & (y0 <= y1)
+            boxes = torch.stack([x0, y0, x1, y1], dim=-1)
+        else:
+            is_coord = (coord_tokens >= layout.coord_token_offset) & (coord_tokens < layout.coord_token_end)
+            is_real_class = (class_tokens >= layout.class_token_offset) & (class_tokens < layout.class_token_end)
+            well_formed = is_coord.all(dim=-1) & is_real_class
+            if logits is not None:
+                well_formed |= is_coord.all(dim=-1) & (class_tokens == layout.noise_token_id)
+            # Reading stops at the first EOS: the group holding it and every later group are dropped.
+            eos_in_group = (groups == layout.eos_token_id).any(dim=-1)
+            mask = well_formed & (eos_in_group.cumsum(dim=1) == 0)
+            boxes = torch.stack(
+                [torch.minimum(x0, x1), torch.minimum(y0, y1), torch.maximum(x0, x1), torch.maximum(y0, y1)], dim=-1
+            )
+            if logits is not None:
+                best, labels = class_log_probs.max(dim=-1)
+                scores = best.exp()
+            else:
+                labels = class_tokens - layout.class_token_offset
+                scores = torch.ones(batch_size, num_groups, device=sequences.device)
+
+        decoded = {
             "boxes": torch.where(mask[..., None], boxes, torch.zeros_like(boxes)),
             "labels": torch.where(mask, labels, torch.full_like(labels, -1)),
             "scores": torch.where(mask, scores, torch.zeros_like(scores)),
             "mask": mask,
         }
+        if class_log_probs is not None:
+            decoded["class_log_probs"] = class_log_probs
+        return decoded
 
     def decode(self, sequences: torch.Tensor, logits: torch.Tensor | None = None) -> list[dict]:
         """
@@ -640,6 +561,7 @@ class Pix2SeqBoxCodec:
 
 __all__ = [
     "NOISE_KINDS",
+    "TOKENS_PER_OBJECT",
     "OBJECT_ORDERS",
     "Pix2SeqBoxCodec",
     "Pix2SeqTokenLayout",

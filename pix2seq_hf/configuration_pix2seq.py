@@ -1,11 +1,19 @@
 """Pix2Seq model configuration."""
 
+from dataclasses import asdict, dataclass, fields
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.configuration_utils import SubConfigSpec
 
-from .box_codec import Pix2SeqTokenLayout
+
+
+TOKENS_PER_OBJECT = 5
+"""Tokens an object takes in a Pix2Seq sequence: `ymin xmin ymax xmax class`."""
+
+DEFAULT_NUM_CLASSES = 80
+"""Classes of a config given neither `num_classes` nor `id2label` (COCO's 80)."""
 
 
 def _as_list(value):
@@ -213,7 +221,7 @@ class Pix2SeqConfig(PreTrainedConfig):
 
         id2label = self.id2label
         if self.num_classes is None:
-            self.num_classes = len(id2label) if id2label else 80
+            self.num_classes = len(id2label) if id2label else DEFAULT_NUM_CLASSES
         if id2label is None:
             kwargs.setdefault("num_labels", self.num_classes)
         elif len(id2label) != self.num_classes:
@@ -323,7 +331,7 @@ class Pix2SeqConfig(PreTrainedConfig):
         return {"": value}
 
     @property
-    def token_layout(self) -> Pix2SeqTokenLayout:
+    def token_layout(self) -> "Pix2SeqTokenLayout":
         """The token layout (`Pix2SeqTokenLayout`) of this model's vocabulary."""
         return Pix2SeqTokenLayout.from_config(self)
 
@@ -335,10 +343,11 @@ class Pix2SeqConfig(PreTrainedConfig):
                 f"`decoder_start_token_id` ({self.decoder_start_token_id}) must equal `bos_token_id` "
                 f"({self.bos_token_id}): the detection prompt starts every sequence."
             )
-        if self.max_position_embeddings < 5 * self.max_objects + 1:
+        length = self.token_layout.max_sequence_length
+        if self.max_position_embeddings < length + 1:
             raise ValueError(
                 f"`max_position_embeddings={self.max_position_embeddings}` cannot hold the prompt and "
-                f"`5 * max_objects = {5 * self.max_objects}` tokens; raise it to at least {5 * self.max_objects + 1}."
+                f"`5 * max_objects = {length}` tokens; raise it to at least {length + 1}."
             )
         if not 0 <= self.eos_token_weight:
             raise ValueError(f"`eos_token_weight` must be non-negative, got {self.eos_token_weight}.")
@@ -379,4 +388,117 @@ class Pix2SeqConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["Pix2SeqConfig"]
+@dataclass(frozen=True)
+class Pix2SeqTokenLayout:
+    """
+    Where each kind of token lives in the Pix2Seq vocabulary (see docs/concepts.md): the token fields of
+    [`Pix2SeqConfig`], whose defaults are this layout's (`Pix2SeqConfig().token_layout == Pix2SeqTokenLayout()`).
+
+    Args:
+        num_bins (`int`): number of quantisation bins per coordinate.
+        num_classes (`int`): number of real object classes (labels `0..num_classes-1`).
+        vocab_size (`int`): size of the vocabulary; every range below must fit inside it.
+        pad_token_id (`int`): padding token, also used as end-of-sequence (as in the official code).
+        eos_token_id (`int`): end-of-sequence token.
+        bos_token_id (`int`): detection prompt, the first token of every decoder input.
+        noise_token_id (`int`): class token of the fake ("noise") objects of sequence augmentation.
+        class_token_offset (`int`): token of label `i` is `class_token_offset + i`.
+        coord_token_offset (`int`): token of bin `b` is `coord_token_offset + b`.
+        max_objects (`int`): objects per training sequence; a sequence holds `5 * max_objects` tokens.
+    """
+
+    num_bins: int = Pix2SeqConfig.num_bins
+    num_classes: int = DEFAULT_NUM_CLASSES
+    vocab_size: int = Pix2SeqConfig.vocab_size
+    pad_token_id: int = Pix2SeqConfig.pad_token_id
+    eos_token_id: int = Pix2SeqConfig.eos_token_id
+    bos_token_id: int = Pix2SeqConfig.bos_token_id
+    noise_token_id: int = Pix2SeqConfig.noise_token_id
+    class_token_offset: int = Pix2SeqConfig.class_token_offset
+    coord_token_offset: int = Pix2SeqConfig.coord_token_offset
+    max_objects: int = Pix2SeqConfig.max_objects
+
+    @classmethod
+    def from_config(cls, config) -> "Pix2SeqTokenLayout":
+        """Reads the layout fields off a `Pix2SeqConfig` (or any object with the same attributes)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def class_token_end(self) -> int:
+        """One past the last class token."""
+        return self.class_token_offset + self.num_classes
+
+    @property
+    def coord_token_end(self) -> int:
+        """One past the last coordinate token."""
+        return self.coord_token_offset + self.num_bins
+
+    @property
+    def tokens_per_object(self) -> int:
+        """`TOKENS_PER_OBJECT`: `ymin xmin ymax xmax class`."""
+        return TOKENS_PER_OBJECT
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Tokens in a full target sequence: `5 * max_objects` (EOS included only when there is room)."""
+        return self.tokens_per_object * self.max_objects
+
+    def validate(self) -> None:
+        """Raises `ValueError` naming the offending field when the layout is inconsistent."""
+        if self.num_bins < 2:
+            raise ValueError(f"`num_bins` must be at least 2 to quantise a coordinate, got {self.num_bins}.")
+        if self.num_classes < 1:
+            raise ValueError(f"`num_classes` must be at least 1, got {self.num_classes}.")
+        if self.max_objects < 1:
+            raise ValueError(f"`max_objects` must be at least 1, got {self.max_objects}.")
+        if self.pad_token_id != self.eos_token_id:
+            raise ValueError(
+                f"`pad_token_id` ({self.pad_token_id}) and `eos_token_id` ({self.eos_token_id}) must be the same "
+                "token: Pix2Seq pads with end-of-sequence."
+            )
+        ranges = {
+            "pad/eos token": (self.pad_token_id, self.pad_token_id + 1),
+            "bos token": (self.bos_token_id, self.bos_token_id + 1),
+            "noise token": (self.noise_token_id, self.noise_token_id + 1),
+            "class tokens": (self.class_token_offset, self.class_token_end),
+            "coordinate tokens": (self.coord_token_offset, self.coord_token_end),
+        }
+        for name, (start, end) in ranges.items():
+            if start < 0:
+                raise ValueError(f"The {name} start at {start}; token ids must be non-negative.")
+            if end > self.vocab_size:
+                raise ValueError(
+                    f"The {name} occupy ids {start}..{end - 1}, which does not fit in `vocab_size={self.vocab_size}`"
+                    f" (num_classes={self.num_classes}, num_bins={self.num_bins}); raise `vocab_size` or move the range."
+                )
+        items = sorted(ranges.items(), key=lambda item: item[1])
+        for (name_a, (start_a, end_a)), (name_b, (start_b, end_b)) in zip(items, items[1:]):
+            if start_b < end_a:
+                raise ValueError(
+                    f"Token ranges overlap: {name_a} use ids {start_a}..{end_a - 1} and {name_b} use ids "
+                    f"{start_b}..{end_b - 1}. Check `class_token_offset`, `coord_token_offset`, `noise_token_id`, "
+                    f"`bos_token_id`, `num_classes` and `num_bins`."
+                )
+
+    def check_compatible(self, other: "Pix2SeqTokenLayout", what: str = "model config") -> None:
+        """
+        Raises `ValueError` listing every field on which `other` (e.g. a model's layout) disagrees with this one
+        (e.g. a processor's layout): sequences written with one cannot be read with the other.
+        """
+        mismatches = [
+            f"{f.name}: {getattr(self, f.name)} here vs {getattr(other, f.name)} in the {what}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+        if mismatches:
+            raise ValueError(
+                "The Pix2Seq token layout of the processor does not match the "
+                f"{what}: " + "; ".join(mismatches) + ". Build the processor with `Pix2SeqProcessor.from_pretrained` "
+                "of the same checkpoint, or with the model's config."
+            )
+
+
+__all__ = ["DEFAULT_NUM_CLASSES", "TOKENS_PER_OBJECT", "Pix2SeqConfig", "Pix2SeqTokenLayout"]

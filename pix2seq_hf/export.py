@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateEncoderDecoderOutput
 
-from .generation_pix2seq import _GRAMMAR_OPTIONS, PIX2SEQ_GENERATION_DEFAULTS, Pix2SeqLogitsProcessor
+from .fast_generation import decoding_loop
+from .generation_pix2seq import _GRAMMAR_OPTIONS, Pix2SeqLogitsProcessor, pix2seq_generation_options
 
 
 GRAPH_NAMES = ("encoder", "decoder", "decoder_with_past")
@@ -175,11 +177,12 @@ def export_programs(model, image_size: int) -> dict[str, torch.export.ExportedPr
 
 def _export_config(model, image_size: int) -> dict:
     config = model.config
-    grammar = {key: getattr(model.generation_config, key, PIX2SEQ_GENERATION_DEFAULTS[key]) for key in _GRAMMAR_OPTIONS}
+    options = pix2seq_generation_options(model.generation_config)
+    grammar = {key: options[key] for key in _GRAMMAR_OPTIONS}
     return {
         "image_size": image_size,
         "num_layers": config.decoder_layers,
-        "max_new_tokens": int(model.generation_config.max_new_tokens or 5 * config.max_objects),
+        "max_new_tokens": int(model.generation_config.max_new_tokens or config.token_layout.max_sequence_length),
         "max_position_embeddings": config.max_position_embeddings,
         "token_layout": config.token_layout.to_dict(),
         "grammar": grammar,
@@ -323,7 +326,9 @@ class ExportedPix2Seq:
         self, pixel_values: torch.Tensor, max_new_tokens: int | None = None, **grammar
     ) -> GenerateEncoderDecoderOutput:
         """
-        Greedy detection of a batch of images (`[batch, 3, S, S]`, as the processor makes them).
+        Greedy detection of a batch of images (`[batch, 3, S, S]`, as the processor makes them), in the decoding loop
+        of `model.generate` ([`fast_generation.decoding_loop`]) over the exported graphs: images whose sequence ended
+        stop being computed.
 
         Args:
             pixel_values (`torch.Tensor`): the images.
@@ -332,7 +337,8 @@ class ExportedPix2Seq:
 
         Returns:
             `GenerateEncoderDecoderOutput` with `sequences` (`[batch, 1 + steps]`, finished rows padded) and `logits`
-            (the raw logits of each step), as `model.generate(..., return_dict_in_generate=True, output_logits=True)`.
+            (the raw logits of each step, zeros for rows that had ended), as `model.generate(...,
+            return_dict_in_generate=True, output_logits=True)`.
         """
         layout = self.token_layout
         max_new_tokens = max_new_tokens or self.config["max_new_tokens"]
@@ -340,30 +346,37 @@ class ExportedPix2Seq:
         if max_new_tokens > limit:
             raise ValueError(f"`max_new_tokens={max_new_tokens}` exceeds the decoder's {limit} positions after the prompt.")
         processor = Pix2SeqLogitsProcessor(layout, prompt_length=1, **{**self.config["grammar"], **grammar})
-        batch_size = pixel_values.shape[0]
         encoder_hidden_states = self.encode(pixel_values)
-        sequences = torch.full((batch_size, 1), layout.bos_token_id, dtype=torch.long)
-        unfinished = torch.ones(batch_size, dtype=torch.bool)
-        all_logits = []
         past = None
-        for _ in range(max_new_tokens):
+
+        def step(token_ids: torch.Tensor, length: int, keep: torch.Tensor | None) -> torch.Tensor:
+            nonlocal encoder_hidden_states, past
+            if keep is not None:
+                encoder_hidden_states = encoder_hidden_states.index_select(0, keep)
+                past = [tensor.index_select(0, keep) for tensor in past]
             if past is None:
-                logits, *present = self._run("decoder", sequences[:, -1:], encoder_hidden_states)
-                past = present
+                logits, *past = self._run("decoder", token_ids, encoder_hidden_states)
             else:
-                logits, *present = self._run("decoder_with_past", sequences[:, -1:], encoder_hidden_states, *past)
+                logits, *present = self._run("decoder_with_past", token_ids, encoder_hidden_states, *past)
                 for layer in range(self.num_layers):
                     past[4 * layer], past[4 * layer + 1] = present[2 * layer], present[2 * layer + 1]
-            logits = logits.float()
-            all_logits.append(logits)
-            scores = processor(sequences, logits.clone())
-            next_tokens = scores.argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, layout.pad_token_id))
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-            unfinished &= next_tokens != layout.eos_token_id
-            if not unfinished.any():
-                break
-        return GenerateEncoderDecoderOutput(sequences=sequences, logits=tuple(all_logits))
+            return logits.float()
+
+        prompt = torch.full((pixel_values.shape[0], 1), layout.bos_token_id, dtype=torch.long)
+        max_length = 1 + max_new_tokens
+        stopping_criteria = StoppingCriteriaList(
+            [MaxLengthCriteria(max_length=max_length), EosTokenCriteria(eos_token_id=layout.eos_token_id)]
+        )
+        sequences, _, logits, _ = decoding_loop(
+            step,
+            prompt,
+            [processor],
+            stopping_criteria,
+            max_length=max_length,
+            pad_token_id=layout.pad_token_id,
+            output_logits=True,
+        )
+        return GenerateEncoderDecoderOutput(sequences=sequences, logits=logits)
 
 
 __all__ = [

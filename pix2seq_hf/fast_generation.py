@@ -185,7 +185,7 @@ class Pix2SeqStaticDecoding:
             raise ValueError("`Pix2SeqStaticDecoding` needs the `encoder_outputs` that `generate` prepares.")
         memory = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
 
-        batch_size, prompt_length = input_ids.shape
+        prompt_length = input_ids.shape[1]
         max_length = stopping_criteria.max_length or generation_config.max_length
         if max_length is None:
             raise ValueError("Set `max_new_tokens` or `max_length`: the static cache needs a maximum length.")
@@ -202,90 +202,42 @@ class Pix2SeqStaticDecoding:
             StaticCache(config=model.config, max_cache_len=memory.shape[1]),
         )
         compiled = self._use_compile(model, generation_config)
-        step = self._compiled_step(model, generation_config) if compiled else decoder_step
-        drop_finished = self.drop_finished and not compiled
+        compiled_step = self._compiled_step(model, generation_config) if compiled else None
 
-        device = input_ids.device
-        pad_token_id = generation_config._pad_token_tensor
-        has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
-        return_dict = generation_config.return_dict_in_generate
-        scores = () if (return_dict and generation_config.output_scores) else None
-        raw_logits = () if (return_dict and generation_config.output_logits) else None
+        def step(token_ids: torch.LongTensor, length: int, keep: torch.LongTensor | None) -> torch.Tensor:
+            nonlocal memory
+            if keep is not None:
+                cache.self_attention_cache.reorder_cache(keep)
+                cache.cross_attention_cache.reorder_cache(keep)
+                memory = memory.index_select(0, keep.to(memory.device))
+            if length == token_ids.shape[1]:
+                # The prompt, eagerly: it fills the caches, the cross-attention keys/values included.
+                return decoder_step(model, token_ids, memory, cache)
+            if compiled_step is not None:
+                return compiled_step(model, token_ids, memory, cache)
+            # The token goes to position `length - 1`: the step attends to the `length` filled positions.
+            return decoder_step(model, token_ids, memory, cache, length)
 
-        sequences = torch.empty((batch_size, max(max_length, prompt_length)), dtype=torch.long, device=device)
-        sequences[:, :prompt_length] = input_ids
-        length = prompt_length
-        unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        # Rows of the full batch that the decoder still runs (all, until some finish), and how many.
-        active = None
-        num_active = batch_size
-
-        # `LogitsProcessorList.__call__` inspects every processor's signature at every step; this loop passes no
-        # extra arguments, so it checks once and calls them directly.
-        processors = list(logits_processor)
-        for processor in processors:
+        for processor in logits_processor:
             if not self.accepts_processor(processor):
                 raise ValueError(
                     f"{type(processor).__name__} needs arguments beyond `input_ids` and `scores`, which "
                     "`Pix2SeqStaticDecoding` does not pass; use transformers' loop (`custom_generate=None`)."
                 )
-
-        # The prompt, eagerly: it fills the caches, the cross-attention keys/values included.
-        step_logits = decoder_step(model, input_ids, memory, cache)
-        while True:
-            if active is None:
-                next_token_logits = step_logits
-            else:
-                next_token_logits = step_logits.new_zeros((batch_size, step_logits.shape[-1]))
-                next_token_logits[active] = step_logits
-
-            next_token_scores = next_token_logits
-            current = sequences[:, :length]
-            for processor in processors:
-                next_token_scores = processor(current, next_token_scores)
-            if scores is not None:
-                scores += (next_token_scores,)
-            if raw_logits is not None:
-                raw_logits += (next_token_logits,)
-
-            if generation_config.do_sample:
-                probs = torch.softmax(next_token_scores, dim=-1)
-                next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-            else:
-                next_tokens = torch.argmax(next_token_scores, dim=-1)
-            if has_eos_stopping_criteria:
-                next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
-            sequences[:, length] = next_tokens
-            length += 1
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-
-            unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
-            if length >= max_length:
-                break
-            # The step's one host synchronisation: how many sequences go on.
-            num_unfinished = int(unfinished.sum())
-            if num_unfinished == 0:
-                break
-            if has_eos_stopping_criteria and drop_finished and num_unfinished < num_active:
-                # Finished rows only get padding from now on: stop computing them.
-                still = unfinished if active is None else unfinished[active]
-                keep = still.nonzero().flatten()
-                num_active = num_unfinished
-                active = (torch.arange(batch_size, device=device) if active is None else active)[keep]
-                cache.self_attention_cache.reorder_cache(keep)
-                cache.cross_attention_cache.reorder_cache(keep)
-                memory = memory.index_select(0, keep.to(memory.device))
-            tokens = sequences[:, length - 1 : length] if active is None else sequences[active, length - 1 : length]
-            if compiled:
-                step_logits = step(model, tokens, memory, cache)
-            else:
-                # The token goes to position `length - 1`: the step attends to the `length` filled positions.
-                step_logits = step(model, tokens, memory, cache, length)
-
-        if streamer is not None:
-            streamer.end()
-        sequences = sequences[:, :length]
+        return_dict = generation_config.return_dict_in_generate
+        sequences, scores, raw_logits, dropped = decoding_loop(
+            step,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            max_length=max_length,
+            do_sample=generation_config.do_sample,
+            pad_token_id=generation_config._pad_token_tensor,
+            output_scores=bool(return_dict and generation_config.output_scores),
+            output_logits=bool(return_dict and generation_config.output_logits),
+            drop_finished=self.drop_finished and not compiled,
+            streamer=streamer,
+        )
         if not return_dict:
             return sequences
         return GenerateEncoderDecoderOutput(
@@ -295,8 +247,116 @@ class Pix2SeqStaticDecoding:
             encoder_attentions=encoder_outputs.get("attentions") if hasattr(encoder_outputs, "get") else None,
             encoder_hidden_states=encoder_outputs.get("hidden_states") if hasattr(encoder_outputs, "get") else None,
             # With rows dropped, the cache no longer matches the batch.
-            cache=cache if active is None else None,
+            cache=None if dropped else cache,
         )
 
 
-__all__ = ["Pix2SeqStaticDecoding", "decoder_step"]
+def decoding_loop(
+    step: Callable,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    max_length: int,
+    do_sample: bool = False,
+    pad_token_id: torch.Tensor | int | None = None,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    drop_finished: bool = True,
+    streamer=None,
+) -> tuple[torch.LongTensor, tuple | None, tuple | None, bool]:
+    """
+    The token loop of greedy decoding and sampling, over any decoder step: the one loop of [`Pix2SeqStaticDecoding`]
+    (the model's decoder) and of `export.ExportedPix2Seq` (the exported graphs). At each step it calls the logits
+    processors and the stopping criteria as transformers' `_sample` does, with the same arguments, and draws the
+    next token the same way (`argmax`, or `multinomial` of the softmax).
+
+    Args:
+        step (`Callable`): `step(token_ids, length, keep) -> logits` runs the decoder on `token_ids` (the whole prompt
+            at the first call, then the last token of each running row) and returns the next-token logits `[rows,
+            vocab_size]`; `length` is the number of tokens written so far, the new ones included; `keep`, when not
+            `None`, holds the indices (among the rows of the previous call) of the rows still running, whose cache
+            the step keeps before running.
+        input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): the prompt.
+        logits_processor (`LogitsProcessorList`), stopping_criteria (`StoppingCriteriaList`): called with
+            `(input_ids, scores)` of the whole batch.
+        max_length (`int`): the most tokens of a sequence, prompt included.
+        do_sample (`bool`): sample, rather than take the most likely token.
+        pad_token_id (`int` or `torch.Tensor`): the token of rows that finished (with an EOS stopping criterion).
+        output_scores, output_logits (`bool`): collect the processed scores / raw logits of each step.
+        drop_finished (`bool`): stop running rows whose sequence has finished (EOS stopping criterion only); their
+            raw logits from then on are zeros.
+        streamer (`BaseStreamer`, *optional*): gets each step's tokens.
+
+    Returns:
+        `(sequences, scores, logits, dropped)`: the tokens `[batch_size, length]`, the per-step processed scores and
+        raw logits (tuples, or `None` when not asked for), and whether rows were dropped.
+    """
+    batch_size, prompt_length = input_ids.shape
+    device = input_ids.device
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    scores = () if output_scores else None
+    raw_logits = () if output_logits else None
+
+    sequences = torch.empty((batch_size, max(max_length, prompt_length)), dtype=torch.long, device=device)
+    sequences[:, :prompt_length] = input_ids
+    length = prompt_length
+    unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+    # Rows of the full batch that the decoder still runs (all, until some finish), and how many.
+    active = None
+    num_active = batch_size
+    # `LogitsProcessorList.__call__` inspects every processor's signature at every step; this loop passes no extra
+    # arguments, so it calls them directly.
+    processors = list(logits_processor)
+
+    step_logits = step(input_ids, length, None)
+    while True:
+        if active is None:
+            next_token_logits = step_logits
+        else:
+            next_token_logits = step_logits.new_zeros((batch_size, step_logits.shape[-1]))
+            next_token_logits[active] = step_logits
+
+        next_token_scores = next_token_logits
+        current = sequences[:, :length]
+        for processor in processors:
+            next_token_scores = processor(current, next_token_scores)
+        if scores is not None:
+            scores += (next_token_scores,)
+        if raw_logits is not None:
+            raw_logits += (next_token_logits,)
+
+        if do_sample:
+            probs = torch.softmax(next_token_scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_token_scores, dim=-1)
+        if has_eos_stopping_criteria:
+            next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
+        sequences[:, length] = next_tokens
+        length += 1
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+
+        unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
+        if length >= max_length:
+            break
+        # The step's one host synchronisation: how many sequences go on.
+        num_unfinished = int(unfinished.sum())
+        if num_unfinished == 0:
+            break
+        keep = None
+        if has_eos_stopping_criteria and drop_finished and num_unfinished < num_active:
+            # Finished rows only get padding from now on: stop computing them.
+            still = unfinished if active is None else unfinished[active]
+            keep = still.nonzero().flatten()
+            num_active = num_unfinished
+            active = (torch.arange(batch_size, device=device) if active is None else active)[keep]
+        tokens = sequences[:, length - 1 : length] if active is None else sequences[active, length - 1 : length]
+        step_logits = step(tokens, length, keep)
+
+    if streamer is not None:
+        streamer.end()
+    return sequences[:, :length], scores, raw_logits, active is not None
+
+
+__all__ = ["Pix2SeqStaticDecoding", "decoder_step", "decoding_loop"]

@@ -11,7 +11,6 @@ import contextvars
 import copy
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
@@ -26,9 +25,8 @@ from transformers.generation.logits_process import (
     MinPLogitsWarper,
     TypicalLogitsWarper,
 )
-from transformers.utils import ModelOutput
 
-from .box_codec import Pix2SeqTokenLayout, best_class_scores
+from .box_codec import TOKENS_PER_OBJECT, Pix2SeqTokenLayout, best_class_scores
 from .fast_generation import Pix2SeqStaticDecoding
 
 
@@ -60,14 +58,43 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # Use the official code's top-p rule (keep the largest set of tokens whose mass stays <= top_p) instead of the
     # paper's / transformers' rule (the smallest set whose mass reaches top_p).
     "official_top_p": False,
-    # Decode as the official evaluation: no Pix2Seq logits processor at all (no grammar, EOS fed back like any token).
-    # Set by `official_evaluation.official_evaluation_generation_config`, which also turns off stopping at EOS.
-    "official_evaluation": False,
     # `detect` (hence `model(pixel_values)` and the object-detection pipeline) samples with the random generator seeded
     # to this value on every call, so an image gets the same detections every time; the global random state is left as
     # it was. None: draw from the global random state. `generate` never uses it (the paper's unseeded sampling).
     "detect_seed": 0,
 }
+
+
+# The options of `PIX2SEQ_GENERATION_DEFAULTS` that configure `Pix2SeqLogitsProcessor`.
+_GRAMMAR_OPTIONS = (
+    "token_grammar",
+    "eos_bias",
+    "min_objects",
+    "suppress_eos",
+    "suppress_noise_class",
+    "early_stop_patience",
+    "early_stop_threshold",
+)
+
+
+def pix2seq_generation_options(generation_config, *fallbacks, **given) -> dict:
+    """
+    Every Pix2Seq decoding option (`PIX2SEQ_GENERATION_DEFAULTS`) with its value: from `given` (keyword arguments of
+    a call), else from the first of `generation_config` and `fallbacks` (generation configs) that sets it, else the
+    default. Unknown names in `given` are ignored.
+
+    Returns:
+        `dict` from option name to value, in the order of `PIX2SEQ_GENERATION_DEFAULTS`.
+    """
+    options = {}
+    for name, default in PIX2SEQ_GENERATION_DEFAULTS.items():
+        if name in given:
+            options[name] = given[name]
+            continue
+        sources = (config for config in (generation_config, *fallbacks) if hasattr(config, name))
+        options[name] = getattr(next(sources, None), name, default)
+    return options
+
 
 # The paper's sampling settings: nucleus sampling with top-p 0.4 and no top-k (transformers would otherwise add a
 # top-50 filter). The model's generation config holds them while it samples; `generate` fills them in whenever it
@@ -142,13 +169,13 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         self,
         token_layout: Pix2SeqTokenLayout,
         prompt_length: int = 1,
-        token_grammar: bool = True,
-        eos_bias: float = 0.0,
-        min_objects: int = 0,
-        suppress_eos: bool = False,
-        suppress_noise_class: bool = False,
-        early_stop_patience: int = 0,
-        early_stop_threshold: float = 0.0,
+        token_grammar: bool = PIX2SEQ_GENERATION_DEFAULTS["token_grammar"],
+        eos_bias: float = PIX2SEQ_GENERATION_DEFAULTS["eos_bias"],
+        min_objects: int = PIX2SEQ_GENERATION_DEFAULTS["min_objects"],
+        suppress_eos: bool = PIX2SEQ_GENERATION_DEFAULTS["suppress_eos"],
+        suppress_noise_class: bool = PIX2SEQ_GENERATION_DEFAULTS["suppress_noise_class"],
+        early_stop_patience: int = PIX2SEQ_GENERATION_DEFAULTS["early_stop_patience"],
+        early_stop_threshold: float = PIX2SEQ_GENERATION_DEFAULTS["early_stop_threshold"],
     ):
         token_layout.validate()
         for name, value in (
@@ -206,6 +233,28 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         # scores of a row that ended (only EOS).
         self._step_tensors: dict = {}
 
+    @classmethod
+    def from_generation_options(
+        cls, token_layout: Pix2SeqTokenLayout, options: dict, prompt_length: int = 1
+    ) -> Pix2SeqLogitsProcessor:
+        """The processor configured by the Pix2Seq decoding options `options` (see `pix2seq_generation_options`)."""
+        return cls(token_layout, prompt_length=prompt_length, **{name: options[name] for name in _GRAMMAR_OPTIONS})
+
+    @property
+    def is_active(self) -> bool:
+        """
+        Whether the processor changes anything beyond padding ended rows with EOS (which transformers' loop does
+        anyway): `False` with no grammar, no EOS option and no noise ban.
+        """
+        return (
+            self.token_grammar
+            or self.eos_bias != 0.0
+            or self.min_objects > 0
+            or self.suppress_eos
+            or self.suppress_noise_class
+            or self.early_stop_patience > 0
+        )
+
     def allowed_tokens(self, num_generated: int) -> torch.BoolTensor:
         """
         The tokens allowed next (for a row that has not ended) after `num_generated` generated tokens.
@@ -213,7 +262,7 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         Returns:
             `torch.BoolTensor` of shape `[vocab_size]`.
         """
-        slot = num_generated % 5
+        slot = num_generated % TOKENS_PER_OBJECT
         if self.token_grammar:
             allowed = self._slot_masks[slot].clone()
         else:
@@ -225,7 +274,7 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
 
     def _eos_allowed(self, num_generated: int) -> bool:
         """Whether a row that has not ended may write EOS after `num_generated` generated tokens."""
-        slot, num_objects = num_generated % 5, num_generated // 5
+        num_objects, slot = divmod(num_generated, TOKENS_PER_OBJECT)
         return not self.suppress_eos and num_objects >= self.min_objects and (slot == 0 or not self.token_grammar)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -268,7 +317,7 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
     def _disallowed_tokens(self, num_generated: int, device: torch.device) -> tuple[torch.BoolTensor, bool]:
         """The complement of [`~allowed_tokens`] on `device` (built once per case), and whether EOS is allowed."""
         eos_allowed = self._eos_allowed(num_generated)
-        key = (num_generated % 5 if self.token_grammar else None, eos_allowed, device)
+        key = (num_generated % TOKENS_PER_OBJECT if self.token_grammar else None, eos_allowed, device)
         disallowed = self._step_tensors.get(key)
         if disallowed is None:
             disallowed = self._step_tensors[key] = (~self.allowed_tokens(num_generated)).to(device)
@@ -298,7 +347,7 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
         run = self._low_score_run
         if num_generated == 0 or run is None or run.shape[0] != batch_size or run.device != raw_scores.device:
             run = self._low_score_run = torch.zeros(batch_size, dtype=torch.long, device=raw_scores.device)
-        slot, num_objects = num_generated % 5, num_generated // 5
+        num_objects, slot = divmod(num_generated, TOKENS_PER_OBJECT)
         if slot == 4:
             score, _ = best_class_scores(raw_scores, self.token_layout)
             self._low_score_run = torch.where(score < self.early_stop_threshold, run + 1, torch.zeros_like(run))
@@ -342,72 +391,6 @@ class Pix2SeqTopPLogitsWarper(LogitsProcessor):
 # ---------------------------------------------------------------------------------------------------------------------
 # Detections and the generation mixin
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pix2SeqObjectDetectionOutput(ModelOutput):
-    r"""
-    Detections of [`Pix2SeqForObjectDetection`] called without decoder inputs (`model(pixel_values)`), shaped like
-    DETR's output so that `post_process_object_detection` and the object-detection pipeline work unchanged.
-
-    Detections are packed at the start of the `N` slots, in the order the model wrote them; `object_mask` marks the
-    slots that hold one. `N` is `config.max_objects` (or more, when generation was allowed to write more objects).
-
-    Args:
-        logits (`torch.FloatTensor` of shape `(batch_size, N, num_classes)`):
-            Log-probabilities of the real classes at the class token of each detected object (softmax over the full
-            vocabulary, restricted to the class tokens, so a row sums to at most 1 after `exp`). Empty slots hold the
-            most negative finite value of the dtype.
-        pred_boxes (`torch.FloatTensor` of shape `(batch_size, N, 4)`):
-            Boxes `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas. Zeros in empty slots.
-        scores (`torch.FloatTensor` of shape `(batch_size, N)`):
-            Probability of the predicted class. Zero in empty slots.
-        labels (`torch.LongTensor` of shape `(batch_size, N)`):
-            Predicted class (`0..num_classes-1`, the best real class even when the model wrote the noise token). `-1`
-            in empty slots.
-        object_mask (`torch.BoolTensor` of shape `(batch_size, N)`):
-            `True` for slots holding a detection.
-        sequences (`torch.LongTensor` of shape `(batch_size, 1 + T)`):
-            The generated tokens, detection prompt first.
-    """
-
-    logits: torch.FloatTensor | None = None
-    pred_boxes: torch.FloatTensor | None = None
-    scores: torch.FloatTensor | None = None
-    labels: torch.LongTensor | None = None
-    object_mask: torch.BoolTensor | None = None
-    sequences: torch.LongTensor | None = None
-
-
-
-@dataclass
-class Pix2SeqGenerateOutput(GenerateEncoderDecoderOutput):
-    r"""
-    The dict output of `generate` (greedy decoding, sampling): transformers' [`GenerateEncoderDecoderOutput`] plus the
-    detections read out of it, so that the image processor's `post_process_object_detection` takes it as it takes
-    the output of `model(pixel_values)`.
-
-    Args:
-        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
-            The detections of each sequence ([`~Pix2SeqGenerationMixin.detections_from_generation`]); set when the
-            output has the raw `logits` (the default).
-    """
-
-    detections: Pix2SeqObjectDetectionOutput | None = None
-
-
-@dataclass
-class Pix2SeqGenerateBeamOutput(GenerateBeamEncoderDecoderOutput):
-    r"""
-    The dict output of `generate` with beam search: transformers' [`GenerateBeamEncoderDecoderOutput`] plus the
-    detections of each returned sequence (scored from the logits of the beams that wrote its tokens).
-
-    Args:
-        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
-            One row per returned sequence; set when the output has the raw `logits` (the default).
-    """
-
-    detections: Pix2SeqObjectDetectionOutput | None = None
 
 
 def logits_of_returned_sequences(logits: torch.Tensor, beam_indices: torch.Tensor, num_generated: int) -> torch.Tensor:
@@ -485,7 +468,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         generation_config.update(
             do_sample=True,
             **PIX2SEQ_SAMPLING_DEFAULTS,
-            max_new_tokens=5 * config.max_objects,
+            max_new_tokens=config.token_layout.max_sequence_length,
             bos_token_id=config.bos_token_id,
             decoder_start_token_id=config.decoder_start_token_id,
             eos_token_id=config.eos_token_id,
@@ -510,9 +493,8 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             return
         if getattr(self.generation_config, "_from_model_config", False):
             self.generation_config = self.default_generation_config(self.config)
-        for name, value in PIX2SEQ_GENERATION_DEFAULTS.items():
-            if not hasattr(self.generation_config, name):
-                setattr(self.generation_config, name, value)
+        for name, value in pix2seq_generation_options(self.generation_config).items():
+            setattr(self.generation_config, name, value)
 
     @staticmethod
     def without_idle_sampling_defaults(generation_config: GenerationConfig) -> GenerationConfig:
@@ -564,18 +546,12 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         if generation_config.do_sample:
             for name, value in sampling_defaults.items():
                 setattr(generation_config, name, value)
-        for name, default in PIX2SEQ_GENERATION_DEFAULTS.items():
-            if name in options:
-                setattr(generation_config, name, options[name])
-            elif not hasattr(generation_config, name):
-                setattr(generation_config, name, getattr(self.generation_config, name, default))
+        for name, value in pix2seq_generation_options(generation_config, self.generation_config, **options).items():
+            setattr(generation_config, name, value)
         # Checked once per call: transformers skips its top-p warper for `top_p >= 1` and accepts 0.
         top_p = generation_config.top_p
         if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"`top_p` is the probability mass kept when sampling, in (0, 1]; got {top_p!r}.")
-        if generation_config.official_evaluation:
-            # The official evaluation never stops at EOS (an unset EOS would be filled in from the model's config).
-            generation_config.eos_token_id = None
         return generation_config, model_kwargs
 
     def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
@@ -585,12 +561,12 @@ class Pix2SeqGenerationMixin(GenerationMixin):
 
     def _get_logits_processor(self, generation_config, *args, **kwargs) -> LogitsProcessorList:
         """
-        transformers' processors and warpers, with [`Pix2SeqLogitsProcessor`] first (before any warper) and, with
-        `official_top_p=True`, [`Pix2SeqTopPLogitsWarper`] in place of transformers' top-p warper.
+        transformers' processors and warpers, with [`Pix2SeqLogitsProcessor`] first (before any warper) unless the
+        options leave it nothing to do (no grammar, no EOS option, no noise ban: EOS is then a token like any other,
+        as in the official evaluation) and, with `official_top_p=True`, [`Pix2SeqTopPLogitsWarper`] in place of
+        transformers' top-p warper.
         """
-        options = {
-            name: getattr(generation_config, name, default) for name, default in PIX2SEQ_GENERATION_DEFAULTS.items()
-        }
+        options = pix2seq_generation_options(generation_config)
         use_official_top_p = (
             bool(options["official_top_p"])
             and generation_config.do_sample
@@ -605,14 +581,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
 
         # A `Pix2SeqLogitsProcessor` passed to `generate(logits_processor=...)` replaces the configured one.
         grammar = [p for p in processors if isinstance(p, Pix2SeqLogitsProcessor)]
-        if not grammar and not options["official_evaluation"]:
-            grammar = [
-                Pix2SeqLogitsProcessor(
-                    self.config.token_layout,
-                    prompt_length=1,
-                    **{name: options[name] for name in _GRAMMAR_OPTIONS},
-                )
-            ]
+        if not grammar:
+            processor = Pix2SeqLogitsProcessor.from_generation_options(self.config.token_layout, options)
+            grammar = [processor] if processor.is_active else []
         processors = LogitsProcessorList(grammar + [p for p in processors if p not in grammar])
         if use_official_top_p:
             # Same place as transformers' top-p: after temperature/top-k, before min-p and the other warpers.
@@ -636,7 +607,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         Whether greedy decoding / sampling with `generation_config` (as prepared by `generate`), `logits_processor`
         and `model_kwargs` gives the same result in [`Pix2SeqStaticDecoding`] as in transformers' loop.
         """
-        if self.training or not getattr(generation_config, "static_decoding", True):
+        if self.training or not pix2seq_generation_options(generation_config)["static_decoding"]:
             return False
         if generation_config.output_attentions or generation_config.output_hidden_states:
             return False
@@ -689,6 +660,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         for beam search) whose `detections` is a [`Pix2SeqObjectDetectionOutput`], one row per returned sequence. The
         decoding layers' stacked weights are built once for the call ([`decoding_weights_cache`]).
         """
+        # The output classes live beside the model, whose module imports this one.
+        from .modeling_pix2seq import Pix2SeqGenerateBeamOutput, Pix2SeqGenerateOutput
+
         with decoding_weights_cache():
             outputs = super().generate(inputs, *args, **kwargs)
         if isinstance(outputs, (GenerateEncoderDecoderOutput, GenerateBeamEncoderDecoderOutput)):
@@ -731,9 +705,8 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                     "`model.generate(...)` for it and read the detections with "
                     "`processor.post_process_object_detection`."
                 )
-        seed = generate_kwargs.pop(
-            "detect_seed", getattr(generation_config, "detect_seed", PIX2SEQ_GENERATION_DEFAULTS["detect_seed"])
-        )
+        seed = pix2seq_generation_options(generation_config, **generate_kwargs)["detect_seed"]
+        generate_kwargs.pop("detect_seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"`detect_seed` must be a non-negative int or None, got {seed!r}.")
         generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True, "output_logits": True}
@@ -753,48 +726,53 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots, the
             objects of each image first, in the order the model wrote them.
         """
-        sequences = generate_output["sequences"]
-        step_logits = generate_output.get("logits") if hasattr(generate_output, "get") else None
-        if step_logits is None:
+        from .modeling_pix2seq import Pix2SeqObjectDetectionOutput
+
+        tokens, logits = generated_tokens_and_logits(generate_output)
+        if logits is None:
             raise ValueError(
                 "The `generate` output has no raw `logits`; call `generate(..., return_dict_in_generate=True, "
                 "output_logits=True)` (the model's defaults)."
             )
-        logits = torch.stack(tuple(step_logits), dim=1) if isinstance(step_logits, (tuple, list)) else step_logits
-        beam_indices = generate_output.get("beam_indices")
-        if beam_indices is not None:
-            logits = logits_of_returned_sequences(logits, beam_indices, sequences.shape[1] - 1)
-        batch_size, num_steps, _ = logits.shape
-        layout = self.config.token_layout
-        groups = self.box_codec.decode_groups(sequences[:, sequences.shape[1] - num_steps :], logits)
-        valid = groups["mask"]
-        num_groups = valid.shape[1]
-        class_log_probs = torch.log_softmax(logits[:, 4 : 5 * num_groups : 5].float(), dim=-1)
-        class_log_probs = class_log_probs[..., layout.class_token_offset : layout.class_token_end]
-
-        # Objects first, in the order the model wrote them, then empty slots up to `num_slots`.
-        order = torch.sort((~valid).int(), dim=1, stable=True).indices
-        num_slots = max(self.config.max_objects, int(valid.sum(dim=1).max()) if num_groups > 0 else 0)
-        kept = min(num_slots, num_groups)
-
-        def pack(values: torch.Tensor, fill) -> torch.Tensor:
-            """`[B, G, ...]` per group -> `[B, num_slots, ...]`: objects first, `fill` elsewhere."""
-            trailing = [1] * (values.ndim - 2)
-            mask = valid.view(batch_size, num_groups, *trailing)
-            values = torch.where(mask, values, torch.as_tensor(fill, dtype=values.dtype, device=values.device))
-            values = values.gather(1, order.view(batch_size, num_groups, *trailing).expand_as(values))
-            packed = values.new_full((batch_size, num_slots, *values.shape[2:]), fill)
-            packed[:, :kept] = values[:, :kept]
-            return packed
-
-        return Pix2SeqObjectDetectionOutput(
-            logits=pack(class_log_probs, torch.finfo(torch.float32).min),
-            pred_boxes=pack(groups["boxes"].float(), 0.0),
-            scores=pack(groups["scores"].float(), 0.0),
-            labels=pack(groups["labels"], -1),
-            object_mask=pack(valid, False),
-            sequences=sequences,
+        decoded = self.box_codec.decode_groups(tokens, logits)
+        return Pix2SeqObjectDetectionOutput.from_decoded(
+            decoded, generate_output["sequences"], min_slots=self.config.max_objects
         )
+
+
+def generated_tokens_and_logits(generate_output) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+    """
+    The generated tokens of a `generate` dict output, without the decoder prompt, and the raw logits that wrote them.
+
+    The per-step `logits` tuple is stacked; a beam-search output (with `beam_indices`) gives each returned sequence
+    the logits of the beam that wrote each of its tokens.
+
+    Args:
+        generate_output: a `generate` dict output (or a mapping) with `sequences` (`[B, prompt + T]`) and, optionally,
+            `logits` (tuple of `T` tensors `[B * beams, V]`, or one tensor `[B, T, V]`) and `beam_indices`.
+
+    Returns:
+        `(tokens, logits)`: `[B, T]` and `[B, T, V]`, or, without logits, the sequences as given and `None`.
+    """
+    read = generate_output.get if hasattr(generate_output, "get") else lambda name: getattr(generate_output, name, None)
+    sequences, logits, beam_indices = read("sequences"), read("logits"), read("beam_indices")
+    if not isinstance(sequences, torch.Tensor):
+        raise TypeError(f"Expected a LongTensor of token ids or a `generate` output, got {type(generate_output)}.")
+    if sequences.ndim != 2:
+        raise ValueError(f"`sequences` must have shape [batch_size, length], got {tuple(sequences.shape)}.")
+    if logits is None:
+        return sequences, None
+    if isinstance(logits, (tuple, list)):
+        logits = torch.stack(tuple(logits), dim=1)
+    if beam_indices is not None:
+        logits = logits_of_returned_sequences(logits, beam_indices, sequences.shape[1] - 1)
+    if logits.ndim != 3 or logits.shape[0] != sequences.shape[0] or logits.shape[1] > sequences.shape[1]:
+        raise ValueError(
+            f"`logits` must have shape [batch_size, steps, vocab_size] with at most as many steps as `sequences` "
+            f"{tuple(sequences.shape)} has tokens, got {tuple(logits.shape)}."
+        )
+    # `generate` returns the prompt followed by one token per step; the logits cover the steps only.
+    return sequences[:, sequences.shape[1] - logits.shape[1] :], logits
 
 
 @contextlib.contextmanager
@@ -828,26 +806,13 @@ def seeded_random_state(seed: int | None, device: torch.device | str):
         yield
 
 
-# The options of `PIX2SEQ_GENERATION_DEFAULTS` that configure `Pix2SeqLogitsProcessor`.
-_GRAMMAR_OPTIONS = (
-    "token_grammar",
-    "eos_bias",
-    "min_objects",
-    "suppress_eos",
-    "suppress_noise_class",
-    "early_stop_patience",
-    "early_stop_threshold",
-)
-
-
 __all__ = [
     "PIX2SEQ_GENERATION_DEFAULTS",
     "PIX2SEQ_SAMPLING_DEFAULTS",
-    "Pix2SeqGenerateBeamOutput",
-    "Pix2SeqGenerateOutput",
     "Pix2SeqGenerationMixin",
     "Pix2SeqLogitsProcessor",
-    "Pix2SeqObjectDetectionOutput",
     "Pix2SeqTopPLogitsWarper",
+    "generated_tokens_and_logits",
     "logits_of_returned_sequences",
+    "pix2seq_generation_options",
 ]

@@ -707,41 +707,56 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
         top_k: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """
-        Turns the detection output of [`Pix2SeqForObjectDetection`] (`model(pixel_values)`, or `model.generate`'s
-        output, which carries the same detections) into DETR-style results.
+        [`Pix2SeqProcessor.post_process_object_detection`] (the same code) for the outputs that carry their
+        detections: `model(pixel_values)` and `model.generate` with its defaults. Reading raw tokens needs the token
+        layout, which only the processor has.
 
         Args:
-            outputs (`Pix2SeqObjectDetectionOutput` or `Pix2SeqGenerateOutput`):
-                Has `scores` (`[B, N]`), `labels` (`[B, N]`), `pred_boxes` (`[B, N, 4]`, XYXY normalised to the
-                canvas) and, optionally, `object_mask` (`[B, N]`, `True` for real detection slots); or `detections`
-                holding them (the output of `generate`, one row per returned sequence).
-            threshold (`float`, *optional*, defaults to 0.5):
-                Keep detections with a score strictly above it (`0.0` keeps all, as the official COCO evaluation).
-            target_sizes (`torch.Tensor` of shape `[B, 2]` or `list[tuple[int, int]]`, *optional*):
-                `(height, width)` of each original image; boxes are then returned in its pixels, clipped to it, and
-                a box that the clipping leaves without area (one in the padding beside the image) is dropped.
-                Without it boxes are normalised to the canvas.
-            top_k (`int`, *optional*):
-                Keep at most the `top_k` best-scoring detections per image.
+            outputs, threshold, target_sizes, top_k: see [`Pix2SeqProcessor.post_process_object_detection`].
 
         Returns:
             `list[dict]`: per image, `scores`, `labels` and `boxes` (`(x_min, y_min, x_max, y_max)`), best first.
-
-        Raises:
-            `TypeError` for anything else, e.g. the bare tensor of tokens of `generate(...,
-            return_dict_in_generate=False)` (no scores: read it with `Pix2SeqProcessor.batch_decode`).
         """
-        if _field(outputs, "detections") is not None:
-            outputs = _field(outputs, "detections")
-        pred_boxes, scores, labels = (_field(outputs, name) for name in ("pred_boxes", "scores", "labels"))
-        if isinstance(outputs, torch.Tensor) or pred_boxes is None or scores is None or labels is None:
-            raise TypeError(
-                "`Pix2SeqImageProcessor.post_process_object_detection` expects the detection output of "
-                "`Pix2SeqForObjectDetection` (`model(pixel_values)`, with `scores`, `labels` and `pred_boxes`) or the "
-                f"output of `model.generate` with its defaults (which carries `detections`), got "
-                f"{type(outputs).__name__}. A bare tensor of tokens has no scores: read it with "
-                "`Pix2SeqProcessor.batch_decode`."
-            )
+        return post_process_object_detection(self, outputs, threshold, target_sizes, top_k)
+
+
+_GENERATE_HINT = (
+    "Call `model.generate(pixel_values, return_dict_in_generate=True, output_logits=True)` (the defaults of "
+    "Pix2Seq's generation config) so that the output carries both `sequences` and the raw `logits`: the class "
+    "scores are read from the raw logits."
+)
+
+
+def post_process_object_detection(
+    image_processor: Pix2SeqImageProcessor,
+    outputs,
+    threshold: float = 0.5,
+    target_sizes: TensorType | list[tuple[int, int]] | None = None,
+    top_k: int | None = None,
+    read_tokens: Callable | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """
+    The post-processing of both [`Pix2SeqProcessor`] and [`Pix2SeqImageProcessor`]: model outputs -> DETR-style
+    detections, filtered, sorted and rescaled by `image_processor.post_process_detections`.
+
+    Args:
+        image_processor ([`Pix2SeqImageProcessor`]): rescales the boxes.
+        outputs: a detection output (`scores`, `labels`, `pred_boxes`, optionally `object_mask`), an output carrying
+            one as `detections` (`model.generate`'s), or, with `read_tokens`, any `generate` output with `sequences`
+            and raw `logits`.
+        threshold, target_sizes, top_k: see [`Pix2SeqProcessor.post_process_object_detection`].
+        read_tokens (`Callable`, *optional*): turns a `generate` output into per-image detections
+            (`Pix2SeqProcessor.batch_decode`); without it, such an output is a `TypeError`.
+    """
+    if isinstance(outputs, torch.Tensor):
+        raise TypeError(
+            "`post_process_object_detection` got a bare tensor of token ids, which has no scores: read it with "
+            "`Pix2SeqProcessor.batch_decode`, or keep the raw logits. " + _GENERATE_HINT
+        )
+    if _field(outputs, "detections") is not None:
+        outputs = _field(outputs, "detections")
+    pred_boxes, scores, labels = (_field(outputs, name) for name in ("pred_boxes", "scores", "labels"))
+    if pred_boxes is not None and scores is not None and labels is not None:
         if scores.ndim == 2 and scores.shape[-1] != pred_boxes.shape[-2]:
             raise ValueError(
                 f"`scores` {tuple(scores.shape)} and `pred_boxes` {tuple(pred_boxes.shape)} disagree on the number "
@@ -754,7 +769,24 @@ class Pix2SeqImageProcessor(TorchvisionBackend):
             {"scores": s[m], "labels": l[m], "boxes": b[m]}
             for s, l, b, m in zip(scores, labels, pred_boxes, object_mask.bool())
         ]
-        return self.post_process_detections(detections, threshold=threshold, target_sizes=target_sizes, top_k=top_k)
+    elif _field(outputs, "sequences") is not None:
+        if _field(outputs, "logits") is None:
+            raise TypeError("The `generate` output has no raw `logits`. " + _GENERATE_HINT)
+        if read_tokens is None:
+            raise TypeError(
+                "This `generate` output carries no `detections`; reading its tokens needs the token layout: call "
+                "`Pix2SeqProcessor.post_process_object_detection`."
+            )
+        detections = read_tokens(outputs)
+    else:
+        raise TypeError(
+            "Expected the detection output of `Pix2SeqForObjectDetection` (`model(pixel_values)`, with `scores`, "
+            "`labels` and `pred_boxes`) or the output of `model.generate` (with `sequences` and `logits`), got "
+            f"{type(outputs).__name__}."
+        )
+    return image_processor.post_process_detections(
+        detections, threshold=threshold, target_sizes=target_sizes, top_k=top_k
+    )
 
 
 __all__ = ["Pix2SeqImageProcessor", "get_size_for_longest_edge"]

@@ -14,6 +14,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.generation.utils import GenerateBeamEncoderDecoderOutput, GenerateEncoderDecoderOutput
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
@@ -26,7 +27,7 @@ from transformers.modeling_utils import (
     get_torch_context_manager_or_global_device,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from transformers.utils.deprecation import deprecate_kwarg
@@ -34,7 +35,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead, cell_centres, cross_attention_guidance_loss
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
-from .generation_pix2seq import DECODING_WEIGHTS, Pix2SeqGenerationMixin, Pix2SeqObjectDetectionOutput
+from .generation_pix2seq import DECODING_WEIGHTS, Pix2SeqGenerationMixin
 
 
 logger = logging.get_logger(__name__)
@@ -43,6 +44,118 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pix2SeqObjectDetectionOutput(ModelOutput):
+    r"""
+    Detections of [`Pix2SeqForObjectDetection`] called without decoder inputs (`model(pixel_values)`), shaped like
+    DETR's output so that `post_process_object_detection` and the object-detection pipeline work unchanged.
+
+    Detections are packed at the start of the `N` slots, in the order the model wrote them; `object_mask` marks the
+    slots that hold one. `N` is `config.max_objects` (or more, when generation was allowed to write more objects).
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, N, num_classes)`):
+            Log-probabilities of the real classes at the class token of each detected object (softmax over the full
+            vocabulary, restricted to the class tokens, so a row sums to at most 1 after `exp`). Empty slots hold the
+            most negative finite value of the dtype.
+        pred_boxes (`torch.FloatTensor` of shape `(batch_size, N, 4)`):
+            Boxes `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas. Zeros in empty slots.
+        scores (`torch.FloatTensor` of shape `(batch_size, N)`):
+            Probability of the predicted class. Zero in empty slots.
+        labels (`torch.LongTensor` of shape `(batch_size, N)`):
+            Predicted class (`0..num_classes-1`, the best real class even when the model wrote the noise token). `-1`
+            in empty slots.
+        object_mask (`torch.BoolTensor` of shape `(batch_size, N)`):
+            `True` for slots holding a detection.
+        sequences (`torch.LongTensor` of shape `(batch_size, 1 + T)`):
+            The generated tokens, detection prompt first.
+    """
+
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    labels: torch.LongTensor | None = None
+    object_mask: torch.BoolTensor | None = None
+    sequences: torch.LongTensor | None = None
+
+    @classmethod
+    def from_decoded(
+        cls, decoded: dict, sequences: torch.LongTensor, min_slots: int | None = None
+    ) -> Pix2SeqObjectDetectionOutput:
+        """
+        Detections from the groups that [`Pix2SeqBoxCodec.decode_groups`] read with `logits`.
+
+        Args:
+            decoded (`dict`): the output of `decode_groups` (`boxes`, `labels`, `scores`, `mask`, `class_log_probs`).
+            sequences (`torch.LongTensor` of shape `(batch_size, 1 + T)`): the generated tokens, prompt first.
+            min_slots (`int`, *optional*): pack the objects of each image at the start, in the order written, into
+                `max(min_slots, most objects in an image)` slots. `None`: one slot per group, where it was read.
+
+        Returns:
+            `Pix2SeqObjectDetectionOutput`.
+        """
+        valid = decoded["mask"]
+        values = {
+            "logits": (decoded["class_log_probs"], torch.finfo(torch.float32).min),
+            "pred_boxes": (decoded["boxes"].float(), 0.0),
+            "scores": (decoded["scores"].float(), 0.0),
+            "labels": (decoded["labels"], -1),
+            "object_mask": (valid, False),
+        }
+        batch_size, num_groups = valid.shape
+        if min_slots is None:
+            num_slots, order = num_groups, None
+        else:
+            # Objects first, in the order the model wrote them, then empty slots.
+            num_slots = max(min_slots, int(valid.sum(dim=1).max()) if num_groups > 0 else 0)
+            order = torch.sort((~valid).int(), dim=1, stable=True).indices
+        kept = min(num_slots, num_groups)
+
+        def slots(tensor: torch.Tensor, fill) -> torch.Tensor:
+            """`[B, G, ...]` per group -> `[B, num_slots, ...]`, `fill` where there is no object."""
+            trailing = [1] * (tensor.ndim - 2)
+            fill = torch.as_tensor(fill, dtype=tensor.dtype, device=tensor.device)
+            tensor = torch.where(valid.view(batch_size, num_groups, *trailing), tensor, fill)
+            if order is not None:
+                tensor = tensor.gather(1, order.view(batch_size, num_groups, *trailing).expand_as(tensor))
+            packed = tensor.new_full((batch_size, num_slots, *tensor.shape[2:]), fill)
+            packed[:, :kept] = tensor[:, :kept]
+            return packed
+
+        return cls(**{name: slots(tensor, fill) for name, (tensor, fill) in values.items()}, sequences=sequences)
+
+
+
+@dataclass
+class Pix2SeqGenerateOutput(GenerateEncoderDecoderOutput):
+    r"""
+    The dict output of `generate` (greedy decoding, sampling): transformers' [`GenerateEncoderDecoderOutput`] plus the
+    detections read out of it, so that the image processor's `post_process_object_detection` takes it as it takes
+    the output of `model(pixel_values)`.
+
+    Args:
+        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
+            The detections of each sequence ([`~Pix2SeqGenerationMixin.detections_from_generation`]); set when the
+            output has the raw `logits` (the default).
+    """
+
+    detections: Pix2SeqObjectDetectionOutput | None = None
+
+
+@dataclass
+class Pix2SeqGenerateBeamOutput(GenerateBeamEncoderDecoderOutput):
+    r"""
+    The dict output of `generate` with beam search: transformers' [`GenerateBeamEncoderDecoderOutput`] plus the
+    detections of each returned sequence (scored from the logits of the beams that wrote its tokens).
+
+    Args:
+        detections ([`Pix2SeqObjectDetectionOutput`], *optional*):
+            One row per returned sequence; set when the output has the raw `logits` (the default).
+    """
+
+    detections: Pix2SeqObjectDetectionOutput | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1386,6 +1499,8 @@ __all__ = [
     "Pix2SeqDecoder",
     "Pix2SeqEncoder",
     "Pix2SeqForObjectDetection",
+    "Pix2SeqGenerateBeamOutput",
+    "Pix2SeqGenerateOutput",
     "Pix2SeqModel",
     "Pix2SeqObjectDetectionOutput",
     "Pix2SeqPreTrainedModel",

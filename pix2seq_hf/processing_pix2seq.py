@@ -14,14 +14,12 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import TensorType
 
 from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
-from .generation_pix2seq import logits_of_returned_sequences
-from .image_processing_pix2seq import Pix2SeqImageProcessor, _field
+from .generation_pix2seq import generated_tokens_and_logits
+from .image_processing_pix2seq import Pix2SeqImageProcessor, post_process_object_detection
 
-_GENERATE_HINT = (
-    "Call `model.generate(pixel_values, return_dict_in_generate=True, output_logits=True)` (the defaults of "
-    "Pix2Seq's generation config) so that the output carries both `sequences` and the raw `logits`: the class "
-    "scores are read from the raw logits."
-)
+
+# The layout of a processor built without layout arguments: the defaults of `Pix2SeqConfig`.
+_DEFAULT_LAYOUT = Pix2SeqTokenLayout()
 
 
 class Pix2SeqProcessor(ProcessorMixin):
@@ -43,7 +41,7 @@ class Pix2SeqProcessor(ProcessorMixin):
             The image processor; a default one (640 canvas) when not given.
         num_bins, num_classes, vocab_size, pad_token_id, eos_token_id, bos_token_id, noise_token_id,
         class_token_offset, coord_token_offset, max_objects:
-            The token layout ([`Pix2SeqTokenLayout`]); must match the model's config (see
+            The token layout ([`Pix2SeqTokenLayout`], by default `Pix2SeqConfig`'s); must match the model's config (see
             [`~Pix2SeqProcessor.check_model_compatible`]). Images with more than `max_objects` objects keep
             `max_objects` of them (after ordering) in their training sequence.
         object_order (`str`, *optional*, defaults to `"random"`):
@@ -65,16 +63,16 @@ class Pix2SeqProcessor(ProcessorMixin):
     def __init__(
         self,
         image_processor: Pix2SeqImageProcessor | None = None,
-        num_bins: int = 1000,
-        num_classes: int = 80,
-        vocab_size: int = 3000,
-        pad_token_id: int = 0,
-        eos_token_id: int = 0,
-        bos_token_id: int = 10,
-        noise_token_id: int = 30,
-        class_token_offset: int = 100,
-        coord_token_offset: int = 1000,
-        max_objects: int = 100,
+        num_bins: int = _DEFAULT_LAYOUT.num_bins,
+        num_classes: int = _DEFAULT_LAYOUT.num_classes,
+        vocab_size: int = _DEFAULT_LAYOUT.vocab_size,
+        pad_token_id: int = _DEFAULT_LAYOUT.pad_token_id,
+        eos_token_id: int = _DEFAULT_LAYOUT.eos_token_id,
+        bos_token_id: int = _DEFAULT_LAYOUT.bos_token_id,
+        noise_token_id: int = _DEFAULT_LAYOUT.noise_token_id,
+        class_token_offset: int = _DEFAULT_LAYOUT.class_token_offset,
+        coord_token_offset: int = _DEFAULT_LAYOUT.coord_token_offset,
+        max_objects: int = _DEFAULT_LAYOUT.max_objects,
         object_order: str = "random",
         sequence_augmentation: bool = True,
         class_corruption_prob: float = 0.5,
@@ -270,48 +268,24 @@ class Pix2SeqProcessor(ProcessorMixin):
 
     def _sequences_and_logits(self, sequences, logits=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
-        Normalises generated tokens for the codec: reads a `generate` output, stacks a tuple of per-step logits into
-        `[B, T, V]`, and drops the leading detection prompt (BOS) column when present.
-
-        A beam-search output (with `beam_indices`) has one row of logits per beam at each step; each returned
-        sequence gets the logits of the beam that wrote each of its tokens.
+        Normalises generated tokens for the codec with [`generated_tokens_and_logits`] (a `generate` output, or a
+        tensor of tokens with its logits: per-step logits stacked, beams resolved, prompt dropped); a tensor of tokens
+        without logits loses its leading detection prompt (BOS) column when it has one.
         """
-        beam_indices = None
-        if not isinstance(sequences, torch.Tensor):
-            if logits is None:
-                logits = _field(sequences, "logits")
-                beam_indices = _field(sequences, "beam_indices")
-            sequences = _field(sequences, "sequences")
-            if not isinstance(sequences, torch.Tensor):
-                raise TypeError(f"Expected a LongTensor of token ids or a `generate` output, got {type(sequences)}.")
-        if sequences.ndim != 2:
-            raise ValueError(f"`sequences` must have shape [batch_size, length], got {tuple(sequences.shape)}.")
-        if isinstance(logits, (tuple, list)):
-            logits = torch.stack(tuple(logits), dim=1)
-        if logits is not None and beam_indices is not None:
-            logits = logits_of_returned_sequences(logits, beam_indices, sequences.shape[1] - 1)
-        if logits is not None:
-            if logits.ndim != 3 or logits.shape[0] != sequences.shape[0]:
-                raise ValueError(
-                    f"`logits` must have shape [batch_size, length, vocab_size] matching `sequences` "
-                    f"{tuple(sequences.shape)}, got {tuple(logits.shape)}."
-                )
-            if logits.shape[-1] != self.vocab_size:
-                raise ValueError(
-                    f"The logits have {logits.shape[-1]} entries per step but the processor's token layout has "
-                    f"`vocab_size={self.vocab_size}`: the processor does not belong to this model (see "
-                    "`Pix2SeqProcessor.check_model_compatible`)."
-                )
-            # `generate` returns the prompt followed by one token per step; the logits cover the steps only.
-            if sequences.shape[1] == logits.shape[1] + 1:
+        if isinstance(sequences, torch.Tensor):
+            sequences = {"sequences": sequences, "logits": logits}
+        elif logits is not None:
+            sequences = {"sequences": sequences["sequences"], "logits": logits}
+        sequences, logits = generated_tokens_and_logits(sequences)
+        if logits is None:
+            if sequences.shape[1] > 0 and bool((sequences[:, 0] == self.bos_token_id).all()):
                 sequences = sequences[:, 1:]
-            elif sequences.shape[1] != logits.shape[1]:
-                raise ValueError(
-                    f"`sequences` has {sequences.shape[1]} tokens but `logits` has {logits.shape[1]} steps; expected "
-                    "as many steps as generated tokens (after the prompt)."
-                )
-        elif sequences.shape[1] > 0 and bool((sequences[:, 0] == self.bos_token_id).all()):
-            sequences = sequences[:, 1:]
+        elif logits.shape[-1] != self.vocab_size:
+            raise ValueError(
+                f"The logits have {logits.shape[-1]} entries per step but the processor's token layout has "
+                f"`vocab_size={self.vocab_size}`: the processor does not belong to this model (see "
+                "`Pix2SeqProcessor.check_model_compatible`)."
+            )
         return sequences, logits
 
     def batch_decode(self, sequences, logits=None) -> list[dict[str, torch.Tensor]]:
@@ -346,8 +320,8 @@ class Pix2SeqProcessor(ProcessorMixin):
         Args:
             outputs:
                 The detection output of `model(pixel_values)` (`scores`, `labels`, `pred_boxes`) or the output of
-                `model.generate`, which carries its `detections` (both read by
-                [`Pix2SeqImageProcessor.post_process_object_detection`]), or any output with `sequences`
+                `model.generate`, which carries its `detections` (both also taken by
+                [`Pix2SeqImageProcessor.post_process_object_detection`], the same code), or any output with `sequences`
                 (`[B, 1 + T]`, prompt first) and raw `logits` (tuple of `T` tensors `[B, vocab_size]`), read with the
                 processor's box codec.
             threshold (`float`, *optional*, defaults to 0.5):
@@ -361,25 +335,8 @@ class Pix2SeqProcessor(ProcessorMixin):
             `TypeError` for a bare tensor of token ids or a `generate` output without raw logits; `ValueError` when
             the logits do not fit the processor's vocabulary.
         """
-        if isinstance(outputs, torch.Tensor):
-            raise TypeError(
-                "`post_process_object_detection` got a bare tensor of token ids; it needs the raw logits too. "
-                + _GENERATE_HINT
-            )
-        if _field(outputs, "pred_boxes") is not None or _field(outputs, "detections") is not None:
-            return self.image_processor.post_process_object_detection(
-                outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k
-            )
-        if _field(outputs, "sequences") is None:
-            raise TypeError(
-                "Expected the detection output of `Pix2SeqForObjectDetection` (with `pred_boxes`) or the output of "
-                f"`model.generate` (with `sequences` and `logits`), got {type(outputs).__name__}."
-            )
-        if _field(outputs, "logits") is None:
-            raise TypeError("The `generate` output has no raw `logits`. " + _GENERATE_HINT)
-        detections = self.batch_decode(outputs)
-        return self.image_processor.post_process_detections(
-            detections, threshold=threshold, target_sizes=target_sizes, top_k=top_k
+        return post_process_object_detection(
+            self.image_processor, outputs, threshold, target_sizes, top_k, read_tokens=self.batch_decode
         )
 
     def check_model_compatible(self, model_or_config) -> None:

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .configuration_pix2seq import TOKENS_PER_OBJECT, Pix2SeqConfig
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import Pix2SeqForObjectDetection
 from .presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
@@ -164,10 +165,12 @@ def build_model_and_processor(
         overrides = {"id2label": id2label, "use_pretrained_backbone": pretrained_backbone}
         if max_objects:
             overrides["max_objects"] = max_objects
-            overrides["max_position_embeddings"] = max(512, 5 * max_objects + 1)
+            overrides["max_position_embeddings"] = max(
+                Pix2SeqConfig.max_position_embeddings, TOKENS_PER_OBJECT * max_objects + 1
+            )
         if num_bins:
             overrides["num_bins"] = num_bins
-            overrides["vocab_size"] = max(3000, 1000 + num_bins)
+            overrides["vocab_size"] = max(Pix2SeqConfig.vocab_size, Pix2SeqConfig.coord_token_offset + num_bins)
         for name, value in options.items():
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
         if auxiliary_hints is None and not overrides["auxiliary_loss_weight"] > 0:

@@ -559,3 +559,27 @@ def test_decode_reads_full_sequences():
 
     assert [len(d["labels"]) for d in codec.decode(sequences, logits)] == [100] * 8
     assert [len(d["labels"]) for d in codec.decode(sequences)] == [100] * 8
+
+
+def test_official_reading_reads_every_group_past_eos_and_masks_what_coco_ignores():
+    codec = Pix2SeqBoxCodec(LAYOUT)
+    # Group 0 a proper object, group 1 starts with EOS, group 2 has max < min in y, group 3 an unknown class.
+    tokens = torch.tensor(
+        [_object(1, 2, 3, 4, 0) + [EOS, 200, 210, 220, 41] + _object(50, 10, 20, 30, 2) + _object(1, 1, 9, 9, 3)]
+    )
+    logits = torch.zeros(1, 20, 300)
+    for slot, token in ((4, 42), (9, 43), (14, 41), (19, 60)):  # class token 60: beyond the 5 classes, before 200
+        logits[0, slot, token] = 6.0
+    official = codec.decode_groups(tokens, logits, mode="official")
+    assert official["mask"].tolist() == [[True, True, False, False]]
+    assert official["labels"].tolist() == [[2, 3, -1, -1]]  # the logits decide, not the class token
+    torch.testing.assert_close(official["boxes"][0, 1], torch.tensor([0.0, 0.0, 20 / 99, 10 / 99]))
+    torch.testing.assert_close(official["scores"][0, 0], torch.softmax(logits[0, 4], dim=-1)[42])
+    # Strict reading of the same tokens: reading stops at the EOS.
+    strict = codec.decode_groups(tokens, logits)
+    assert strict["mask"].tolist() == [[True, False, False, False]]
+    torch.testing.assert_close(strict["class_log_probs"], official["class_log_probs"])
+    with pytest.raises(ValueError, match="raw `logits`"):
+        codec.decode_groups(tokens, mode="official")
+    with pytest.raises(ValueError, match='"strict" or "official"'):
+        codec.decode_groups(tokens, logits, mode="paper")

@@ -90,6 +90,19 @@ def test_exported_graphs_match_pytorch_for_any_batch_size(exported, backend):
     with torch.no_grad():
         reference = model.generate(pixel_values, do_sample=False, suppress_eos=True, max_new_tokens=10).sequences
     assert torch.equal(runner.generate(pixel_values, suppress_eos=True, max_new_tokens=10).sequences, reference)
+    # Images that end at different steps: the same decoding loop as `generate`, which stops computing the images
+    # that ended (their logits are zeros from then on).
+    pixel_values = torch.stack([torch.full((3, 64, 64), value) for value in (-2.0, 0.0, 2.0)])
+    options = dict(eos_bias=0.16, min_objects=1)
+    with torch.no_grad():
+        reference = model.generate(pixel_values, do_sample=False, **options)
+    outputs = runner.generate(pixel_values, **options)
+    ends = [int((row[1:] == 0).nonzero()[0]) for row in reference.sequences]
+    assert len(set(ends)) > 1, ends
+    assert torch.equal(outputs.sequences, reference.sequences)
+    torch.testing.assert_close(
+        torch.stack(outputs.logits, dim=1), torch.stack(reference.logits, dim=1), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_too_many_new_tokens_for_the_positions_is_refused(exported):

@@ -433,3 +433,58 @@ def test_object_detection_pipeline():
         assert result["label"].startswith("class_") and 0 < result["score"] <= 1
         box = result["box"]
         assert 0 <= box["xmin"] <= box["xmax"] <= 70 and 0 <= box["ymin"] <= box["ymax"] <= 50
+
+
+def test_generation_options_are_merged_in_one_place():
+    from transformers import GenerationConfig
+
+    from pix2seq_hf.generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, pix2seq_generation_options
+
+    call, model_config = GenerationConfig(), GenerationConfig()
+    call.min_objects = 2
+    model_config.min_objects, model_config.eos_bias = 5, -1.0
+    options = pix2seq_generation_options(call, model_config, suppress_eos=True, top_p=0.3)
+    assert list(options) == list(PIX2SEQ_GENERATION_DEFAULTS)  # only Pix2Seq options, every one
+    assert options["suppress_eos"] is True  # the call's keyword arguments first
+    assert options["min_objects"] == 2  # then the generation config
+    assert options["eos_bias"] == -1.0  # then the fallback (the model's)
+    assert options["early_stop_patience"] == PIX2SEQ_GENERATION_DEFAULTS["early_stop_patience"]  # then the default
+    processor = Pix2SeqLogitsProcessor(LAYOUT)
+    assert processor.token_grammar is PIX2SEQ_GENERATION_DEFAULTS["token_grammar"] and processor.is_active
+    assert not Pix2SeqLogitsProcessor(LAYOUT, token_grammar=False).is_active
+
+
+def test_generate_output_classes_live_beside_the_model(model):
+    import pix2seq_hf.modeling_pix2seq as modeling
+    from pix2seq_hf import Pix2SeqGenerateBeamOutput, Pix2SeqGenerateOutput
+
+    assert Pix2SeqGenerateOutput.__module__ == Pix2SeqGenerateBeamOutput.__module__ == modeling.__name__
+    torch.manual_seed(0)
+    assert type(model.generate(make_pixels(1), max_new_tokens=5)) is Pix2SeqGenerateOutput
+    assert type(model.generate(make_pixels(1), max_new_tokens=5, num_beams=2, do_sample=False)) is (
+        Pix2SeqGenerateBeamOutput
+    )
+
+
+def test_processor_and_image_processor_post_process_alike(model):
+    from transformers.generation.utils import GenerateEncoderDecoderOutput
+
+    from pix2seq_hf.processing_pix2seq import Pix2SeqProcessor
+
+    processor = Pix2SeqProcessor.from_config(model.config)
+    torch.manual_seed(3)
+    generated = model.generate(make_pixels(2), max_new_tokens=20, min_objects=2)
+    plain = GenerateEncoderDecoderOutput(sequences=generated.sequences, logits=generated.logits)
+    sizes = [(64, 48), (30, 64)]
+    expected = processor.post_process_object_detection(generated, threshold=0.0, target_sizes=sizes)
+    assert sum(len(result["scores"]) for result in expected) > 0
+    for outputs, post_process in (
+        (generated, processor.image_processor.post_process_object_detection),
+        (generated.detections, processor.image_processor.post_process_object_detection),
+        (plain, processor.post_process_object_detection),  # no `detections`: read from the tokens
+    ):
+        for result, reference in zip(post_process(outputs, threshold=0.0, target_sizes=sizes), expected):
+            for key in ("scores", "labels", "boxes"):
+                torch.testing.assert_close(result[key], reference[key])
+    with pytest.raises(TypeError, match="needs the token layout"):
+        processor.image_processor.post_process_object_detection(plain)

@@ -428,7 +428,7 @@ def test_post_process_errors(processor):
     with pytest.raises(ValueError, match="2 target sizes for a batch of 2|1 target sizes for a batch of 2"):
         processor.post_process_object_detection(fake_detection_output(), target_sizes=[(10, 10)])
     generate_output = SimpleNamespace(sequences=torch.zeros(2, 6, dtype=torch.long), logits=(torch.zeros(2, 30),) * 5)
-    with pytest.raises(TypeError, match="which carries `detections`"):
+    with pytest.raises(TypeError, match="carries no `detections`"):
         processor.post_process_object_detection(generate_output)
     with pytest.raises(TypeError, match="read it with `Pix2SeqProcessor.batch_decode`"):
         processor.post_process_object_detection(torch.zeros(2, 6, dtype=torch.long))

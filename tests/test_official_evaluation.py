@@ -6,8 +6,13 @@ import numpy as np
 import torch
 
 from pix2seq_hf.box_codec import Pix2SeqTokenLayout
+from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
 from pix2seq_hf.convert_pix2seq_original_tf_checkpoint_to_pytorch import convert_pix2seq_checkpoint
-from pix2seq_hf.generation_pix2seq import Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
+from pix2seq_hf.generation_pix2seq import (
+    Pix2SeqLogitsProcessor,
+    Pix2SeqTopPLogitsWarper,
+    pix2seq_generation_options,
+)
 from pix2seq_hf.official_evaluation import (
     official_detect,
     official_detections,
@@ -63,3 +68,13 @@ def test_official_detections_leave_out_inverted_boxes():
     outputs = official_detections(tokens, logits, layout)
     assert outputs.object_mask.tolist() == [[False, True]]
     assert outputs.labels.tolist() == [[-1, 3]]
+
+
+def test_official_protocol_is_a_plain_generation_config():
+    config = official_evaluation_generation_config(Pix2SeqConfig(num_classes=91))
+    assert config.eos_token_id == [] and config.max_new_tokens == 500
+    assert not hasattr(config, "official_evaluation")
+    # Its Pix2Seq options leave the grammar processor nothing to do: it is left out.
+    options = pix2seq_generation_options(config)
+    assert options["token_grammar"] is False and options["official_top_p"] is True
+    assert not Pix2SeqLogitsProcessor.from_generation_options(Pix2SeqTokenLayout(), options).is_active
