@@ -295,6 +295,21 @@ class LinearDecayToBudget:
         self.elapsed_seconds = 0.0
         self.warmup_ended_at: int | None = None
 
+    @classmethod
+    def for_plan(cls, plan, steps_per_update: int = 1) -> LinearDecayToBudget:
+        """
+        The schedule of a planned run (`training_plan.TrainingPlan`): its warm-up and step budget, and its minutes.
+
+        Args:
+            plan (`TrainingPlan`): the run's plan.
+            steps_per_update (`int`, *optional*, defaults to 1): scheduler steps per optimizer update (Accelerate
+                steps a prepared scheduler once per process).
+        """
+        seconds = {"budget_seconds": plan.max_train_minutes, "warmup_seconds": plan.warmup_minutes}
+        seconds = {name: None if value is None else value * 60 for name, value in seconds.items()}
+        steps = None if plan.max_train_steps is None else plan.max_train_steps * steps_per_update
+        return cls(plan.warmup_steps * steps_per_update, steps, **seconds)
+
     def set_elapsed(self, seconds: float) -> None:
         """Records the wall time spent so far (the whole run, resumed parts included)."""
         self.elapsed_seconds = float(seconds)
