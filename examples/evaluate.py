@@ -13,8 +13,6 @@ checkpoint). Prints the metrics and writes them, with every prediction in the CO
 category ids), to `--output_file`. Several processes: `torchrun --nproc_per_node N examples/evaluate.py ...`.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import json

@@ -287,4 +287,4 @@ def test_a_final_save_that_fails_midway_leaves_the_earlier_model_whole(tmp_path)
 def test_checkpoint_and_output_options_are_checked(train_module, argv, capsys):
     with pytest.raises(SystemExit):
         train_module.parse_args(argv)
-    assert argv[0] in capsys.readouterr().err
+    assert argv[0].lstrip("-") in capsys.readouterr().err
