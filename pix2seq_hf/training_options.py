@@ -9,7 +9,8 @@ check (`__post_init__`, which names the option).
   or a fine-tuning one, on the synthetic set or not, and `plan`ned from the data (`training_plan`);
 - `EvaluationOptions`: how the evaluation decodes;
 - `RunOptions`: the run itself under `examples/train.py` (output folder, checkpoints, logging, Hub); the `Trainer`
-  script takes these from `TrainingArguments`.
+  script takes these from `TrainingArguments`, as `Pix2SeqTrainingArguments`, whose optimisation options default to
+  `RecipeOptions`'.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
 
 from . import training_plan, training_recipes
 from .data.images import MAX_IMAGE_PIXELS_HELP
@@ -434,11 +437,66 @@ class RunOptions:
             )
 
 
+@dataclass
+class Pix2SeqTrainingArguments(TrainingArguments):
+    """
+    `TrainingArguments` for `examples/run_object_detection.py` (the `Trainer`), whose optimisation options default to
+    `examples/train.py`'s recipe (`RecipeOptions`, under
+    the `Trainer`'s names: `max_steps` is `max_train_steps`, `warmup_steps` is `num_warmup_steps`, and both spellings
+    are accepted), with the recipe's options that `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`,
+    `max_train_minutes`). The values left unset are resolved with the data in `run` (`RecipeOptions.resolved` and
+    `RecipeOptions.plan`), as `examples/train.py` resolves them. `do_train` and `do_eval` are on by default.
+    Defined here rather than in the script so that the `training_args.bin` of its checkpoints loads anywhere.
+    """
+
+    do_train: bool = option(True, help="Train.")
+    do_eval: bool = option(True, help="Evaluate on the validation split at the end (and with --eval_strategy).")
+    per_device_train_batch_size: int | None = option_of(RecipeOptions, "per_device_train_batch_size")
+    per_device_eval_batch_size: int = option_of(RunOptions, "per_device_eval_batch_size")
+    gradient_accumulation_steps: int = option_of(RecipeOptions, "gradient_accumulation_steps")
+    learning_rate: float | None = option_of(RecipeOptions, "learning_rate")
+    weight_decay: float = option_of(RecipeOptions, "weight_decay")
+    adam_beta1: float = option_of(RecipeOptions, "adam_beta1")
+    adam_beta2: float = option_of(RecipeOptions, "adam_beta2")
+    max_grad_norm: float = option_of(RecipeOptions, "max_grad_norm")
+    num_train_epochs: float | None = option_of(RecipeOptions, "num_train_epochs")
+    max_steps: int | None = option_of(RecipeOptions, "max_train_steps", aliases=["--max_train_steps"])
+    lr_scheduler_type: str = option_of(RecipeOptions, "lr_scheduler_type")
+    warmup_steps: float | None = option_of(RecipeOptions, "num_warmup_steps", aliases=["--num_warmup_steps"])
+    seed: int = option_of(RecipeOptions, "seed")
+    recipe: str | None = option_of(RecipeOptions, "recipe")
+    encoder_lr_scale: float | None = option_of(RecipeOptions, "encoder_lr_scale")
+    max_train_minutes: float | None = option_of(RecipeOptions, "max_train_minutes")
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_steps <= 0:
+            self.max_steps = None  # the `Trainer`'s -1: no step count
+        if self.warmup_steps is not None and 0 < self.warmup_steps < 1:
+            raise ValueError(
+                f"warmup_steps counts steps here (examples/train.py's num_warmup_steps), got the ratio "
+                f"{self.warmup_steps!r}: give a number of steps, or leave it unset for the planned warm-up."
+            )
+        self.recipe_options()  # refuses a value the recipe does not take, naming the option
+        # Unset values are planned in `run`; `TrainingArguments` needs numbers meanwhile.
+        warmup_steps, self.warmup_steps = self.warmup_steps, self.warmup_steps or 0
+        super().__post_init__()
+        self.warmup_steps = warmup_steps
+
+    def recipe_options(self) -> RecipeOptions:
+        """The optimisation options as `RecipeOptions` (under `examples/train.py`'s names)."""
+        trainer_names = {name: trainer_name for trainer_name, name in TRAINING_ARGUMENTS_NAMES.items()}
+        values = {name: getattr(self, trainer_names.get(name, name)) for name in RecipeOptions.__dataclass_fields__}
+        scheduler = values["lr_scheduler_type"]
+        values["lr_scheduler_type"] = getattr(scheduler, "value", scheduler)
+        return RecipeOptions(**values)
+
+
 __all__ = [
     "DEFAULT_SEED",
     "DataOptions",
     "EvaluationOptions",
     "ModelOptions",
+    "Pix2SeqTrainingArguments",
     "RecipeOptions",
     "RunOptions",
     "TRAINING_ARGUMENTS_NAMES",

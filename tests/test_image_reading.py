@@ -136,6 +136,6 @@ def test_detect_skips_and_lists_a_decompression_bomb_and_reads_phone_photos_upri
     sizes = {entry["file"]: (entry["width"], entry["height"]) for entry in report["images"]}
     assert sizes == {str(images / "phone.jpg"): (20, 40), str(images / "plain.png"): (30, 30)}
     # --on_bad_image error names the file and stops before detections.json is written.
-    with pytest.raises(ImageReadError, match=r"bomb.png.*on_bad_image='skip'"):
+    with pytest.raises(ImageReadError, match=r"bomb.png.*--on_bad_image skip"):
         detect.main(argv + ["--output_dir", str(tmp_path / "strict"), "--on_bad_image", "error"])
     assert not (tmp_path / "strict" / "detections.json").exists()
