@@ -441,12 +441,12 @@ class RunOptions:
 class Pix2SeqTrainingArguments(TrainingArguments):
     """
     `TrainingArguments` for `examples/run_object_detection.py` (the `Trainer`), whose optimisation options default to
-    `examples/train.py`'s recipe (`RecipeOptions`, under
-    the `Trainer`'s names: `max_steps` is `max_train_steps`, `warmup_steps` is `num_warmup_steps`, and both spellings
-    are accepted), with the recipe's options that `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`,
-    `max_train_minutes`). The values left unset are resolved with the data in `run` (`RecipeOptions.resolved` and
-    `RecipeOptions.plan`), as `examples/train.py` resolves them. `do_train` and `do_eval` are on by default.
-    Defined here rather than in the script so that the `training_args.bin` of its checkpoints loads anywhere.
+    `examples/train.py`'s recipe (`RecipeOptions`, under the `Trainer`'s names: `max_steps` is `max_train_steps`,
+    `warmup_steps` is `num_warmup_steps`, and both spellings are accepted), with the recipe's options that
+    `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`, `max_train_minutes`). The values left unset are resolved
+    with the data by the script (`RecipeOptions.resolved` and `RecipeOptions.plan`), as `examples/train.py` resolves
+    them. `do_train` and `do_eval` are on by default. Defined in the package rather than in the script so that the
+    `training_args.bin` of its checkpoints loads anywhere.
     """
 
     do_train: bool = option(True, help="Train.")
