@@ -13,107 +13,89 @@ checkpoint). Prints the metrics and writes them, with every prediction in the CO
 category ids), to `--output_file`. Several processes: `torchrun --nproc_per_node N examples/evaluate.py ...`.
 """
 
-from __future__ import annotations
-
-import argparse
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import AutoModelForObjectDetection, AutoProcessor
+from transformers import AutoModelForObjectDetection, AutoProcessor, HfArgumentParser
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits, undecoded_images
-from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, set_max_image_pixels
+from pix2seq_hf.data.images import set_max_image_pixels
 from pix2seq_hf.evaluation import evaluate_model
 from pix2seq_hf.official_evaluation import official_detect
+from pix2seq_hf.training_options import DEFAULT_SEED, DataOptions, EvaluationOptions, option
 
 
 logger = logging.getLogger("evaluate")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument(
-        "--model_name_or_path",
-        "--model",
-        dest="model",
-        required=True,
-        help="Folder (or Hub id) of a saved Pix2Seq model and processor, e.g. a converted official checkpoint.",
+@dataclass
+class EvaluateArguments:
+    """What only this script has: the model, how it runs, the protocol and where the report goes."""
+
+    _argument_group_name = "model and report"
+
+    model_name_or_path: str = field(
+        metadata={
+            "help": "Folder (or Hub id) of a saved Pix2Seq model and processor, e.g. a converted official checkpoint.",
+            "aliases": ["--model"],
+        }
     )
-    parser.add_argument(
-        "--dataset_name", default=None, help="Hub id or local path of a HF dataset (none: the synthetic shapes set)."
-    )
-    parser.add_argument("--dataset_config", default=None, help="Configuration name of `--dataset_name`.")
-    parser.add_argument("--validation_split", default="validation", help="The split to evaluate.")
-    parser.add_argument(
-        "--bbox_format",
-        default="auto",
-        choices=["auto", "xywh", "xyxy"],
-        help="Box format of a HF dataset ('auto': read from its features or the data).",
-    )
-    parser.add_argument(
-        "--coco_annotations",
-        "--validation_coco_annotations",
-        dest="validation_coco_annotations",
-        default=None,
-        help="COCO json of the images to evaluate (e.g. instances_val2017.json).",
-    )
-    parser.add_argument(
-        "--coco_images",
-        "--validation_coco_images",
-        dest="validation_coco_images",
-        default=None,
-        help="Folder of those images (their `file_name` is relative to it).",
-    )
-    parser.add_argument(
-        "--synthetic_validation_size", type=int, default=200, help="Images of the synthetic set (no dataset given)."
-    )
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate only the first N images.")
-    parser.add_argument(
-        "--check_images",
-        default=None,
-        choices=["none", "exists", "decode"],
-        help="Check the images first: 'exists' (what a COCO json gets when unset), 'decode' (reads them all), 'none'.",
-    )
-    parser.add_argument(
-        "--on_bad_image",
-        default="error",
-        choices=["error", "skip"],
-        help="A missing or undecodable image: stop with an error naming it, or leave it out of the evaluation "
-        "(its ground truth too; counted in the report).",
-    )
-    parser.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
-    parser.add_argument("--seed", type=int, default=42, help="Seed of the synthetic set and of the sampling.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per batch and process.")
-    parser.add_argument(
-        "--top_p", type=float, default=None, help="Sample with this nucleus mass (unset: greedy decoding)."
-    )
-    parser.add_argument(
-        "--official_protocol",
-        action="store_true",
+    batch_size: int = option(32, help="Images per batch and process.")
+    official_protocol: bool = option(
+        False,
         help="Decode as the official COCO evaluation (`official_detect`: 500 sampled tokens, official top-p "
         "`--top_p` or 0.4, every five-token group read as a detection), as the published AP was measured.",
     )
-    parser.add_argument(
-        "--output_file", default=None, help="JSON of metrics and predictions (unset: <model>/eval_results.json)."
-    )
-    parser.add_argument("--cpu", action="store_true", help="Run on the CPU even when a GPU is available.")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
+    output_file: str | None = option(help="JSON of metrics and predictions (unset: <model>/eval_results.json).")
+    cpu: bool = option(False, help="Run on the CPU even when a GPU is available.")
+    dtype: str = option(
+        "float32",
         help="Weights and activations of the model (`from_pretrained(..., dtype=...)`); the token grammar, sampling "
         "and scores stay float32.",
+        choices=["float32", "bfloat16", "float16"],
     )
-    return parser.parse_args(argv)
+    seed: int = option(DEFAULT_SEED, help="Seed of the synthetic set and of the sampling.")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}.")
+
+
+def parse_args(argv=None) -> tuple[DataOptions, EvaluationOptions, EvaluateArguments]:
+    """
+    The options of the evaluation: the data options of the training scripts (the split evaluated is
+    `--validation_split` of a dataset, `--validation_coco_annotations` / `--validation_coco_images`, also spelled
+    `--coco_annotations` / `--coco_images`, or the synthetic validation split), their evaluation options, and this
+    script's own. A value an option refuses ends the script with an error naming the option.
+    """
+    parser = HfArgumentParser(
+        (DataOptions, EvaluationOptions, EvaluateArguments), description=__doc__, formatter_class=HelpFormatter
+    )
+    try:
+        data, evaluation, arguments = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:
+        parser.error(str(error))
+    if data.validation_coco_annotations is None and data.coco_annotations is not None:
+        # A single COCO json here is the one to evaluate.
+        data = dataclasses.replace(
+            data,
+            validation_coco_annotations=data.coco_annotations,
+            validation_coco_images=data.coco_images,
+            coco_annotations=None,
+            coco_images=None,
+        )
+    return data, evaluation, arguments
 
 
 def label_space(model_id2label: dict, splits) -> str:
@@ -152,40 +134,24 @@ class CategoryIdTargets:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    data, evaluation, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.max_image_pixels is not None:
-        set_max_image_pixels(args.max_image_pixels)
+    if data.max_image_pixels is not None:
+        set_max_image_pixels(data.max_image_pixels)
     use_cpu = args.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     accelerator = Accelerator(cpu=use_cpu)
-    model = AutoModelForObjectDetection.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForObjectDetection.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype))
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     processor.check_model_compatible(model)
 
-    # Only the evaluation split is loaded: the training options point at nothing and the synthetic train split is empty.
-    splits = load_detection_splits(
-        dataset_name=args.dataset_name,
-        dataset_config=args.dataset_config,
-        train_split=args.validation_split,
-        validation_split=args.validation_split,
-        bbox_format=args.bbox_format,
-        coco_annotations=args.validation_coco_annotations,
-        coco_images=args.validation_coco_images,
-        validation_coco_annotations=args.validation_coco_annotations,
-        validation_coco_images=args.validation_coco_images,
-        synthetic_train_size=1,
-        synthetic_validation_size=args.synthetic_validation_size,
-        max_eval_samples=args.max_eval_samples,
-        check_images=args.check_images,
-        on_bad_image=args.on_bad_image,
-        seed=args.seed,
-    )
+    # Only the split to evaluate is loaded, as the validation split, with its own label map.
+    splits = load_detection_splits(data, seed=args.seed, train=False)
     dataset = splits.validation
     if dataset is None:
-        raise ValueError(f"No split {args.validation_split!r} to evaluate.")
+        raise ValueError(f"No split {data.validation_split!r} to evaluate.")
     labels = label_space(model.config.id2label, splits)
 
-    collator = Pix2SeqCollator(processor, training=False, return_sequences=False, on_bad_image=args.on_bad_image)
+    collator = Pix2SeqCollator(processor, training=False, return_sequences=False, on_bad_image=data.on_bad_image)
     # A model labelled by category id predicts the data's category ids: its ground truth is compared in those ids.
     collate = collator if labels == "labels" else CategoryIdTargets(collator, splits.label2category_id)
     # The collator decodes the images, so that a bad one is named by file and image id (or skipped).
@@ -193,10 +159,11 @@ def main(argv=None) -> int:
     dataloader = accelerator.prepare(loader)
     model = model.to(accelerator.device)
     if args.official_protocol:
-        generation_kwargs = {"official_protocol": True, "top_p": 0.4 if args.top_p is None else args.top_p}
-        detect = functools.partial(official_detect, top_p=generation_kwargs["top_p"])
+        top_p = 0.4 if evaluation.eval_top_p is None else evaluation.eval_top_p
+        generation_kwargs = {"official_protocol": True, "top_p": top_p}
+        detect = functools.partial(official_detect, top_p=top_p)
     else:
-        generation_kwargs = {"do_sample": False} if args.top_p is None else {"do_sample": True, "top_p": args.top_p}
+        generation_kwargs = evaluation.generation_kwargs()
         detect = None
     torch.manual_seed(args.seed)
     start = time.time()
@@ -217,9 +184,9 @@ def main(argv=None) -> int:
     if accelerator.is_main_process:
         for key, value in metrics.items():
             print(f"{key:>10}: {value:.4f}")
-        output_file = args.output_file or os.path.join(args.model, "eval_results.json")
+        output_file = args.output_file or os.path.join(args.model_name_or_path, "eval_results.json")
         report = {
-            "model": args.model,
+            "model": args.model_name_or_path,
             "num_images": len(dataset) - skipped,
             "skipped_bad_images": skipped,
             "seconds": round(seconds, 2),

@@ -4,10 +4,15 @@ Fine-tune (or train) Pix2Seq with the transformers `Trainer`, in the style of tr
 (evaluation and save strategies, `report_to`, `push_to_hub` / `hub_strategy`, `load_best_model_at_end`), COCO mAP at
 every evaluation through the model's own decoding, early stopping, resuming from the last checkpoint.
 
-The data options are those of `examples/train.py`. With no data option it trains on the built-in synthetic shapes set:
+The data, model and evaluation options are those of `examples/train.py` (`pix2seq_hf.training_options`), and so is
+the recipe: with no optimisation option it trains as `examples/train.py` does (learning rate 2e-3 from scratch or 3e-5
+fine-tuning, encoder learning-rate factor 0.1 from scratch, AdamW weight decay 0.05 and betas (0.9, 0.95), gradient
+clipping at 1, a warm-up of 5% of the planned steps then linear decay, the batch size planned from the data, and on the
+synthetic set 10 epochs or 13.5 minutes, whichever ends first), not with the `Trainer`'s own defaults (5e-5, 3 epochs,
+no weight decay, beta2 0.999, no warm-up). It trains (`--do_train`) and evaluates (`--do_eval`) unless told otherwise.
+With no data option it trains on the built-in synthetic shapes set:
 
-    python examples/run_object_detection.py --output_dir outputs/pix2seq-trainer --num_train_epochs 6 \\
-        --per_device_train_batch_size 8 --learning_rate 2e-3 --warmup_steps 100 \\
+    python examples/run_object_detection.py --output_dir outputs/pix2seq-trainer \\
         --eval_strategy steps --eval_steps 500 --save_strategy steps --save_steps 500 --load_best_model_at_end
 
     # CPPE-5 from the Hub, the paper's R50 with ImageNet weights, pushed to the Hub with every save
@@ -15,7 +20,7 @@ The data options are those of `examples/train.py`. With no data option it trains
         --output_dir pix2seq-r50-cppe5 --eval_strategy epoch --save_strategy epoch --load_best_model_at_end \\
         --push_to_hub --hub_strategy checkpoint
 
-Evaluation decodes greedily (or samples with `--eval_top_p`) and scores every decoded object with pycocotools, one
+Evaluation decodes greedily (or samples with `--eval_top_p`), as in `examples/train.py`, and scores every decoded object with pycocotools, one
 batch at a time (`batch_eval_metrics`: memory does not grow with the evaluation set). `metric_for_best_model`
 defaults to `map`.
 """
@@ -25,24 +30,34 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
-from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
-from pix2seq_hf import Pix2SeqProcessor, training_plan, training_setup
+from pix2seq_hf import Pix2SeqProcessor, training_plan, training_recipes, training_setup
 from pix2seq_hf.cli import HelpFormatter
-from pix2seq_hf.data import AUGMENTATION_PRESETS, Pix2SeqCollator, build_train_transforms, load_detection_splits
+from pix2seq_hf.data import Pix2SeqCollator, build_train_transforms, load_detection_splits
+from pix2seq_hf.data.images import set_max_image_pixels
 from pix2seq_hf.evaluation import KEEP_ALL_THRESHOLD, METRIC_KEYS, CocoDetectionEvaluator
 from pix2seq_hf.hub import remote_code, write_model_card
 from pix2seq_hf.interruption import StopOnSignal
-from pix2seq_hf.presets import PRESETS
 from pix2seq_hf.run_lock import hold_output_dir
+from pix2seq_hf.training_options import (
+    TRAINING_ARGUMENTS_NAMES,
+    DataOptions,
+    EvaluationOptions,
+    ModelOptions,
+    Pix2SeqTrainingArguments,
+    RecipeOptions,
+    option,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -52,97 +67,15 @@ PAD = -100.0
 
 
 @dataclass
-class DataTrainingArguments:
-    """The data options of `examples/train.py` (see `pix2seq_hf.data.load_detection_splits`)."""
+class TrainerOptions:
+    """What only this script has: early stopping and the model card's license."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local path of a HF dataset (default: synthetic)."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Config name of the dataset."})
-    train_split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
-    validation_split: str = field(default="validation", metadata={"help": "Split to evaluate on ('none' to skip)."})
-    bbox_format: str = field(default="auto", metadata={"help": "Box format of the data.", "choices": ["auto", "xywh", "xyxy"]})
-    coco_annotations: str | None = field(default=None, metadata={"help": "COCO json of the training images."})
-    coco_images: str | None = field(default=None, metadata={"help": "Folder of the training images."})
-    validation_coco_annotations: str | None = field(default=None, metadata={"help": "COCO json of the validation images."})
-    validation_coco_images: str | None = field(default=None, metadata={"help": "Folder of the validation images."})
-    synthetic_train_size: int = field(default=4000, metadata={"help": "Images in the synthetic train split."})
-    synthetic_validation_size: int = field(default=200, metadata={"help": "Images in the synthetic validation split."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N images only."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
-    augmentation: str | None = field(
-        default=None,
-        metadata={
-            "help": "Training augmentation (default: 'light' on the synthetic set, the official 'finetune' recipe otherwise).",
-            "choices": sorted(AUGMENTATION_PRESETS),
-        },
-    )
-    num_augmentations: int = field(default=1, metadata={"help": "Augmented copies of each image per batch (paper: 2)."})
+    _argument_group_name = "trainer"
 
-
-@dataclass
-class ModelArguments:
-    """What model to train and how it decodes at evaluation."""
-
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved Pix2Seq model to fine-tune."})
-    config_preset: str = field(
-        default="tiny",
-        metadata={
-            "choices": sorted(PRESETS),
-            "help": "Architecture of a new model; ignored with --model_name_or_path.",
-        },
+    early_stopping_patience: int | None = option(
+        help="Stop after this many evaluations without a better metric_for_best_model (default: no early stopping)."
     )
-    pretrained_backbone: bool = field(default=False, metadata={"help": "Start from ImageNet timm weights (Hub)."})
-    backbone_checkpoint: str | None = field(
-        default=None,
-        metadata={"help": "A local file of timm backbone weights to start a new model from (see examples/train.py)."},
-    )
-    image_size: int | None = field(default=None, metadata={"help": "Canvas size (default: the preset's)."})
-    max_objects: int | None = field(
-        default=None, metadata={"help": "Objects per image in a sequence (default: the preset's, 100)."}
-    )
-    num_bins: int | None = field(
-        default=None, metadata={"help": "Coordinate quantisation bins (default: the preset's)."}
-    )
-    no_sequence_augmentation: bool = field(
-        default=False, metadata={"help": "Train on real objects then EOS, without the paper's noise objects."}
-    )
-    object_order: str | None = field(
-        default=None,
-        metadata={
-            "choices": ["random", "area", "dist2ori", "class"],
-            "help": "Order of the objects in training sequences (default: dist2ori from scratch, the saved one when "
-            "fine-tuning).",
-        },
-    )
-    coordinate_label_sigma: float | None = field(
-        default=None, metadata={"help": "Soft coordinate targets, sigma in bins (default: the recipe's, or the saved one)."}
-    )
-    auxiliary_loss_weight: float | None = field(
-        default=None, metadata={"help": "Auxiliary dense loss on the encoder (default: the recipe's, or the saved one)."}
-    )
-    auxiliary_hints: bool | None = field(
-        default=None,
-        metadata={"help": "The auxiliary head's predictions added to the memory (default: the recipe's, or the saved one)."},
-    )
-    cross_attention_loss_weight: float | None = field(
-        default=None,
-        metadata={"help": "Loss guiding the decoder's cross-attention (default: the recipe's, or the saved one)."},
-    )
-    coordinate_embedding_init: str | None = field(
-        default=None,
-        metadata={
-            "choices": ["normal", "sincos"],
-            "help": "How a new model's coordinate-token embeddings start (default: the recipe's).",
-        },
-    )
-    encoder_lr_scale: float | None = field(
-        default=None,
-        metadata={"help": "Learning-rate factor of the Transformer encoder (default: 0.1 from scratch, else 1)."},
-    )
-    eval_top_p: float | None = field(default=None, metadata={"help": "Sampling mass at evaluation (default: greedy)."})
-    early_stopping_patience: int | None = field(
-        default=None, metadata={"help": "Stop after this many evaluations without a better metric_for_best_model."}
-    )
-    license: str = field(default="apache-2.0", metadata={"help": "License of the model card."})
+    license: str = option("apache-2.0", help="License of the model card.")
 
 
 def pack_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -205,6 +138,7 @@ class Pix2SeqTrainer(Trainer):
         eval_data_collator=None,
         generation_kwargs: dict | None = None,
         encoder_lr_scale: float = 1.0,
+        time_budget: "TimeBudget | None" = None,
         card_info: dict | None = None,
         **kwargs,
     ):
@@ -213,6 +147,7 @@ class Pix2SeqTrainer(Trainer):
         self.eval_data_collator = eval_data_collator
         self.generation_kwargs = dict(generation_kwargs or {"do_sample": False})
         self.encoder_lr_scale = encoder_lr_scale
+        self.time_budget = time_budget
         # What the model card says besides the metrics: dataset, dataset_description, base_model, license.
         self.card_info = dict(card_info or {})
         self.card_metrics: dict | None = None
@@ -238,6 +173,14 @@ class Pix2SeqTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # With a time budget, `linear` is examples/train.py's schedule: it decays to 0 at the steps or the minutes.
+        if self.lr_scheduler is None and self.time_budget is not None and self.args.lr_scheduler_type == "linear":
+            self.time_budget.schedule = training_setup.LinearDecayToBudget.for_plan(self.time_budget.plan)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.time_budget.schedule)
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(
@@ -309,6 +252,50 @@ class SetEpochCallback(TrainerCallback):
         self.collator.set_epoch(int(state.epoch or 0))
 
 
+class TimeBudget(TrainerCallback):
+    """
+    `--max_train_minutes` under the `Trainer`, as in `examples/train.py`: tells the `linear` schedule the time spent
+    (`Pix2SeqTrainer.create_scheduler`), and ends training after the step in which the minutes ran out.
+    """
+
+    def __init__(self, plan: training_plan.TrainingPlan):
+        self.plan = plan
+        self.schedule: training_setup.LinearDecayToBudget | None = None
+        self.start = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.schedule is not None:
+            self.schedule.set_elapsed(time.time() - self.start)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (time.time() - self.start) / 60 >= self.plan.max_train_minutes:
+            control.should_training_stop = True
+
+
+def plan_training(
+    training_args: Pix2SeqTrainingArguments, recipe: RecipeOptions, num_images: int, synthetic: bool
+) -> TimeBudget | None:
+    """
+    Plans the training as `examples/train.py` does (`RecipeOptions.plan` of the resolved `recipe`) and writes the
+    plan into `training_args`: learning rate, batch size, steps and warm-up.
+
+    Returns:
+        The `TimeBudget` callback with `--max_train_minutes` (or the synthetic set's default minutes), else `None`.
+    """
+    plan = recipe.plan(num_images, training_args.world_size, synthetic)
+    logger.info(plan.describe())
+    training_args.learning_rate = recipe.learning_rate
+    training_args.per_device_train_batch_size = plan.per_device_batch_size
+    # The steps decide (the `Trainer` derives the epochs from them); only minutes: as many steps as they allow.
+    training_args.max_steps = plan.max_train_steps or sys.maxsize
+    training_args.num_train_epochs = plan.num_epochs or sys.maxsize
+    training_args.warmup_steps = plan.warmup_steps
+    return TimeBudget(plan) if plan.max_train_minutes is not None else None
+
+
 class StopOnSignalCallback(TrainerCallback):
     """Ends training after the step in which Ctrl-C (SIGINT) or SIGTERM came, with a checkpoint of that step."""
 
@@ -322,23 +309,46 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_training_stop = True
 
 
-def parse_args(argv=None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
-    parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, TrainingArguments), description=__doc__, formatter_class=HelpFormatter
-    )
+# The option groups of the script, in the order of `--help`.
+OPTION_GROUPS = (DataOptions, ModelOptions, EvaluationOptions, TrainerOptions, Pix2SeqTrainingArguments)
+
+
+def parse_args(argv=None) -> tuple[DataOptions, ModelOptions, EvaluationOptions, TrainerOptions, Pix2SeqTrainingArguments]:
+    """
+    The options of the run, one dataclass per group (`OPTION_GROUPS`), from the command line or from the JSON file
+    given as the only argument. A `--recipe`'s values become the defaults, so that options given explicitly win.
+    """
+    parser = HfArgumentParser(OPTION_GROUPS, description=__doc__, formatter_class=HelpFormatter)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    known, _ = parser.parse_known_args(argv)
+    if known.recipe is not None:
+        defaults = training_recipes.recipe_defaults(
+            known.recipe, None, known.gradient_accumulation_steps, known.per_device_train_batch_size
+        )
+        names = {name: trainer_name for trainer_name, name in TRAINING_ARGUMENTS_NAMES.items()}
+        parser.set_defaults(**{names.get(name, name): value for name, value in defaults.items()})
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main(argv=None) -> int:
-    model_args, data_args, training_args = parse_args(argv)
+    data_args, model_args, eval_args, trainer_args, training_args = parse_args(argv)
     # One run per output folder (a second one is refused, naming this one); Ctrl-C / SIGTERM stop after a checkpoint.
     with hold_output_dir(training_args.output_dir), StopOnSignal() as interrupt:
-        return run(model_args, data_args, training_args, interrupt)
+        return run(data_args, model_args, eval_args, trainer_args, training_args, interrupt)
 
 
-def run(model_args, data_args, training_args, interrupt: StopOnSignal) -> int:
+def run(
+    data_args: DataOptions,
+    model_args: ModelOptions,
+    eval_args: EvaluationOptions,
+    trainer_args: TrainerOptions,
+    training_args: Pix2SeqTrainingArguments,
+    interrupt: StopOnSignal,
+) -> int:
     """Trains and/or evaluates as the arguments say; returns the exit status (`interrupt.exit_code` when stopped)."""
     # The collator reads the image and objects columns, which are not arguments of `forward`.
     training_args.remove_unused_columns = False
@@ -347,8 +357,8 @@ def run(model_args, data_args, training_args, interrupt: StopOnSignal) -> int:
     if training_args.load_best_model_at_end and training_args.metric_for_best_model in (None, "loss"):
         training_args.metric_for_best_model = "map"
         training_args.greater_is_better = True
-    if data_args.num_augmentations < 1:
-        raise ValueError(f"--num_augmentations must be at least 1, got {data_args.num_augmentations}")
+    if data_args.max_image_pixels is not None:
+        set_max_image_pixels(data_args.max_image_pixels)
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log_level = training_args.get_process_log_level()
@@ -369,61 +379,36 @@ def run(model_args, data_args, training_args, interrupt: StopOnSignal) -> int:
             logger.warning(f"Resuming from {checkpoint}; pass another --output_dir to train from scratch.")
 
     with training_args.main_process_first(desc="loading the data"):
-        splits = load_detection_splits({**vars(data_args), "seed": training_args.seed})
-    synthetic = not (data_args.dataset_name or data_args.coco_annotations)
-    model, processor = training_setup.build_model_and_processor(
-        splits.id2label,
-        model_name_or_path=model_args.model_name_or_path,
-        config_preset=model_args.config_preset,
-        pretrained_backbone=model_args.pretrained_backbone,
-        backbone_checkpoint=model_args.backbone_checkpoint,
-        image_size=model_args.image_size,
-        max_objects=model_args.max_objects,
-        num_bins=model_args.num_bins,
-        object_order=model_args.object_order,
-        sequence_augmentation=not model_args.no_sequence_augmentation,
-        coordinate_label_sigma=model_args.coordinate_label_sigma,
-        auxiliary_loss_weight=model_args.auxiliary_loss_weight,
-        auxiliary_hints=model_args.auxiliary_hints,
-        cross_attention_loss_weight=model_args.cross_attention_loss_weight,
-        coordinate_embedding_init=model_args.coordinate_embedding_init,
-    )
-    augmentation = data_args.augmentation or ("light" if synthetic else "finetune")
-    if training_args.warmup_steps == 0 and splits.train is not None:
-        # No warm-up given: the planned one of `examples/train.py` (a fraction of the steps, see training_plan).
-        plan = training_plan.plan_training(
-            len(splits.train),
-            per_device_batch_size=training_args.per_device_train_batch_size,
-            num_epochs=training_args.num_train_epochs,
-            max_train_steps=training_args.max_steps if training_args.max_steps > 0 else None,
-            num_processes=training_args.world_size,
-            gradient_accumulation_steps=training_args.gradient_accumulation_steps,
-        )
-        training_args.warmup_steps = plan.warmup_steps
-        logger.info(f"Warm-up: {plan.warmup_steps} of {plan.max_train_steps} steps (--warmup_steps sets another).")
+        splits = load_detection_splits(data_args, seed=training_args.seed)
+    model, processor = training_setup.build_model_and_processor(splits.id2label, model_args)
+    recipe = training_args.recipe_options().resolved(data_args.synthetic, bool(model_args.model_name_or_path))
+    time_budget = None
+    if training_args.do_train:
+        time_budget = plan_training(training_args, recipe, len(splits.train), data_args.synthetic)
+    else:  # nothing is trained: the `Trainer`'s values for "no budget"
+        training_args.max_steps, training_args.num_train_epochs = -1, 0
     train_collator = Pix2SeqCollator(
         processor,
-        transforms=build_train_transforms(augmentation, processor.image_processor.size["longest_edge"]),
+        transforms=build_train_transforms(
+            data_args.training_augmentation, processor.image_processor.size["longest_edge"]
+        ),
         training=True,
         num_augmentations=data_args.num_augmentations,
         seed=training_args.seed,
+        on_bad_image=data_args.on_bad_image,
     )
-    eval_collator = Pix2SeqCollator(processor, training=False)
+    eval_collator = Pix2SeqCollator(processor, training=False, on_bad_image=data_args.on_bad_image)
 
     callbacks = [SetEpochCallback(train_collator)]
-    if model_args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=model_args.early_stopping_patience))
-    generation_kwargs = (
-        {"do_sample": False} if model_args.eval_top_p is None else {"do_sample": True, "top_p": model_args.eval_top_p}
-    )
-    encoder_lr_scale = model_args.encoder_lr_scale
-    if encoder_lr_scale is None:
-        encoder_lr_scale = training_setup.default_encoder_lr_scale(model_args.model_name_or_path)
+    if time_budget is not None:
+        callbacks.append(time_budget)
+    if trainer_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=trainer_args.early_stopping_patience))
     card_info = {
         "dataset": data_args.dataset_name if data_args.dataset_name and not os.path.exists(data_args.dataset_name) else None,
         "dataset_description": splits.source,
         "base_model": model_args.model_name_or_path,
-        "license": model_args.license,
+        "license": trainer_args.license,
     }
     trainer = Pix2SeqTrainer(
         model=model,
@@ -435,8 +420,9 @@ def run(model_args, data_args, training_args, interrupt: StopOnSignal) -> int:
         eval_data_collator=eval_collator,
         compute_metrics=CocoMetric(splits.id2label),
         callbacks=callbacks,
-        generation_kwargs=generation_kwargs,
-        encoder_lr_scale=encoder_lr_scale,
+        generation_kwargs=eval_args.generation_kwargs(),
+        encoder_lr_scale=recipe.encoder_lr_scale,
+        time_budget=time_budget,
         card_info=card_info,
     )
     trainer.add_callback(StopOnSignalCallback(interrupt, trainer.accelerator))

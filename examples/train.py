@@ -20,6 +20,7 @@ which starts one process; see docs/training.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import HfArgumentParser, get_scheduler
 
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import hub, training_plan, training_recipes, training_setup
@@ -51,20 +52,25 @@ from pix2seq_hf.checkpointing import (
 )
 from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import (
-    AUGMENTATION_PRESETS,
     ImageReadError,
-    SYNTHETIC_VARIANTS,
     Pix2SeqCollator,
     build_train_transforms,
     decode_image,
     load_detection_splits,
     undecoded_images,
 )
-from pix2seq_hf.data.images import MAX_IMAGE_PIXELS_HELP, set_max_image_pixels, to_rgb
+from pix2seq_hf.data.images import set_max_image_pixels, to_rgb
 from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
 from pix2seq_hf.interruption import StopOnSignal
-from pix2seq_hf.presets import PRESETS
 from pix2seq_hf.run_lock import hold_output_dir
+from pix2seq_hf.training_options import (
+    SYNTHETIC_EVAL_STEPS,
+    DataOptions,
+    EvaluationOptions,
+    ModelOptions,
+    RecipeOptions,
+    RunOptions,
+)
 from pix2seq_hf.visualization import draw_detections
 
 
@@ -95,8 +101,6 @@ RUN_ARGUMENTS = (
     "object_order",
     "coordinate_label_sigma",
     "auxiliary_loss_weight",
-    "auxiliary_hints",
-    "cross_attention_loss_weight",
     "coordinate_embedding_init",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
@@ -111,313 +115,17 @@ RUN_ARGUMENTS = (
     "seed",
 )
 
-# The default run on the synthetic set: this many epochs of 4000 images, or this many minutes, whichever ends first,
-# at batch 8 (more updates in the minutes a CPU run has; larger sets get at most `training_plan.MAX_BATCH_SIZE`).
-SYNTHETIC_EPOCHS = 10
-SYNTHETIC_MINUTES = 13.5
-SYNTHETIC_BATCH_SIZE = 8
-
-
-def json_object(text: str) -> dict:
-    """`--config_overrides`: a JSON object, or an error that shows what was given."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"a JSON object of config fields is needed, got {text!r}")
-    return value
+# The option groups of the script, in the order of `--help`.
+OPTION_GROUPS = (DataOptions, ModelOptions, RecipeOptions, EvaluationOptions, RunOptions)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None, help="Hub id or local path of a HF dataset (default: synthetic).")
-    data.add_argument("--dataset_config", default=None, help="Config name of the dataset.")
-    data.add_argument("--train_split", default="train", help="Split of --dataset_name to train on.")
-    data.add_argument("--validation_split", default="validation", help="Split to evaluate on ('none' to skip).")
-    data.add_argument("--bbox_format", default="auto", choices=["auto", "xywh", "xyxy"], help="Box format of the data.")
-    data.add_argument("--coco_annotations", default=None, help="COCO json of the training images.")
-    data.add_argument("--coco_images", default=None, help="Folder of the training images.")
-    data.add_argument("--validation_coco_annotations", default=None, help="COCO json of the validation images.")
-    data.add_argument("--validation_coco_images", default=None, help="Folder of the validation images.")
-    data.add_argument("--synthetic_train_size", type=int, default=4000, help="Images in the synthetic train split.")
-    data.add_argument(
-        "--synthetic_validation_size", type=int, default=200, help="Images in the synthetic validation split."
-    )
-    data.add_argument(
-        "--synthetic_variant",
-        default="shapes",
-        choices=sorted(SYNTHETIC_VARIANTS),
-        help="The synthetic set: 'shapes' (128 px, 1-10 objects) or 'dense' (384 px, 20-60 small objects; train it "
-        "with --image_size 384 --max_objects 64).",
-    )
-    data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N images only.")
-    data.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate on the first N images only.")
-    data.add_argument(
-        "--augmentation",
-        default=None,
-        choices=sorted(AUGMENTATION_PRESETS),
-        help="Training augmentation (default: 'light' on the synthetic set, the official 'finetune' recipe otherwise).",
-    )
-    data.add_argument("--num_augmentations", type=int, default=1, help="Augmented copies of each image per batch (paper: 2).")
-    data.add_argument(
-        "--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: load in the main one)."
-    )
-    data.add_argument(
-        "--check_images",
-        default=None,
-        choices=["none", "exists", "decode"],
-        help="Check the images before training: 'exists' (files are there; the default for COCO json), 'decode' "
-        "(every image decodes; reads them all), 'none' (the default for datasets).",
-    )
-    data.add_argument(
-        "--on_bad_image",
-        default="error",
-        choices=["error", "skip"],
-        help="A missing or undecodable image, found by --check_images or met while training: stop with an error "
-        "naming it, or skip it (counted and logged).",
-    )
-    data.add_argument(
-        "--annotation_cache_dir",
-        default=None,
-        help="Where a COCO json is kept once prepared (memory-mapped, shared by the processes of a machine). "
-        "Default: pix2seq_annotations in the datasets cache (HF_DATASETS_CACHE).",
-    )
-    data.add_argument("--max_image_pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", default=None, help="A saved Pix2Seq model to fine-tune.")
-    model.add_argument(
-        "--config_preset",
-        default="tiny",
-        choices=sorted(PRESETS),
-        help="Architecture of a new model (see docs/model.md); ignored with --model_name_or_path.",
-    )
-    model.add_argument("--pretrained_backbone", action="store_true", help="Start from ImageNet timm weights (Hub).")
-    model.add_argument(
-        "--backbone_checkpoint",
-        default=None,
-        help="A local file of timm backbone weights to start a new model from, instead of the Hub's (a timm model's "
-        "state dict saved with safetensors or torch.save, e.g. the `model.safetensors` of a timm model; the backbone "
-        "is the preset's or --config_overrides' `backbone`). Default: none (random weights, or --pretrained_backbone).",
-    )
-    model.add_argument(
-        "--config_overrides",
-        type=json_object,
-        default=None,
-        help='Other config fields of a new model, as JSON, e.g. \'{"decoder_layers": 4}\' or '
-        '\'{"backbone_kwargs": {"out_indices": [2]}}\' (features at stride 8).',
-    )
-    model.add_argument("--image_size", type=int, default=None, help="Canvas size (default: the preset's).")
-    model.add_argument(
-        "--max_objects", type=int, default=None, help="Objects per image in a sequence (default: the preset's, 100)."
-    )
-    model.add_argument(
-        "--num_bins", type=int, default=None, help="Coordinate quantisation bins (default: the preset's, 1000)."
-    )
-    model.add_argument(
-        "--no_sequence_augmentation",
-        action="store_true",
-        help="Train on real objects then EOS, without the paper's noise objects (sequence augmentation).",
-    )
-    model.add_argument(
-        "--object_order",
-        default=None,
-        choices=["random", "area", "dist2ori", "class"],
-        help="Order of the objects in a training sequence (default: 'dist2ori' from scratch, the saved processor's "
-        "when fine-tuning; the paper's is 'random'). See docs/training.md.",
-    )
-    model.add_argument(
-        "--coordinate_label_sigma",
-        type=float,
-        default=None,
-        help="Soft coordinate targets: Gaussian of this sigma in bins (0: one-hot, the paper). Default: the saved "
-        "model's when fine-tuning, else the recipe's (see docs/training.md).",
-    )
-    model.add_argument(
-        "--auxiliary_loss_weight",
-        type=float,
-        default=None,
-        help="Weight of the auxiliary dense loss on the encoder output (0: none, the paper). Default: the saved "
-        "model's when fine-tuning, else the recipe's (see docs/training.md).",
-    )
-    model.add_argument(
-        "--auxiliary_hints",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Add the auxiliary head's box and class predictions to the decoder's memory (needs the auxiliary loss). "
-        "Default: the saved model's when fine-tuning, else the recipe's, off (see docs/training.md).",
-    )
-    model.add_argument(
-        "--cross_attention_loss_weight",
-        type=float,
-        default=None,
-        help="Weight of the loss guiding the decoder's cross-attention to the object it writes (0: none, the paper). "
-        "Default: the saved model's when fine-tuning, else the recipe's (see docs/training.md).",
-    )
-    model.add_argument(
-        "--coordinate_embedding_init",
-        default=None,
-        choices=["normal", "sincos"],
-        help="How a new model's coordinate-token embeddings start ('normal': the paper; 'sincos': position codes of "
-        "their bins). Default: the recipe's (see docs/training.md).",
-    )
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument(
-        "--recipe",
-        default=None,
-        choices=sorted(training_recipes.RECIPES),
-        help="The paper's values for image size, augmentation, global batch (split over the processes), steps or "
-        "epochs, learning rate and schedule (see 'Training at scale' in docs/training.md); options given "
-        "explicitly override them.",
-    )
-    optim.add_argument(
-        "--per_device_train_batch_size",
-        type=int,
-        default=None,
-        help=f"Images per batch and process. Default: planned from the data, {training_plan.MAX_BATCH_SIZE} "
-        f"({SYNTHETIC_BATCH_SIZE} on the synthetic set), halved while an epoch would have fewer than "
-        f"{training_plan.MIN_STEPS_PER_EPOCH} steps (see 'How a run is planned' in docs/training.md).",
-    )
-    optim.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Images per evaluation batch.")
-    optim.add_argument(
-        "--learning_rate",
-        type=float,
-        default=None,
-        help=f"Default: {training_setup.SCRATCH_LEARNING_RATE} from scratch, {training_setup.FINETUNE_LEARNING_RATE} "
-        "when fine-tuning a saved model (--model_name_or_path; the paper's fine-tuning rate).",
-    )
-    optim.add_argument(
-        "--encoder_lr_scale",
-        type=float,
-        default=None,
-        help="Learning-rate factor of the Transformer encoder (input projection, layers, bridge; not the backbone). "
-        "Default: 0.1 when training from scratch (no --model_name_or_path), else 1. See docs/training.md.",
-    )
-    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (the paper's 0.05).")
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    optim.add_argument(
-        "--adam_beta2",
-        type=float,
-        default=0.95,
-        help="AdamW beta2: 0.95, the official Pix2Seq code's, in place of the usual 0.999 (a shorter average of "
-        "squared gradients, steadier for Transformers trained at high learning rates).",
-    )
-    optim.add_argument(
-        "--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this (0: no clipping)."
-    )
-    optim.add_argument(
-        "--lr_scheduler_type",
-        default="linear",
-        help="A transformers scheduler name. With --max_train_minutes, `linear` (the default) decays to 0 at "
-        "whichever ends first, the steps or the minutes; the others need a step count (--max_train_steps or "
-        "--num_train_epochs).",
-    )
-    optim.add_argument(
-        "--num_warmup_steps",
-        type=int,
-        default=None,
-        help=f"Steps of linear warm-up from 0. Default: {training_plan.WARMUP_FRACTION * 100:g}%% of the planned steps "
-        f"(at most {training_plan.MAX_WARMUP_STEPS}) and, with --max_train_minutes and the linear schedule, at most "
-        f"{training_plan.WARMUP_FRACTION * 100:g}%% of the minutes, whichever ends first.",
-    )
-    optim.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer step."
-    )
-    optim.add_argument(
-        "--num_train_epochs",
-        type=int,
-        default=None,
-        help=f"Default: {SYNTHETIC_EPOCHS} on the synthetic set ({SYNTHETIC_EPOCHS * 500} steps at batch 8, or "
-        f"{SYNTHETIC_MINUTES} minutes, whichever ends first; see --max_train_minutes); otherwise as many as fit in "
-        f"--max_train_minutes when only that is given, else {training_plan.DEFAULT_NUM_EPOCHS} but at least "
-        f"{training_plan.MIN_PLANNED_STEPS} steps.",
-    )
-    optim.add_argument(
-        "--max_train_steps", type=int, default=None, help="Optimizer updates to train (overrides --num_train_epochs)."
-    )
-    optim.add_argument(
-        "--max_train_minutes",
-        type=float,
-        default=None,
-        help="Stop (and evaluate/save) after this many minutes of the run, evaluations and the time before a resume "
-        "included; alone (without --max_train_steps or --num_train_epochs), it decides how many steps the run makes. "
-        "Default: none, except "
-        f"{SYNTHETIC_MINUTES} on the synthetic set when neither --max_train_steps nor --num_train_epochs is given, so "
-        "that the default run ends in about 15 minutes on a slow machine too.",
-    )
-    optim.add_argument("--seed", type=int, default=42, help="Seed of the initialisation, data order and augmentation.")
-
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--output_dir", default="outputs/pix2seq-synthetic", help="Where the model, checkpoints and results go."
-    )
-    run.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in an --output_dir that holds a model or checkpoints of another run (its checkpoints are "
-        "removed; its model is replaced at the end).",
-    )
-    run.add_argument(
-        "--num_threads",
-        type=int,
-        default=None,
-        help="torch threads per process on the CPU (default: the usable cores divided by the processes on this machine; "
-        "`accelerate launch` sets OMP_NUM_THREADS=1, which would leave one core working).",
-    )
-    run.add_argument(
-        "--cpu",
-        action="store_true",
-        help="Train on the CPU even if a GPU is there (automatic for several processes on a machine without CUDA).",
-    )
-    run.add_argument(
-        "--mixed_precision",
-        default="auto",
-        choices=["auto", "no", "fp16", "bf16"],
-        help="Autocast precision of the forward passes. 'auto': Accelerate's setting (`accelerate launch "
-        "--mixed_precision`, its config), and where that is 'no', bf16 on a CPU with bf16 matrix units (Intel AMX), "
-        "about 1.4x faster there; 'no' trains in float32 everywhere.",
-    )
-    run.add_argument("--checkpointing_steps", default=None, help="Save state every N steps, or 'epoch'.")
-    run.add_argument(
-        "--logging_steps",
-        type=int,
-        default=50,
-        help="When the output is not a terminal (e.g. a log file), no progress bar: log the loss every N steps.",
-    )
-    run.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest K checkpoints (default: all)."
-    )
-    run.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A step_N checkpoint folder, or 'latest' (the newest complete one in --output_dir).",
-    )
-    run.add_argument(
-        "--eval_steps",
-        type=int,
-        default=None,
-        help="Evaluate every N steps (default: 1000 on the synthetic set, else at the end).",
-    )
-    run.add_argument("--eval_top_p", type=float, default=None, help="Sampling mass at evaluation (default: greedy).")
-    run.add_argument("--num_visualizations", type=int, default=8, help="Validation images drawn at the end.")
-    run.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
-    run.add_argument("--report_to", default="tensorboard", help="Accelerate trackers for --with_tracking ('all').")
-    run.add_argument(
-        "--push_to_hub", action="store_true", help="Upload the model, processor and a model card to the Hub."
-    )
-    run.add_argument(
-        "--hub_model_id", default=None, help="Hub repository of --push_to_hub (unset: the name of --output_dir)."
-    )
-    run.add_argument(
-        "--hub_strategy",
-        default="end",
-        choices=["end", "every_save"],
-        help="With --push_to_hub: upload at the end only, or also the model at every checkpoint.",
-    )
-    # A recipe's values become the defaults, so that options given on the command line win.
+    """
+    The options of all groups (`pix2seq_hf.training_options`) as one namespace. A `--recipe`'s values become the
+    defaults, so that options given on the command line win. A value an option refuses ends the script with an error
+    naming the option.
+    """
+    parser = HfArgumentParser(OPTION_GROUPS, description=__doc__, formatter_class=HelpFormatter)
     known, _ = parser.parse_known_args(argv)
     if known.recipe is not None:
         parser.set_defaults(
@@ -425,64 +133,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                 known.recipe, None, known.gradient_accumulation_steps, known.per_device_train_batch_size
             )
         )
-    args = parser.parse_args(argv)
-    if args.num_augmentations < 1:
-        parser.error("--num_augmentations must be at least 1")
-    if args.num_threads is not None and args.num_threads < 1:
-        parser.error(f"--num_threads must be at least 1, got {args.num_threads}")
-    if args.encoder_lr_scale is not None and not args.encoder_lr_scale > 0:
-        parser.error(f"--encoder_lr_scale must be positive, got {args.encoder_lr_scale}")
-    if (args.coco_annotations is None) != (args.coco_images is None):
-        parser.error("--coco_annotations and --coco_images go together")
-    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
-        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
-            parser.error(
-                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}"
-            )
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
-    if args.overwrite_output_dir and args.resume_from_checkpoint:
-        parser.error("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: pass one")
-    return args
+    try:
+        groups = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:
+        parser.error(str(error))
+    return argparse.Namespace(**{name: value for group in groups for name, value in vars(group).items()})
+
+
+def options(options_class: type, args: argparse.Namespace):
+    """The group `options_class` (e.g. `DataOptions`) of the parsed options `args`, as they are now."""
+    return options_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options_class)})
 
 
 def build_model_and_processor(args, id2label: dict[int, str]):
     """The model (a preset or a saved model) and a processor whose token layout matches it."""
-    return training_setup.build_model_and_processor(
-        id2label,
-        model_name_or_path=args.model_name_or_path,
-        config_preset=args.config_preset,
-        pretrained_backbone=args.pretrained_backbone,
-        backbone_checkpoint=args.backbone_checkpoint,
-        image_size=args.image_size,
-        max_objects=args.max_objects,
-        num_bins=args.num_bins,
-        object_order=args.object_order,
-        sequence_augmentation=not args.no_sequence_augmentation,
-        coordinate_label_sigma=args.coordinate_label_sigma,
-        auxiliary_loss_weight=args.auxiliary_loss_weight,
-        auxiliary_hints=args.auxiliary_hints,
-        cross_attention_loss_weight=args.cross_attention_loss_weight,
-        coordinate_embedding_init=args.coordinate_embedding_init,
-        config_overrides=args.config_overrides,
-    )
-
-
-def learning_rates(args) -> tuple[float, float]:
-    """
-    The learning rate and the encoder's factor of a run: `--learning_rate` / `--encoder_lr_scale` where given, else
-    `training_setup`'s defaults for a run from scratch or a fine-tuning run (`--model_name_or_path`).
-
-    Returns:
-        `(learning_rate, encoder_lr_scale)`
-    """
-    learning_rate = args.learning_rate
-    if learning_rate is None:
-        learning_rate = training_setup.default_learning_rate(args.model_name_or_path)
-    encoder_lr_scale = args.encoder_lr_scale
-    if encoder_lr_scale is None:
-        encoder_lr_scale = training_setup.default_encoder_lr_scale(args.model_name_or_path)
-    return learning_rate, encoder_lr_scale
+    return training_setup.build_model_and_processor(id2label, options(ModelOptions, args))
 
 
 def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -497,28 +162,19 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch
 
 def plan_run(args, num_images: int, num_processes: int, synthetic: bool) -> training_plan.TrainingPlan:
     """
-    Plans the run (`training_plan.plan_training`) from the training images and the budget, keeping every value given,
-    and writes the planned batch size, steps and warm-up back into `args`.
+    Resolves the recipe of the run (`RecipeOptions.resolved`: learning rates, and the synthetic set's budget) and
+    plans it (`RecipeOptions.plan`: batch size, steps, warm-up), writing the values into `args`.
     """
-    plan = training_plan.plan_training(
-        num_images,
-        per_device_batch_size=args.per_device_train_batch_size,
-        num_epochs=args.num_train_epochs,
-        max_train_steps=args.max_train_steps,
-        max_train_minutes=args.max_train_minutes,
-        num_warmup_steps=args.num_warmup_steps,
-        num_processes=num_processes,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        lr_scheduler_type=args.lr_scheduler_type,
-        max_batch_size=SYNTHETIC_BATCH_SIZE if synthetic else training_plan.MAX_BATCH_SIZE,
-    )
-    args.per_device_train_batch_size, args.max_train_steps = plan.per_device_batch_size, plan.max_train_steps
+    recipe = options(RecipeOptions, args).resolved(synthetic, fine_tuning=bool(args.model_name_or_path))
+    plan = recipe.plan(num_images, num_processes, synthetic)
     given_warmup, steps = args.num_warmup_steps, plan.max_train_steps
     if given_warmup is not None and steps and given_warmup > 0.1 * steps:
         logger.warning(
             f"--num_warmup_steps {given_warmup} is more than 10% of the {steps} planned steps: "
             "the learning rate stays low for much of the run."
         )
+    vars(args).update(vars(recipe))
+    args.per_device_train_batch_size, args.max_train_steps = plan.per_device_batch_size, plan.max_train_steps
     args.num_warmup_steps = plan.warmup_steps
     return plan
 
@@ -532,18 +188,14 @@ def build_scheduler(optimizer, args, num_processes: int, plan: training_plan.Tra
     Returns:
         `(scheduler, budget)`: `budget` is the `LinearDecayToBudget` the loop reports the elapsed time to, or `None`.
     """
-    num_warmup_steps = plan.warmup_steps * num_processes
-    num_training_steps = plan.max_train_steps * num_processes if plan.max_train_steps is not None else None
     if args.lr_scheduler_type == "linear":
-        seconds = {"budget_seconds": plan.max_train_minutes, "warmup_seconds": plan.warmup_minutes}
-        seconds = {name: None if value is None else value * 60 for name, value in seconds.items()}
-        budget = training_setup.LinearDecayToBudget(num_warmup_steps, num_training_steps, **seconds)
+        budget = training_setup.LinearDecayToBudget.for_plan(plan, num_processes)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, budget), budget
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
+        num_warmup_steps=plan.warmup_steps * num_processes,
+        num_training_steps=plan.max_train_steps * num_processes,
     )
     return scheduler, None
 
@@ -587,7 +239,7 @@ def run_arguments(args, accelerator) -> dict:
 
 
 def run_evaluation(accelerator, model, processor, dataloader, args) -> dict:
-    generation_kwargs = {"do_sample": False} if args.eval_top_p is None else {"do_sample": True, "top_p": args.eval_top_p}
+    generation_kwargs = options(EvaluationOptions, args).generation_kwargs()
     model.eval()
     metrics = evaluate_model(
         accelerator.unwrap_model(model),
@@ -689,24 +341,18 @@ def train(args, interrupt: StopOnSignal) -> int:
 
     # Data: every process builds the same splits (the synthetic set is deterministic from the seed).
     with accelerator.main_process_first():
-        splits = load_detection_splits(args)
+        splits = load_detection_splits(options(DataOptions, args), seed=args.seed)
     train_dataset, eval_dataset, id2label = splits.train, splits.validation, splits.id2label
     logger.info(f"Train: {len(train_dataset)} images; validation: {len(eval_dataset) if eval_dataset else 0}; {id2label}")
 
     model, processor = build_model_and_processor(args, id2label)
     logger.info(f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     canvas = processor.image_processor.size["longest_edge"]
-    synthetic = not (args.dataset_name or args.coco_annotations)
-    if args.augmentation is None:
-        args.augmentation = "light" if synthetic else "finetune"
-    if synthetic and args.max_train_minutes is None and args.max_train_steps is None and args.num_train_epochs is None:
-        args.max_train_minutes = SYNTHETIC_MINUTES
-    if args.num_train_epochs is None and synthetic:
-        args.num_train_epochs = SYNTHETIC_EPOCHS
-    plan = plan_run(args, len(train_dataset), accelerator.num_processes, synthetic)
-    if args.eval_steps is None and synthetic:
-        args.eval_steps = 1000
-    args.learning_rate, args.encoder_lr_scale = learning_rates(args)
+    data = options(DataOptions, args)
+    args.augmentation = data.training_augmentation
+    plan = plan_run(args, len(train_dataset), accelerator.num_processes, data.synthetic)
+    if args.eval_steps is None and data.synthetic:
+        args.eval_steps = SYNTHETIC_EVAL_STEPS
     train_collator = Pix2SeqCollator(
         processor,
         transforms=build_train_transforms(args.augmentation, canvas),

@@ -1,13 +1,11 @@
 """Auxiliary supervision of Pix2Seq, read from the training sequence itself (no extra data plumbing).
 
-Pix2Seq learns from one signal, the next token, and from scratch it learns slowly where objects are. Two extra losses
-give that signal directly; detection uses neither, and reads the dense head only with `config.auxiliary_hints`:
+Pix2Seq learns from one signal, the next token, and from scratch it learns slowly where objects are. An extra loss
+gives that signal directly; detection does not use it:
 
 - `Pix2SeqAuxiliaryDenseHead` (one-to-many, as in Co-DETR / H-DETR, with FCOS's assignment): the cells of the encoder
   output near an object's centre and inside its box predict its class and the distances to its four sides, every other
   cell predicts background; two linear layers.
-- `cross_attention_guidance_loss`: a decoder layer's cross-attention, at the tokens of an object, is pulled onto the
-  cells the object covers.
 """
 
 from __future__ import annotations
@@ -165,45 +163,3 @@ class Pix2SeqAuxiliaryDenseHead(nn.Module):
             boxes = torch.cat([anchors - sides[:, :2], anchors + sides[:, 2:]], dim=-1)
             loss = loss + 2.0 * generalized_box_iou_loss(boxes, torch.cat(target), reduction="sum") / num_positive
         return loss
-
-
-def cross_attention_guidance_loss(
-    attentions: torch.Tensor, labels: torch.Tensor, config: Pix2SeqConfig, image_size: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """
-    Guides a decoder layer's cross-attention to the object being written: at the five target tokens of a real object,
-    the attention averaged over the heads should fall on the feature cells whose centres the object's box covers (the
-    cell holding its centre when it covers none). The loss is the cross-entropy of that averaged attention against the
-    uniform distribution over those cells, averaged over the guided tokens; heads stay free to look elsewhere as long
-    as their mean covers the object.
-
-    Args:
-        attentions (`torch.Tensor` of shape `(batch_size, heads, length, cells)`): cross-attention probabilities.
-        labels (`torch.LongTensor` of shape `(batch_size, length)`): the training targets of the decoder.
-        config (`Pix2SeqConfig`): the token layout.
-        image_size (`tuple[int, int]`, *optional*): pixel height and width, to find the grid's shape.
-
-    Returns:
-        `torch.Tensor`: the scalar loss (0 when the batch has no real object).
-    """
-    batch_size, _, length, cells = attentions.shape
-    grid_h, grid_w = feature_grid(cells, image_size)
-    boxes, _, real = object_groups(labels, config)
-    points = cell_centres(grid_h, grid_w, attentions.device)
-    boxes = boxes.to(attentions.device)
-    covered = (points[None, None] >= boxes[..., None, :2]) & (points[None, None] <= boxes[..., None, 2:])
-    covered = covered.all(-1)  # (batch, groups, cells)
-    centres = (boxes[..., :2] + boxes[..., 2:]) / 2
-    column = (centres[..., 0] * grid_w).long().clamp(0, grid_w - 1)
-    row = (centres[..., 1] * grid_h).long().clamp(0, grid_h - 1)
-    covered |= nn.functional.one_hot(row * grid_w + column, cells).bool()
-    target = covered.float() / covered.sum(-1, keepdim=True)
-    groups = target.shape[1]
-    # Every token of a group is guided to its object: (batch, groups * 5, cells), then the positions past the groups.
-    target = target.repeat_interleave(5, dim=1)
-    guided = real.to(attentions.device).repeat_interleave(5, dim=1)
-    if not bool(guided.any()):
-        return attentions.sum() * 0.0
-    mean_attention = attentions[:, :, : groups * 5].float().mean(1)
-    cross_entropy = -(target * (mean_attention + 1e-6).log()).sum(-1)
-    return cross_entropy[guided].mean()

@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass, fields
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.utils import logging
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.configuration_utils import SubConfigSpec
 
@@ -15,6 +16,12 @@ TOKENS_PER_OBJECT = 5
 DEFAULT_NUM_CLASSES = 80
 """Classes of a config given neither `num_classes` nor `id2label` (COCO's 80)."""
 
+
+logger = logging.get_logger(__name__)
+
+# Training options that were measured not to help and are no longer part of the model (see
+# examples/benchmarks/RESULTS.md): a saved config that still has them loads without them, with a warning when one was on.
+REMOVED_OPTIONS = ("auxiliary_hints", "cross_attention_loss_weight")
 
 def _as_list(value):
     """Tuples as lists, so that `(3,)` and `[3]` (a config after a JSON round trip) compare equal."""
@@ -120,17 +127,8 @@ class Pix2SeqConfig(PreTrainedConfig):
         auxiliary_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of an auxiliary dense loss on the encoder output during training (one-to-many, as FCOS): the
             feature cells near an object's centre and inside its box predict its class and the distances to its sides
-            (focal + GIoU loss), the others background. Its head is built only when the weight is positive and is
-            used for detection only with `auxiliary_hints`. 0: no head, no loss.
-        auxiliary_hints (`bool`, *optional*, defaults to `False`):
-            Add the auxiliary head's predictions at each feature cell (the box, as the sine-cosine code of its
-            coordinates, and the class probabilities, each through a linear projection) to the memory the decoder
-            attends to, in training and detection alike, so that the decoder can copy a box instead of working it out
-            from the features. Needs `auxiliary_loss_weight` > 0 (the head learns from that loss only).
-        cross_attention_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of a training loss that guides the last decoder layer's cross-attention: at the tokens of a real
-            object, the attention averaged over the heads should fall on the feature cells the object covers. Needs
-            eager attention (`attn_implementation="eager"`), which returns the attention probabilities. 0: no loss.
+            (focal + GIoU loss), the others background. Its head is built only when the weight is positive; detection
+            does not use it. 0: no head, no loss.
         coordinate_embedding_init (`str`, *optional*, defaults to `"normal"`):
             How the embeddings of the coordinate tokens (tied to the output projection) start: `"normal"` like every
             other token, or `"sincos"`, the 1D sine-cosine code of the bin's position (the encoder's position code of
@@ -203,11 +201,16 @@ class Pix2SeqConfig(PreTrainedConfig):
     eos_token_weight: float | int = 0.1
     coordinate_label_sigma: float | int = 0.0
     auxiliary_loss_weight: float | int = 0.0
-    auxiliary_hints: bool = False
-    cross_attention_loss_weight: float | int = 0.0
     coordinate_embedding_init: str = "normal"
 
     def __post_init__(self, **kwargs):
+        for name in REMOVED_OPTIONS:
+            value = kwargs.pop(name, None)
+            if value:
+                logger.warning(
+                    f"`{name}` is no longer a Pix2Seq training option (measured not to help); this config's "
+                    f"`{name}={value!r}` is ignored, and weights that only it used are not loaded."
+                )
         if self.encoder_stem not in ("backbone", "patch"):
             raise ValueError(f'`encoder_stem` must be "backbone" or "patch", got {self.encoder_stem!r}.')
         if self.stem_pool_padding not in ("symmetric", "same"):
@@ -355,15 +358,6 @@ class Pix2SeqConfig(PreTrainedConfig):
             raise ValueError(f"`coordinate_label_sigma` must be non-negative, got {self.coordinate_label_sigma}.")
         if not 0 <= self.auxiliary_loss_weight:
             raise ValueError(f"`auxiliary_loss_weight` must be non-negative, got {self.auxiliary_loss_weight}.")
-        if self.auxiliary_hints and not self.auxiliary_loss_weight > 0:
-            raise ValueError(
-                "`auxiliary_hints=True` adds the auxiliary head's predictions to the memory, but "
-                f"`auxiliary_loss_weight={self.auxiliary_loss_weight}` builds no head to train: set it above 0."
-            )
-        if not 0 <= self.cross_attention_loss_weight:
-            raise ValueError(
-                f"`cross_attention_loss_weight` must be non-negative, got {self.cross_attention_loss_weight}."
-            )
         if self.coordinate_embedding_init not in ("normal", "sincos"):
             raise ValueError(
                 f'`coordinate_embedding_init` must be "normal" or "sincos", got {self.coordinate_embedding_init!r}.'

@@ -32,7 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead, cell_centres, cross_attention_guidance_loss
+from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
 from .generation_pix2seq import DECODING_WEIGHTS, Pix2SeqGenerationMixin
@@ -536,41 +536,6 @@ class Pix2SeqBridge(nn.Module):
         return hidden_states + self.drop_path(self.mlp(self.mlp_layer_norm(hidden_states)))
 
 
-class Pix2SeqAuxiliaryHints(nn.Module):
-    """
-    `config.auxiliary_hints`: adds what the auxiliary dense head predicts at each feature cell to the decoder's memory,
-    so that the decoder can copy a box it attends to instead of working it out from the features. The predicted box
-    (absolute, clipped to the canvas, its coordinates in the sequence's order `y_min, x_min, y_max, x_max`) enters as
-    the sine-cosine code of each coordinate (the code the coordinate tokens start from with
-    `coordinate_embedding_init="sincos"`), the class scores as sigmoid probabilities; each through its own linear
-    projection. The predictions are detached: the head learns from its own loss only.
-    """
-
-    def __init__(self, config: Pix2SeqConfig):
-        super().__init__()
-        hidden_size = config.decoder_hidden_size
-        self.code_size = hidden_size // 2
-        self.box_projection = nn.Linear(4 * self.code_size, hidden_size)
-        # Sized per class: rebuilt when a model is fine-tuned onto a new label set.
-        self.class_projection = nn.Linear(config.num_classes, hidden_size, bias=False)
-
-    def forward(self, class_logits: torch.Tensor, distances: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """
-        Args:
-            class_logits (`torch.Tensor` of shape `(batch_size, height * width, num_classes)`),
-            distances (`torch.Tensor` of shape `(batch_size, height * width, 4)`): the dense head's outputs.
-            height, width (`int`): the feature grid.
-
-        Returns:
-            `torch.Tensor` of shape `(batch_size, height * width, decoder_hidden_size)`, to add to the memory.
-        """
-        points = cell_centres(height, width, distances.device)
-        boxes = torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1).detach().clamp(0, 1)
-        codes = sincos_code(boxes[..., [1, 0, 3, 2]], self.code_size).flatten(-2)
-        dtype = self.box_projection.weight.dtype
-        return self.box_projection(codes.to(dtype)) + self.class_projection(class_logits.detach().sigmoid().to(dtype))
-
-
 class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
     """
     Pre-LayerNorm Transformer decoder layer: causal self-attention, cross-attention to the encoded image and a
@@ -827,10 +792,8 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         self.layers = nn.ModuleList([Pix2SeqEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.encoder_hidden_size, eps=config.layer_norm_eps)
         self.bridge = Pix2SeqBridge(config)
-        # Training options beyond the paper: dense supervision of the memory (config.auxiliary_loss_weight), and its
-        # predictions added to the memory (config.auxiliary_hints).
+        # A training option beyond the paper: dense supervision of the memory (config.auxiliary_loss_weight).
         self.auxiliary_head = Pix2SeqAuxiliaryDenseHead(config) if config.auxiliary_loss_weight > 0 else None
-        self.auxiliary_hints = Pix2SeqAuxiliaryHints(config) if config.auxiliary_hints else None
         self.post_init()
 
     @capture_outputs(tie_last_hidden_states=False)
@@ -867,8 +830,6 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         auxiliary_logits = auxiliary_distances = None
         if self.auxiliary_head is not None:
             auxiliary_logits, auxiliary_distances = self.auxiliary_head(memory)
-            if self.auxiliary_hints is not None:
-                memory = memory + self.auxiliary_hints(auxiliary_logits, auxiliary_distances, height, width)
         return Pix2SeqEncoderOutput(
             last_hidden_state=memory, auxiliary_logits=auxiliary_logits, auxiliary_distances=auxiliary_distances
         )
@@ -1424,8 +1385,6 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             use_cache = False
             if decoder_input_ids is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
-            if self.config.cross_attention_loss_weight > 0:
-                kwargs["output_attentions"] = True  # the guidance loss reads the last layer's cross-attention
             if self.model.encoder.auxiliary_head is not None and encoder_outputs is None:
                 # The auxiliary loss reads the encoder's dense predictions, which the sequence output does not carry.
                 encoder_outputs = self.model.encoder(pixel_values, **{**kwargs, "return_dict": True})
@@ -1453,20 +1412,6 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
                 coord_token_offset=self.config.coord_token_offset,
                 num_bins=self.config.num_bins,
             )
-            if self.config.cross_attention_loss_weight > 0:
-                attentions = outputs.cross_attentions[-1] if outputs.cross_attentions else None
-                if attentions is None:
-                    raise ValueError(
-                        "`cross_attention_loss_weight` > 0 needs the attention probabilities, which only eager "
-                        f"attention returns (this model uses {self.config._attn_implementation!r}): call "
-                        "`model.set_attn_implementation('eager')` before training."
-                    )
-                loss = loss + self.config.cross_attention_loss_weight * cross_attention_guidance_loss(
-                    attentions,
-                    labels,
-                    self.config,
-                    image_size=None if pixel_values is None else tuple(pixel_values.shape[-2:]),
-                )
             auxiliary_head = self.model.encoder.auxiliary_head
             if auxiliary_head is not None:
                 if getattr(encoder_outputs, "auxiliary_logits", None) is None:

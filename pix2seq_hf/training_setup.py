@@ -5,6 +5,7 @@ build the same way: the model and processor of a run, and the optimizer's parame
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -16,41 +17,28 @@ from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import Pix2SeqForObjectDetection
 from .presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
 from .processing_pix2seq import Pix2SeqProcessor
+from .training_options import ModelOptions
 
 
 logger = logging.getLogger(__name__)
 
-# Learning-rate factor of the Transformer encoder when training from scratch: at the full rate the encoder drowns the
-# image in a growing image-independent component and the decoder learns only the sequence prior (docs/training.md).
-SCRATCH_ENCODER_LR_SCALE = 0.1
-# Learning rates when none is given: from scratch, and fine-tuning a saved model (the paper's fine-tuning rate).
-SCRATCH_LEARNING_RATE = 2e-3
-FINETUNE_LEARNING_RATE = 3e-5
 # Training-sequence, loss and initialisation options of a model trained from scratch, where none is given. Only what
 # measurably helps is on (docs/training.md).
 SCRATCH_RECIPE = {
     "object_order": "dist2ori",
     "coordinate_label_sigma": 1.0,
     "auxiliary_loss_weight": 1.0,
-    "auxiliary_hints": False,
-    "cross_attention_loss_weight": 0.0,
     "coordinate_embedding_init": "sincos",
 }
 # The config fields among them: a saved model keeps its own.
-TRAINING_CONFIG_OPTIONS = (
-    "coordinate_label_sigma",
-    "auxiliary_loss_weight",
-    "auxiliary_hints",
-    "cross_attention_loss_weight",
-    "coordinate_embedding_init",
-)
+TRAINING_CONFIG_OPTIONS = ("coordinate_label_sigma", "auxiliary_loss_weight", "coordinate_embedding_init")
 
 
 def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) -> None:
     """
     Points a saved model at a new label set: label `i` becomes class token `class_token_offset + i` (class tokens share
-    the vocabulary, so no weight changes shape; tokens of the old classes are simply reused). The auxiliary dense head
-    and the class projection of the auxiliary hints, if any, are sized per class and are rebuilt for the new classes.
+    the vocabulary, so no weight changes shape; tokens of the old classes are simply reused). The auxiliary dense head,
+    if any, is sized per class and is rebuilt for the new classes.
 
     Raises:
         `ValueError` when the new classes do not fit between the class and coordinate token ranges.
@@ -70,68 +58,45 @@ def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) ->
     if encoder.auxiliary_head is not None:
         encoder.auxiliary_head = type(encoder.auxiliary_head)(config)
         encoder.auxiliary_head.apply(model._init_weights)
-    if encoder.auxiliary_hints is not None:
-        # Only the class projection is sized per class: the box projection keeps what it learned.
-        encoder.auxiliary_hints.class_projection = type(encoder.auxiliary_hints)(config).class_projection
-        encoder.auxiliary_hints.class_projection.apply(model._init_weights)
     model._box_codec = None
     tokens = ", ".join(f"{name} -> {config.class_token_offset + label}" for label, name in sorted(id2label.items()))
     logger.info(f"Fine-tuning onto a new label set (the model was trained on {old}); class tokens: {tokens}.")
 
 
 def build_model_and_processor(
-    id2label: dict[int, str],
-    model_name_or_path: str | None = None,
-    config_preset: str = "tiny",
-    pretrained_backbone: bool = False,
-    backbone_checkpoint: str | os.PathLike | None = None,
-    image_size: int | None = None,
-    max_objects: int | None = None,
-    num_bins: int | None = None,
-    object_order: str | None = None,
-    sequence_augmentation: bool = True,
-    coordinate_label_sigma: float | None = None,
-    auxiliary_loss_weight: float | None = None,
-    auxiliary_hints: bool | None = None,
-    cross_attention_loss_weight: float | None = None,
-    coordinate_embedding_init: str | None = None,
-    config_overrides: dict | None = None,
+    id2label: dict[int, str], options: ModelOptions | None = None, **overrides
 ) -> tuple[Pix2SeqForObjectDetection, Pix2SeqProcessor]:
     """
     The model of a training run and a processor whose token layout matches it.
 
     Args:
         id2label (`dict[int, str]`): the classes of the data (contiguous labels).
-        model_name_or_path (`str`, *optional*): a saved Pix2Seq model to fine-tune (moved onto `id2label` when its
-            classes differ, see `relabel_model`); otherwise a new model of `config_preset`.
-        config_preset (`str`, *optional*, defaults to `"tiny"`): a name of `presets.PRESETS`.
-        pretrained_backbone (`bool`, *optional*): start a new model from ImageNet timm weights (needs the Hub).
-        backbone_checkpoint (`str` or `os.PathLike`, *optional*): start a new model's timm backbone from this local
-            file instead (a `timm.create_model(...).state_dict()` saved with safetensors or `torch.save`, e.g. a timm
-            model's `model.safetensors`), loaded through timm's `pretrained_cfg_overlay=dict(file=...)`.
-        image_size (`int`, *optional*): the canvas (default: the preset's, or the saved processor's).
-        max_objects / num_bins (`int`, *optional*): override the preset's (vocabulary and positions grow to fit).
-        object_order (`str`, *optional*): order of objects in training sequences (default: the saved processor's, or
-            `SCRATCH_RECIPE`'s from scratch).
-        sequence_augmentation (`bool`, *optional*, defaults to `True`): noise objects in training sequences.
-        coordinate_label_sigma / auxiliary_loss_weight / cross_attention_loss_weight (`float`), auxiliary_hints
-        (`bool`), coordinate_embedding_init (`str`), *optional*:
-            training options of the config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch, where
-            `auxiliary_hints` is on only with an auxiliary head); a saved model refuses other values. With a
-            cross-attention loss the model runs eager attention.
-        config_overrides (`dict`, *optional*): other config fields of a new model (e.g. `{"decoder_layers": 4}`),
-            applied last; refused when fine-tuning (a saved model keeps its architecture).
+        options (`ModelOptions`, *optional*): the model to build (defaults: `ModelOptions()`, a new `tiny` model):
+            - `model_name_or_path`: a saved Pix2Seq model to fine-tune (moved onto `id2label` when its classes differ,
+              see `relabel_model`); otherwise a new model of `config_preset` (a name of `presets.PRESETS`), from
+              ImageNet timm weights with `pretrained_backbone`, or from the local timm weights `backbone_checkpoint`
+              (a `timm.create_model(...).state_dict()` saved with safetensors or `torch.save`, loaded through timm's
+              `pretrained_cfg_overlay=dict(file=...)`);
+            - `image_size` (the canvas), `max_objects`, `num_bins`: override the preset's or the saved processor's
+              (vocabulary and positions grow to fit);
+            - `object_order`, `no_sequence_augmentation`: the training sequences (default: the saved processor's, or
+              `SCRATCH_RECIPE`'s from scratch);
+            - `coordinate_label_sigma`, `auxiliary_loss_weight`, `coordinate_embedding_init`: training options of the
+              config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch); a saved model refuses other
+              values;
+            - `config_overrides`: other config fields of a new model (e.g. `{"decoder_layers": 4}`), applied last;
+              refused when fine-tuning (a saved model keeps its architecture).
+        **overrides: fields of `options` by keyword, taking precedence.
 
     Returns:
         `(Pix2SeqForObjectDetection, Pix2SeqProcessor)`.
     """
-    options = {
-        "coordinate_label_sigma": coordinate_label_sigma,
-        "auxiliary_loss_weight": auxiliary_loss_weight,
-        "auxiliary_hints": auxiliary_hints,
-        "cross_attention_loss_weight": cross_attention_loss_weight,
-        "coordinate_embedding_init": coordinate_embedding_init,
-    }
+    options = dataclasses.replace(options or ModelOptions(), **overrides)
+    model_name_or_path, config_overrides = options.model_name_or_path, options.config_overrides
+    backbone_checkpoint, config_preset = options.backbone_checkpoint, options.config_preset
+    image_size, max_objects, num_bins = options.image_size, options.max_objects, options.num_bins
+    object_order, sequence_augmentation = options.object_order, not options.no_sequence_augmentation
+    config_options = {name: getattr(options, name) for name in TRAINING_CONFIG_OPTIONS}
     if model_name_or_path:
         if config_overrides:
             raise ValueError(
@@ -144,10 +109,10 @@ def build_model_and_processor(
             )
         model = Pix2SeqForObjectDetection.from_pretrained(model_name_or_path)
         saved = Pix2SeqProcessor.from_pretrained(model_name_or_path)
-        for name, value in options.items():
+        for name, value in config_options.items():
             if value is not None and value != getattr(model.config, name):
                 raise ValueError(
-                    f"--{name} {value} differs from the saved model's {getattr(model.config, name)}; fine-tuning keeps "
+                    f"{name} {value} differs from the saved model's {getattr(model.config, name)}; fine-tuning keeps "
                     "the saved model's training options."
                 )
         if dict(model.config.id2label) != dict(id2label):
@@ -162,7 +127,7 @@ def build_model_and_processor(
             codec_options["sequence_augmentation"] = False
         processor = Pix2SeqProcessor.from_config(model.config, image_processor=image_processor, **codec_options)
     else:
-        overrides = {"id2label": id2label, "use_pretrained_backbone": pretrained_backbone}
+        overrides = {"id2label": id2label, "use_pretrained_backbone": options.pretrained_backbone}
         if max_objects:
             overrides["max_objects"] = max_objects
             overrides["max_position_embeddings"] = max(
@@ -171,10 +136,8 @@ def build_model_and_processor(
         if num_bins:
             overrides["num_bins"] = num_bins
             overrides["vocab_size"] = max(Pix2SeqConfig.vocab_size, Pix2SeqConfig.coord_token_offset + num_bins)
-        for name, value in options.items():
+        for name, value in config_options.items():
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
-        if auxiliary_hints is None and not overrides["auxiliary_loss_weight"] > 0:
-            overrides["auxiliary_hints"] = False  # the hints come from the auxiliary head: none without it
         overrides.update(config_overrides or {})
         if backbone_checkpoint:
             overrides.update(_local_backbone_weights(backbone_checkpoint, config_preset, overrides))
@@ -197,8 +160,6 @@ def build_model_and_processor(
         f"Object order {processor.object_order}, sequence augmentation {processor.sequence_augmentation}, "
         + ", ".join(f"{name} {getattr(model.config, name)}" for name in TRAINING_CONFIG_OPTIONS)
     )
-    if model.config.cross_attention_loss_weight > 0:
-        model.set_attn_implementation("eager")  # the guidance loss reads the attention probabilities
     processor.check_model_compatible(model)
     return model, processor
 
@@ -218,16 +179,6 @@ def _local_backbone_weights(path: str | os.PathLike, config_preset: str, overrid
     model_kwargs = overrides.get("backbone_model_kwargs", PRESETS[config_preset]["config"].get("backbone_model_kwargs"))
     model_kwargs = {**(model_kwargs or {}), "pretrained_cfg_overlay": {"file": path}}
     return {"backbone_model_kwargs": model_kwargs, "use_pretrained_backbone": True}
-
-
-def default_learning_rate(model_name_or_path: str | None) -> float:
-    """The learning rate when none is given: `FINETUNE_LEARNING_RATE` to fine-tune, `SCRATCH_LEARNING_RATE` from scratch."""
-    return FINETUNE_LEARNING_RATE if model_name_or_path else SCRATCH_LEARNING_RATE
-
-
-def default_encoder_lr_scale(model_name_or_path: str | None) -> float:
-    """The encoder's learning-rate factor when none is given: 1 to fine-tune, `SCRATCH_ENCODER_LR_SCALE` from scratch."""
-    return 1.0 if model_name_or_path else SCRATCH_ENCODER_LR_SCALE
 
 
 def default_mixed_precision(on_cpu: bool) -> str:
@@ -273,7 +224,7 @@ def optimizer_param_groups(
     """
     Parameter groups for AdamW: weight decay on weight matrices and kernels only (not on biases, norms or position
     embeddings), `learning_rate` everywhere except the Transformer encoder (the parameters of `model.model.encoder`
-    outside its backbone and its auxiliary head and hints), which learns at `learning_rate * encoder_lr_scale`.
+    outside its backbone and its auxiliary head), which learns at `learning_rate * encoder_lr_scale`.
 
     Returns:
         `list[dict]` with `params`, `weight_decay` and `lr` per group (trainable parameters only).
@@ -284,7 +235,7 @@ def optimizer_param_groups(
             continue
         decay = not (parameter.ndim < 2 or "norm" in name.lower() or "position" in name.lower())
         encoder = name.startswith("model.encoder.") and not name.startswith(
-            ("model.encoder.backbone.", "model.encoder.auxiliary_head.", "model.encoder.auxiliary_hints.")
+            ("model.encoder.backbone.", "model.encoder.auxiliary_head.")
         )
         groups.setdefault((decay, encoder), []).append(parameter)
     return [
@@ -347,6 +298,21 @@ class LinearDecayToBudget:
         self.elapsed_seconds = 0.0
         self.warmup_ended_at: int | None = None
 
+    @classmethod
+    def for_plan(cls, plan, steps_per_update: int = 1) -> LinearDecayToBudget:
+        """
+        The schedule of a planned run (`training_plan.TrainingPlan`): its warm-up and step budget, and its minutes.
+
+        Args:
+            plan (`TrainingPlan`): the run's plan.
+            steps_per_update (`int`, *optional*, defaults to 1): scheduler steps per optimizer update (Accelerate
+                steps a prepared scheduler once per process).
+        """
+        seconds = {"budget_seconds": plan.max_train_minutes, "warmup_seconds": plan.warmup_minutes}
+        seconds = {name: None if value is None else value * 60 for name, value in seconds.items()}
+        steps = None if plan.max_train_steps is None else plan.max_train_steps * steps_per_update
+        return cls(plan.warmup_steps * steps_per_update, steps, **seconds)
+
     def set_elapsed(self, seconds: float) -> None:
         """Records the wall time spent so far (the whole run, resumed parts included)."""
         self.elapsed_seconds = float(seconds)
@@ -373,15 +339,10 @@ class LinearDecayToBudget:
 
 
 __all__ = [
-    "FINETUNE_LEARNING_RATE",
     "LinearDecayToBudget",
-    "SCRATCH_ENCODER_LR_SCALE",
-    "SCRATCH_LEARNING_RATE",
     "SCRATCH_RECIPE",
     "TRAINING_CONFIG_OPTIONS",
     "build_model_and_processor",
-    "default_encoder_lr_scale",
-    "default_learning_rate",
     "default_mixed_precision",
     "optimizer_param_groups",
     "relabel_model",

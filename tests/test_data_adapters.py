@@ -15,6 +15,7 @@ from pix2seq_hf.data.coco_json import load_coco_detection
 from pix2seq_hf.data.hf_datasets import prepare_detection_dataset
 from pix2seq_hf.data.schema import get_id2label
 from pix2seq_hf.data.splits import load_detection_splits
+from pix2seq_hf.training_options import DataOptions
 
 
 W, H = 64, 48
@@ -438,14 +439,14 @@ def test_load_detection_splits_from_saved_hf_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['train', 'test'\]"):
         load_detection_splits(dataset_name=str(tmp_path / "cppe5"))
     splits = load_detection_splits(
-        {"dataset_name": str(tmp_path / "cppe5"), "validation_split": "test", "unrelated": 1}, max_train_samples=3
+        DataOptions(dataset_name=str(tmp_path / "cppe5"), validation_split="test"), max_train_samples=3
     )
     assert len(splits.train) == 3 and len(splits.validation) == 2
     assert splits.id2label == {0: "coverall", 1: "mask", 2: "gloves"}
     assert splits.validation[0]["objects"]["category"] == [0, 2]
     none = load_detection_splits(dataset_name=str(tmp_path / "cppe5"), validation_split="none")
     assert none.validation is None
-    with pytest.raises(TypeError, match="Unknown options"):
+    with pytest.raises(TypeError, match="Unknown data options"):
         load_detection_splits(dataset="x")
 
 

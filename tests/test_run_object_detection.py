@@ -143,3 +143,18 @@ def test_without_warmup_steps_the_trainer_takes_the_planned_warmup(script, tmp_p
     rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
     peak = max(rates.values())
     assert rates[1] < peak and min(step for step, rate in rates.items() if rate == peak) <= 4
+
+
+def test_max_train_minutes_ends_the_trainer_run_and_its_linear_decay(script, tmp_path):
+    """As in examples/train.py: the run stops after the step in which the minutes ran out, the rate decayed to 0."""
+    argv = [
+        "--synthetic_train_size", "8", "--validation_split", "none", "--image_size", "64",
+        "--per_device_train_batch_size", "4", "--max_train_steps", "50", "--max_train_minutes", "0.0001",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "3",
+        "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert script.main(argv) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert rates == [0.0]

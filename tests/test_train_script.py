@@ -97,7 +97,7 @@ def test_optimizer_slows_the_transformer_encoder_only(train_module):
     from pix2seq_hf import Pix2SeqForObjectDetection
     from helpers import tiny_config
 
-    model = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0, auxiliary_hints=True))
+    model = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0))
     args = argparse.Namespace(
         learning_rate=1e-3, encoder_lr_scale=0.1, weight_decay=0.05, adam_beta1=0.9, adam_beta2=0.95
     )
@@ -116,9 +116,8 @@ def test_optimizer_slows_the_transformer_encoder_only(train_module):
     assert setting[id(named[backbone_conv])] == (1e-3, 0.05)
     assert setting[id(named["model.decoder.layers.0.encoder_attn.k_proj.weight"])] == (1e-3, 0.05)
     assert setting[id(named["model.decoder.layers.0.encoder_attn.k_proj.bias"])] == (1e-3, 0.0)
-    # The auxiliary head and hints sit in the encoder but learn at the full rate.
+    # The auxiliary head sits in the encoder but learns at the full rate.
     assert setting[id(named["model.encoder.auxiliary_head.box_head.weight"])] == (1e-3, 0.05)
-    assert setting[id(named["model.encoder.auxiliary_hints.box_projection.weight"])] == (1e-3, 0.05)
 
 
 def test_detect_script_writes_json_and_pictures(trained, tmp_path):

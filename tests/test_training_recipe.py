@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TINY_LAYOUT, load_example, tiny_config
 
-from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 from pix2seq_hf.auxiliary_dense_head import feature_grid, objects_from_labels
 from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
 
@@ -178,79 +178,24 @@ def test_auxiliary_head_trains_the_encoder_and_stays_out_of_detection(tmp_path):
     )
 
 
-def test_auxiliary_hints_feed_the_heads_detached_predictions_to_the_decoder(tmp_path):
-    torch.manual_seed(0)
-    with pytest.raises(ValueError, match="auxiliary_loss_weight=0.0` builds no head"):
-        tiny_config(auxiliary_hints=True)
-    hinted = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0, auxiliary_hints=True))
-    plain = Pix2SeqForObjectDetection(tiny_config(auxiliary_loss_weight=1.0))
-    plain.load_state_dict({k: v for k, v in hinted.state_dict().items() if k in plain.state_dict()})
-    hinted.eval(), plain.eval()
-    pixel_values = torch.rand(2, 3, 64, 64)
-
-    # The memory is the plain one plus the hints, computed from the head's outputs.
-    encoder = hinted.model.encoder
-    outputs = encoder(pixel_values)
-    grid = feature_grid(outputs.last_hidden_state.shape[1])
-    hints = encoder.auxiliary_hints(outputs.auxiliary_logits, outputs.auxiliary_distances, *grid)
-    torch.testing.assert_close(outputs.last_hidden_state, plain.model.encoder(pixel_values).last_hidden_state + hints)
-    # A hint is the code of the box and of the class scores: another box at a cell gives another memory there.
-    moved = encoder.auxiliary_hints(outputs.auxiliary_logits, outputs.auxiliary_distances + 0.1, *grid)
-    assert not torch.allclose(moved, hints)
-
-    # The decoder's loss trains the hint projections, never the head (its own loss does).
-    decoder_input_ids = torch.full((2, 6), TINY_LAYOUT["bos_token_id"])
-    hinted(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits.logsumexp(-1).sum().backward()
-    assert encoder.auxiliary_hints.box_projection.weight.grad.abs().sum() > 0
-    assert encoder.auxiliary_head.box_head.weight.grad is None
-
-    # Detection reads the hints, and a saved model detects the same.
-    kwargs = {"do_sample": False, "max_new_tokens": 10, "output_logits": True, "return_dict_in_generate": True}
-    assert not torch.allclose(hinted.generate(pixel_values, **kwargs).logits[0], plain.generate(pixel_values, **kwargs).logits[0])
-    hinted.save_pretrained(tmp_path)
-    reloaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(
-        reloaded.generate(pixel_values, **kwargs).logits[0], hinted.generate(pixel_values, **kwargs).logits[0]
+def test_a_config_saved_with_removed_research_options_loads_without_them(tmp_path, caplog):
+    """`auxiliary_hints` and `cross_attention_loss_weight` are no longer options: a saved config that has them loads,
+    with a warning when one was on, and the model is the one without them."""
+    config = tiny_config(auxiliary_loss_weight=1.0)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(
+        json.dumps({**saved, "auxiliary_hints": True, "cross_attention_loss_weight": 0.0})
     )
-
-
-# ----- cross-attention guidance --------------------------------------------------------------------------------------
-
-
-def test_cross_attention_guidance_rewards_attention_on_the_object():
-    from pix2seq_hf.auxiliary_dense_head import cross_attention_guidance_loss
-
-    config = tiny_config()
-    # One object covering the top-left quarter of a 4x4 grid (cells 0, 1, 4, 5), then a noise object.
-    labels = torch.tensor([_sequence([((0.0, 0.0, 0.5, 0.5), 2)], noise=1)])
-    on_object = torch.zeros(1, 2, 10, 16)
-    on_object[..., [0, 1, 4, 5]] = 0.25
-    elsewhere = torch.zeros(1, 2, 10, 16)
-    elsewhere[..., 15] = 1.0
-    uniform = torch.full((1, 2, 10, 16), 1 / 16)
-    losses = [float(cross_attention_guidance_loss(a, labels, config)) for a in (on_object, uniform, elsewhere)]
-    assert losses[0] == pytest.approx(math.log(4), abs=1e-4) and losses[0] < losses[1] < losses[2]
-    # Only the real object's five tokens are guided: attention at the noise object's tokens does not count.
-    noisy = on_object.clone()
-    noisy[:, :, 5:] = elsewhere[:, :, 5:]
-    assert float(cross_attention_guidance_loss(noisy, labels, config)) == pytest.approx(losses[0], abs=1e-4)
-
-
-def test_cross_attention_guidance_needs_eager_attention_and_trains_the_decoder():
-    torch.manual_seed(0)
-    model = Pix2SeqForObjectDetection(tiny_config(cross_attention_loss_weight=1.0))
-    pixel_values = torch.rand(2, 3, 64, 64)
-    labels = torch.tensor([_sequence([((0.1, 0.2, 0.5, 0.6), 3)], noise=1), _sequence([((0.6, 0.6, 0.9, 0.9), 1)], noise=1)])
-    model.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="eager"):
-        model(pixel_values=pixel_values, labels=labels)
-    model.set_attn_implementation("eager")
-    guided = model(pixel_values=pixel_values, labels=labels).loss
-    model.config.cross_attention_loss_weight = 0.0
-    plain = model(pixel_values=pixel_values, labels=labels).loss
-    assert guided.item() > plain.item()
-    guided.backward()
-    assert model.model.decoder.layers[-1].encoder_attn.q_proj.weight.grad.abs().sum() > 0
+    with caplog.at_level("WARNING"):
+        loaded = Pix2SeqConfig.from_pretrained(tmp_path)
+    assert "`auxiliary_hints` is no longer a Pix2Seq training option" in caplog.text
+    assert "cross_attention_loss_weight" not in caplog.text  # it was off: nothing to say
+    for name in ("auxiliary_hints", "cross_attention_loss_weight"):
+        assert not hasattr(loaded, name) and name not in loaded.to_dict()
+    model = Pix2SeqForObjectDetection(loaded)
+    assert not hasattr(model.model.encoder, "auxiliary_hints")
+    assert model.model.encoder.auxiliary_head is not None
 
 
 # ----- learning test -------------------------------------------------------------------------------------------------
@@ -369,8 +314,7 @@ def test_a_saved_model_fine_tunes_onto_a_new_label_set(tmp_path, caplog):
     train = load_example("train")
     pretrained = tmp_path / "pretrained"
     synthetic = ["--synthetic_train_size", "8", "--synthetic_validation_size", "4"]
-    # With auxiliary hints, whose class projection is sized per class too.
-    assert train.main(TINY_RUN + synthetic + ["--auxiliary_hints", "--output_dir", str(pretrained)]) == 0
+    assert train.main(TINY_RUN + synthetic + ["--output_dir", str(pretrained)]) == 0
 
     names = ["dot", "block", "peak"]
     other = {
@@ -398,10 +342,9 @@ def test_a_saved_model_fine_tunes_onto_a_new_label_set(tmp_path, caplog):
     # The fine-tuned weights started from the pretrained ones (same shapes, changed by training).
     before = Pix2SeqForObjectDetection.from_pretrained(pretrained).state_dict()
     after = model.state_dict()
-    # Only the parts sized per class (auxiliary head, class projection of the hints) were rebuilt.
-    rebuilt = ("model.encoder.auxiliary_head.", "model.encoder.auxiliary_hints.class_projection.")
+    # Only the part sized per class (the auxiliary head) was rebuilt.
+    rebuilt = ("model.encoder.auxiliary_head.",)
     assert all(before[name].shape == after[name].shape for name in before if not name.startswith(rebuilt))
-    assert model.config.auxiliary_hints
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
@@ -427,7 +370,7 @@ def test_dense_synthetic_variant_has_many_small_objects_on_a_large_canvas():
         assert 20 <= len(example["objects"]["bbox"]) <= 60
         # sides of at most 10 % of the image, stretched by an aspect ratio of up to 1.25
         assert max(max(w, h) for _, _, w, h in example["objects"]["bbox"]) <= 0.1 * 384 * 1.25**0.5 + 1
-    with pytest.raises(ValueError, match="Unknown synthetic_variant 'sparse'"):
+    with pytest.raises(ValueError, match=r"synthetic_variant must be one of \['dense', 'shapes'\], got 'sparse'"):
         load_detection_splits(synthetic_variant="sparse", synthetic_train_size=1, validation_split="none")
 
 

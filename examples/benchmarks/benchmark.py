@@ -816,7 +816,7 @@ def early_stop_effect(args, device) -> dict:
         dataset = splits.train
     else:
         splits = load_detection_splits(
-            synthetic_train_size=1, synthetic_validation_size=args.early_stop_images, seed=args.early_stop_seed
+            synthetic_validation_size=args.early_stop_images, seed=args.early_stop_seed, train=False
         )
         dataset = splits.validation
     collator = Pix2SeqCollator(processor, training=False, return_sequences=False)

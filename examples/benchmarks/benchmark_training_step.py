@@ -44,6 +44,7 @@ from pix2seq_hf.data import (  # noqa: E402
     load_detection_splits,
     undecoded_images,
 )
+from pix2seq_hf.training_options import DataOptions, RecipeOptions  # noqa: E402
 
 
 # name: (fused AdamW, channels-last, bf16 autocast, eager attention)
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(0)
-    splits = load_detection_splits(train_args)
+    splits = load_detection_splits(pix2seq_train.options(DataOptions, train_args), seed=train_args.seed)
     base_model, processor = pix2seq_train.build_model_and_processor(train_args, splits.id2label)
     canvas = processor.image_processor.size["longest_edge"]
     transforms = build_train_transforms(train_args.augmentation or "light", canvas)
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
     count = args.warmup_steps + args.steps
     indices = [[(b * args.batch_size + i) % len(images) for i in range(args.batch_size)] for b in range(count)]
     batches = [collator([images[i] for i in batch]) for batch in indices]
-    learning_rate, encoder_lr_scale = pix2seq_train.learning_rates(train_args)
+    recipe = pix2seq_train.options(RecipeOptions, train_args).resolved(True, bool(train_args.model_name_or_path))
+    learning_rate, encoder_lr_scale = recipe.learning_rate, recipe.encoder_lr_scale
     trainers = {
         name: build_trainer(base_model, settings, train_args, learning_rate, encoder_lr_scale)
         for name, settings in CONFIGURATIONS.items()

@@ -46,6 +46,7 @@ from pix2seq_hf.data import (  # noqa: E402
     undecoded_images,
 )
 from pix2seq_hf.evaluation import CocoDetectionEvaluator, evaluate_model  # noqa: E402
+from pix2seq_hf.training_options import DataOptions, RecipeOptions  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -133,11 +134,12 @@ def main(argv=None) -> int:
     own, args = parse_args(argv)
     torch.set_num_threads(args.num_threads or torch.get_num_threads())
     torch.manual_seed(args.seed)
-    splits = load_detection_splits(args)
+    splits = load_detection_splits(pix2seq_train.options(DataOptions, args), seed=args.seed)
     model, processor = pix2seq_train.build_model_and_processor(args, splits.id2label)
     args.augmentation = args.augmentation or "light"
     args.per_device_train_batch_size = args.per_device_train_batch_size or 8
-    learning_rate, encoder_lr_scale = pix2seq_train.learning_rates(args)
+    recipe = pix2seq_train.options(RecipeOptions, args).resolved(True, bool(args.model_name_or_path))
+    learning_rate, encoder_lr_scale = recipe.learning_rate, recipe.encoder_lr_scale
 
     canvas = processor.image_processor.size["longest_edge"]
     collator = Pix2SeqCollator(

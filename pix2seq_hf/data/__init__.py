@@ -10,7 +10,7 @@ from .hf_datasets import prepare_detection_dataset
 from .images import ImageReadError, decode_image, undecoded_images
 from .real_images import build_coins_dataset
 from .schema import AnnotationStats, DetectionSplit, detection_features, get_id2label
-from .splits import SPLIT_OPTIONS, DetectionSplits, load_detection_splits
+from .splits import DetectionSplits, load_detection_splits
 from .synthetic import SHAPE_NAMES, SYNTHETIC_VARIANTS, load_synthetic_detection, make_synthetic_detection_dataset
 from .transforms import (
     AUGMENTATION_PRESETS,
@@ -25,7 +25,6 @@ __all__ = [
     "AUGMENTATION_PRESETS",
     "SHAPE_NAMES",
     "SYNTHETIC_VARIANTS",
-    "SPLIT_OPTIONS",
     "AnnotationStats",
     "AugmentationConfig",
     "BBoxFormatEvidence",

@@ -137,7 +137,7 @@ class Pix2SeqCollator:
                 logger.warning(f"{error} Skipped (on_bad_image='skip').")
                 return None
             raise ImageReadError(
-                f"{error} Skip such images with on_bad_image='skip' (examples/train.py: --on_bad_image skip), or find "
+                f"{error} Skip such images with on_bad_image='skip', or find "
                 "them all before training with check_images='decode'.",
                 missing=error.missing,
             ) from None

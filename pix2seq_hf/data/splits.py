@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import datasets
 
+from .. import training_options
 from .coco_json import load_coco_detection
 from .hf_datasets import prepare_detection_dataset
 from .schema import AnnotationStats, DetectionSplit, get_id2label
@@ -18,40 +18,14 @@ from .synthetic import SYNTHETIC_VARIANTS, make_synthetic_detection_dataset
 
 logger = logging.getLogger(__name__)
 
-# Options of `load_detection_splits` and their defaults (the names of `examples/train.py`'s arguments).
-SPLIT_OPTIONS: dict[str, object] = {
-    "dataset_name": None,
-    "dataset_config": None,
-    "train_split": "train",
-    "validation_split": "validation",
-    "bbox_format": "auto",
-    "coco_annotations": None,
-    "coco_images": None,
-    "validation_coco_annotations": None,
-    "validation_coco_images": None,
-    "synthetic_train_size": 4000,
-    "synthetic_validation_size": 200,
-    "synthetic_variant": "shapes",
-    "synthetic_image_size": None,
-    "synthetic_num_classes": 5,
-    "synthetic_min_objects": None,
-    "synthetic_max_objects": None,
-    "max_train_samples": None,
-    "max_eval_samples": None,
-    "check_images": None,
-    "on_bad_image": "error",
-    "annotation_cache_dir": None,
-    "seed": 42,
-}
-
-
 @dataclass
 class DetectionSplits:
     """
     The splits of a run, sharing one label map.
 
     Attributes:
-        train (`datasets.Dataset`): training examples in the common format (see `schema.py`).
+        train (`datasets.Dataset` or `None`): training examples in the common format (see `schema.py`); `None` when
+            only the validation split was loaded.
         validation (`datasets.Dataset` or `None`): evaluation examples, `None` when there is no validation split.
         id2label (`dict[int, str]`): contiguous label -> class name (for `Pix2SeqConfig(id2label=...)`).
         label2category_id (`dict[int, int]`): contiguous label -> the data's own category id.
@@ -59,24 +33,12 @@ class DetectionSplits:
         source (`str`): where the data came from, for logs.
     """
 
-    train: datasets.Dataset
+    train: datasets.Dataset | None
     validation: datasets.Dataset | None
     id2label: dict[int, str]
     label2category_id: dict[int, int]
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     source: str = ""
-
-
-def _options(args: argparse.Namespace | Mapping | None, overrides: dict) -> dict:
-    unknown = sorted(set(overrides) - set(SPLIT_OPTIONS))
-    if unknown:
-        raise TypeError(f"Unknown options {unknown}; known ones are {sorted(SPLIT_OPTIONS)}.")
-    options = dict(SPLIT_OPTIONS)
-    if args is not None:
-        values = args if isinstance(args, Mapping) else vars(args)
-        options.update({name: values[name] for name in SPLIT_OPTIONS if name in values})
-    options.update(overrides)
-    return options
 
 
 def _head(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -96,32 +58,35 @@ def _pick_split(data, split: str, name: str) -> datasets.Dataset:
     if isinstance(data, datasets.Dataset):
         if split == "train":
             return data
-        raise ValueError(f"{name} holds a single split; it has no split {split!r}. Pass --validation_split none.")
+        raise ValueError(f"{name} holds a single split; it has no split {split!r}. Set validation_split to 'none'.")
     if split not in data:
         raise ValueError(
-            f"{name} has no split {split!r}; its splits are {list(data)}. Choose one with --train_split / "
-            "--validation_split (or --validation_split none)."
+            f"{name} has no split {split!r}; its splits are {list(data)}. Choose one with train_split / "
+            "validation_split (or validation_split 'none')."
         )
     return data[split]
 
 
-def _synthetic_split(size: int, options: dict, split: str) -> DetectionSplit:
-    variant = options["synthetic_variant"]
-    if variant not in SYNTHETIC_VARIANTS:
-        raise ValueError(f"Unknown synthetic_variant {variant!r}; choose one of {sorted(SYNTHETIC_VARIANTS)}.")
-    settings = dict(SYNTHETIC_VARIANTS[variant])
+def _synthetic_split(size: int, options: training_options.DataOptions, seed: int, split: str) -> DetectionSplit:
+    settings = dict(SYNTHETIC_VARIANTS[options.synthetic_variant])
     for name in ("image_size", "min_objects", "max_objects"):
-        if options[f"synthetic_{name}"] is not None:
-            settings[name] = options[f"synthetic_{name}"]
+        if getattr(options, f"synthetic_{name}") is not None:
+            settings[name] = getattr(options, f"synthetic_{name}")
     dataset = make_synthetic_detection_dataset(
-        size, seed=options["seed"], num_classes=options["synthetic_num_classes"], split=split, **settings
+        size, seed=seed, num_classes=options.synthetic_num_classes, split=split, **settings
     )
     id2label = get_id2label(dataset)
     stats = AnnotationStats(images=len(dataset), objects=sum(len(o["bbox"]) for o in dataset["objects"]))
     return DetectionSplit(dataset, id2label, {label: label for label in id2label}, stats, split)
 
 
-def load_detection_splits(args: argparse.Namespace | Mapping | None = None, **overrides) -> DetectionSplits:
+def load_detection_splits(
+    options: training_options.DataOptions | None = None,
+    *,
+    seed: int | None = None,
+    train: bool = True,
+    **overrides,
+) -> DetectionSplits:
     """
     Loads the training and validation splits from one source:
 
@@ -138,65 +103,77 @@ def load_detection_splits(args: argparse.Namespace | Mapping | None = None, **ov
     is an error). `validation_split="none"` (or no validation json) gives no validation split.
 
     Args:
-        args (`argparse.Namespace` or `Mapping`, *optional*): options by name (e.g. `examples/train.py`'s parsed
-            arguments); names that are not options are ignored.
-        **overrides: options by keyword, taking precedence over `args`. The options and their defaults are
-            `SPLIT_OPTIONS`; besides the sources: `bbox_format` ("auto"), `max_train_samples` / `max_eval_samples`
-            (keep the first N examples), `check_images` (default "exists" for COCO json, "none" otherwise),
-            `on_bad_image` ("error" or "skip") and `annotation_cache_dir` (where a COCO json's prepared split is
-            kept, see `load_coco_detection`).
+        options (`training_options.DataOptions`, *optional*): the data options (defaults: `DataOptions()`, the
+            synthetic set). Besides the sources: `bbox_format`, `max_train_samples` / `max_eval_samples` (keep the
+            first N examples), `check_images` (default "exists" for COCO json, "none" otherwise), `on_bad_image`
+            ("error" or "skip") and `annotation_cache_dir` (where a COCO json's prepared split is kept, see
+            `load_coco_detection`).
+        seed (`int`, *optional*): seed of the synthetic set (default: `training_options.DEFAULT_SEED`).
+        train (`bool`, *optional*, defaults to `True`): `False` loads the validation split only, with its own label
+            map (for evaluating a saved model): the COCO json `validation_coco_annotations` + `validation_coco_images`,
+            the dataset's `validation_split`, or the synthetic validation split. `train` is then `None`.
+        **overrides: fields of `options` by keyword, taking precedence (e.g. `synthetic_train_size=8`).
 
     Returns:
         `DetectionSplits`.
-    """
-    options = _options(args, overrides)
-    validation_split = options["validation_split"]
-    no_validation = validation_split is None or str(validation_split).lower() == "none"
-    limit_train, limit_eval = options["max_train_samples"], options["max_eval_samples"]
-    check_images, on_bad_image = options["check_images"], options["on_bad_image"]
 
-    if options["coco_annotations"] or options["coco_images"]:
-        if not (options["coco_annotations"] and options["coco_images"]):
-            raise ValueError("`coco_annotations` and `coco_images` go together; give both.")
-        source = f"COCO json {options['coco_annotations']}"
+    Raises:
+        `TypeError` for a keyword that is not a field of `DataOptions`; `ValueError` naming the option for a value it
+        refuses (see `DataOptions`), or a split the data does not have.
+    """
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(training_options.DataOptions)})
+    if unknown:
+        raise TypeError(f"Unknown data options {unknown}; the options are the fields of `DataOptions`.")
+    options = dataclasses.replace(options or training_options.DataOptions(), **overrides)
+    seed = training_options.DEFAULT_SEED if seed is None else seed
+    validation_split = options.validation_split
+    no_validation = validation_split is None or str(validation_split).lower() == "none"
+    if not train and no_validation:
+        raise ValueError(f"Only the validation split is to be loaded, but validation_split is {validation_split!r}.")
+    limit_train, limit_eval = options.max_train_samples, options.max_eval_samples
+    check_images, on_bad_image = options.check_images, options.on_bad_image
+    train_split = validation = None
+
+    if options.coco_annotations or (not train and options.validation_coco_annotations):
+        source = f"COCO json {options.coco_annotations if train else options.validation_coco_annotations}"
         coco_kwargs = {
             "check_images": check_images or "exists",
             "on_bad_image": on_bad_image,
-            "cache_dir": options["annotation_cache_dir"],
+            "cache_dir": options.annotation_cache_dir,
         }
-        train = load_coco_detection(
-            options["coco_annotations"], options["coco_images"], split_name="train", **coco_kwargs
-        )
-        validation = None
-        if not no_validation and (options["validation_coco_annotations"] or options["validation_coco_images"]):
-            if not (options["validation_coco_annotations"] and options["validation_coco_images"]):
-                raise ValueError("`validation_coco_annotations` and `validation_coco_images` go together; give both.")
+        if train:
+            train_split = load_coco_detection(
+                options.coco_annotations, options.coco_images, split_name="train", **coco_kwargs
+            )
+            train_split.dataset = _head(train_split.dataset, limit_train)
+        if not no_validation and options.validation_coco_annotations:
             validation = load_coco_detection(
-                options["validation_coco_annotations"],
-                options["validation_coco_images"],
-                label2category_id=train.label2category_id,
+                options.validation_coco_annotations,
+                options.validation_coco_images,
+                label2category_id=train_split.label2category_id if train else None,
                 split_name="validation",
                 **coco_kwargs,
             )
-        train.dataset = _head(train.dataset, limit_train)
-        if validation is not None:
             validation.dataset = _head(validation.dataset, limit_eval)
-    elif options["dataset_name"]:
-        name = options["dataset_name"]
-        source = f"dataset {name}" + (f" ({options['dataset_config']})" if options["dataset_config"] else "")
-        data = _load_hf(name, options["dataset_config"])
+    elif options.dataset_name:
+        name = options.dataset_name
+        source = f"dataset {name}" + (f" ({options.dataset_config})" if options.dataset_config else "")
+        data = _load_hf(name, options.dataset_config)
         prepare_kwargs = {
-            "bbox_format": options["bbox_format"],
+            "bbox_format": options.bbox_format,
             "check_images": check_images or "none",
             "on_bad_image": on_bad_image,
         }
-        train = prepare_detection_dataset(
-            _head(_pick_split(data, options["train_split"], source), limit_train), split_name="train", **prepare_kwargs
-        )
-        validation = None
-        if not no_validation:
+        category_names = None
+        if train:
+            train_split = prepare_detection_dataset(
+                _head(_pick_split(data, options.train_split, source), limit_train),
+                split_name="train",
+                **prepare_kwargs,
+            )
             # The dataset's own category ids of the training labels, so that validation shares the labels.
-            category_names = {train.label2category_id[label]: name for label, name in train.id2label.items()}
+            category_names = {train_split.label2category_id[label]: n for label, n in train_split.id2label.items()}
+        if not no_validation:
             validation = prepare_detection_dataset(
                 _head(_pick_split(data, validation_split, source), limit_eval),
                 id2label=category_names,
@@ -205,27 +182,27 @@ def load_detection_splits(args: argparse.Namespace | Mapping | None = None, **ov
             )
     else:
         source = "synthetic shapes"
-        train_size = options["synthetic_train_size"]
-        train = _synthetic_split(min(train_size, limit_train or train_size), options, "train")
-        validation = None
+        if train:
+            size = options.synthetic_train_size
+            train_split = _synthetic_split(min(size, limit_train or size), options, seed, "train")
         if not no_validation:
-            size = options["synthetic_validation_size"]
-            validation = _synthetic_split(min(size, limit_eval or size), options, "validation")
+            size = options.synthetic_validation_size
+            validation = _synthetic_split(min(size, limit_eval or size), options, seed, "validation")
 
-    if no_validation:
-        validation = None
-    stats = {"train": train.stats.to_dict()}
+    labelled = train_split if train else validation
+    stats = {"train": train_split.stats.to_dict()} if train else {}
     if validation is not None:
         stats["validation"] = validation.stats.to_dict()
     logger.info(
-        f"Detection data from {source}: {len(train.dataset)} training and "
-        f"{len(validation.dataset) if validation is not None else 0} validation images, {len(train.id2label)} classes."
+        f"Detection data from {source}: {len(train_split.dataset) if train else 0} training and "
+        f"{len(validation.dataset) if validation is not None else 0} validation images, {len(labelled.id2label)} "
+        "classes."
     )
     return DetectionSplits(
-        train=train.dataset,
+        train=train_split.dataset if train else None,
         validation=validation.dataset if validation is not None else None,
-        id2label=train.id2label,
-        label2category_id=train.label2category_id,
+        id2label=labelled.id2label,
+        label2category_id=labelled.label2category_id,
         stats=stats,
         source=source,
     )
