@@ -31,6 +31,9 @@ import numpy as np
 
 OBJECTS365_IMAGES = 1_700_000
 OBJECTS365_CATEGORIES = 365
+ANNOTATION_FORMAT = (
+    '{"id": %d, "image_id": %d, "category_id": %d, "bbox": [%.2f, %.2f, %.2f, %.2f], "area": %.2f, "iscrowd": 0}'
+)
 
 
 def write_objects365_like_json(path: str, num_images: int, boxes_per_image: float = 15.0, seed: int = 0) -> int:
@@ -73,20 +76,16 @@ def write_objects365_like_json(path: str, num_images: int, boxes_per_image: floa
             w = rng.uniform(0.02, 0.3, size=len(image_ids)) * w_img
             h = rng.uniform(0.02, 0.3, size=len(image_ids)) * h_img
             labels = rng.integers(1, OBJECTS365_CATEGORIES + 1, size=len(image_ids))
-            records = [
-                {
-                    "id": num_annotations + k + 1,
-                    "image_id": int(image_ids[k]),
-                    "category_id": int(labels[k]),
-                    "bbox": [round(float(x[k]), 2), round(float(y[k]), 2), round(float(w[k]), 2), round(float(h[k]), 2)],
-                    "area": round(float(w[k] * h[k]), 2),
-                    "iscrowd": 0,
-                }
-                for k in range(len(image_ids))
-            ]
-            num_annotations += len(records)
-            if records:
-                handle.write(("" if first else ",") + json.dumps(records)[1:-1])
+            # One format per record over plain Python lists: 25M records are written in minutes, not an hour.
+            columns = (
+                range(num_annotations + 1, num_annotations + len(image_ids) + 1),
+                image_ids.tolist(),
+                labels.tolist(),
+                *(values.tolist() for values in (x, y, w, h, w * h)),
+            )
+            num_annotations += len(image_ids)
+            if len(image_ids):
+                handle.write(("" if first else ",") + ",".join(map(ANNOTATION_FORMAT.__mod__, zip(*columns))))
                 first = False
         handle.write('], "categories": ' + json.dumps(categories) + "}")
     return num_annotations
