@@ -142,7 +142,9 @@ class StreamingDetectionDataset(torch.utils.data.IterableDataset):
                     f"{list(features)}."
                 )
         if not isinstance(features["image"], datasets.Image):
-            raise ValueError(f"Column 'image' of split {split_name!r} must be a `datasets.Image`, got {features['image']}.")
+            raise ValueError(
+                f"Column 'image' of split {split_name!r} must be a `datasets.Image`, got {features['image']}."
+            )
         fields = _object_fields(stream, "objects")
         self._keys = {
             "bbox": _find_key(fields, BBOX_KEYS, "box", "objects", required=True),
@@ -294,7 +296,7 @@ class StreamingDataLoader:
             self.consumed[reader] += count
             self.next_reader = (reader + 1) % self.num_readers
             if self.device is not None:
-                batch = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+                batch = {name: value.to(self.device) if torch.is_tensor(value) else value for name, value in batch.items()}
             yield batch
 
     def position(self) -> dict[str, Any]:
@@ -319,10 +321,10 @@ class StreamingDataLoader:
             )
         position = positions[self.dataset.rank]
         if len(position["consumed"]) != self.num_readers:
+            saved = len(position["consumed"])
             raise ValueError(
-                f"The stream position was saved with {len(position['consumed'])} reader(s) per process "
-                f"(--dataloader_num_workers {len(position['consumed'])} or 0 for one); this run has {self.num_readers}: "
-                "resume with the same number of DataLoader workers."
+                f"The stream position was saved with {saved} reader(s) per process (DataLoader workers, or 1 without "
+                f"workers); this run has {self.num_readers}: resume with the same number of DataLoader workers."
             )
         self.dataset.epoch = position["epoch"]
         self.consumed, self.next_reader = list(position["consumed"]), position["next_reader"]
