@@ -296,7 +296,9 @@ class StreamingDataLoader:
             self.consumed[reader] += count
             self.next_reader = (reader + 1) % self.num_readers
             if self.device is not None:
-                batch = {name: value.to(self.device) if torch.is_tensor(value) else value for name, value in batch.items()}
+                batch = {
+                    name: value.to(self.device) if torch.is_tensor(value) else value for name, value in batch.items()
+                }
             yield batch
 
     def position(self) -> dict[str, Any]:
