@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from .annotation_cache import annotation_cache_key, cached_split
 from .images import ImageReadError, check_image, image_size, validate_image_options
-from .json_stream import iter_json_object
+from .json_stream import NotAnObjectError, iter_json_object
 from .schema import AnnotationStats, DetectionSplit, detection_features, unique_label_names
 
 
@@ -126,8 +126,10 @@ def _read_json(annotation_file: str, scratch_dir: str) -> _JsonContent:
             content.add(key, value, start)
     except json.JSONDecodeError as error:
         raise ValueError(f"COCO annotation file {annotation_file!r} is not valid JSON: {error}") from None
-    except TypeError as error:
-        raise ValueError(f"COCO annotation file {annotation_file!r} must hold a JSON object, got {error}.") from None
+    except NotAnObjectError as error:
+        raise ValueError(
+            f"COCO annotation file {annotation_file!r} must hold a JSON object, got {error.type_name}."
+        ) from None
     content.close()
     for key in ("images", "categories", "annotations"):
         if not isinstance(content.keys.get(key), list) and (key != "annotations" or content.keys.get(key) is not None):

@@ -21,6 +21,14 @@ _READ_CHARS = 8 * 2**20
 _TRUNCATION_MARGIN = 16
 
 
+class NotAnObjectError(ValueError):
+    """The file holds valid JSON whose top-level value is not an object; `type_name` is its Python type's name."""
+
+    def __init__(self, type_name: str):
+        super().__init__(f"the top-level JSON value is a {type_name}, not an object")
+        self.type_name = type_name
+
+
 class _Reader:
     """A text file read into a sliding buffer; positions passed around are indices into the current buffer."""
 
@@ -107,7 +115,7 @@ def iter_json_object(path: str | os.PathLike, chunk_size: int = 50_000) -> Itera
 
     Raises:
         `json.JSONDecodeError` for a file that is not valid JSON (with the line, column and character of the file),
-        `TypeError` when the top-level value is valid JSON but not an object (the message names its type).
+        `NotAnObjectError` when the top-level value is valid JSON but not an object.
     """
     with open(path, encoding="utf-8") as handle:
         reader = _Reader(handle)
@@ -115,7 +123,7 @@ def iter_json_object(path: str | os.PathLike, chunk_size: int = 50_000) -> Itera
         if first != "{":
             # Not an object: `json.load` names the problem (bad JSON, a byte-order mark) or gives the value's type.
             handle.seek(0)
-            raise TypeError(type(json.load(handle)).__name__)
+            raise NotAnObjectError(type(json.load(handle)).__name__)
         following, index = reader.char(index + 1)
         while following != "}":
             if following != '"':
