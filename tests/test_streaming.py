@@ -146,10 +146,14 @@ READER_SCRIPT = textwrap.dedent(
         world_size=accelerator.num_processes, seed=3, shuffle_buffer_size=6,
     )
     loader = StreamingDataLoader(stream, 4, image_ids, num_workers=2)
-    read = [[image_id for batch in loader for image_id in batch["image_ids"]]]
-    everything = gather_object(read)
+    batches = iter(loader)
+    read = list(next(batches)["image_ids"])
+    state = loader.state_dict()  # gathered from both processes
+    read += [image_id for batch in batches for image_id in batch["image_ids"]]
+    everything = gather_object([read])
     if accelerator.is_main_process:
-        json.dump({"backend": str(accelerator.state.backend), "read": everything}, open(sys.argv[2], "w"))
+        output = {"backend": str(accelerator.state.backend), "read": everything, "state": state}
+        json.dump(output, open(sys.argv[2], "w"))
     """
 )
 
@@ -171,6 +175,8 @@ def test_two_processes_read_disjoint_parts(saved_dataset, tmp_path):
     assert len(first) == len(second) == 12
     assert not set(first) & set(second)
     assert sorted(first + second) == list(range(100, 124))
+    # The position saved after the first batch, one per process.
+    assert output["state"] == {"positions": [{"epoch": 0, "consumed": [4, 0], "next_reader": 1}] * 2}
 
 
 STREAMING_RUN = [
