@@ -171,10 +171,13 @@ def test_data_loading_benchmark_smoke(tmp_path, capsys):
     split = load_coco_detection(annotation_file, tmp_path, check_images="none", cache_dir=tmp_path / "cache")
     assert split.stats.objects == num_boxes and split.stats.clipped_boxes == 0
 
-    results = benchmark.main(["--num_images", "40", "--processes", "1", "--output_file", str(tmp_path / "r.json")])
-    assert [(run["images"], run["processes"]) for run in results["runs"]] == [(40, 1)]
+    argv = ["--num_images", "40", "--processes", "1", "2", "--first_processes", "1"]
+    results = benchmark.main(argv + ["--output_file", str(tmp_path / "r.json")])
+    assert [(run["images"], run["processes"]) for run in results["runs"]] == [(40, 1), (40, 2)]
+    one, two = results["runs"]
+    assert len(one["first_peak_rss_mib"]) == len(one["cached_peak_rss_mib"]) == 1
+    assert two["first_peak_rss_mib"] is None and len(two["cached_peak_rss_mib"]) == 2  # cached only
     for run in results["runs"]:
-        assert len(run["first_peak_rss_mib"]) == len(run["cached_peak_rss_mib"]) == run["processes"]
         assert run["cached_startup_s"] >= 0 and run["boxes"] > 0
     assert json.loads((tmp_path / "r.json").read_text()) == results
     assert "cached s" in capsys.readouterr().out
