@@ -86,6 +86,8 @@ def parse_args(argv=None) -> tuple[DataOptions, EvaluationOptions, EvaluateArgum
         data, evaluation, arguments = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         parser.error(str(error))
+    if data.streaming:
+        parser.error("streaming reads a training split; the evaluation reads its split whole.")
     if data.validation_coco_annotations is None and data.coco_annotations is not None:
         # A single COCO json here is the one to evaluate.
         data = dataclasses.replace(

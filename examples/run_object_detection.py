@@ -329,9 +329,12 @@ def parse_args(argv=None) -> tuple[DataOptions, ModelOptions, EvaluationOptions,
         names = {name: trainer_name for trainer_name, name in TRAINING_ARGUMENTS_NAMES.items()}
         parser.set_defaults(**{names.get(name, name): value for name, value in defaults.items()})
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        groups = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         parser.error(str(error))
+    if groups[0].streaming:
+        parser.error("streaming is examples/train.py's: the Trainer here reads a dataset of known length.")
+    return groups
 
 
 def main(argv=None) -> int:

@@ -60,6 +60,7 @@ from pix2seq_hf.data import (
     undecoded_images,
 )
 from pix2seq_hf.data.images import set_max_image_pixels, to_rgb
+from pix2seq_hf.data.streaming import StreamingDataLoader, load_streaming_splits
 from pix2seq_hf.evaluation import METRIC_KEYS, evaluate_model
 from pix2seq_hf.interruption import StopOnSignal
 from pix2seq_hf.run_lock import hold_output_dir
@@ -81,6 +82,7 @@ RUN_ARGUMENTS = (
     "dataset_name",
     "dataset_config",
     "train_split",
+    "streaming",
     "bbox_format",
     "coco_annotations",
     "coco_images",
@@ -137,7 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         groups = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         parser.error(str(error))
-    return argparse.Namespace(**{name: value for group in groups for name, value in vars(group).items()})
+    args = argparse.Namespace(**{name: value for group in groups for name, value in vars(group).items()})
+    if args.streaming and args.max_train_steps is None and args.max_train_minutes is None:
+        parser.error("streaming needs max_train_steps or max_train_minutes: a stream has no length to count epochs in.")
+    return args
 
 
 def options(options_class: type, args: argparse.Namespace):
@@ -341,16 +346,30 @@ def train(args, interrupt: StopOnSignal) -> int:
 
     # Data: every process builds the same splits (the synthetic set is deterministic from the seed).
     with accelerator.main_process_first():
-        splits = load_detection_splits(options(DataOptions, args), seed=args.seed)
-    train_dataset, eval_dataset, id2label = splits.train, splits.validation, splits.id2label
-    logger.info(f"Train: {len(train_dataset)} images; validation: {len(eval_dataset) if eval_dataset else 0}; {id2label}")
+        if args.streaming:
+            train_dataset, eval_dataset = load_streaming_splits(
+                args.dataset_name, args.dataset_config, args.train_split, args.validation_split, args.bbox_format,
+                args.max_eval_samples, args.check_images or "none", args.on_bad_image, accelerator.process_index,
+                accelerator.num_processes, args.seed,
+            )  # fmt: skip
+            id2label = train_dataset.id2label
+        else:
+            splits = load_detection_splits(options(DataOptions, args), seed=args.seed)
+            train_dataset, eval_dataset, id2label = splits.train, splits.validation, splits.id2label
+    num_train_images = train_dataset.num_examples if args.streaming else len(train_dataset)
+    if num_train_images is None:
+        raise ValueError(
+            f"The stream of {args.dataset_name!r} ({args.train_split}) does not say how many examples it has (its "
+            "dataset info has no split sizes), which the run's plan needs; train without --streaming."
+        )
+    logger.info(f"Train: {num_train_images} images; validation: {len(eval_dataset) if eval_dataset else 0}; {id2label}")
 
     model, processor = build_model_and_processor(args, id2label)
     logger.info(f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     canvas = processor.image_processor.size["longest_edge"]
     data = options(DataOptions, args)
     args.augmentation = data.training_augmentation
-    plan = plan_run(args, len(train_dataset), accelerator.num_processes, data.synthetic)
+    plan = plan_run(args, num_train_images, accelerator.num_processes, data.synthetic)
     if args.eval_steps is None and data.synthetic:
         args.eval_steps = SYNTHETIC_EVAL_STEPS
     train_collator = Pix2SeqCollator(
@@ -363,13 +382,20 @@ def train(args, interrupt: StopOnSignal) -> int:
     )
     eval_collator = Pix2SeqCollator(processor, training=False, on_bad_image=args.on_bad_image)
     # The collators decode the images themselves, so that a bad one met mid-run is named (file, image id) or skipped.
-    train_dataloader = DataLoader(
-        undecoded_images(train_dataset),
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=train_collator,
-        num_workers=args.dataloader_num_workers,
-    )
+    if args.streaming:
+        train_dataloader = StreamingDataLoader(
+            train_dataset, args.per_device_train_batch_size, train_collator, args.dataloader_num_workers,
+            accelerator.device,
+        )  # fmt: skip
+        accelerator.register_for_checkpointing(train_dataloader)
+    else:
+        train_dataloader = DataLoader(
+            undecoded_images(train_dataset),
+            batch_size=args.per_device_train_batch_size,
+            shuffle=True,
+            collate_fn=train_collator,
+            num_workers=args.dataloader_num_workers,
+        )
     eval_dataloader = None
     if eval_dataset is not None:
         eval_dataloader = DataLoader(
@@ -385,7 +411,11 @@ def train(args, interrupt: StopOnSignal) -> int:
     # Without an epoch count (only --max_train_minutes) the minutes end the run.
     updates_per_epoch, num_epochs = plan.steps_per_epoch, plan.num_epochs or sys.maxsize
     scheduler, budget = build_scheduler(optimizer, args, accelerator.num_processes, plan)
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    if args.streaming:  # each process reads its own part of the stream
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        updates_per_epoch, num_epochs = sys.maxsize, sys.maxsize
+    else:
+        model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
 
@@ -404,6 +434,8 @@ def train(args, interrupt: StopOnSignal) -> int:
         resumed_seconds = float(state.get("elapsed_seconds", 0.0))
         starting_epoch = completed_steps // updates_per_epoch
         resume_batches = (completed_steps % updates_per_epoch) * args.gradient_accumulation_steps
+        if args.streaming:  # the stream's saved position says where to go on
+            starting_epoch, resume_batches = train_dataloader.dataset.epoch, 0
         logger.info(f"Resumed from {checkpoint} at step {completed_steps} (epoch {starting_epoch}).")
         if args.max_train_steps is not None and completed_steps >= args.max_train_steps:
             logger.warning(

@@ -93,6 +93,12 @@ class DataOptions:
     dataset_name: str | None = option(help="Hub id or local path of a HF dataset (default: the synthetic set).")
     dataset_config: str | None = option(help="Config name of the dataset.")
     train_split: str = option("train", help="Split of the dataset to train on.")
+    streaming: bool = option(
+        False,
+        help="Read the training split of --dataset_name as a stream (Hub or local; nothing downloaded or prepared "
+        "first), split between processes and DataLoader workers, shuffled with a buffer, its position saved in "
+        "checkpoints. Needs --max_train_steps or --max_train_minutes.",
+    )
     validation_split: str = option("validation", help="Split to evaluate on ('none' to skip).")
     bbox_format: str = option(
         "auto", help="Box format of a HF dataset ('auto': read from its features or the data).",
@@ -156,6 +162,10 @@ class DataOptions:
         ):  # fmt: skip
             _check_at_least(name, getattr(self, name), 1)
         _check_at_least("max_image_pixels", self.max_image_pixels, 0)
+        if self.streaming and not self.dataset_name:
+            raise ValueError("streaming reads dataset_name (a Hub dataset or a local folder); none was given.")
+        if self.streaming and self.max_train_samples is not None:
+            raise ValueError("max_train_samples reads the head of a split, which a shuffled stream has not: drop it.")
 
     @property
     def synthetic(self) -> bool:

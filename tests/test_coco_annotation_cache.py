@@ -5,6 +5,7 @@ import json
 import math
 import multiprocessing
 import os
+import tracemalloc
 
 import datasets
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from helpers import load_example
 from PIL import Image
 
-from pix2seq_hf.data import coco_json
+from pix2seq_hf.data import annotation_cache, coco_json, json_stream
 from pix2seq_hf.data.coco_json import load_coco_detection
 from pix2seq_hf.data.schema import clean_objects
 
@@ -170,10 +171,123 @@ def test_data_loading_benchmark_smoke(tmp_path, capsys):
     split = load_coco_detection(annotation_file, tmp_path, check_images="none", cache_dir=tmp_path / "cache")
     assert split.stats.objects == num_boxes and split.stats.clipped_boxes == 0
 
-    results = benchmark.main(["--num_images", "40", "--processes", "1", "--output_file", str(tmp_path / "r.json")])
-    assert [(run["images"], run["processes"]) for run in results["runs"]] == [(40, 1)]
+    argv = ["--num_images", "40", "--processes", "1", "2", "--first_processes", "1"]
+    results = benchmark.main(argv + ["--output_file", str(tmp_path / "r.json")])
+    assert [(run["images"], run["processes"]) for run in results["runs"]] == [(40, 1), (40, 2)]
+    one, two = results["runs"]
+    assert len(one["first_peak_rss_mib"]) == len(one["cached_peak_rss_mib"]) == 1
+    assert two["first_peak_rss_mib"] is None and len(two["cached_peak_rss_mib"]) == 2  # cached only
     for run in results["runs"]:
-        assert len(run["first_peak_rss_mib"]) == len(run["cached_peak_rss_mib"]) == run["processes"]
         assert run["cached_startup_s"] >= 0 and run["boxes"] > 0
     assert json.loads((tmp_path / "r.json").read_text()) == results
     assert "cached s" in capsys.readouterr().out
+
+
+def _table_and_stats(split):
+    return split.dataset.data.table, split.stats, split.id2label
+
+
+def test_coco_split_is_the_same_whatever_the_key_order_whitespace_and_escapes(tmp_path):
+    path, folder = write_messy_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["categories"][0]["name"] = 'nine "ñandú" \\ ü'
+    Image.new("RGB", (30, 20)).save(folder / "é ü.png")
+    data["images"][3]["file_name"] = "é ü.png"
+    data["images"][3].update(width=30, height=20)
+    path.write_text(json.dumps(data))
+    expected = _table_and_stats(load_coco_detection(path, folder, check_images="exists", cache_dir=tmp_path / "a"))
+    assert expected[2][2] == 'nine "ñandú" \\ ü'
+
+    # Categories first, then annotations, then images and an extra member; indented, every non-ASCII character and
+    # every key escaped, numbers written with exponents.
+    reordered = {"categories": data["categories"], "annotations": data["annotations"], "images": data["images"]}
+    reordered["info"] = {"description": "keys in another order", "years": [2017, 2026]}
+    text = json.dumps(reordered, indent="\t\n ", ensure_ascii=True)
+    text = text.replace('"images"', '"\\u0069mages"').replace('"width": 30', '"width": 3.0e1')
+    other = tmp_path / "reordered.json"
+    other.write_text(text)
+    assert json.loads(text) == reordered
+    got = _table_and_stats(load_coco_detection(other, folder, check_images="exists", cache_dir=tmp_path / "b"))
+    assert got[0].equals(expected[0]) and got[1:] == expected[1:]
+
+
+def test_coco_split_is_the_same_read_in_small_chunks(tmp_path, monkeypatch):
+    path, folder = write_messy_coco(tmp_path, num_images=40)
+    expected = _table_and_stats(load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "a"))
+    monkeypatch.setattr(coco_json, "_RECORDS_PER_CHUNK", 7)
+    monkeypatch.setattr(coco_json, "_IMAGES_PER_BATCH", 3)
+    monkeypatch.setattr(json_stream, "_READ_CHARS", 50)
+    got = _table_and_stats(load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "b"))
+    assert got[0].equals(expected[0]) and got[1:] == expected[1:]
+    assert got[0].to_batches()[0].num_rows == 3  # written a few images at a time
+
+
+@pytest.mark.parametrize("images_last", [False, True])
+def test_coco_split_names_the_first_bad_record_across_chunks(tmp_path, monkeypatch, images_last):
+    monkeypatch.setattr(coco_json, "_RECORDS_PER_CHUNK", 7)
+    path, folder = write_messy_coco(tmp_path)
+    data = json.loads(path.read_text())
+    if images_last:
+        data = {"annotations": data["annotations"], "categories": data["categories"], "images": data["images"]}
+
+    def load_error(annotations):
+        path.write_text(json.dumps({**data, "annotations": annotations}))
+        with pytest.raises(ValueError) as error:
+            load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "cache")
+        return str(error.value)
+
+    # An unknown image (found once every image is known) before a field of the wrong type, and the other way round.
+    annotations = [dict(annotation, id=70_000 + position) for position, annotation in enumerate(data["annotations"])]
+    annotations[12]["image_id"] = 999_999
+    annotations[30]["bbox"] = [1, 2, "3", 4]
+    assert "annotation 70012 refers to image_id 999999, which is not in 'images'" in load_error(annotations)
+    annotations[12]["image_id"], annotations[30]["image_id"] = annotations[30]["image_id"], 999_999
+    annotations[12]["bbox"], annotations[30]["bbox"] = annotations[30]["bbox"], annotations[12]["bbox"]
+    assert "annotation 70012 (image_id " in load_error(annotations)
+    assert "bbox must be a number, got '3'" in load_error(annotations)
+    # A bad category record is named before a bad image record, whichever comes first in the file.
+    images = [dict(image) for image in data["images"]]
+    images[20]["file_name"] = ""
+    data["images"] = images
+    assert "images[20]" in load_error(annotations)
+    data["categories"] = [*data["categories"], {"id": "ten", "name": "ten"}]
+    assert "categories[3]: id must be an integer, got 'ten'" in load_error(annotations)
+
+
+def test_coco_split_reports_invalid_json_where_json_load_does(tmp_path):
+    path, folder = write_messy_coco(tmp_path)
+    text = json.dumps(json.loads(path.read_text()), indent=1)
+    for broken in (text[: len(text) // 2], text.replace("]", "", 1), text + " {}", '{"images": [}'):
+        path.write_text(broken)
+        with pytest.raises(json.JSONDecodeError) as expected:
+            json.loads(broken)
+        with pytest.raises(ValueError, match="is not valid JSON") as error:
+            load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "cache")
+        assert str(error.value).endswith(f"is not valid JSON: {expected.value}")
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"must hold a JSON object, got list"):
+        load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "cache")
+    path.write_text('{"images": {}, "categories": []}')
+    with pytest.raises(ValueError, match=r"needs a list 'images'; its keys are \['categories', 'images'\]"):
+        load_coco_detection(path, folder, check_images="none", cache_dir=tmp_path / "cache")
+
+
+def test_coco_split_is_built_in_bounded_memory(tmp_path, monkeypatch):
+    """Building holds the columns and a chunk of the file and its records, not the parsed json: a fraction of what
+    `json.load` takes (chunks made small here, so that a small json shows it)."""
+    benchmark = load_example("benchmarks/benchmark_data_loading")
+    annotation_file = tmp_path / "generated.json"
+    benchmark.write_objects365_like_json(str(annotation_file), 2000)
+    tracemalloc.start()
+    with open(annotation_file) as handle:
+        json.load(handle)
+    parse_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    monkeypatch.setattr(coco_json, "_RECORDS_PER_CHUNK", 1000)
+    monkeypatch.setattr(json_stream, "_READ_CHARS", 2**16)
+    monkeypatch.setattr(annotation_cache, "_HASH_CHUNK_BYTES", 2**16)
+    split = load_coco_detection(annotation_file, tmp_path, check_images="none", cache_dir=tmp_path / "cache")
+    build_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert split.stats.images == 2000 and split.stats.objects > 25_000
+    assert build_peak < parse_peak / 3, (build_peak, parse_peak)

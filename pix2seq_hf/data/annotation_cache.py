@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import datasets
 import pyarrow as pa
@@ -54,9 +54,10 @@ def annotation_cache_key(annotation_file: str, options: Mapping) -> str:
     return f"{stem}-{digest.hexdigest()}"
 
 
-def _write(folder: str, table: pa.Table, features: datasets.Features, meta: dict) -> None:
+def _write(folder: str, tables: Iterable[pa.Table], features: datasets.Features, meta: dict) -> None:
     writer = ArrowWriter(features=features, path=os.path.join(folder, "data.arrow"))
-    writer.write_table(table)
+    for table in tables:
+        writer.write_table(table)
     writer.finalize()
     with open(os.path.join(folder, "split.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle)
@@ -77,7 +78,7 @@ def _read(folder: str, split_name: str) -> DetectionSplit:
 
 def cached_split(
     key: str,
-    build: Callable[[], tuple[pa.Table, datasets.Features, dict, dict, AnnotationStats]],
+    build: Callable[[str], tuple[Iterable[pa.Table], datasets.Features, dict, dict, AnnotationStats]],
     cache_dir: str | os.PathLike | None,
     split_name: str,
 ) -> DetectionSplit:
@@ -86,8 +87,9 @@ def cached_split(
 
     Args:
         key (`str`): the entry's name (see `annotation_cache_key`).
-        build (`Callable`): returns `(table, features, id2label, label2category_id, stats)`; called once per cache
-            folder, under a lock that other processes wait on. An error leaves no entry behind.
+        build (`Callable`): takes a scratch folder for its temporary files and returns `(tables, features, id2label,
+            label2category_id, stats)`, `tables` the split's rows as Arrow tables, written one after the other;
+            called once per cache folder, under a lock that other processes wait on. An error leaves no entry behind.
         cache_dir (`str` or `os.PathLike`, *optional*): the cache folder (defaults to
             `default_annotation_cache_dir()`).
         split_name (`str`): names the split in messages.
@@ -100,14 +102,16 @@ def cached_split(
     folder = os.path.join(cache_dir, key)
     with FileLock(folder + ".lock"):
         if not os.path.isdir(folder):
-            table, features, id2label, label2category_id, stats = build()
-            partial = f"{folder}.incomplete-{os.getpid()}"
-            shutil.rmtree(partial, ignore_errors=True)
-            os.makedirs(partial)
+            partial, scratch = f"{folder}.incomplete-{os.getpid()}", f"{folder}.scratch-{os.getpid()}"
+            for path in (partial, scratch):
+                shutil.rmtree(path, ignore_errors=True)
+                os.makedirs(path)
             try:
+                tables, features, id2label, label2category_id, stats = build(scratch)
                 meta = {"id2label": id2label, "label2category_id": label2category_id, "stats": stats.to_dict()}
-                _write(partial, table, features, meta)
+                _write(partial, tables, features, meta)
                 os.replace(partial, folder)
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
+                shutil.rmtree(scratch, ignore_errors=True)
     return _read(folder, split_name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import datasets
 import numpy as np
@@ -21,30 +21,130 @@ import pyarrow.compute as pc
 
 from .annotation_cache import annotation_cache_key, cached_split
 from .images import ImageReadError, check_image, image_size, validate_image_options
+from .json_stream import NotAnObjectError, iter_json_object
 from .schema import AnnotationStats, DetectionSplit, detection_features, unique_label_names
 
 
 logger = logging.getLogger(__name__)
 
 
-def _read_json(annotation_file: str) -> dict:
-    if not os.path.isfile(annotation_file):
-        raise FileNotFoundError(f"COCO annotation file {annotation_file!r} does not exist.")
+# Records decoded and checked at once while the json is read, and images written to the split per Arrow record batch.
+_RECORDS_PER_CHUNK = 50_000
+_IMAGES_PER_BATCH = 50_000
+# The `annotations` records as checked columns, kept on disk between reading the json and writing the split.
+_SPILL_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("category_id", pa.int64()),
+        ("bbox", pa.list_(pa.float64(), 4)),
+        ("id", pa.int64()),
+        ("has_id", pa.bool_()),
+        ("area", pa.float64()),
+        ("iscrowd", pa.int64()),
+    ]
+)
+
+
+class _JsonContent:
+    """
+    What one pass over a COCO json keeps: the categories (as records), the images (as checked columns), the
+    annotations (as checked columns in an Arrow file of `scratch_dir`), and the first bad image or annotation record.
+    """
+
+    def __init__(self, annotation_file: str, scratch_dir: str):
+        self.annotation_file = annotation_file
+        self.keys: dict[str, object] = {}  # each top-level key, and its value when it is not an array
+        self.categories: list = []
+        self.image_chunks: list[dict] = []
+        self.num_images = 0
+        self.image_error: ValueError | None = None
+        self.spill_file = os.path.join(scratch_dir, "annotations.arrow")
+        self._spill = None
+        self.num_annotations = 0
+        # (position, record) of the first annotation whose fields have a wrong type.
+        self.bad_annotation: tuple[int, object] | None = None
+
+    def add(self, key: str, value, start: int | None) -> None:
+        """Takes one member, or one chunk of an array member, from `iter_json_object`."""
+        if start in (None, 0):
+            if key in self.keys and key in ("images", "annotations", "categories"):
+                raise ValueError(f"COCO annotation file {self.annotation_file!r} has the key {key!r} twice.")
+            self.keys[key] = value if start is None else []
+        if start is None:
+            return
+        if key == "categories":
+            self.categories.extend(value)
+        elif key == "images":
+            self.num_images += len(value)
+            if self.image_error is None:
+                try:
+                    self.image_chunks.append(_image_columns(value, self.annotation_file, start))
+                except ValueError as error:
+                    self.image_error = error
+        elif key == "annotations" and self.bad_annotation is None:
+            columns, bad = _annotation_columns(value, self.annotation_file, start)
+            self._write_annotations(columns)
+            if bad is not None:
+                self.bad_annotation = (start + bad, value[bad])
+
+    def _write_annotations(self, columns: dict) -> None:
+        if self._spill is None:
+            self._spill = pa.ipc.new_file(self.spill_file, _SPILL_SCHEMA)
+        bbox = pa.FixedSizeListArray.from_arrays(pa.array(columns["bbox"].ravel(), type=pa.float64()), 4)
+        arrays = [bbox if name == "bbox" else pa.array(columns[name]) for name in _SPILL_SCHEMA.names]
+        self._spill.write_batch(pa.record_batch(arrays, schema=_SPILL_SCHEMA))
+        self.num_annotations += len(columns["image_id"])
+
+    def close(self) -> None:
+        if self._spill is None:
+            self._write_annotations(_annotation_columns([], self.annotation_file, 0)[0])
+        self._spill.close()
+
+    def annotation_batches(self) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """The checked annotation columns, a record batch at a time (read, not mapped): `(position, batch)`."""
+        with pa.OSFile(self.spill_file) as source:
+            reader = pa.ipc.open_file(source)
+            position = 0
+            for index in range(reader.num_record_batches):
+                batch = reader.get_batch(index)
+                yield position, batch
+                position += batch.num_rows
+
+
+def _read_json(annotation_file: str, scratch_dir: str) -> _JsonContent:
+    """
+    Reads the json in one pass, a chunk of records at a time (memory: one chunk and the columns, not the parsed
+    file), checking each record's fields as it goes.
+
+    Raises:
+        `ValueError` for a file that is not valid JSON, is not an object, or lacks the lists `images` and
+        `categories`. Errors in the records are kept in the result, to be raised in the order the split checks them.
+    """
+    content = _JsonContent(annotation_file, scratch_dir)
     try:
-        with open(annotation_file, encoding="utf-8") as handle:
-            data = json.load(handle)
+        for key, value, start in iter_json_object(annotation_file, _RECORDS_PER_CHUNK):
+            content.add(key, value, start)
     except json.JSONDecodeError as error:
         raise ValueError(f"COCO annotation file {annotation_file!r} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
+    except NotAnObjectError as error:
         raise ValueError(
-            f"COCO annotation file {annotation_file!r} must hold a JSON object, got {type(data).__name__}."
-        )
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
+            f"COCO annotation file {annotation_file!r} must hold a JSON object, got {error.type_name}."
+        ) from None
+    content.close()
+    for key in ("images", "categories", "annotations"):
+        if not isinstance(content.keys.get(key), list) and (key != "annotations" or content.keys.get(key) is not None):
             raise ValueError(
-                f"COCO annotation file {annotation_file!r} needs a list {key!r}; its keys are {sorted(data)}."
+                f"COCO annotation file {annotation_file!r} needs a list {key!r}; its keys are {sorted(content.keys)}."
             )
-    return data
+    return content
+
+
+def _annotation_record(annotation_file: str, position: int):
+    """The `annotations` record at `position`, read again from the json (to name it in an error)."""
+    for key, value, start in iter_json_object(annotation_file, _RECORDS_PER_CHUNK):
+        if key == "annotations" and start is not None and start <= position < start + len(value):
+            return value[position - start]
+    raise AssertionError(f"{annotation_file} has no annotation at position {position}")
 
 
 def _fields(entry, keys: tuple[str, ...], where: str) -> None:
@@ -131,10 +231,11 @@ def _checked_image(image, position: int, annotation_file: str) -> tuple[int, str
     return image_id, file_name, width, height
 
 
-def _image_columns(images: list, annotation_file: str) -> dict:
+def _image_columns(images: list, annotation_file: str, start: int = 0) -> dict:
     """
-    The `images` records as columns: `id` (int64), `file_name` (list of str), `width` / `height` (int64, 0 where the
-    json has none). Checked column by column; a bad record is named as by `_checked_image`.
+    The `images` records (the json's from position `start` on) as columns: `id` (int64), `file_name` (list of str),
+    `width` / `height` (int64, 0 where the json has none). Checked column by column; a bad record is named as by
+    `_checked_image`.
     """
     try:
         ids, _ = _integer_column([image["id"] for image in images])
@@ -152,35 +253,33 @@ def _image_columns(images: list, annotation_file: str) -> dict:
         columns = {"id": ids, "file_name": file_names.to_pylist(), **sizes}
     except (_NotClean, KeyError, TypeError, AttributeError, OverflowError, pa.ArrowException):
         # A record the columns cannot hold: check record by record, which names the first bad one.
-        entries = [_checked_image(image, position, annotation_file) for position, image in enumerate(images)]
+        entries = [_checked_image(image, start + offset, annotation_file) for offset, image in enumerate(images)]
         columns = {
             "id": np.array([entry[0] for entry in entries], dtype=np.int64),
             "file_name": [entry[1] for entry in entries],
             "width": np.array([entry[2] or 0 for entry in entries], dtype=np.int64),
             "height": np.array([entry[3] or 0 for entry in entries], dtype=np.int64),
         }
-    unique, counts = np.unique(columns["id"], return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"{annotation_file}: image id {int(unique[counts > 1][0])} appears twice in 'images'.")
     return columns
 
 
 def _checked_annotation(
-    annotation, position: int, annotation_file: str, image_ids, category_to_label: Mapping[int, int]
+    annotation, position: int, annotation_file: str, image_ids=None, category_to_label: Mapping[int, int] | None = None
 ) -> tuple[int, int, list[float], int | None, float | None, int]:
     """
     One `annotations` record checked: `(image_id, category_id, bbox, id, area, iscrowd)`, or a `ValueError` naming
-    the file, the annotation (its id, else its position) and the bad value.
+    the file, the annotation (its id, else its position) and the bad value. Its image and category are looked up in
+    `image_ids` and `category_to_label` when they are given.
     """
     annotation_id = annotation.get("id", f"#{position}") if isinstance(annotation, Mapping) else f"#{position}"
     where = f"{annotation_file}: annotation {annotation_id}"
     _fields(annotation, ("image_id", "bbox", "category_id"), where)
     image_id = _integer(annotation["image_id"], where, "image_id")
-    if image_id not in image_ids:
+    if image_ids is not None and image_id not in image_ids:
         raise ValueError(f"{where} refers to image_id {image_id}, which is not in 'images'.")
     where = f"{where} (image_id {image_id})"
     category_id = _integer(annotation["category_id"], where, "category_id")
-    if category_id not in category_to_label:
+    if category_to_label is not None and category_id not in category_to_label:
         known = sorted(category_to_label)
         raise ValueError(
             f"{where} has category_id {category_id}, which is not in the label map (category ids "
@@ -199,20 +298,16 @@ def _checked_annotation(
     )
 
 
-def _annotation_columns(annotations: list, annotation_file: str, image_ids: np.ndarray, category_to_label) -> dict:
+def _annotation_columns(annotations: list, annotation_file: str, start: int) -> tuple[dict, int | None]:
     """
-    The `annotations` records as columns: `image_id`, `category_id`, `id` (int64), `has_id` (bool), `bbox`
-    (float64, n x 4), `area` (float64, NaN where missing), `iscrowd` (int64). Checked column by column, with the
-    image and category of every annotation looked up at once; a bad record is named as by `_checked_annotation`.
+    The `annotations` records (the json's from position `start` on) as columns: `image_id`, `category_id`, `id`
+    (int64), `has_id` (bool), `bbox` (float64, n x 4), `area` (float64, NaN where missing), `iscrowd` (int64),
+    checked column by column (their image and category are looked up later, once every image and category is known).
+
+    Returns:
+        `(columns, bad)`: `bad` is the index in `annotations` of the first record with a wrong field (checked record
+        by record when a column is off), and the columns then hold the records before it; else `None`.
     """
-    known_images = np.sort(image_ids)
-    known_categories = np.array(sorted(category_to_label), dtype=np.int64)
-
-    def first_unknown(values: np.ndarray, known: np.ndarray) -> int | None:
-        where = np.searchsorted(known, values).clip(max=max(len(known) - 1, 0))
-        unknown = np.flatnonzero(known[where] != values) if len(known) else np.arange(len(values))
-        return int(unknown[0]) if len(unknown) else None
-
     try:
         image_column, _ = _integer_column([annotation["image_id"] for annotation in annotations])
         category_column, _ = _integer_column([annotation["category_id"] for annotation in annotations])
@@ -238,21 +333,15 @@ def _annotation_columns(annotations: list, annotation_file: str, image_ids: np.n
             "area": area,
             "iscrowd": iscrowd,
         }
-        bad = [
-            position
-            for position in (first_unknown(image_column, known_images), first_unknown(category_column, known_categories))
-            if position is not None
-        ]
-        if bad:
-            # The first record the per-record loop would stop at, named as it would name it.
-            _checked_annotation(annotations[min(bad)], min(bad), annotation_file, set(image_ids.tolist()), category_to_label)
-            raise AssertionError("the per-record checks accepted an annotation that the columns reject")
+        return columns, None
     except (_NotClean, KeyError, TypeError, AttributeError, OverflowError, pa.ArrowException):
-        known = set(image_ids.tolist())
-        entries = [
-            _checked_annotation(annotation, position, annotation_file, known, category_to_label)
-            for position, annotation in enumerate(annotations)
-        ]
+        entries, bad = [], None
+        for offset, annotation in enumerate(annotations):
+            try:
+                entries.append(_checked_annotation(annotation, start + offset, annotation_file))
+            except ValueError:
+                bad = offset
+                break
         columns = {
             "image_id": np.array([entry[0] for entry in entries], dtype=np.int64),
             "category_id": np.array([entry[1] for entry in entries], dtype=np.int64),
@@ -262,7 +351,41 @@ def _annotation_columns(annotations: list, annotation_file: str, image_ids: np.n
             "area": np.array([np.nan if entry[4] is None else entry[4] for entry in entries], dtype=np.float64),
             "iscrowd": np.array([entry[5] for entry in entries], dtype=np.int64),
         }
-    return columns
+        return columns, bad
+
+
+def _first_unknown(values: np.ndarray, known: np.ndarray) -> int | None:
+    """The index of the first of `values` that is not in `known` (sorted), or `None`."""
+    where = np.searchsorted(known, values).clip(max=max(len(known) - 1, 0))
+    unknown = np.flatnonzero(known[where] != values) if len(known) else np.arange(len(values))
+    return int(unknown[0]) if len(unknown) else None
+
+
+def _check_annotation_references(content: _JsonContent, image_ids: np.ndarray, category_to_label) -> None:
+    """
+    Raises the error of the first annotation (in json order) that refers to an unknown image or category, or whose
+    fields were found wrong while reading, as the per-record checks name it.
+    """
+    known_images = np.sort(image_ids)
+    known_categories = np.array(sorted(category_to_label), dtype=np.int64)
+    first_bad = content.bad_annotation[0] if content.bad_annotation is not None else None
+    for position, batch in content.annotation_batches():
+        unknown = [
+            _first_unknown(batch.column(name).to_numpy(), known)
+            for name, known in (("image_id", known_images), ("category_id", known_categories))
+        ]
+        unknown = [position + index for index in unknown if index is not None]
+        if unknown:
+            first_bad = min(unknown)
+            break
+    if first_bad is None:
+        return
+    if content.bad_annotation is not None and first_bad == content.bad_annotation[0]:
+        record = content.bad_annotation[1]
+    else:
+        record = _annotation_record(content.annotation_file, first_bad)
+    _checked_annotation(record, first_bad, content.annotation_file, set(image_ids.tolist()), category_to_label)
+    raise AssertionError("the per-record checks accepted an annotation that the columns reject")
 
 
 def _clean_boxes(bbox: np.ndarray, width: np.ndarray, height: np.ndarray, area: np.ndarray) -> dict:
@@ -331,6 +454,119 @@ def _list_array(offsets: pa.Array, values: pa.Array) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, values)
 
 
+class _KeptObjects:
+    """
+    The annotations kept for the split, cleaned, in compact columns filled a batch at a time: `row` (their image's
+    row in `images`), `id`, `bbox` (clipped xywh, float32), `area` (float32), `label` and `crowd`.
+    """
+
+    def __init__(self, capacity: int):
+        self.size = 0
+        self.row = np.empty(capacity, dtype=np.int64)
+        self.id = np.empty(capacity, dtype=np.int64)
+        self.bbox = np.empty((capacity, 4), dtype=np.float32)
+        self.area = np.empty(capacity, dtype=np.float32)
+        self.label = np.empty(capacity, dtype=np.int64)
+        self.crowd = np.empty(capacity, dtype=np.int8)
+
+    def add(self, keep: np.ndarray, **columns: np.ndarray) -> None:
+        count = int(keep.sum())
+        for name, values in columns.items():
+            getattr(self, name)[self.size : self.size + count] = values[keep]
+        self.size += count
+
+
+def _clean_annotations(
+    content: _JsonContent, images: dict, keep_image: np.ndarray, category_to_label, stats: AnnotationStats
+) -> _KeptObjects:
+    """
+    Every annotation looked up (its image's row, its label), given an id when the json has none (`image_id * 1000 +`
+    its position among its image's annotations), cleaned by `_clean_boxes`; counts what is dropped in `stats`.
+    """
+    order = np.argsort(images["id"], kind="stable")
+    sorted_ids = images["id"][order]
+    lookup_ids = np.array(sorted(category_to_label), dtype=np.int64)
+    lookup_labels = np.array([category_to_label[c] for c in lookup_ids.tolist()], dtype=np.int64)
+    seen_per_image = np.zeros(len(images["id"]), dtype=np.int64)
+    kept = _KeptObjects(content.num_annotations)
+    for _, batch in content.annotation_batches():
+        image_id = batch.column("image_id").to_numpy()
+        row = order[np.searchsorted(sorted_ids, image_id)]
+        # The position of each annotation among its image's, in json order (counting those of earlier batches).
+        by_image = np.argsort(row, kind="stable")
+        grouped = row[by_image]
+        position_in_image = np.empty_like(row)
+        position_in_image[by_image] = np.arange(len(row)) - np.searchsorted(grouped, grouped, side="left")
+        position_in_image += seen_per_image[row]
+        seen_per_image += np.bincount(row, minlength=len(seen_per_image))
+        has_id = batch.column("has_id").to_numpy(zero_copy_only=False)
+        ids = np.where(has_id, batch.column("id").to_numpy(), image_id * 1000 + position_in_image)
+
+        bbox = batch.column("bbox").flatten().to_numpy().reshape(-1, 4)
+        area = batch.column("area").to_numpy(zero_copy_only=False)
+        cleaned = _clean_boxes(bbox, images["width"][row], images["height"][row], area)
+        counted = keep_image[row]
+        stats.add(
+            {
+                "dropped_nonfinite_boxes": (cleaned["nonfinite"] & counted).sum(),
+                "dropped_empty_boxes": (cleaned["empty"] & counted).sum(),
+                "dropped_outside_boxes": (cleaned["outside"] & counted).sum(),
+                "clipped_boxes": (cleaned["clipped"] & counted).sum(),
+            }
+        )
+        labels = lookup_labels[np.searchsorted(lookup_ids, batch.column("category_id").to_numpy())]
+        kept.add(
+            cleaned["keep"] & counted,
+            row=row,
+            id=ids,
+            bbox=cleaned["bbox"].astype(np.float32),
+            area=cleaned["area"].astype(np.float32),
+            label=labels,
+            crowd=(batch.column("iscrowd").to_numpy() != 0).astype(np.int8),
+        )
+    return kept
+
+
+def _split_tables(
+    images: dict, paths: list[str], keep_image: np.ndarray, kept: _KeptObjects, features: datasets.Features
+) -> Iterator[pa.Table]:
+    """The split's rows, `_IMAGES_PER_BATCH` kept images at a time, each with its objects in json order."""
+    kept_rows = np.flatnonzero(keep_image)
+    new_row = np.cumsum(keep_image) - 1
+    objects_per_image = np.bincount(new_row[kept.row[: kept.size]], minlength=len(kept_rows))
+    first_object = np.concatenate([[0], np.cumsum(objects_per_image)])
+    by_image = np.argsort(kept.row[: kept.size], kind="stable")
+    for begin in range(0, len(kept_rows), _IMAGES_PER_BATCH):
+        rows = kept_rows[begin : begin + _IMAGES_PER_BATCH]
+        bounds = first_object[begin : begin + len(rows) + 1]
+        taken = by_image[bounds[0] : bounds[-1]]
+        offsets = pa.array(bounds - bounds[0], type=pa.int32())
+        boxes = pa.FixedSizeListArray.from_arrays(pa.array(kept.bbox[taken].ravel()), 4)
+        objects = pa.StructArray.from_arrays(
+            [
+                _list_array(offsets, pa.array(kept.id[taken], type=pa.int64())),
+                _list_array(offsets, pa.array(kept.area[taken])),
+                _list_array(offsets, boxes),
+                _list_array(offsets, pa.array(kept.label[taken], type=pa.int64())),
+                _list_array(offsets, pa.array(kept.crowd[taken], type=pa.int8())),
+            ],
+            names=["id", "area", "bbox", "category", "iscrowd"],
+        )
+        image_column = pa.StructArray.from_arrays(
+            [pa.nulls(len(rows), pa.binary()), pa.array([paths[i] for i in rows.tolist()], type=pa.string())],
+            names=["bytes", "path"],
+        )
+        yield pa.table(
+            {
+                "image": image_column,
+                "image_id": pa.array(images["id"][rows], type=pa.int64()),
+                "width": pa.array(images["width"][rows], type=pa.int32()),
+                "height": pa.array(images["height"][rows], type=pa.int32()),
+                "objects": objects,
+            }
+        ).cast(features.arrow_schema)
+
+
 def _build_split(
     annotation_file: str,
     image_dir: str,
@@ -338,12 +574,19 @@ def _build_split(
     on_bad_image: str,
     label2category_id: Mapping[int, int] | None,
     split_name: str,
-) -> tuple[pa.Table, datasets.Features, dict, dict, AnnotationStats]:
-    """Reads and checks the json once and builds the split's Arrow table (see `load_coco_detection`)."""
-    data = _read_json(annotation_file)
+    scratch_dir: str,
+) -> tuple[Iterator[pa.Table], datasets.Features, dict, dict, AnnotationStats]:
+    """
+    Reads and checks the json once (see `load_coco_detection`); its memory is that of the image and kept-annotation
+    columns, not of the parsed json. `scratch_dir` holds the annotations between the read and the write.
+
+    Returns:
+        `(tables, features, id2label, label2category_id, stats)`, `tables` the split's rows in Arrow tables.
+    """
+    content = _read_json(annotation_file, scratch_dir)
 
     names_by_id: dict[int, str] = {}
-    for position, category in enumerate(data["categories"]):
+    for position, category in enumerate(content.categories):
         where = f"{annotation_file}: categories[{position}]"
         _fields(category, ("id", "name"), where)
         category_id = _integer(category["id"], where, "id")
@@ -359,84 +602,40 @@ def _build_split(
     label_names = unique_label_names([names_by_id.get(c, str(c)) for c in category_ids], category_ids)
     id2label = dict(enumerate(label_names))
 
-    if not data["images"]:
+    if not content.num_images:
         raise ValueError(f"{annotation_file}: 'images' is empty, so the split {split_name!r} has no examples.")
-    images = _image_columns(data.pop("images"), annotation_file)
-    if "annotations" not in data:
+    if content.image_error is not None:
+        raise content.image_error
+    images = {
+        name: np.concatenate([chunk[name] for chunk in content.image_chunks]) for name in ("id", "width", "height")
+    }
+    images["file_name"] = [name for chunk in content.image_chunks for name in chunk["file_name"]]
+    content.image_chunks.clear()
+    unique, counts = np.unique(images["id"], return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{annotation_file}: image id {int(unique[counts > 1][0])} appears twice in 'images'.")
+    if "annotations" not in content.keys:
         logger.warning(f"{annotation_file} has no 'annotations': every image of {split_name!r} has no objects.")
-    annotations = _annotation_columns(data.pop("annotations", None) or [], annotation_file, images["id"], category_to_label)
-    del data
+    _check_annotation_references(content, images["id"], category_to_label)
 
     stats = AnnotationStats()
     keep_image, paths = _image_paths_and_sizes(images, annotation_file, image_dir, check_images, on_bad_image, stats)
-
-    # Annotations grouped by image (in the json's order within an image), each with its image's row and size.
-    order = np.argsort(images["id"], kind="stable")
-    row = order[np.searchsorted(images["id"], annotations["image_id"], sorter=order)]
-    by_image = np.argsort(row, kind="stable")
-    row = row[by_image]
-    annotations = {name: values[by_image] for name, values in annotations.items()}
-    first_of_image = np.searchsorted(row, row, side="left")
-    position_in_image = np.arange(len(row)) - first_of_image
-    ids = np.where(annotations["has_id"], annotations["id"], annotations["image_id"] * 1000 + position_in_image)
-
-    cleaned = _clean_boxes(annotations["bbox"], images["width"][row], images["height"][row], annotations["area"])
-    counted = keep_image[row]
-    keep = cleaned["keep"] & counted
-    stats.add(
-        {
-            "dropped_nonfinite_boxes": (cleaned["nonfinite"] & counted).sum(),
-            "dropped_empty_boxes": (cleaned["empty"] & counted).sum(),
-            "dropped_outside_boxes": (cleaned["outside"] & counted).sum(),
-            "clipped_boxes": (cleaned["clipped"] & counted).sum(),
-        }
-    )
+    kept = _clean_annotations(content, images, keep_image, category_to_label, stats)
     kept_rows = np.flatnonzero(keep_image)
     if not len(kept_rows):
         raise ValueError(f"{annotation_file}: no usable image left in split {split_name!r}: {stats.to_dict()}.")
-    # Kept images renumbered 0..n-1 in json order; per image, the offset of its first object.
-    new_row = np.cumsum(keep_image) - 1
-    objects_per_image = np.bincount(new_row[row[keep]], minlength=len(kept_rows))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(objects_per_image)]), type=pa.int32())
-    crowd = (annotations["iscrowd"][keep] != 0).astype(np.int8)
+    objects_per_image = np.bincount(kept.row[: kept.size], minlength=len(keep_image))[kept_rows]
     stats.add(
         {
             "images": len(kept_rows),
-            "objects": int(keep.sum()),
-            "crowd_objects": int(crowd.sum()),
+            "objects": kept.size,
+            "crowd_objects": int(kept.crowd[: kept.size].sum()),
             "images_without_objects": int((objects_per_image == 0).sum()),
         }
     )
-
-    lookup_ids = np.array(sorted(category_to_label), dtype=np.int64)
-    lookup_labels = np.array([category_to_label[c] for c in lookup_ids.tolist()], dtype=np.int64)
-    labels = lookup_labels[np.searchsorted(lookup_ids, annotations["category_id"][keep])]
-    boxes = pa.FixedSizeListArray.from_arrays(pa.array(cleaned["bbox"][keep].astype(np.float32).ravel()), 4)
-    objects = pa.StructArray.from_arrays(
-        [
-            _list_array(offsets, pa.array(ids[keep], type=pa.int64())),
-            _list_array(offsets, pa.array(cleaned["area"][keep].astype(np.float32))),
-            _list_array(offsets, boxes),
-            _list_array(offsets, pa.array(labels, type=pa.int64())),
-            _list_array(offsets, pa.array(crowd, type=pa.int8())),
-        ],
-        names=["id", "area", "bbox", "category", "iscrowd"],
-    )
-    image_column = pa.StructArray.from_arrays(
-        [pa.nulls(len(kept_rows), pa.binary()), pa.array([paths[i] for i in kept_rows.tolist()], type=pa.string())],
-        names=["bytes", "path"],
-    )
     features = detection_features(label_names)
-    table = pa.table(
-        {
-            "image": image_column,
-            "image_id": pa.array(images["id"][kept_rows], type=pa.int64()),
-            "width": pa.array(images["width"][kept_rows], type=pa.int32()),
-            "height": pa.array(images["height"][kept_rows], type=pa.int32()),
-            "objects": objects,
-        }
-    ).cast(features.arrow_schema)
-    return table, features, id2label, dict(label2category_id), stats
+    tables = _split_tables(images, paths, keep_image, kept, features)
+    return tables, features, id2label, dict(label2category_id), stats
 
 
 def load_coco_detection(
@@ -505,7 +704,9 @@ def load_coco_detection(
     }
     split = cached_split(
         annotation_cache_key(annotation_file, options),
-        lambda: _build_split(annotation_file, image_dir, check_images, on_bad_image, label2category_id, split_name),
+        lambda scratch_dir: _build_split(
+            annotation_file, image_dir, check_images, on_bad_image, label2category_id, split_name, scratch_dir
+        ),
         cache_dir,
         split_name,
     )
