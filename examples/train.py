@@ -113,6 +113,7 @@ RUN_ARGUMENTS = (
     "adam_beta2",
     "max_grad_norm",
     "lr_scheduler_type",
+    "lr_decay_fraction",
     "num_warmup_steps",
     "seed",
 )

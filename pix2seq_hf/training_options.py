@@ -285,6 +285,11 @@ class RecipeOptions:
         "whichever ends first, the steps or the minutes; the others need a step count (--max_train_steps or "
         "--num_train_epochs).",
     )
+    lr_decay_fraction: float = option(
+        1.0,
+        help="With the `linear` schedule: the last share of the budget (steps or minutes) over which the rate decays "
+        "to 0; before it the rate stays at --learning_rate (1: decay from the end of the warm-up on).",
+    )
     num_warmup_steps: int | None = option(
         help=f"Steps of linear warm-up from 0. Default: {training_plan.WARMUP_FRACTION * 100:g}%% of the planned steps "
         f"(at most {training_plan.MAX_WARMUP_STEPS}) and, with --max_train_minutes and the linear schedule, at most "
@@ -313,6 +318,8 @@ class RecipeOptions:
             _check_at_least(name, getattr(self, name), 1)
         for name in ("weight_decay", "max_grad_norm", "num_warmup_steps"):
             _check_at_least(name, getattr(self, name), 0)
+        if not 0 < self.lr_decay_fraction <= 1:
+            raise ValueError(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction!r}.")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
@@ -357,6 +364,7 @@ class RecipeOptions:
             num_processes=num_processes,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             lr_scheduler_type=self.lr_scheduler_type,
+            decay_fraction=self.lr_decay_fraction,
             max_batch_size=SYNTHETIC_BATCH_SIZE if synthetic else training_plan.MAX_BATCH_SIZE,
         )
 

@@ -52,6 +52,8 @@ class TrainingPlan:
         warmup_steps (`int`): updates of linear warm-up from 0.
         warmup_minutes (`float` or `None`): minutes after which the warm-up ends even if `warmup_steps` are not done.
         lr_scheduler_type (`str`): the schedule after the warm-up.
+        decay_fraction (`float`): with the `linear` schedule, the last share of the budget over which the rate decays
+            to 0 (1: from the end of the warm-up on; 0.2: full rate until 80% of the budget).
     """
 
     num_images: int
@@ -64,6 +66,7 @@ class TrainingPlan:
     warmup_steps: int
     warmup_minutes: float | None
     lr_scheduler_type: str = "linear"
+    decay_fraction: float = 1.0
 
     def describe(self) -> str:
         """The plan in one paragraph, as `examples/train.py` prints it at the start."""
@@ -86,6 +89,10 @@ class TrainingPlan:
             decay = (
                 f"then linear decay to 0 at step {self.max_train_steps} or minute {self.max_train_minutes:g}, "
                 "whichever comes first"
+            )
+        if self.lr_scheduler_type == "linear" and self.decay_fraction < 1:
+            decay = decay.replace(
+                "then linear decay", f"then the full rate for {1 - self.decay_fraction:.0%} of the budget and linear decay"
             )
         return (
             f"Plan: {self.num_images} images, {self.per_device_batch_size} per device and batch, {self.images_per_step} "
@@ -134,6 +141,7 @@ def plan_training(
     num_processes: int = 1,
     gradient_accumulation_steps: int = 1,
     lr_scheduler_type: str = "linear",
+    decay_fraction: float = 1.0,
     max_batch_size: int = MAX_BATCH_SIZE,
     default_num_epochs: int = DEFAULT_NUM_EPOCHS,
 ) -> TrainingPlan:
@@ -154,6 +162,7 @@ def plan_training(
         gradient_accumulation_steps (`int`, *optional*, defaults to 1): batches per update.
         lr_scheduler_type (`str`, *optional*, defaults to `"linear"`): the schedule after the warm-up. Another
             schedule than `linear` needs a step budget.
+        decay_fraction (`float`, *optional*, defaults to 1.0): see `TrainingPlan.decay_fraction`.
         max_batch_size (`int`, *optional*, defaults to `MAX_BATCH_SIZE`): the default batch of a large set.
         default_num_epochs (`int`, *optional*, defaults to `DEFAULT_NUM_EPOCHS`): epochs of a run given no budget (at
             least `MIN_PLANNED_STEPS` steps).
@@ -210,6 +219,7 @@ def plan_training(
         warmup_steps=num_warmup_steps,
         warmup_minutes=warmup_minutes,
         lr_scheduler_type=lr_scheduler_type,
+        decay_fraction=decay_fraction,
     )
 
 

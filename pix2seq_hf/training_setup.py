@@ -260,7 +260,8 @@ class LinearDecayToBudget:
     multiplier is the lower of the steps' share left after the warm-up, `(num_training_steps - step) /
     (num_training_steps - num_warmup_steps)`, and the time's share left of the whole budget, `1 - elapsed /
     budget_seconds` (so a warm-up ended by time ends a little below the full rate, at `1 - warmup_seconds /
-    budget_seconds`).
+    budget_seconds`), divided by `decay_fraction` and capped at 1: with `decay_fraction` 0.2 the rate stays full until
+    80% of the budget and decays to 0 over the last 20% (a warm-up-stable-decay schedule).
 
     The training loop reports the time spent with `set_elapsed`. The elapsed time and the step at which the warm-up
     ended (`warmup_ended_at`) are part of the scheduler's `state_dict` (`LambdaLR` saves the attributes of callable
@@ -273,6 +274,8 @@ class LinearDecayToBudget:
         budget_seconds (`float`, *optional*): seconds at which the rate reaches 0; no time budget when `None`.
         warmup_seconds (`float`, *optional*): seconds after which the warm-up ends even before `num_warmup_steps`; less
             than `budget_seconds`.
+        decay_fraction (`float`, *optional*, defaults to 1.0): the last share of the budget over which the rate
+            decays, in (0, 1].
     """
 
     def __init__(
@@ -281,7 +284,10 @@ class LinearDecayToBudget:
         num_training_steps: int | None,
         budget_seconds: float | None = None,
         warmup_seconds: float | None = None,
+        decay_fraction: float = 1.0,
     ):
+        if not 0 < decay_fraction <= 1:
+            raise ValueError(f"`decay_fraction` must be in (0, 1], got {decay_fraction}.")
         if budget_seconds is not None and budget_seconds <= 0:
             raise ValueError(f"`budget_seconds` must be positive, got {budget_seconds}.")
         if num_training_steps is None and budget_seconds is None:
@@ -295,6 +301,7 @@ class LinearDecayToBudget:
         self.num_training_steps = num_training_steps
         self.budget_seconds = budget_seconds
         self.warmup_seconds = warmup_seconds
+        self.decay_fraction = decay_fraction
         self.elapsed_seconds = 0.0
         self.warmup_ended_at: int | None = None
 
@@ -311,7 +318,7 @@ class LinearDecayToBudget:
         seconds = {"budget_seconds": plan.max_train_minutes, "warmup_seconds": plan.warmup_minutes}
         seconds = {name: None if value is None else value * 60 for name, value in seconds.items()}
         steps = None if plan.max_train_steps is None else plan.max_train_steps * steps_per_update
-        return cls(plan.warmup_steps * steps_per_update, steps, **seconds)
+        return cls(plan.warmup_steps * steps_per_update, steps, **seconds, decay_fraction=plan.decay_fraction)
 
     def set_elapsed(self, seconds: float) -> None:
         """Records the wall time spent so far (the whole run, resumed parts included)."""
@@ -335,7 +342,7 @@ class LinearDecayToBudget:
             remaining = (self.num_training_steps - step) / max(1, self.num_training_steps - self.num_warmup_steps)
         if self.budget_seconds is not None:
             remaining = min(remaining, 1.0 - self.elapsed_seconds / self.budget_seconds)
-        return min(1.0, max(0.0, remaining))
+        return min(1.0, max(0.0, remaining / self.decay_fraction))
 
 
 __all__ = [

@@ -40,6 +40,25 @@ def test_linear_decay_ends_at_whichever_budget_ends_first_and_resumes_its_clock(
         LinearDecayToBudget(10, 110, 0.0)
 
 
+def test_decay_fraction_keeps_the_full_rate_until_the_last_share_of_either_budget():
+    from pix2seq_hf.training_plan import plan_training
+    from pix2seq_hf.training_setup import LinearDecayToBudget
+
+    plan = plan_training(4000, per_device_batch_size=8, max_train_steps=110, num_warmup_steps=10, decay_fraction=0.2)
+    assert "full rate for 80% of the budget and linear decay to 0 at step 110" in plan.describe()
+    schedule = LinearDecayToBudget.for_plan(plan)
+    assert schedule(5) == pytest.approx(0.5)  # the warm-up is unchanged
+    assert schedule(10) == schedule(90) == 1.0  # full rate until 80% of the steps after the warm-up
+    assert schedule(100) == pytest.approx(0.5) and schedule(110) == 0.0
+    timed = LinearDecayToBudget(10, None, budget_seconds=100.0, decay_fraction=0.2)
+    timed.set_elapsed(70.0)
+    assert timed(50) == 1.0
+    timed.set_elapsed(90.0)
+    assert timed(50) == pytest.approx(0.5)  # the minutes bound it the same way
+    with pytest.raises(ValueError, match="decay_fraction"):
+        LinearDecayToBudget(10, 110, decay_fraction=0.0)
+
+
 # ----- soft coordinate targets -------------------------------------------------------------------------------------
 
 
