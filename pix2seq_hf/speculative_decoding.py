@@ -216,55 +216,74 @@ def resolve_drafter(draft) -> Pix2SeqAuxiliaryDrafter | None:
 class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
     """
     transformers' [`CandidateGenerator`] for one image: proposes the next drafted objects after the tokens written so
-    far.
+    far, corrected by what the model predicted in the last verification pass.
 
-    Objects the model has completed are matched to the draft (the nearest remaining drafted box, if its coordinates
-    are within `match_tolerance` bins): the matched object and the drafted ones before it are used up. At an object
-    boundary the draft is the next `objects_per_pass` remaining objects; inside an object, the remaining tokens of the
-    drafted object nearest to the coordinates written so far, then the objects after it.
+    - Objects the model has completed are matched to the draft (the nearest remaining drafted box, if its coordinates
+      are within `match_tolerance` bins): the matched object and the drafted ones before it are used up.
+    - A verification pass that rejects a drafted token also gives the model's predictions at the positions after it,
+      read with the rejected token in the prefix. A drafted box is a few bins off the model's, and the model's next
+      coordinates hardly depend on such a difference, so these predictions start the next draft (as in Jacobi
+      decoding); the drafted objects follow them.
+    - Inside an object, the draft continues with the remaining tokens of the drafted object nearest to the coordinates
+      written so far.
+
+    The draft never holds more than `objects_per_pass` objects' worth of tokens.
 
     Args:
         draft (`torch.LongTensor` of shape `(num_objects, 5)`): the drafted objects' tokens, in writing order.
         prompt_length (`int`): tokens before the first generated one.
         max_length (`int`): the generation's maximum length (prompt included).
         objects_per_pass (`int`): objects proposed per verification at most.
-        coord_token_offset (`int`), num_bins (`int`): where coordinate tokens are (for the matching).
+        num_bins (`int`): coordinate bins (the matching tolerance is 5% of them).
     """
 
-    def __init__(
-        self,
-        draft: torch.LongTensor,
-        prompt_length: int,
-        max_length: int,
-        objects_per_pass: int,
-        coord_token_offset: int,
-        num_bins: int,
-    ):
+    def __init__(self, draft: torch.LongTensor, prompt_length: int, max_length: int, objects_per_pass: int, num_bins: int):
         self.draft = draft.tolist()
         self.prompt_length = prompt_length
         self.max_length = max_length
         self.objects_per_pass = objects_per_pass
-        self.coord_token_offset = coord_token_offset
         self.match_tolerance = max(1, round(0.05 * num_bins))
         self.remaining = list(range(len(self.draft)))
         self.matched_objects = 0
+        # The model's predictions after the last pass's first rejected token, and the position of the first of them.
+        self.predicted: list[int] = []
+        self.predicted_from = -1
         self.statistics = _STATISTICS.get()
         if self.statistics is not None:
             self.statistics.sequences += 1
         self._drafted = 0
 
-    def _distance(self, written: list[int], index: int) -> int:
-        """Largest coordinate difference, in bins, between written tokens and the start of drafted object `index`."""
-        drafted = self.draft[index]
-        return max((abs(a - b) for a, b in zip(written[:4], drafted[:4])), default=0)
+    def _nearest(self, written: list[int], remaining: list[int]) -> int | None:
+        """
+        Position in `remaining` of the drafted object whose first coordinates are nearest to the coordinate tokens
+        `written` (largest difference in bins), if within the tolerance; else None.
+        """
+        best, best_distance = None, self.match_tolerance + 1
+        for position, index in enumerate(remaining):
+            distance = max((abs(a - b) for a, b in zip(written[:4], self.draft[index][:4])), default=0)
+            if distance < best_distance:
+                best, best_distance = position, distance
+        return best
 
-    def _nearest(self, written: list[int]) -> int | None:
-        """Position in `remaining` of the drafted object nearest to `written` within the tolerance, or None."""
-        if not self.remaining:
-            return None
-        distances = [self._distance(written, index) for index in self.remaining]
-        best = min(range(len(distances)), key=distances.__getitem__)
-        return best if distances[best] <= self.match_tolerance else None
+    def _continuation(self, written: list[int], remaining: list[int], budget: int) -> list[int]:
+        """Drafted tokens after the tokens `written` (generated and predicted), from the drafted objects `remaining`."""
+        slot = len(written) % 5
+        for start in range(5 * self.matched_objects, len(written) - slot, 5):
+            position = self._nearest(written[start : start + 4], remaining)
+            if position is not None:
+                remaining = remaining[position + 1 :]
+        proposal = []
+        if slot:
+            position = self._nearest(written[len(written) - slot :], remaining)
+            if position is None:
+                return []
+            proposal = self.draft[remaining[position]][slot:]
+            remaining = remaining[position + 1 :]
+        for index in remaining:
+            if len(proposal) >= budget:
+                break
+            proposal = proposal + self.draft[index]
+        return proposal[:budget]
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         """
@@ -276,26 +295,18 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
             to offer), and no draft logits (the draft is deterministic).
         """
         generated = input_ids[0, self.prompt_length :].tolist()
-        slot = len(generated) % 5
+        # Drafted objects the model has written (or passed) are used up.
         while self.matched_objects < len(generated) // 5:
             start = 5 * self.matched_objects
-            position = self._nearest(generated[start : start + 4])
+            position = self._nearest(generated[start : start + 4], self.remaining)
             if position is not None:
                 del self.remaining[: position + 1]
             self.matched_objects += 1
-
-        proposal, following = [], self.remaining
-        if slot:
-            position = self._nearest(generated[len(generated) - slot :])
-            if position is None:
-                following = []
-            else:
-                proposal = self.draft[self.remaining[position]][slot:]
-                following = self.remaining[position + 1 :]
-        for index in following[: self.objects_per_pass - (1 if slot else 0)]:
-            proposal = proposal + self.draft[index]
         # The verification feeds `length + len(proposal) - 1` positions and may add one token more.
-        proposal = proposal[: max(0, self.max_length - 1 - input_ids.shape[1])]
+        budget = min(5 * self.objects_per_pass, max(0, self.max_length - 1 - input_ids.shape[1]))
+        predicted = self.predicted if self.predicted_from == input_ids.shape[1] else []
+        proposal = predicted[:budget]
+        proposal = proposal + self._continuation(generated + proposal, self.remaining, budget - len(proposal))
         self._drafted = len(proposal)
         if not proposal:
             return input_ids, None
@@ -303,9 +314,18 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
         return torch.cat([input_ids, proposal], dim=1), None
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
-        """Counts the verification (the draft itself does not adapt)."""
+        """
+        Keeps the model's predictions after the first rejected token for the next draft, and counts the pass.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(1, length)`): the sequence after this pass.
+            scores (`torch.FloatTensor` of shape `(1, drafted + 1, vocab_size)`): the processed logits of the pass.
+            num_matches (`int`): drafted tokens accepted.
+        """
+        num_matches = int(num_matches)
+        self.predicted = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()
+        self.predicted_from = input_ids.shape[1]
         if self.statistics is not None:
-            num_matches = int(num_matches)
             self.statistics.passes += 1
             self.statistics.drafted_tokens += self._drafted
             self.statistics.accepted_tokens += num_matches
@@ -325,7 +345,6 @@ def candidate_generator(model, generation_config, input_ids, inputs_tensor, mode
         prompt_length=input_ids.shape[1],
         max_length=generation_config.max_length,
         objects_per_pass=drafter.objects_per_pass,
-        coord_token_offset=model.config.coord_token_offset,
         num_bins=model.config.num_bins,
     )
 
