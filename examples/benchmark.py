@@ -4,6 +4,7 @@
     python examples/benchmark.py --quick              # batch 1 only, one repeat, no compile: ~1-2 minutes
     python examples/benchmark.py --early_stop_model outputs/pix2seq-synthetic   # + early stop's effect on mAP
     python examples/benchmark.py --early_stop_model outputs/pix2seq-synthetic --skip_speed   # that alone
+    python examples/benchmark.py --draft outputs/pix2seq-synthetic --skip_speed   # detection with draft="auxiliary"
 
 Both models have the paper's R50 sizes with random weights: timm ResNet-50, a 6-layer encoder and a 6-layer decoder of
 width 256 with 8 heads and FFN 1024 (DETR's FFN follows `--detr_ffn_dim`, by default Pix2Seq's 1024 so that the two
@@ -117,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "torch's on-disk caches, the second starts from them).",
     )
     parser.add_argument("--first_call_child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--skip_speed", action="store_true", help="Only the early-stop measurement.")
+    parser.add_argument("--skip_speed", action="store_true", help="Only the early-stop and draft measurements.")
     parser.add_argument("--quick", action="store_true", help="Batch 1, one round, no compile, uncached at min K.")
     parser.add_argument(
         "--early_stop_model", default=None, help="A trained model folder: measure early stop's effect on mAP."
@@ -132,6 +133,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "of `examples/overfit_check.py`).",
     )
     parser.add_argument("--early_stop_seed", type=int, default=42, help="Seed of the synthetic set (train.py: 42).")
+    parser.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="A trained model folder whose model has an auxiliary dense head: time `detect` at batch 1 on its "
+        "synthetic validation images (--early_stop_images, --early_stop_seed) with and without `draft='auxiliary'` "
+        "(speculative decoding), greedy and with the model's sampling, and count decoder passes per image.",
+    )
     parser.add_argument("--omp_wait_policy", choices=["PASSIVE", "ACTIVE"], default=None,
                         help="OpenMP waiting (see above); default: OpenMP's own.")
     parser.add_argument("--output", default="benchmark_results.json", help="Where the results go (JSON).")
@@ -868,6 +877,44 @@ def early_stop_effect(args, device) -> dict:
     return results
 
 
+def draft_effect(args, device) -> dict:
+    """`--draft`: `detect` latency at batch 1 with and without `draft="auxiliary"` on a trained model's synthetic
+    validation images, interleaved per image, and the decoder passes per image with the draft."""
+    from transformers import AutoModelForObjectDetection, AutoProcessor
+
+    from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
+    from pix2seq_hf.speculative_decoding import Pix2SeqAuxiliaryDrafter, acceptance_statistics
+
+    model = AutoModelForObjectDetection.from_pretrained(args.draft).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.draft)
+    splits = load_detection_splits(
+        synthetic_train_size=1, synthetic_validation_size=args.early_stop_images, seed=args.early_stop_seed
+    )
+    collator = Pix2SeqCollator(processor, training=False, return_sequences=False)
+    images = [collator([example])["pixel_values"].to(device) for example in splits.validation]
+    drafter = Pix2SeqAuxiliaryDrafter(object_order=processor.object_order)
+    results = {"model": args.draft, "images": len(images), "draft": repr(drafter), "modes": {}}
+    for mode, options in (("greedy", {"do_sample": False}), ("sampling", {})):
+        seconds = {"no draft": [], "draft": []}
+        with acceptance_statistics() as counts:
+            for round_index in range(-1, args.repeats):  # round -1: warm-up
+                for pixel_values in images if round_index >= 0 else images[:1]:
+                    for name, extra in (("no draft", {}), ("draft", {"draft": drafter})):
+                        with torch.inference_mode():
+                            elapsed, _ = timed(lambda: model.detect(pixel_values, **options, **extra), device)
+                        if round_index >= 0:
+                            seconds[name].append(elapsed)
+        entry = {name: sum(values) / len(values) for name, values in seconds.items()}
+        per_round = 1 + args.repeats * len(images)  # the warm-up image is counted too
+        entry["speed_up"] = entry["no draft"] / entry["draft"]
+        entry["passes_per_image"] = counts.passes / per_round
+        entry["tokens_per_pass"] = counts.tokens_per_pass
+        entry["acceptance_rate"] = counts.acceptance_rate
+        results["modes"][mode] = entry
+        logger.info("draft %s: %s", mode, entry)
+    return results
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1190,6 +1237,13 @@ def main(argv=None) -> int:
         for name, entry in report["early_stop"]["settings"].items():
             print(f"| {name} | {entry['map']:.4f} | {entry['map_50']:.4f} | {entry['tokens_per_image']:.1f} | "
                   f"{entry['seconds']:.1f} |")
+    if args.draft:
+        report["draft"] = draft_effect(args, devices[-1])
+        print("\n| decoding | s per image, no draft | s per image, draft | speed-up | passes/image | tokens/pass |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for mode, entry in report["draft"]["modes"].items():
+            print(f"| {mode} | {entry['no draft']:.4f} | {entry['draft']:.4f} | {entry['speed_up']:.2f} | "
+                  f"{entry['passes_per_image']:.1f} | {entry['tokens_per_pass']:.2f} |")
     with contextlib.suppress(OSError):
         report["machine"]["load_average_end"] = os.getloadavg()
     report["machine"]["total_seconds"] = time.perf_counter() - start
