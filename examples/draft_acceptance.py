@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForObjectDetection, AutoProcessor
 
+from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
 from pix2seq_hf.speculative_decoding import Pix2SeqAuxiliaryDrafter, acceptance_statistics
 
@@ -55,12 +56,17 @@ def written_objects(sequence: torch.Tensor, config) -> torch.Tensor:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="A saved model and processor (e.g. train.py's output_dir).")
     parser.add_argument("--images", type=int, default=100, help="Synthetic validation images.")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the synthetic set (train.py's default: 42).")
     parser.add_argument("--synthetic_variant", default="shapes", help="Synthetic set: shapes or dense.")
-    parser.add_argument("--drafter", choices=["auxiliary", "batch_mate"], default="auxiliary")
+    parser.add_argument(
+        "--drafter",
+        choices=["auxiliary", "batch_mate"],
+        default="auxiliary",
+        help="The model's auxiliary dense head, or the objects the model wrote for the previous image.",
+    )
     parser.add_argument("--objects_per_pass", type=int, default=4, help="Objects verified per decoder pass at most.")
     parser.add_argument("--score_threshold", type=float, default=0.3, help="Auxiliary drafter's score threshold.")
     parser.add_argument("--top_p", type=float, default=0.4, help="Top-p of the sampling run.")
