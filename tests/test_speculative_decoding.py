@@ -190,3 +190,17 @@ def test_detect_with_a_draft_gives_the_same_detections():
     torch.testing.assert_close(drafted.pred_boxes, reference.pred_boxes)
     torch.testing.assert_close(drafted.scores, reference.scores, rtol=1e-4, atol=1e-5)
     assert torch.equal(drafted.labels, reference.labels)
+
+
+def test_draft_in_the_generation_config_is_saved_and_used(tmp_path):
+    model = head_model(seed=8)
+    pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    reference = model.generate(pixel_values, do_sample=False, max_new_tokens=20).sequences
+    model.generation_config.draft = "auxiliary"
+    model.save_pretrained(tmp_path)
+    loaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path).eval()
+    assert loaded.generation_config.draft == "auxiliary"
+    with acceptance_statistics() as statistics:
+        sequences = loaded.generate(pixel_values, do_sample=False, max_new_tokens=20).sequences
+    assert statistics.sequences == 1 and torch.equal(sequences, reference)
+    assert loaded.generation_config.draft == "auxiliary"  # the call's resolved drafter stays in the call
