@@ -704,13 +704,17 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             **model_kwargs,
         )
 
-    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs):
+    def _get_candidate_generator(
+        self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
+    ):
         """The drafted objects as candidates when a `draft` is asked for (see [`speculative_decoding`])."""
         if getattr(generation_config, "draft", None) is None:
             return super()._get_candidate_generator(
                 generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
             )
-        return speculative_decoding.candidate_generator(self, generation_config, input_ids, inputs_tensor, model_kwargs)
+        return speculative_decoding.candidate_generator(
+            self, generation_config, input_ids, inputs_tensor, model_kwargs
+        )
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):

@@ -237,7 +237,9 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
         num_bins (`int`): coordinate bins (the matching tolerance is 5% of them).
     """
 
-    def __init__(self, draft: torch.LongTensor, prompt_length: int, max_length: int, objects_per_pass: int, num_bins: int):
+    def __init__(
+        self, draft: torch.LongTensor, prompt_length: int, max_length: int, objects_per_pass: int, num_bins: int
+    ):
         self.draft = draft.tolist()
         self.prompt_length = prompt_length
         self.max_length = max_length
@@ -266,7 +268,7 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
         return best
 
     def _continuation(self, written: list[int], remaining: list[int], budget: int) -> list[int]:
-        """Drafted tokens after the tokens `written` (generated and predicted), from the drafted objects `remaining`."""
+        """Drafted tokens after the tokens `written` (generated, then predicted), from the objects `remaining`."""
         slot = len(written) % 5
         for start in range(5 * self.matched_objects, len(written) - slot, 5):
             position = self._nearest(written[start : start + 4], remaining)

@@ -73,7 +73,7 @@ def test_auxiliary_draft_gives_the_greedy_tokens_and_logits():
 
 @pytest.mark.parametrize("shift", [0, 1, 7])
 def test_drafted_objects_are_verified(shift):
-    """A right draft is accepted (few passes), a shifted one is rejected where wrong: the tokens are the greedy ones."""
+    """A right draft is accepted (few passes), a shifted one rejected where wrong: the tokens are the greedy ones."""
     model = head_model(seed=2)
     pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     options = dict(do_sample=False, min_objects=6, max_new_tokens=30)
@@ -95,7 +95,9 @@ def test_drafted_objects_are_verified(shift):
 
 def test_candidates_follow_the_written_objects():
     draft = torch.tensor([[200, 200, 210, 210, 40], [230, 230, 240, 240, 41], [260, 260, 270, 270, 42]])
-    generator = Pix2SeqObjectCandidateGenerator(draft, prompt_length=1, max_length=41, objects_per_pass=2, num_bins=100)
+    generator = Pix2SeqObjectCandidateGenerator(
+        draft, prompt_length=1, max_length=41, objects_per_pass=2, num_bins=100
+    )
     prompt = torch.tensor([[10]])
     candidates, logits = generator.get_candidates(prompt)
     assert logits is None and candidates[0, 1:].tolist() == draft[:2].flatten().tolist()
