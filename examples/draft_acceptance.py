@@ -4,8 +4,9 @@ per pass, with the model's auxiliary dense head as drafter (`generate(..., draft
 validation set `examples/train.py` evaluates on. Also checks that greedy decoding gives the same tokens with and
 without the draft.
 
-`--drafter batch_mate` measures instead a drafter a model without the head could use: the objects the model wrote for
-the previous image of the set (as a batch-mate's or the previous video frame's detections would be).
+Drafters a model without the head can use: `--drafter lookahead` (`draft="lookahead"`: the model's own predictions
+from the last pass, no drafted objects) and `--drafter batch_mate` (the objects the model wrote for the previous image
+of the set, as a batch-mate's or the previous video frame's detections would be, then as `lookahead`).
 
     python examples/draft_acceptance.py --model runs/my-model --images 100
     python examples/draft_acceptance.py --model runs/my-model --drafter batch_mate
@@ -25,7 +26,11 @@ from transformers import AutoModelForObjectDetection, AutoProcessor
 
 from pix2seq_hf.cli import HelpFormatter
 from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
-from pix2seq_hf.speculative_decoding import Pix2SeqAuxiliaryDrafter, acceptance_statistics
+from pix2seq_hf.speculative_decoding import (
+    Pix2SeqAuxiliaryDrafter,
+    Pix2SeqLookaheadDrafter,
+    acceptance_statistics,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -63,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--synthetic_variant", default="shapes", help="Synthetic set: shapes or dense.")
     parser.add_argument(
         "--drafter",
-        choices=["auxiliary", "batch_mate"],
+        choices=["auxiliary", "lookahead", "batch_mate"],
         default="auxiliary",
-        help="The model's auxiliary dense head, or the objects the model wrote for the previous image.",
+        help="The model's auxiliary dense head, no drafted objects, or the objects written for the previous image.",
     )
     parser.add_argument("--objects_per_pass", type=int, default=4, help="Objects verified per decoder pass at most.")
     parser.add_argument("--score_threshold", type=float, default=0.3, help="Auxiliary drafter's score threshold.")
@@ -108,6 +113,8 @@ def main(argv=None) -> dict:
                 tokens += len(reference) - 1  # a batch of one ends at its EOS: one pass per token
                 if args.drafter == "auxiliary":
                     draft = auxiliary
+                elif args.drafter == "lookahead":
+                    draft = Pix2SeqLookaheadDrafter(args.objects_per_pass)
                 else:
                     draft = FixedDrafter(previous, args.objects_per_pass)
                     previous = objects

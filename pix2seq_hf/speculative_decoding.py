@@ -2,13 +2,21 @@
 Speculative decoding of whole objects: a drafter proposes the tokens of the next objects and one decoder pass over the
 draft verifies them, so that an image costs fewer decoder passes than tokens.
 
-The drafter is the model's auxiliary dense head ([`Pix2SeqAuxiliaryDenseHead`], trained by the default recipe): after
-the encoder, its per-cell boxes and classes are turned into detections (score threshold and non-maximum suppression),
-put in the order the model writes objects (the processor's `object_order`, `"dist2ori"` for the default recipe) and
-quantised exactly as the decoder's tokens. The verification is transformers' assisted generation
-(`GenerationMixin._assisted_decoding`, with [`Pix2SeqObjectCandidateGenerator`] as its candidate generator): the
-decoder runs once over the draft, the longest prefix of the draft that the model would have written itself is kept
-plus the model's own next token, and the cache is cropped past it.
+Drafters:
+
+- `draft="auxiliary"` ([`Pix2SeqAuxiliaryDrafter`]): the model's auxiliary dense head (trained by the default recipe).
+  After the encoder, its per-cell boxes and classes are turned into detections (score threshold and non-maximum
+  suppression), put in the order the model writes objects (the processor's `object_order`, `"dist2ori"` for the
+  default recipe) and quantised exactly as the decoder's tokens.
+- `draft="lookahead"` ([`Pix2SeqLookaheadDrafter`]): no drafted objects, for models without the head.
+
+Either way, a verification pass that rejects a drafted token also yields the model's predictions at the positions
+after it, and these start the next draft (as in Jacobi decoding; [`Pix2SeqObjectCandidateGenerator`]).
+
+The verification is transformers' assisted generation (`GenerationMixin._assisted_decoding`, with
+[`Pix2SeqObjectCandidateGenerator`] as its candidate generator): the decoder runs once over the draft, the longest
+prefix of the draft that the model would have written itself is kept plus the model's own next token, and the cache
+is cropped past it.
 
 - Greedy decoding: the tokens are those of decoding without a draft (a drafted token is kept only when it is the
   argmax of the model's processed logits at its position).
@@ -17,8 +25,7 @@ plus the model's own next token, and the cache is cropped past it.
   sample that differs is kept as the model's token. The output distribution is that of decoding without a draft
   (the random draws differ, so a seeded call gives other, equally distributed tokens).
 
-Use it with `model.generate(pixel_values, draft="auxiliary")` (or `draft=Pix2SeqAuxiliaryDrafter(...)` for other
-settings); [`acceptance_statistics`] counts the decoder passes and accepted tokens.
+[`acceptance_statistics`] counts the decoder passes and accepted tokens.
 """
 
 from __future__ import annotations
@@ -109,9 +116,39 @@ def acceptance_statistics() -> Iterator[DraftStatistics]:
         _STATISTICS.reset(token)
 
 
-class Pix2SeqAuxiliaryDrafter:
+class Pix2SeqLookaheadDrafter:
     """
-    Drafts the objects of each image from the model's auxiliary dense head.
+    Drafts no objects of its own: the draft of every pass is the model's predictions from the last pass (see
+    [`Pix2SeqObjectCandidateGenerator`]), topped up with copies of the last object written. Needs no auxiliary head
+    (`draft="lookahead"`), so it serves models without one, such as converted official checkpoints.
+
+    Args:
+        objects_per_pass (`int`, *optional*, defaults to 4): how many objects' worth of tokens one verification pass
+            checks at most.
+    """
+
+    def __init__(self, objects_per_pass: int = 4):
+        if isinstance(objects_per_pass, bool) or not isinstance(objects_per_pass, int) or objects_per_pass < 1:
+            raise ValueError(f"`objects_per_pass` of the draft must be a positive int, got {objects_per_pass!r}.")
+        self.objects_per_pass = objects_per_pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(objects_per_pass={self.objects_per_pass})"
+
+    @staticmethod
+    def check_model(model) -> None:
+        """Raises `ValueError` when `model` cannot be drafted for (any Pix2Seq model can)."""
+
+    def draft_objects(self, encoder_outputs, config, image_size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """No drafted objects: one empty `(0, 5)` tensor per image."""
+        batch_size = encoder_outputs[0].shape[0]
+        return [torch.zeros(0, 5, dtype=torch.long) for _ in range(batch_size)]
+
+
+class Pix2SeqAuxiliaryDrafter(Pix2SeqLookaheadDrafter):
+    """
+    Drafts the objects of each image from the model's auxiliary dense head (`draft="auxiliary"`), then goes on as
+    [`Pix2SeqLookaheadDrafter`] once they are used up.
 
     Every feature cell of the head predicts class scores (sigmoid) and the distances from its centre to the four sides
     of a box. The cells whose best class scores at least `score_threshold` are detections; non-maximum suppression
@@ -140,12 +177,10 @@ class Pix2SeqAuxiliaryDrafter:
         for name, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` of the draft must be a number in [0, 1], got {value!r}.")
-        if isinstance(objects_per_pass, bool) or not isinstance(objects_per_pass, int) or objects_per_pass < 1:
-            raise ValueError(f"`objects_per_pass` of the draft must be a positive int, got {objects_per_pass!r}.")
+        super().__init__(objects_per_pass)
         self.object_order = "dist2ori" if object_order == "random" else object_order
         self.score_threshold = float(score_threshold)
         self.iou_threshold = float(iou_threshold)
-        self.objects_per_pass = objects_per_pass
 
     def __repr__(self) -> str:
         return (
@@ -202,14 +237,21 @@ class Pix2SeqAuxiliaryDrafter:
         return drafts
 
 
-def resolve_drafter(draft) -> Pix2SeqAuxiliaryDrafter | None:
-    """The drafter named by the `draft` generation option: `None`, `"auxiliary"` or a [`Pix2SeqAuxiliaryDrafter`]."""
-    if draft is None or isinstance(draft, Pix2SeqAuxiliaryDrafter):
+# The drafters `draft` names.
+DRAFTERS = {"auxiliary": Pix2SeqAuxiliaryDrafter, "lookahead": Pix2SeqLookaheadDrafter}
+
+
+def resolve_drafter(draft) -> Pix2SeqLookaheadDrafter | None:
+    """
+    The drafter of the `draft` generation option: `None`, a name of `DRAFTERS` (`"auxiliary"`, `"lookahead"`) or a
+    drafter ([`Pix2SeqAuxiliaryDrafter`], [`Pix2SeqLookaheadDrafter`]).
+    """
+    if draft is None or isinstance(draft, Pix2SeqLookaheadDrafter):
         return draft
-    if draft == "auxiliary":
-        return Pix2SeqAuxiliaryDrafter()
+    if isinstance(draft, str) and draft in DRAFTERS:
+        return DRAFTERS[draft]()
     raise ValueError(
-        f"`draft` must be None, 'auxiliary' or a `Pix2SeqAuxiliaryDrafter`, got {draft!r}."
+        f"`draft` must be None, one of {sorted(DRAFTERS)} or a `Pix2SeqLookaheadDrafter`, got {draft!r}."
     )
 
 
@@ -226,6 +268,8 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
       decoding); the drafted objects follow them.
     - Inside an object, the draft continues with the remaining tokens of the drafted object nearest to the coordinates
       written so far.
+    - Where the drafted objects run out, copies of the last object written fill the draft: they are rarely right
+      themselves, but the pass reads the model's predictions after them, which start the next draft.
 
     The draft never holds more than `objects_per_pass` objects' worth of tokens.
 
@@ -278,14 +322,30 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
         if slot:
             position = self._nearest(written[len(written) - slot :], remaining)
             if position is None:
-                return []
+                return self._filler(written, budget)
             proposal = self.draft[remaining[position]][slot:]
             remaining = remaining[position + 1 :]
         for index in remaining:
             if len(proposal) >= budget:
                 break
             proposal = proposal + self.draft[index]
-        return proposal[:budget]
+        return (proposal + self._filler(written + proposal, budget - len(proposal)))[:budget]
+
+    @staticmethod
+    def _filler(written: list[int], budget: int) -> list[int]:
+        """
+        Up to `budget` tokens that continue `written` with copies of its last complete object (the rest of the
+        current object first): a guess, whose real use is the model's predictions after it, read in the same pass.
+        """
+        slot = len(written) % 5
+        end = len(written) - slot
+        if budget <= 0 or end < 5:
+            return []
+        last = written[end - 5 : end]
+        filler = last[slot:]
+        while len(filler) < budget:
+            filler = filler + last
+        return filler[:budget]
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         """
@@ -353,7 +413,7 @@ def candidate_generator(model, generation_config, input_ids, inputs_tensor, mode
 
 def check_draft_options(model, generation_config) -> None:
     """Raises `ValueError` for a draft the model or the other generation options cannot honour."""
-    Pix2SeqAuxiliaryDrafter.check_model(model)
+    generation_config.draft.check_model(model)
     if generation_config.num_beams != 1:
         raise ValueError(
             f"`draft` speculates for greedy decoding and sampling, not beam search (`num_beams="
@@ -439,8 +499,10 @@ def assisted_decoding_per_image(model, input_ids, logits_processor, stopping_cri
 
 
 __all__ = [
+    "DRAFTERS",
     "DraftStatistics",
     "Pix2SeqAuxiliaryDrafter",
+    "Pix2SeqLookaheadDrafter",
     "Pix2SeqObjectCandidateGenerator",
     "acceptance_statistics",
 ]

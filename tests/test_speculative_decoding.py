@@ -102,10 +102,11 @@ def test_candidates_follow_the_written_objects():
     candidates, logits = generator.get_candidates(prompt)
     assert logits is None and candidates[0, 1:].tolist() == draft[:2].flatten().tolist()
     # The model wrote the first object slightly differently and started the second: the draft completes the second
-    # object (matched by its first coordinates) and goes on with the third.
+    # object (matched by its first coordinates), goes on with the third and fills up two objects' worth of tokens with
+    # a copy of the last.
     written = torch.tensor([[10, 201, 200, 210, 211, 40, 231]])
     candidates, _ = generator.get_candidates(written)
-    assert candidates[0, 7:].tolist() == [230, 240, 240, 41, 260, 260, 270, 270, 42]
+    assert candidates[0, 7:].tolist() == [230, 240, 240, 41, 260, 260, 270, 270, 42, 260]
     # Near the maximum length the draft is cut so that the verification stays within it.
     generator = Pix2SeqObjectCandidateGenerator(draft, prompt_length=1, max_length=5, objects_per_pass=2, num_bins=100)
     candidates, _ = generator.get_candidates(prompt)
@@ -176,7 +177,7 @@ def test_draft_needs_a_head_and_a_known_name():
     pixel_values = torch.rand(1, 3, 64, 64)
     with pytest.raises(ValueError, match="auxiliary dense head"):
         model.generate(pixel_values, draft="auxiliary", max_new_tokens=5)
-    with pytest.raises(ValueError, match="`draft` must be None, 'auxiliary'"):
+    with pytest.raises(ValueError, match=r"`draft` must be None, one of \['auxiliary', 'lookahead'\]"):
         head_model().generate(pixel_values, draft="aux", max_new_tokens=5)
     with pytest.raises(ValueError, match="early_stop_patience"):
         head_model().generate(pixel_values, draft="auxiliary", early_stop_patience=2, max_new_tokens=5)
@@ -206,3 +207,24 @@ def test_draft_in_the_generation_config_is_saved_and_used(tmp_path):
         sequences = loaded.generate(pixel_values, do_sample=False, max_new_tokens=20).sequences
     assert statistics.sequences == 1 and torch.equal(sequences, reference)
     assert loaded.generation_config.draft == "auxiliary"  # the call's resolved drafter stays in the call
+
+
+def test_lookahead_draft_needs_no_head_and_gives_the_greedy_tokens():
+    torch.manual_seed(10)
+    model = Pix2SeqForObjectDetection(tiny_config()).eval()
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    options = dict(do_sample=False, min_objects=5, max_new_tokens=40)
+    reference = model.generate(pixel_values, **options).sequences
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, draft="lookahead", **options).sequences
+    assert torch.equal(drafted, reference)
+    assert statistics.drafted_tokens > 0
+
+
+def test_filler_repeats_the_last_written_object():
+    generator = Pix2SeqObjectCandidateGenerator(
+        torch.zeros(0, 5, dtype=torch.long), prompt_length=1, max_length=41, objects_per_pass=2, num_bins=100
+    )
+    assert generator.get_candidates(torch.tensor([[10, 201]]))[0].shape[1] == 2  # nothing written to repeat yet
+    candidates, _ = generator.get_candidates(torch.tensor([[10, 201, 202, 203, 204, 40, 230]]))
+    assert candidates[0, 7:].tolist() == [202, 203, 204, 40, 201, 202, 203, 204, 40, 201]  # two objects' worth
