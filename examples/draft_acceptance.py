@@ -36,7 +36,7 @@ from pix2seq_hf.speculative_decoding import (
 logger = logging.getLogger(__name__)
 
 
-class FixedDrafter(Pix2SeqAuxiliaryDrafter):
+class FixedDrafter(Pix2SeqLookaheadDrafter):
     """A drafter that proposes given objects (`(num_objects, 5)` tokens) for the one image of a `generate` call."""
 
     def __init__(self, objects: torch.Tensor, objects_per_pass: int):
@@ -45,10 +45,6 @@ class FixedDrafter(Pix2SeqAuxiliaryDrafter):
 
     def draft_objects(self, encoder_outputs, config, image_size=None):
         return [self.objects]
-
-    @staticmethod
-    def check_model(model) -> None:
-        """Needs no head."""
 
 
 def written_objects(sequence: torch.Tensor, config) -> torch.Tensor:
