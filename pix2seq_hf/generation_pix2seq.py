@@ -30,7 +30,12 @@ from transformers.utils import ModelOutput
 
 from .box_codec import Pix2SeqTokenLayout, best_class_scores
 from .fast_generation import Pix2SeqStaticDecoding
-from . import speculative_decoding
+from .speculative_decoding import (
+    assisted_decoding_per_image,
+    candidate_generator,
+    check_draft_options,
+    resolve_drafter,
+)
 
 
 # The Pix2Seq decoding options, with their defaults (the one place they are written). They are stored as custom entries
@@ -69,8 +74,8 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # it was. None: draw from the global random state. `generate` never uses it (the paper's unseeded sampling).
     "detect_seed": 0,
     # Speculative decoding of whole objects (`speculative_decoding`): "auxiliary" drafts the next objects from the
-    # model's auxiliary dense head and verifies them in one decoder pass (same tokens for greedy decoding, same
-    # distribution for sampling). None: no draft.
+    # model's auxiliary dense head, "lookahead" from the model's own predictions, and one decoder pass verifies them
+    # (same tokens for greedy decoding, same distribution for sampling). None: no draft.
     "draft": None,
 }
 
@@ -578,7 +583,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         top_p = generation_config.top_p
         if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"`top_p` is the probability mass kept when sampling, in (0, 1]; got {top_p!r}.")
-        generation_config.draft = speculative_decoding.resolve_drafter(generation_config.draft)
+        generation_config.draft = resolve_drafter(generation_config.draft)
         if generation_config.official_evaluation:
             # The official evaluation never stops at EOS (an unset EOS would be filled in from the model's config).
             generation_config.eos_token_id = None
@@ -672,8 +677,8 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         ([`speculative_decoding`]); else in [`Pix2SeqStaticDecoding`] where it applies, else transformers' loop.
         """
         if getattr(generation_config, "draft", None) is not None:
-            speculative_decoding.check_draft_options(self, generation_config)
-            return speculative_decoding.assisted_decoding_per_image(
+            check_draft_options(self, generation_config)
+            return assisted_decoding_per_image(
                 self,
                 input_ids,
                 logits_processor,
@@ -712,9 +717,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             return super()._get_candidate_generator(
                 generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
             )
-        return speculative_decoding.candidate_generator(
-            self, generation_config, input_ids, inputs_tensor, model_kwargs
-        )
+        return candidate_generator(self, generation_config, input_ids, inputs_tensor, model_kwargs)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
