@@ -28,6 +28,12 @@ from transformers.generation.logits_process import (
 
 from .box_codec import TOKENS_PER_OBJECT, Pix2SeqTokenLayout, best_class_scores
 from .fast_generation import Pix2SeqStaticDecoding
+from .speculative_decoding import (
+    assisted_decoding_per_image,
+    candidate_generator,
+    check_draft_options,
+    resolve_drafter,
+)
 
 
 # The Pix2Seq decoding options, with their defaults (the one place they are written). They are stored as custom entries
@@ -62,6 +68,10 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # to this value on every call, so an image gets the same detections every time; the global random state is left as
     # it was. None: draw from the global random state. `generate` never uses it (the paper's unseeded sampling).
     "detect_seed": 0,
+    # Speculative decoding of whole objects (`speculative_decoding`): "auxiliary" drafts the next objects from the
+    # model's auxiliary dense head, "lookahead" from the model's own predictions, and one decoder pass verifies them
+    # (same tokens for greedy decoding, same distribution for sampling). None: no draft.
+    "draft": None,
 }
 
 
@@ -552,6 +562,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         top_p = generation_config.top_p
         if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"`top_p` is the probability mass kept when sampling, in (0, 1]; got {top_p!r}.")
+        generation_config.draft = resolve_drafter(generation_config.draft)
         return generation_config, model_kwargs
 
     def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
@@ -629,9 +640,26 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         generation_config,
         synced_gpus: bool = False,
         streamer=None,
+        inputs_tensor=None,
         **model_kwargs,
     ):
-        """Greedy decoding and sampling: in [`Pix2SeqStaticDecoding`] where it applies, else transformers' loop."""
+        """
+        Greedy decoding and sampling: with a `draft`, transformers' assisted decoding with the draft as candidates
+        ([`speculative_decoding`]); else in [`Pix2SeqStaticDecoding`] where it applies, else transformers' loop.
+        """
+        if getattr(generation_config, "draft", None) is not None:
+            check_draft_options(self, generation_config)
+            return assisted_decoding_per_image(
+                self,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                synced_gpus=synced_gpus,
+                streamer=streamer,
+                inputs_tensor=inputs_tensor,
+                **model_kwargs,
+            )
         if not synced_gpus and self.static_decoding_applies(generation_config, logits_processor, model_kwargs):
             return self.static_decoding(
                 self,
@@ -651,6 +679,16 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             streamer=streamer,
             **model_kwargs,
         )
+
+    def _get_candidate_generator(
+        self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
+    ):
+        """The drafted objects as candidates when a `draft` is asked for (see [`speculative_decoding`])."""
+        if getattr(generation_config, "draft", None) is None:
+            return super()._get_candidate_generator(
+                generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
+            )
+        return candidate_generator(self, generation_config, input_ids, inputs_tensor, model_kwargs)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):

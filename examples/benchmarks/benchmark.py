@@ -4,6 +4,7 @@
     python examples/benchmarks/benchmark.py --quick        # batch 1 only, one repeat, no compile: ~1-2 minutes
     python examples/benchmarks/benchmark.py --early_stop_model outputs/pix2seq-synthetic  # + early stop's effect on mAP
     python examples/benchmarks/benchmark.py --early_stop_model outputs/pix2seq-synthetic --skip_speed   # that alone
+    python examples/benchmarks/benchmark.py --draft outputs/pix2seq-synthetic --skip_speed  # draft="auxiliary"
 
 Both models have the paper's R50 sizes with random weights: timm ResNet-50, a 6-layer encoder and a 6-layer decoder of
 width 256 with 8 heads and FFN 1024 (DETR's FFN follows `--detr_ffn_dim`, by default Pix2Seq's 1024 so that the two
@@ -71,6 +72,7 @@ from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
 import pix2seq_hf  # noqa: E402, F401
 from pix2seq_hf.cli import HelpFormatter  # noqa: E402
+from pix2seq_hf.configuration_pix2seq import TOKENS_PER_OBJECT  # noqa: E402
 from pix2seq_hf.fast_generation import Pix2SeqStaticDecoding  # noqa: E402
 from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection, shift_tokens_right  # noqa: E402
 from pix2seq_hf.presets import get_preset_config  # noqa: E402
@@ -117,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "torch's on-disk caches, the second starts from them).",
     )
     parser.add_argument("--first_call_child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--skip_speed", action="store_true", help="Only the early-stop measurement.")
+    parser.add_argument("--skip_speed", action="store_true", help="Only the early-stop and draft measurements.")
     parser.add_argument("--quick", action="store_true", help="Batch 1, one round, no compile, uncached at min K.")
     parser.add_argument(
         "--early_stop_model", default=None, help="A trained model folder: measure early stop's effect on mAP."
@@ -132,6 +134,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "of `examples/benchmarks/overfit_check.py`).",
     )
     parser.add_argument("--early_stop_seed", type=int, default=42, help="Seed of the synthetic set (train.py: 42).")
+    parser.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="A trained model folder whose model has an auxiliary dense head: time `detect` at batch 1 on its "
+        "synthetic validation images (--early_stop_images, --early_stop_seed) with and without `draft='auxiliary'` "
+        "(speculative decoding), greedy and with the model's sampling, and count decoder passes per image.",
+    )
     parser.add_argument("--omp_wait_policy", choices=["PASSIVE", "ACTIVE"], default=None,
                         help="OpenMP waiting (see above); default: OpenMP's own.")
     parser.add_argument("--output", default="benchmark_results.json", help="Where the results go (JSON).")
@@ -299,7 +309,7 @@ def pix2seq_training_batch(config, batch_size: int, device, generator) -> dict:
     classes = torch.randint(
         layout.class_token_offset, layout.class_token_end, (batch_size, num_objects, 1), generator=generator
     )
-    labels = torch.cat([coordinates, classes], dim=-1).view(batch_size, 5 * num_objects)
+    labels = torch.cat([coordinates, classes], dim=-1).view(batch_size, TOKENS_PER_OBJECT * num_objects)
     labels = torch.cat([labels, torch.full((batch_size, 1), layout.eos_token_id)], dim=1)
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
     return {"labels": labels.to(device), "decoder_input_ids": decoder_input_ids.to(device)}
@@ -486,24 +496,37 @@ class Runner:
             self.pix2seq.set_attn_implementation("sdpa")
 
     def detect(self, pixel_values, num_objects: int, loop: str):
-        kwargs = {"max_new_tokens": 5 * num_objects, "min_objects": num_objects, **self._loop_kwargs(loop)}
+        kwargs = {
+            "max_new_tokens": TOKENS_PER_OBJECT * num_objects,
+            "min_objects": num_objects,
+            **self._loop_kwargs(loop),
+        }
         with torch.inference_mode(), self.autocast(loop), self._attention(loop):
             output = self.model_for(loop).detect(pixel_values, **kwargs)
-        if output.sequences.shape[1] != 1 + 5 * num_objects:
-            raise RuntimeError(f"Expected {5 * num_objects} tokens, got {output.sequences.shape[1] - 1}.")
+        if output.sequences.shape[1] != 1 + TOKENS_PER_OBJECT * num_objects:
+            raise RuntimeError(
+                f"Expected {TOKENS_PER_OBJECT * num_objects} tokens, got {output.sequences.shape[1] - 1}."
+            )
         return output
 
     def decode(self, encoder_hidden_states, num_objects: int, loop: str, **kwargs):
         """The decoder alone: `generate` from given encoder outputs, exactly `5 * num_objects` tokens unless
         `kwargs` say otherwise."""
-        kwargs = {"max_new_tokens": 5 * num_objects, "min_objects": num_objects, **kwargs, **self._loop_kwargs(loop)}
+        kwargs = {
+            "max_new_tokens": TOKENS_PER_OBJECT * num_objects,
+            "min_objects": num_objects,
+            **kwargs,
+            **self._loop_kwargs(loop),
+        }
         model = self.model_for(loop)
         with torch.inference_mode(), self.autocast(loop), self._attention(loop):
             output = model.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states.to(model.dtype)), **kwargs
             )
-        if "logits_processor" not in kwargs and output.sequences.shape[1] != 1 + 5 * num_objects:
-            raise RuntimeError(f"Expected {5 * num_objects} tokens, got {output.sequences.shape[1] - 1}.")
+        if "logits_processor" not in kwargs and output.sequences.shape[1] != 1 + TOKENS_PER_OBJECT * num_objects:
+            raise RuntimeError(
+                f"Expected {TOKENS_PER_OBJECT * num_objects} tokens, got {output.sequences.shape[1] - 1}."
+            )
         return output
 
     def encode(self, pixel_values):
@@ -533,8 +556,8 @@ class Runner:
             loops.append("generate bf16")
         for num_objects in args.objects:
             for loop in loops:
-                configs[f"pix2seq {loop} K={num_objects}"] = (
-                    lambda k=num_objects, l=loop: self.detect(pixel_values, k, l)
+                configs[f"pix2seq {loop} K={num_objects}"] = lambda k=num_objects, l=loop: self.detect(
+                    pixel_values, k, l
                 )
         if batch_size == 1 and min(args.objects) != args.uncached_objects:
             configs[f"pix2seq uncached K={min(args.objects)}"] = lambda: self.detect(
@@ -586,12 +609,15 @@ class Runner:
             # From the detection run: its time less the encoder's (the rest is the uncached decoding).
             seconds = uncached["median_s"] - detection["pix2seq encoder"]["median_s"]
             timings["uncached (detection less encoder)"] = {
-                "seconds": [seconds], "median_s": seconds, "objects": args.uncached_objects}
+                "seconds": [seconds],
+                "median_s": seconds,
+                "objects": args.uncached_objects,
+            }
         for loop, entry in timings.items():
             objects = entry.get("objects", num_objects)
             entry["objects"] = objects
-            entry["tokens_per_s"] = batch_size * 5 * objects / entry["median_s"]
-            entry["ms_per_step"] = 1000 * entry["median_s"] / (5 * objects)
+            entry["tokens_per_s"] = batch_size * TOKENS_PER_OBJECT * objects / entry["median_s"]
+            entry["ms_per_step"] = 1000 * entry["median_s"] / (TOKENS_PER_OBJECT * objects)
         results["loops"] = timings
         if batch_size > 1:
             results["finished_rows"] = self.finished_rows(encoder_hidden_states, rounds)
@@ -614,7 +640,7 @@ class Runner:
             def __call__(self, input_ids, scores):
                 generated = input_ids.shape[1] - 1
                 for row, count in enumerate(ends):
-                    if generated >= 5 * count:
+                    if generated >= TOKENS_PER_OBJECT * count:
                         scores[row] = -float("inf")
                         scores[row, eos] = 0.0
                 return scores
@@ -657,18 +683,21 @@ class Runner:
 
         class EndAfter(LogitsProcessor):
             def __call__(self, input_ids, scores):
-                if input_ids.shape[1] - 1 == 5 * profiled:
+                if input_ids.shape[1] - 1 == TOKENS_PER_OBJECT * profiled:
                     scores = torch.full_like(scores, -float("inf"))
                     scores[:, eos] = 0.0
                 return scores
 
         with labelled_decoding(self.model_for(loop)), profile(activities=activities, record_shapes=True) as prof:
             self.decode(
-                encoder_hidden_states, num_objects, loop, min_objects=profiled,
+                encoder_hidden_states,
+                num_objects,
+                loop,
+                min_objects=profiled,
                 logits_processor=LogitsProcessorList([EndAfter()]),
             )
         wall = time.perf_counter() - start
-        steps = 5 * profiled + 1
+        steps = TOKENS_PER_OBJECT * profiled + 1
         breakdown = token_breakdown(prof, steps, config.vocab_size)
         op_total = sum(entry["us"] for entry in breakdown["categories"].values())
         reference_ms = unprofiled_ms_per_token if unprofiled_ms_per_token is not None else wall * 1000 / steps
@@ -863,8 +892,51 @@ def early_stop_effect(args, device) -> dict:
             "tokens_per_image": decoding.tokens / len(dataset),
             "seconds": seconds,
         }
-        logger.info("early stop %s: mAP %.4f, %.1f tokens/image, %.1f s", name, metrics["map"],
-                    decoding.tokens / len(dataset), seconds)
+        logger.info(
+            "early stop %s: mAP %.4f, %.1f tokens/image, %.1f s",
+            name,
+            metrics["map"],
+            decoding.tokens / len(dataset),
+            seconds,
+        )
+    return results
+
+
+def draft_effect(args, device) -> dict:
+    """`--draft`: `detect` latency at batch 1 with and without `draft="auxiliary"` on a trained model's synthetic
+    validation images, interleaved per image, and the decoder passes per image with the draft."""
+    from transformers import AutoModelForObjectDetection, AutoProcessor
+
+    from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
+    from pix2seq_hf.speculative_decoding import Pix2SeqAuxiliaryDrafter, acceptance_statistics
+
+    model = AutoModelForObjectDetection.from_pretrained(args.draft).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.draft)
+    splits = load_detection_splits(
+        synthetic_validation_size=args.early_stop_images, seed=args.early_stop_seed, train=False
+    )
+    collator = Pix2SeqCollator(processor, training=False, return_sequences=False)
+    images = [collator([example])["pixel_values"].to(device) for example in splits.validation]
+    drafter = Pix2SeqAuxiliaryDrafter(object_order=processor.object_order)
+    results = {"model": args.draft, "images": len(images), "draft": repr(drafter), "modes": {}}
+    for mode, options in (("greedy", {"do_sample": False}), ("sampling", {})):
+        seconds = {"no draft": [], "draft": []}
+        with acceptance_statistics() as counts:
+            for round_index in range(-1, args.repeats):  # round -1: warm-up
+                for pixel_values in images if round_index >= 0 else images[:1]:
+                    for name, extra in (("no draft", {}), ("draft", {"draft": drafter})):
+                        with torch.inference_mode():
+                            elapsed, _ = timed(lambda: model.detect(pixel_values, **options, **extra), device)
+                        if round_index >= 0:
+                            seconds[name].append(elapsed)
+        entry = {name: sum(values) / len(values) for name, values in seconds.items()}
+        per_round = 1 + args.repeats * len(images)  # the warm-up image is counted too
+        entry["speed_up"] = entry["no draft"] / entry["draft"]
+        entry["passes_per_image"] = counts.passes / per_round
+        entry["tokens_per_pass"] = counts.tokens_per_pass
+        entry["acceptance_rate"] = counts.acceptance_rate
+        results["modes"][mode] = entry
+        logger.info("draft %s: %s", mode, entry)
     return results
 
 
@@ -892,8 +964,9 @@ def run_device(args, device: torch.device) -> dict:
     report["load_average"]["profile"] = load_average()
     loops = report["decoder"].get("1", {}).get("loops", {})
     default = loops.get("generate")
-    report["profile"] = None if args.skip_profile else runner.profile(
-        max(args.objects), default["ms_per_step"] if default else None)
+    report["profile"] = (
+        None if args.skip_profile else runner.profile(max(args.objects), default["ms_per_step"] if default else None)
+    )
     for loop, entry in (report["profile"] or {}).get("compiled", {}).items():
         if loop in loops:
             entry["ms_per_token"] = loops[loop]["ms_per_step"]
@@ -917,7 +990,9 @@ def profile_only(args, device: torch.device) -> dict:
     loops = ["generate"] + (["generate bf16"] if args.bf16 else []) + (["compiled"] if args.compile else [])
     configs = {loop: (lambda l=loop: runner.decode(encoder_hidden_states, num_objects, l)) for loop in loops}
     timings = interleaved(configs, device, args.repeats, warmup=True)
-    ms_per_token = {loop: 1000 * entry["median_s"] / (5 * num_objects) for loop, entry in timings.items()}
+    ms_per_token = {
+        loop: 1000 * entry["median_s"] / (TOKENS_PER_OBJECT * num_objects) for loop, entry in timings.items()
+    }
     profiles = {}
     for loop in loops:
         if loop != "compiled":
@@ -993,8 +1068,16 @@ def first_call_in_new_processes(args) -> dict:
     if args.compile:
         runs += [("compiled", "new process, empty compile caches"), ("compiled", "new process, compile caches filled")]
     common = [
-        "--device", args.device if args.device != "auto" else "cpu", "--threads", str(args.threads),
-        "--image_size", str(args.image_size), "--seed", str(args.seed), "--objects", *map(str, args.objects),
+        "--device",
+        args.device if args.device != "auto" else "cpu",
+        "--threads",
+        str(args.threads),
+        "--image_size",
+        str(args.image_size),
+        "--seed",
+        str(args.seed),
+        "--objects",
+        *map(str, args.objects),
     ]
     if args.omp_wait_policy:
         common += ["--omp_wait_policy", args.omp_wait_policy]
@@ -1032,7 +1115,10 @@ def check_targets(args, report: dict) -> dict:
             if loop in decoder:
                 ratio = uncached["ms_per_step"] / decoder[loop]["ms_per_step"]
                 targets[f"cached ({loop}) vs uncached decoding at K={max(args.objects)}"] = {
-                    "ratio": ratio, "target": ">= 10", "met": ratio >= 10}
+                    "ratio": ratio,
+                    "target": ">= 10",
+                    "met": ratio >= 10,
+                }
     for batch_size, num_objects, limit, loops in (
         (1, 10, 1.0, ("generate", "stock", "compiled")),
         (1, 100, 2.5, ("generate", "stock", "compiled")),
@@ -1045,7 +1131,10 @@ def check_targets(args, report: dict) -> dict:
             if name in detection:
                 ratio = detection[name]["median_s"] / detection["detr"]["median_s"]
                 targets[f"detection {loop} K={num_objects} / DETR, batch {batch_size}"] = {
-                    "ratio": ratio, "target": f"<= {limit}", "met": ratio <= limit}
+                    "ratio": ratio,
+                    "target": f"<= {limit}",
+                    "met": ratio <= limit,
+                }
     detection = report["detection"].get("1", {})
     training = report.get("training")
     if training:
@@ -1061,11 +1150,17 @@ def check_targets(args, report: dict) -> dict:
             peak = detection[f"pix2seq {loop} K={max(args.objects)}"]["peak_mib"]
             if peak and base:
                 targets[f"inference peak {loop} K={max(args.objects)} / encoder alone"] = {
-                    "ratio": peak / base, "target": "<= 2", "met": peak / base <= 2}
+                    "ratio": peak / base,
+                    "target": "<= 2",
+                    "met": peak / base <= 2,
+                }
         if detection[large]["peak_mib"] and detection[small]["peak_mib"]:
             ratio = detection[large]["peak_mib"] / detection[small]["peak_mib"]
             targets[f"inference peak stock K={max(args.objects)} / K={min(args.objects)}"] = {
-                "ratio": ratio, "target": "<= 2", "met": ratio <= 2}
+                "ratio": ratio,
+                "target": "<= 2",
+                "met": ratio <= 2,
+            }
     return targets
 
 
@@ -1168,8 +1263,10 @@ def main(argv=None) -> int:
     if args.profile:
         report["profile"] = [profile_only(args, device) for device in devices]
         for entry in report["profile"]:
-            print(f"## {entry['device']}: ms per token " + ", ".join(
-                f"{loop} {ms:.2f}" for loop, ms in entry["ms_per_token"].items()))
+            print(
+                f"## {entry['device']}: ms per token "
+                + ", ".join(f"{loop} {ms:.2f}" for loop, ms in entry["ms_per_token"].items())
+            )
             for profile in entry["profiles"].values():
                 print("\n" + format_profile(profile), flush=True)
         args.skip_speed = True
@@ -1188,8 +1285,19 @@ def main(argv=None) -> int:
         print("\n| early stop (patience:threshold) | mAP | mAP@50 | tokens/image | seconds |")
         print("|---|---:|---:|---:|---:|")
         for name, entry in report["early_stop"]["settings"].items():
-            print(f"| {name} | {entry['map']:.4f} | {entry['map_50']:.4f} | {entry['tokens_per_image']:.1f} | "
-                  f"{entry['seconds']:.1f} |")
+            print(
+                f"| {name} | {entry['map']:.4f} | {entry['map_50']:.4f} | {entry['tokens_per_image']:.1f} | "
+                f"{entry['seconds']:.1f} |"
+            )
+    if args.draft:
+        report["draft"] = draft_effect(args, devices[-1])
+        print("\n| decoding | s per image, no draft | s per image, draft | speed-up | passes/image | tokens/pass |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for mode, entry in report["draft"]["modes"].items():
+            print(
+                f"| {mode} | {entry['no draft']:.4f} | {entry['draft']:.4f} | {entry['speed_up']:.2f} | "
+                f"{entry['passes_per_image']:.1f} | {entry['tokens_per_pass']:.2f} |"
+            )
     with contextlib.suppress(OSError):
         report["machine"]["load_average_end"] = os.getloadavg()
     report["machine"]["total_seconds"] = time.perf_counter() - start

@@ -1,0 +1,508 @@
+"""
+Speculative decoding of whole objects: a drafter proposes the tokens of the next objects and one decoder pass over the
+draft verifies them, so that an image costs fewer decoder passes than tokens.
+
+Drafters:
+
+- `draft="auxiliary"` ([`Pix2SeqAuxiliaryDrafter`]): the model's auxiliary dense head (trained by the default recipe).
+  After the encoder, its per-cell boxes and classes are turned into detections (score threshold and non-maximum
+  suppression), put in the order the model writes objects (the processor's `object_order`, `"dist2ori"` for the
+  default recipe) and quantised exactly as the decoder's tokens.
+- `draft="lookahead"` ([`Pix2SeqLookaheadDrafter`]): no drafted objects, for models without the head.
+
+Either way, a verification pass that rejects a drafted token also yields the model's predictions at the positions
+after it, and these start the next draft (as in Jacobi decoding; [`Pix2SeqObjectCandidateGenerator`]).
+
+The verification is transformers' assisted generation (`GenerationMixin._assisted_decoding`, with
+[`Pix2SeqObjectCandidateGenerator`] as its candidate generator): the decoder runs once over the draft, the longest
+prefix of the draft that the model would have written itself is kept plus the model's own next token, and the cache
+is cropped past it.
+
+- Greedy decoding: the tokens are those of decoding without a draft (a drafted token is kept only when it is the
+  argmax of the model's processed logits at its position).
+- Sampling (top-p, ...): the draft is deterministic, so the speculative-sampling rule reduces to sampling every
+  position from the model's processed distribution and keeping drafted tokens while they equal the samples; the first
+  sample that differs is kept as the model's token. The output distribution is that of decoding without a draft
+  (the random draws differ, so a seeded call gives other, equally distributed tokens).
+
+[`acceptance_statistics`] counts the decoder passes and accepted tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import batched_nms
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from .auxiliary_dense_head import cell_centres, feature_grid
+from .box_codec import OBJECT_ORDERS, Pix2SeqBoxCodec
+
+
+@dataclass
+class DraftStatistics:
+    """
+    Counts of speculative decoding over the `generate` calls of an [`acceptance_statistics`] block.
+
+    Args:
+        sequences (`int`): images decoded with a draft.
+        passes (`int`): decoder passes (one per verification, drafted or not; the first also reads the prompt).
+        drafted_tokens (`int`): tokens proposed by the drafter.
+        accepted_tokens (`int`): proposed tokens the model kept.
+        generated_tokens (`int`): tokens written (accepted ones plus one token of the model's own per pass).
+    """
+
+    sequences: int = 0
+    passes: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens written per decoder pass (1.0 without any accepted draft token)."""
+        return self.generated_tokens / self.passes if self.passes else math.nan
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of the drafted tokens that the model kept."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else math.nan
+
+    @property
+    def passes_per_image(self) -> float:
+        """Decoder passes per image (without drafting: one per generated token)."""
+        return self.passes / self.sequences if self.sequences else math.nan
+
+    def to_dict(self) -> dict:
+        """The counts and the three ratios, for reports."""
+        counts = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {
+            **counts,
+            "tokens_per_pass": self.tokens_per_pass,
+            "acceptance_rate": self.acceptance_rate,
+            "passes_per_image": self.passes_per_image,
+        }
+
+
+_STATISTICS: contextvars.ContextVar[DraftStatistics | None] = contextvars.ContextVar(
+    "pix2seq_draft_statistics", default=None
+)
+
+
+@contextlib.contextmanager
+def acceptance_statistics() -> Iterator[DraftStatistics]:
+    """
+    Counts the decoder passes and the drafted and accepted tokens of the drafted `generate` calls made in the block.
+
+    Example:
+
+    ```python
+    >>> with acceptance_statistics() as statistics:
+    ...     model.generate(pixel_values, draft="auxiliary")
+    >>> statistics.tokens_per_pass, statistics.passes_per_image
+    ```
+    """
+    statistics = DraftStatistics()
+    token = _STATISTICS.set(statistics)
+    try:
+        yield statistics
+    finally:
+        _STATISTICS.reset(token)
+
+
+class Pix2SeqLookaheadDrafter:
+    """
+    Drafts no objects of its own: the draft of every pass is the model's predictions from the last pass (see
+    [`Pix2SeqObjectCandidateGenerator`]), topped up with copies of the last object written. Needs no auxiliary head
+    (`draft="lookahead"`), so it serves models without one, such as converted official checkpoints.
+
+    Args:
+        objects_per_pass (`int`, *optional*, defaults to 4): how many objects' worth of tokens one verification pass
+            checks at most.
+    """
+
+    def __init__(self, objects_per_pass: int = 4):
+        if isinstance(objects_per_pass, bool) or not isinstance(objects_per_pass, int) or objects_per_pass < 1:
+            raise ValueError(f"`objects_per_pass` of the draft must be a positive int, got {objects_per_pass!r}.")
+        self.objects_per_pass = objects_per_pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(objects_per_pass={self.objects_per_pass})"
+
+    @staticmethod
+    def check_model(model) -> None:
+        """Raises `ValueError` when `model` cannot be drafted for (any Pix2Seq model can)."""
+
+    def draft_objects(self, encoder_outputs, config, image_size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """No drafted objects: one empty `(0, 5)` tensor per image."""
+        batch_size = encoder_outputs[0].shape[0]
+        return [torch.zeros(0, 5, dtype=torch.long) for _ in range(batch_size)]
+
+
+class Pix2SeqAuxiliaryDrafter(Pix2SeqLookaheadDrafter):
+    """
+    Drafts the objects of each image from the model's auxiliary dense head (`draft="auxiliary"`), then goes on as
+    [`Pix2SeqLookaheadDrafter`] once they are used up.
+
+    Every feature cell of the head predicts class scores (sigmoid) and the distances from its centre to the four sides
+    of a box. The cells whose best class scores at least `score_threshold` are detections; non-maximum suppression
+    per class (`iou_threshold`) keeps one per object; they are put in `object_order` and written as
+    `ymin xmin ymax xmax class` tokens by the model's box codec.
+
+    Args:
+        object_order (`str`, *optional*, defaults to `"dist2ori"`): the order in which the model writes objects: the
+            `object_order` of the processor it was trained with (`"dist2ori"`, `"area"` or `"class"`; a model trained
+            in `"random"` order gets a draft in `"dist2ori"` order, which it follows only by chance).
+        score_threshold (`float`, *optional*, defaults to 0.3): the least class score of a drafted object.
+        iou_threshold (`float`, *optional*, defaults to 0.5): boxes of one class overlapping more are one object.
+        objects_per_pass (`int`, *optional*, defaults to 4): how many objects one verification pass checks at most
+            (a longer draft costs a longer pass where it is rejected early).
+    """
+
+    def __init__(
+        self,
+        object_order: str = "dist2ori",
+        score_threshold: float = 0.3,
+        iou_threshold: float = 0.5,
+        objects_per_pass: int = 4,
+    ):
+        if object_order not in OBJECT_ORDERS:
+            raise ValueError(f"Unknown `object_order` {object_order!r} of the draft; choose one of {OBJECT_ORDERS}.")
+        for name, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` of the draft must be a number in [0, 1], got {value!r}.")
+        super().__init__(objects_per_pass)
+        self.object_order = "dist2ori" if object_order == "random" else object_order
+        self.score_threshold = float(score_threshold)
+        self.iou_threshold = float(iou_threshold)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(object_order={self.object_order!r}, score_threshold={self.score_threshold}, "
+            f"iou_threshold={self.iou_threshold}, objects_per_pass={self.objects_per_pass})"
+        )
+
+    @staticmethod
+    def check_model(model) -> None:
+        """Raises `ValueError` when `model` has no auxiliary dense head to draft from."""
+        encoder = getattr(getattr(model, "model", None), "encoder", None)
+        if getattr(encoder, "auxiliary_head", None) is None:
+            raise ValueError(
+                "`draft='auxiliary'` drafts from the model's auxiliary dense head, which this model does not have "
+                f"(`auxiliary_loss_weight={getattr(model.config, 'auxiliary_loss_weight', None)!r}`; converted "
+                "official checkpoints have none). Leave `draft` unset."
+            )
+
+    def draft_objects(self, encoder_outputs, config, image_size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """
+        The drafted objects of every image.
+
+        Args:
+            encoder_outputs (`Pix2SeqEncoderOutput`): with the head's `auxiliary_logits` `(batch, cells, num_classes)`
+                and `auxiliary_distances` `(batch, cells, 4)`.
+            config (`Pix2SeqConfig`): the token layout.
+            image_size (`tuple[int, int]`, *optional*): pixel height and width of the images (square when not given).
+
+        Returns:
+            One `torch.LongTensor` of shape `(num_objects, 5)` per image, on the CPU: the tokens of each drafted
+            object, in `object_order`.
+        """
+        class_logits = getattr(encoder_outputs, "auxiliary_logits", None)
+        distances = getattr(encoder_outputs, "auxiliary_distances", None)
+        if class_logits is None or distances is None:
+            raise ValueError(
+                "The encoder outputs carry no `auxiliary_logits` / `auxiliary_distances` to draft from; pass "
+                "`pixel_values` to `generate` (not precomputed `encoder_outputs` without them)."
+            )
+        class_logits, distances = class_logits.detach().float().cpu(), distances.detach().float().cpu()
+        grid_h, grid_w = feature_grid(class_logits.shape[1], image_size)
+        points = cell_centres(grid_h, grid_w)
+        codec = Pix2SeqBoxCodec(config.token_layout, object_order=self.object_order)
+        drafts = []
+        for logits, sides in zip(class_logits, distances):
+            scores, labels = logits.sigmoid().max(dim=-1)
+            boxes = torch.cat([points - sides[:, :2], points + sides[:, 2:]], dim=-1).clamp(0.0, 1.0)
+            keep = (scores >= self.score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            kept = batched_nms(boxes, scores, labels, self.iou_threshold)
+            boxes, labels = boxes[kept], labels[kept]
+            order = codec._order(boxes, labels, None)
+            drafts.append(codec.encode_objects(boxes[order], labels[order]).view(-1, 5))
+        return drafts
+
+
+# The drafters `draft` names.
+DRAFTERS = {"auxiliary": Pix2SeqAuxiliaryDrafter, "lookahead": Pix2SeqLookaheadDrafter}
+
+
+def resolve_drafter(draft) -> Pix2SeqLookaheadDrafter | None:
+    """
+    The drafter of the `draft` generation option: `None`, a name of `DRAFTERS` (`"auxiliary"`, `"lookahead"`) or a
+    drafter ([`Pix2SeqAuxiliaryDrafter`], [`Pix2SeqLookaheadDrafter`]).
+    """
+    if draft is None or isinstance(draft, Pix2SeqLookaheadDrafter):
+        return draft
+    if isinstance(draft, str) and draft in DRAFTERS:
+        return DRAFTERS[draft]()
+    raise ValueError(
+        f"`draft` must be None, one of {sorted(DRAFTERS)} or a `Pix2SeqLookaheadDrafter`, got {draft!r}."
+    )
+
+
+class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
+    """
+    transformers' [`CandidateGenerator`] for one image: proposes the next drafted objects after the tokens written so
+    far, corrected by what the model predicted in the last verification pass.
+
+    - Objects the model has completed are matched to the draft (the nearest remaining drafted box, if its coordinates
+      are within `match_tolerance` bins): the matched object and the drafted ones before it are used up.
+    - A verification pass that rejects a drafted token also gives the model's predictions at the positions after it,
+      read with the rejected token in the prefix. A drafted box is a few bins off the model's, and the model's next
+      coordinates hardly depend on such a difference, so these predictions start the next draft (as in Jacobi
+      decoding); the drafted objects follow them.
+    - Inside an object, the draft continues with the remaining tokens of the drafted object nearest to the coordinates
+      written so far.
+    - Where the drafted objects run out, copies of the last object written fill the draft: they are rarely right
+      themselves, but the pass reads the model's predictions after them, which start the next draft.
+
+    The draft never holds more than `objects_per_pass` objects' worth of tokens.
+
+    Args:
+        draft (`torch.LongTensor` of shape `(num_objects, 5)`): the drafted objects' tokens, in writing order.
+        prompt_length (`int`): tokens before the first generated one.
+        max_length (`int`): the generation's maximum length (prompt included).
+        objects_per_pass (`int`): objects proposed per verification at most.
+        num_bins (`int`): coordinate bins (the matching tolerance is 5% of them).
+    """
+
+    def __init__(
+        self, draft: torch.LongTensor, prompt_length: int, max_length: int, objects_per_pass: int, num_bins: int
+    ):
+        self.draft = draft.tolist()
+        self.prompt_length = prompt_length
+        self.max_length = max_length
+        self.objects_per_pass = objects_per_pass
+        self.match_tolerance = max(1, round(0.05 * num_bins))
+        self.remaining = list(range(len(self.draft)))
+        self.matched_objects = 0
+        # The model's predictions after the last pass's first rejected token, and the position of the first of them.
+        self.predicted: list[int] = []
+        self.predicted_from = -1
+        self.statistics = _STATISTICS.get()
+        if self.statistics is not None:
+            self.statistics.sequences += 1
+        self._drafted = 0
+
+    def _nearest(self, written: list[int], remaining: list[int]) -> int | None:
+        """
+        Position in `remaining` of the drafted object whose first coordinates are nearest to the coordinate tokens
+        `written` (largest difference in bins), if within the tolerance; else None.
+        """
+        best, best_distance = None, self.match_tolerance + 1
+        for position, index in enumerate(remaining):
+            distance = max((abs(a - b) for a, b in zip(written[:4], self.draft[index][:4])), default=0)
+            if distance < best_distance:
+                best, best_distance = position, distance
+        return best
+
+    def _continuation(self, written: list[int], remaining: list[int], budget: int) -> list[int]:
+        """Drafted tokens after the tokens `written` (generated, then predicted), from the objects `remaining`."""
+        slot = len(written) % 5
+        for start in range(5 * self.matched_objects, len(written) - slot, 5):
+            position = self._nearest(written[start : start + 4], remaining)
+            if position is not None:
+                remaining = remaining[position + 1 :]
+        proposal = []
+        if slot:
+            position = self._nearest(written[len(written) - slot :], remaining)
+            if position is None:
+                return self._filler(written, budget)
+            proposal = self.draft[remaining[position]][slot:]
+            remaining = remaining[position + 1 :]
+        for index in remaining:
+            if len(proposal) >= budget:
+                break
+            proposal = proposal + self.draft[index]
+        return (proposal + self._filler(written + proposal, budget - len(proposal)))[:budget]
+
+    @staticmethod
+    def _filler(written: list[int], budget: int) -> list[int]:
+        """
+        Up to `budget` tokens that continue `written` with copies of its last complete object (the rest of the
+        current object first): a guess, whose real use is the model's predictions after it, read in the same pass.
+        """
+        slot = len(written) % 5
+        end = len(written) - slot
+        if budget <= 0 or end < 5:
+            return []
+        last = written[end - 5 : end]
+        filler = last[slot:]
+        while len(filler) < budget:
+            filler = filler + last
+        return filler[:budget]
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(1, length)`): the prompt and the tokens written so far.
+
+        Returns:
+            `(candidate_input_ids, None)`: `input_ids` followed by the drafted tokens (none when the draft has nothing
+            to offer), and no draft logits (the draft is deterministic).
+        """
+        generated = input_ids[0, self.prompt_length :].tolist()
+        # Drafted objects the model has written (or passed) are used up.
+        while self.matched_objects < len(generated) // 5:
+            start = 5 * self.matched_objects
+            position = self._nearest(generated[start : start + 4], self.remaining)
+            if position is not None:
+                del self.remaining[: position + 1]
+            self.matched_objects += 1
+        # The verification feeds `length + len(proposal) - 1` positions and may add one token more.
+        budget = min(5 * self.objects_per_pass, max(0, self.max_length - 1 - input_ids.shape[1]))
+        predicted = self.predicted if self.predicted_from == input_ids.shape[1] else []
+        proposal = predicted[:budget]
+        proposal = proposal + self._continuation(generated + proposal, self.remaining, budget - len(proposal))
+        self._drafted = len(proposal)
+        if not proposal:
+            return input_ids, None
+        proposal = torch.tensor([proposal], dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([input_ids, proposal], dim=1), None
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        """
+        Keeps the model's predictions after the first rejected token for the next draft, and counts the pass.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(1, length)`): the sequence after this pass.
+            scores (`torch.FloatTensor` of shape `(1, drafted + 1, vocab_size)`): the processed logits of the pass.
+            num_matches (`int`): drafted tokens accepted.
+        """
+        num_matches = int(num_matches)
+        self.predicted = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()
+        self.predicted_from = input_ids.shape[1]
+        if self.statistics is not None:
+            self.statistics.passes += 1
+            self.statistics.drafted_tokens += self._drafted
+            self.statistics.accepted_tokens += num_matches
+            self.statistics.generated_tokens += num_matches + 1
+
+
+def candidate_generator(model, generation_config, input_ids, inputs_tensor, model_kwargs):
+    """
+    The [`Pix2SeqObjectCandidateGenerator`] of the one image of `input_ids`, drafted with `generation_config.draft`
+    (what `Pix2SeqGenerationMixin._get_candidate_generator` returns when a draft is asked for).
+    """
+    drafter = resolve_drafter(generation_config.draft)
+    image_size = tuple(inputs_tensor.shape[-2:]) if inputs_tensor is not None and inputs_tensor.ndim == 4 else None
+    (draft,) = drafter.draft_objects(model_kwargs["encoder_outputs"], model.config, image_size)
+    return Pix2SeqObjectCandidateGenerator(
+        draft,
+        prompt_length=input_ids.shape[1],
+        max_length=generation_config.max_length,
+        objects_per_pass=drafter.objects_per_pass,
+        num_bins=model.config.num_bins,
+    )
+
+
+def check_draft_options(model, generation_config) -> None:
+    """Raises `ValueError` for a draft the model or the other generation options cannot honour."""
+    generation_config.draft.check_model(model)
+    if generation_config.num_beams != 1:
+        raise ValueError(
+            f"`draft` speculates for greedy decoding and sampling, not beam search (`num_beams="
+            f"{generation_config.num_beams}`)."
+        )
+    if getattr(generation_config, "early_stop_patience", 0):
+        raise ValueError(
+            "`draft` cannot be combined with `early_stop_patience`: the early stop counts scores token by token, "
+            "and a verification pass also scores drafted tokens that are then rejected."
+        )
+
+
+def assisted_decoding_per_image(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+    """
+    transformers' assisted decoding (`GenerationMixin._assisted_decoding`, one image at a time: it refuses batches)
+    for every image of the batch, with the outputs put together as `_sample` returns them: sequences padded with
+    `pad_token_id` after an image's end, and its raw logits / scores after its end zeros.
+
+    Args:
+        model: the model `generate` was called on.
+        input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`), logits_processor, stopping_criteria,
+        generation_config: as `generate` prepares them.
+        kwargs: the decoding kwargs of `generate` (`encoder_outputs`, `cache`, `streamer`, `inputs_tensor`, ...).
+
+    Returns:
+        What `_sample` returns: a `GenerateEncoderDecoderOutput` or the token tensor.
+    """
+    batch_size = input_ids.shape[0]
+    if batch_size == 1:
+        return model._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+    if kwargs.get("streamer") is not None:
+        raise ValueError("`draft` decodes the images of a batch one after the other and cannot stream a batch.")
+    encoder_outputs = kwargs["encoder_outputs"]
+    inputs_tensor = kwargs.get("inputs_tensor")
+    results = []
+    for row in range(batch_size):
+        row_kwargs = dict(kwargs)
+        row_outputs = copy.copy(encoder_outputs)
+        for key, value in encoder_outputs.items():
+            if isinstance(value, torch.Tensor):
+                row_outputs[key] = value[row : row + 1]
+        row_kwargs["encoder_outputs"] = row_outputs
+        if inputs_tensor is not None:
+            row_kwargs["inputs_tensor"] = inputs_tensor[row : row + 1]
+        cache = kwargs.get("cache")
+        if cache is not None:
+            row_kwargs["cache"] = type(cache)(
+                type(cache.self_attention_cache)(config=model.config),
+                type(cache.cross_attention_cache)(config=model.config),
+            )
+        results.append(
+            model._assisted_decoding(
+                input_ids[row : row + 1], logits_processor, stopping_criteria, generation_config, **row_kwargs
+            )
+        )
+    return_dict = not isinstance(results[0], torch.Tensor)
+    rows = [result.sequences if return_dict else result for result in results]
+    length = max(row.shape[1] for row in rows)
+    pad_token_id = generation_config._pad_token_tensor
+    sequences = torch.cat(
+        [torch.nn.functional.pad(row, (0, length - row.shape[1]), value=int(pad_token_id)) for row in rows]
+    )
+    if not return_dict:
+        return sequences
+
+    def per_step(name):
+        steps = [getattr(result, name) for result in results]
+        if steps[0] is None:
+            return None
+        template = steps[0][0]
+        return tuple(
+            torch.cat([row[step] if step < len(row) else torch.zeros_like(template) for row in steps])
+            for step in range(length - input_ids.shape[1])
+        )
+
+    return type(results[0])(
+        sequences=sequences,
+        scores=per_step("scores"),
+        logits=per_step("logits"),
+        encoder_attentions=encoder_outputs.get("attentions"),
+        encoder_hidden_states=encoder_outputs.get("hidden_states"),
+    )
+
+
+__all__ = [
+    "DRAFTERS",
+    "DraftStatistics",
+    "Pix2SeqAuxiliaryDrafter",
+    "Pix2SeqLookaheadDrafter",
+    "Pix2SeqObjectCandidateGenerator",
+    "acceptance_statistics",
+]

@@ -1,0 +1,230 @@
+"""Speculative decoding of whole objects (`generate(..., draft=...)`): the same tokens as without a draft for greedy
+decoding, the same distribution for sampling, fewer decoder passes when the draft is right."""
+
+import math
+
+import pytest
+import torch
+
+from pix2seq_hf import Pix2SeqForObjectDetection
+from pix2seq_hf.speculative_decoding import (
+    Pix2SeqAuxiliaryDrafter,
+    Pix2SeqObjectCandidateGenerator,
+    acceptance_statistics,
+)
+
+from helpers import tiny_config
+
+
+class GivenDrafter(Pix2SeqAuxiliaryDrafter):
+    """Drafts given objects (one `(num_objects, 5)` token tensor per image, in batch order)."""
+
+    def __init__(self, objects, objects_per_pass=4):
+        super().__init__(objects_per_pass=objects_per_pass)
+        self.objects = list(objects)
+
+    def draft_objects(self, encoder_outputs, config, image_size=None):
+        return [self.objects.pop(0)]
+
+
+def head_model(seed=0, **overrides):
+    """A tiny model with an auxiliary dense head that predicts objects: every cell's best class scores above the
+    drafter's threshold and its boxes have random sizes."""
+    torch.manual_seed(seed)
+    config = tiny_config(auxiliary_loss_weight=1.0, encoder_stem="patch", patch_size=16, **overrides)
+    model = Pix2SeqForObjectDetection(config).eval()
+    with torch.no_grad():
+        head = model.model.encoder.auxiliary_head
+        head.class_head.weight.normal_(0.0, 1.0)
+        head.class_head.bias.fill_(1.0)
+        head.box_head.weight.normal_(0.0, 0.3)
+        head.box_head.bias.fill_(-2.0)
+    return model
+
+
+def written_objects(sequence, config):
+    generated = sequence[1:].tolist()
+    if config.eos_token_id in generated:
+        generated = generated[: generated.index(config.eos_token_id)]
+    return torch.tensor(generated[: len(generated) // 5 * 5], dtype=torch.long).view(-1, 5)
+
+
+def test_auxiliary_draft_gives_the_greedy_tokens_and_logits():
+    model = head_model()
+    pixel_values = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    options = dict(do_sample=False, min_objects=4, max_new_tokens=40)
+    reference = model.generate(pixel_values, **options)
+    (draft,) = Pix2SeqAuxiliaryDrafter().draft_objects(model.model.encoder(pixel_values[:1]), model.config)
+    assert len(draft) > 0  # the head drafts objects
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, draft="auxiliary", **options)
+    torch.testing.assert_close(drafted.sequences, reference.sequences, rtol=0, atol=0)
+    steps = reference.sequences.shape[1] - 1
+    for step in range(steps):
+        ended = (reference.sequences[:, 1 : step + 1] == model.config.eos_token_id).any(dim=1)
+        torch.testing.assert_close(drafted.logits[step][~ended], reference.logits[step][~ended], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(drafted.detections.pred_boxes, reference.detections.pred_boxes)
+    assert statistics.sequences == 3 and statistics.drafted_tokens > 0
+    # Each image's tokens up to its EOS (included), in fewer passes than tokens.
+    eos_seen = (reference.sequences[:, 1:] == model.config.eos_token_id).cumsum(dim=1)
+    assert statistics.generated_tokens == int((eos_seen == 0).sum() + (eos_seen[:, -1] > 0).sum())
+    assert statistics.passes < statistics.generated_tokens
+
+
+@pytest.mark.parametrize("shift", [0, 1, 7])
+def test_drafted_objects_are_verified(shift):
+    """A right draft is accepted (few passes), a shifted one rejected where wrong: the tokens are the greedy ones."""
+    model = head_model(seed=2)
+    pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    options = dict(do_sample=False, min_objects=6, max_new_tokens=30)
+    reference = model.generate(pixel_values, **options).sequences
+    objects = written_objects(reference[0], model.config)
+    draft = objects.clone()
+    draft[:, :4] = (draft[:, :4] + shift).clamp(max=model.config.coord_token_offset + model.config.num_bins - 1)
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, draft=GivenDrafter([draft]), **options).sequences
+    assert torch.equal(drafted, reference)
+    assert statistics.generated_tokens == reference.shape[1] - 1
+    if shift == 0:
+        # The prompt pass verifies the first objects_per_pass objects; every pass accepts all it is given.
+        assert statistics.passes <= math.ceil(30 / 20) + 1
+        assert statistics.acceptance_rate == 1.0
+    else:
+        assert statistics.passes > 2
+
+
+def test_candidates_follow_the_written_objects():
+    draft = torch.tensor([[200, 200, 210, 210, 40], [230, 230, 240, 240, 41], [260, 260, 270, 270, 42]])
+    generator = Pix2SeqObjectCandidateGenerator(
+        draft, prompt_length=1, max_length=41, objects_per_pass=2, num_bins=100
+    )
+    prompt = torch.tensor([[10]])
+    candidates, logits = generator.get_candidates(prompt)
+    assert logits is None and candidates[0, 1:].tolist() == draft[:2].flatten().tolist()
+    # The model wrote the first object slightly differently and started the second: the draft completes the second
+    # object (matched by its first coordinates), goes on with the third and fills up two objects' worth of tokens with
+    # a copy of the last.
+    written = torch.tensor([[10, 201, 200, 210, 211, 40, 231]])
+    candidates, _ = generator.get_candidates(written)
+    assert candidates[0, 7:].tolist() == [230, 240, 240, 41, 260, 260, 270, 270, 42, 260]
+    # Near the maximum length the draft is cut so that the verification stays within it.
+    generator = Pix2SeqObjectCandidateGenerator(draft, prompt_length=1, max_length=5, objects_per_pass=2, num_bins=100)
+    candidates, _ = generator.get_candidates(prompt)
+    assert candidates[0, 1:].tolist() == [200, 200, 210]
+
+
+def chi_square_critical(degrees: int, z: float = 3.29) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile with `degrees` degrees of freedom (z=3.29: 0.9995)."""
+    return degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
+
+
+def test_sampling_with_a_draft_keeps_the_distribution():
+    """
+    The first two tokens of top-p samples drafted with a fixed (deterministic) object, against their exact
+    distribution under the model's processed logits: a chi-square goodness-of-fit test over the pairs.
+    """
+    model = head_model(seed=4)
+    with torch.no_grad():
+        # A peaked distribution over a few coordinates, so that few pairs hold the mass.
+        model.lm_head.bias[200:204] += torch.tensor([6.0, 5.5, 5.0, 4.5])
+    pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    options = dict(do_sample=True, top_p=0.9, min_objects=1, max_new_tokens=3)
+
+    def step_probabilities(prefix):
+        out = model.generate(
+            pixel_values,
+            decoder_input_ids=torch.tensor([prefix]),
+            **{**options, "max_new_tokens": 1},
+            output_scores=True,
+        )
+        return out.scores[0][0].softmax(-1)
+
+    first = step_probabilities([10])
+    exact = {}
+    for t1 in first.nonzero().flatten().tolist():
+        second = step_probabilities([10, t1])
+        for t2 in second.nonzero().flatten().tolist():
+            exact[(t1, t2)] = float(first[t1] * second[t2])
+    assert 3 <= len(exact) <= 40
+
+    draft = torch.tensor([[201, 200, 250, 250, 40]])  # a likely first token, a plausible second
+    batch_size, num_batches = 200, 3
+    num_samples = batch_size * num_batches
+    counts = {}
+    torch.manual_seed(0)
+    with acceptance_statistics() as statistics:
+        for _ in range(num_batches):
+            # A batch is decoded image by image, each from the same draft.
+            drafter = GivenDrafter([draft] * batch_size)
+            sequences = model.generate(pixel_values.expand(batch_size, -1, -1, -1), draft=drafter, **options).sequences
+            for pair in map(tuple, sequences[:, 1:3].tolist()):
+                counts[pair] = counts.get(pair, 0) + 1
+    assert statistics.accepted_tokens > 0  # the draft was accepted at times
+    assert set(counts) <= set(exact)
+    # Pool the rare pairs (expected count < 5) into one cell.
+    rare = [pair for pair, p in exact.items() if p * num_samples < 5]
+    cells = [([pair], p) for pair, p in exact.items() if pair not in rare]
+    if rare:
+        cells.append((rare, sum(exact[pair] for pair in rare)))
+    chi_square = sum(
+        (sum(counts.get(pair, 0) for pair in pairs) - p * num_samples) ** 2 / (p * num_samples) for pairs, p in cells
+    )
+    assert chi_square < chi_square_critical(len(cells) - 1), (chi_square, counts, exact)
+
+
+def test_draft_needs_a_head_and_a_known_name():
+    model = Pix2SeqForObjectDetection(tiny_config()).eval()
+    pixel_values = torch.rand(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="auxiliary dense head"):
+        model.generate(pixel_values, draft="auxiliary", max_new_tokens=5)
+    with pytest.raises(ValueError, match=r"`draft` must be None, one of \['auxiliary', 'lookahead'\]"):
+        head_model().generate(pixel_values, draft="aux", max_new_tokens=5)
+    with pytest.raises(ValueError, match="early_stop_patience"):
+        head_model().generate(pixel_values, draft="auxiliary", early_stop_patience=2, max_new_tokens=5)
+    with pytest.raises(ValueError, match="object_order"):
+        Pix2SeqAuxiliaryDrafter(object_order="size")
+
+
+def test_detect_with_a_draft_gives_the_same_detections():
+    model = head_model(seed=6)
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    reference = model.detect(pixel_values, do_sample=False, min_objects=3)
+    drafted = model.detect(pixel_values, do_sample=False, min_objects=3, draft="auxiliary")
+    torch.testing.assert_close(drafted.pred_boxes, reference.pred_boxes)
+    torch.testing.assert_close(drafted.scores, reference.scores, rtol=1e-4, atol=1e-5)
+    assert torch.equal(drafted.labels, reference.labels)
+
+
+def test_draft_in_the_generation_config_is_saved_and_used(tmp_path):
+    model = head_model(seed=8)
+    pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    reference = model.generate(pixel_values, do_sample=False, max_new_tokens=20).sequences
+    model.generation_config.draft = "auxiliary"
+    model.save_pretrained(tmp_path)
+    loaded = Pix2SeqForObjectDetection.from_pretrained(tmp_path).eval()
+    assert loaded.generation_config.draft == "auxiliary"
+    with acceptance_statistics() as statistics:
+        sequences = loaded.generate(pixel_values, do_sample=False, max_new_tokens=20).sequences
+    assert statistics.sequences == 1 and torch.equal(sequences, reference)
+    assert loaded.generation_config.draft == "auxiliary"  # the call's resolved drafter stays in the call
+
+
+def test_lookahead_draft_needs_no_head_and_gives_the_greedy_tokens():
+    torch.manual_seed(10)
+    model = Pix2SeqForObjectDetection(tiny_config()).eval()
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    options = dict(do_sample=False, min_objects=5, max_new_tokens=40)
+    reference = model.generate(pixel_values, **options).sequences
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, draft="lookahead", **options).sequences
+    assert torch.equal(drafted, reference)
+    assert statistics.drafted_tokens > 0
+
+
+def test_filler_repeats_the_last_written_object():
+    generator = Pix2SeqObjectCandidateGenerator(
+        torch.zeros(0, 5, dtype=torch.long), prompt_length=1, max_length=41, objects_per_pass=2, num_bins=100
+    )
+    assert generator.get_candidates(torch.tensor([[10, 201]]))[0].shape[1] == 2  # nothing written to repeat yet
+    candidates, _ = generator.get_candidates(torch.tensor([[10, 201, 202, 203, 204, 40, 230]]))
+    assert candidates[0, 7:].tolist() == [202, 203, 204, 40, 201, 202, 203, 204, 40, 201]  # two objects' worth
