@@ -138,6 +138,7 @@ class Pix2SeqTrainer(Trainer):
         eval_data_collator=None,
         generation_kwargs: dict | None = None,
         encoder_lr_scale: float = 1.0,
+        plan: training_plan.TrainingPlan | None = None,
         time_budget: "TimeBudget | None" = None,
         card_info: dict | None = None,
         **kwargs,
@@ -147,6 +148,7 @@ class Pix2SeqTrainer(Trainer):
         self.eval_data_collator = eval_data_collator
         self.generation_kwargs = dict(generation_kwargs or {"do_sample": False})
         self.encoder_lr_scale = encoder_lr_scale
+        self.plan = plan
         self.time_budget = time_budget
         # What the model card says besides the metrics: dataset, dataset_description, base_model, license.
         self.card_info = dict(card_info or {})
@@ -175,10 +177,12 @@ class Pix2SeqTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        # With a time budget, `linear` is examples/train.py's schedule: it decays to 0 at the steps or the minutes.
-        if self.lr_scheduler is None and self.time_budget is not None and self.args.lr_scheduler_type == "linear":
-            self.time_budget.schedule = training_setup.LinearDecayToBudget.for_plan(self.time_budget.plan)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.time_budget.schedule)
+        # `linear` is examples/train.py's schedule: the planned decay, to 0 at the steps or the minutes.
+        if self.lr_scheduler is None and self.plan is not None and self.args.lr_scheduler_type == "linear":
+            schedule = training_setup.LinearDecayToBudget.for_plan(self.plan)
+            if self.time_budget is not None:
+                self.time_budget.schedule = schedule
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
 
@@ -277,13 +281,13 @@ class TimeBudget(TrainerCallback):
 
 def plan_training(
     training_args: Pix2SeqTrainingArguments, recipe: RecipeOptions, num_images: int, synthetic: bool
-) -> TimeBudget | None:
+) -> training_plan.TrainingPlan:
     """
     Plans the training as `examples/train.py` does (`RecipeOptions.plan` of the resolved `recipe`) and writes the
     plan into `training_args`: learning rate, batch size, steps and warm-up.
 
     Returns:
-        The `TimeBudget` callback with `--max_train_minutes` (or the synthetic set's default minutes), else `None`.
+        `TrainingPlan`.
     """
     plan = recipe.plan(num_images, training_args.world_size, synthetic)
     logger.info(plan.describe())
@@ -293,7 +297,7 @@ def plan_training(
     training_args.max_steps = plan.max_train_steps or sys.maxsize
     training_args.num_train_epochs = plan.num_epochs or sys.maxsize
     training_args.warmup_steps = plan.warmup_steps
-    return TimeBudget(plan) if plan.max_train_minutes is not None else None
+    return plan
 
 
 class StopOnSignalCallback(TrainerCallback):
@@ -385,9 +389,11 @@ def run(
         splits = load_detection_splits(data_args, seed=training_args.seed)
     model, processor = training_setup.build_model_and_processor(splits.id2label, model_args)
     recipe = training_args.recipe_options().resolved(data_args.synthetic, bool(model_args.model_name_or_path))
-    time_budget = None
+    plan = time_budget = None
     if training_args.do_train:
-        time_budget = plan_training(training_args, recipe, len(splits.train), data_args.synthetic)
+        plan = plan_training(training_args, recipe, len(splits.train), data_args.synthetic)
+        # `--max_train_minutes` (or the synthetic set's default minutes) ends the run and bounds the decay.
+        time_budget = TimeBudget(plan) if plan.max_train_minutes is not None else None
     else:  # nothing is trained: the `Trainer`'s values for "no budget"
         training_args.max_steps, training_args.num_train_epochs = -1, 0
     train_collator = Pix2SeqCollator(
@@ -425,6 +431,7 @@ def run(
         callbacks=callbacks,
         generation_kwargs=eval_args.generation_kwargs(),
         encoder_lr_scale=recipe.encoder_lr_scale,
+        plan=plan,
         time_budget=time_budget,
         card_info=card_info,
     )

@@ -480,6 +480,7 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     num_train_epochs: float | None = option_of(RecipeOptions, "num_train_epochs")
     max_steps: int | None = option_of(RecipeOptions, "max_train_steps", aliases=["--max_train_steps"])
     lr_scheduler_type: str = option_of(RecipeOptions, "lr_scheduler_type")
+    lr_decay_fraction: float = option_of(RecipeOptions, "lr_decay_fraction")
     warmup_steps: float | None = option_of(RecipeOptions, "num_warmup_steps", aliases=["--num_warmup_steps"])
     seed: int = option_of(RecipeOptions, "seed")
     recipe: str | None = option_of(RecipeOptions, "recipe")
