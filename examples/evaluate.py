@@ -149,8 +149,6 @@ def main(argv=None) -> int:
     # Only the split to evaluate is loaded, as the validation split, with its own label map.
     splits = load_detection_splits(data, seed=args.seed, train=False)
     dataset = splits.validation
-    if dataset is None:
-        raise ValueError(f"No split {data.validation_split!r} to evaluate.")
     labels = label_space(model.config.id2label, splits)
 
     collator = Pix2SeqCollator(processor, training=False, return_sequences=False, on_bad_image=data.on_bad_image)

@@ -7,10 +7,11 @@ every evaluation through the model's own decoding, early stopping, resuming from
 The data, model and evaluation options are those of `examples/train.py` (`pix2seq_hf.training_options`), and so is
 the recipe: with no optimisation option it trains as `examples/train.py` does (learning rate 2e-3 from scratch or 3e-5
 fine-tuning, encoder learning-rate factor 0.1 from scratch, AdamW weight decay 0.05 and betas (0.9, 0.95), gradient
-clipping at 1, a warm-up of 5% of the planned steps then linear decay, the batch size planned from the data, and on the
-synthetic set 10 epochs or 13.5 minutes, whichever ends first), not with the `Trainer`'s own defaults (5e-5, 3 epochs,
-no weight decay, beta2 0.999, no warm-up). It trains (`--do_train`) and evaluates (`--do_eval`) unless told otherwise.
-With no data option it trains on the built-in synthetic shapes set:
+clipping at 1, a warm-up of 5% of the planned steps, the full rate until 80% of the budget and linear decay to 0 after
+it (`--lr_decay_fraction` 0.2; 1 when fine-tuning: decay over the whole run), the batch size planned from the data,
+and on the synthetic set 10 epochs or 13.5 minutes, whichever ends first), not with the `Trainer`'s own defaults
+(5e-5, 3 epochs, no weight decay, beta2 0.999, no warm-up). It trains (`--do_train`) and evaluates (`--do_eval`)
+unless told otherwise. With no data option it trains on the built-in synthetic shapes set:
 
     python examples/run_object_detection.py --output_dir outputs/pix2seq-trainer \\
         --eval_strategy steps --eval_steps 500 --save_strategy steps --save_steps 500 --load_best_model_at_end
@@ -20,9 +21,9 @@ With no data option it trains on the built-in synthetic shapes set:
         --output_dir pix2seq-r50-cppe5 --eval_strategy epoch --save_strategy epoch --load_best_model_at_end \\
         --push_to_hub --hub_strategy checkpoint
 
-Evaluation decodes greedily (or samples with `--eval_top_p`), as in `examples/train.py`, and scores every decoded object with pycocotools, one
-batch at a time (`batch_eval_metrics`: memory does not grow with the evaluation set). `metric_for_best_model`
-defaults to `map`.
+Evaluation decodes greedily (or samples with `--eval_top_p`), as in `examples/train.py`, and scores every decoded
+object with pycocotools, one batch at a time (`batch_eval_metrics`: memory does not grow with the evaluation set).
+`metric_for_best_model` defaults to `map`.
 """
 
 import contextlib
@@ -107,7 +108,13 @@ class CocoMetric:
                 continue
             objects = truth[1:][truth[1:, 4] != PAD]
             self.evaluator.add_ground_truth(
-                image_id, height, width, objects[:, :4], objects[:, 4].long(), iscrowd=objects[:, 5].long(), areas=objects[:, 6]
+                image_id,
+                height,
+                width,
+                objects[:, :4],
+                objects[:, 4].long(),
+                iscrowd=objects[:, 5].long(),
+                areas=objects[:, 6],
             )
             found = found[found[:, 5] != PAD]
             self.evaluator.add_predictions(image_id, found[:, :4], found[:, 5].long(), found[:, 4])
@@ -208,7 +215,8 @@ class Pix2SeqTrainer(Trainer):
             generated, threshold=KEEP_ALL_THRESHOLD, target_sizes=sizes
         )
         detections = pack_rows(
-            [torch.cat([f["boxes"], f["scores"][:, None], f["labels"][:, None].float()], dim=1).cpu() for f in found], 6
+            [torch.cat([f["boxes"], f["scores"][:, None], f["labels"][:, None].float()], dim=1).cpu() for f in found],
+            6,
         )
         truths = []
         for target, (height, width) in zip(targets, sizes):
@@ -268,7 +276,8 @@ class TimeBudget(TrainerCallback):
         self.start = time.time()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.time()
+        # A resumed run's scheduler state holds the minutes spent before the resume: the clock goes on from there.
+        self.start = time.time() - (self.schedule.elapsed_seconds if self.schedule is not None else 0.0)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.schedule is not None:
@@ -317,14 +326,24 @@ class StopOnSignalCallback(TrainerCallback):
 OPTION_GROUPS = (DataOptions, ModelOptions, EvaluationOptions, TrainerOptions, Pix2SeqTrainingArguments)
 
 
-def parse_args(argv=None) -> tuple[DataOptions, ModelOptions, EvaluationOptions, TrainerOptions, Pix2SeqTrainingArguments]:
+def parse_args(
+    argv=None,
+) -> tuple[DataOptions, ModelOptions, EvaluationOptions, TrainerOptions, Pix2SeqTrainingArguments]:
     """
     The options of the run, one dataclass per group (`OPTION_GROUPS`), from the command line or from the JSON file
     given as the only argument. A `--recipe`'s values become the defaults, so that options given explicitly win.
     """
     parser = HfArgumentParser(OPTION_GROUPS, description=__doc__, formatter_class=HelpFormatter)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+        try:
+            groups = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+        except ValueError as error:
+            parser.error(f"{sys.argv[1]}: {error}")
+        if groups[-1].recipe is not None:
+            parser.error(f"{sys.argv[1]}: recipe is read from the command line only; give its values in the file.")
+        if groups[0].streaming:
+            parser.error("streaming is examples/train.py's: the Trainer here reads a dataset of known length.")
+        return groups
     known, _ = parser.parse_known_args(argv)
     if known.recipe is not None:
         defaults = training_recipes.recipe_defaults(
@@ -394,8 +413,9 @@ def run(
         plan = plan_training(training_args, recipe, len(splits.train), data_args.synthetic)
         # `--max_train_minutes` (or the synthetic set's default minutes) ends the run and bounds the decay.
         time_budget = TimeBudget(plan) if plan.max_train_minutes is not None else None
-    else:  # nothing is trained: the `Trainer`'s values for "no budget"
+    else:  # nothing is trained: the `Trainer`'s values for "no budget" (it still multiplies the batch size)
         training_args.max_steps, training_args.num_train_epochs = -1, 0
+        training_args.per_device_train_batch_size = training_args.per_device_train_batch_size or 1
     train_collator = Pix2SeqCollator(
         processor,
         transforms=build_train_transforms(
@@ -414,7 +434,9 @@ def run(
     if trainer_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=trainer_args.early_stopping_patience))
     card_info = {
-        "dataset": data_args.dataset_name if data_args.dataset_name and not os.path.exists(data_args.dataset_name) else None,
+        "dataset": data_args.dataset_name
+        if data_args.dataset_name and not os.path.exists(data_args.dataset_name)
+        else None,
         "dataset_description": splits.source,
         "base_model": model_args.model_name_or_path,
         "license": trainer_args.license,

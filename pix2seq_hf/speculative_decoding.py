@@ -6,8 +6,8 @@ Drafters:
 
 - `draft="auxiliary"` ([`Pix2SeqAuxiliaryDrafter`]): the model's auxiliary dense head (trained by the default recipe).
   After the encoder, its per-cell boxes and classes are turned into detections (score threshold and non-maximum
-  suppression), put in the order the model writes objects (the processor's `object_order`, `"dist2ori"` for the
-  default recipe) and quantised exactly as the decoder's tokens.
+  suppression), put in the order the model writes objects (`"dist2ori"`, the default recipe's, for the string option;
+  a drafter built with the processor's `object_order` for others) and quantised exactly as the decoder's tokens.
 - `draft="lookahead"` ([`Pix2SeqLookaheadDrafter`]): no drafted objects, for models without the head.
 
 Either way, a verification pass that rejects a drafted token also yields the model's predictions at the positions

@@ -101,7 +101,7 @@ class DataOptions:
         False,
         help="Read the training split of --dataset_name as a stream (Hub or local; nothing downloaded or prepared "
         "first), split between processes and DataLoader workers, shuffled with a buffer, its position saved in "
-        "checkpoints. Needs --max_train_steps or --max_train_minutes.",
+        "checkpoints. Needs --max_train_steps or --max_train_minutes, and split sizes in the dataset's info.",
     )
     validation_split: str = option("validation", help="Split to evaluate on ('none' to skip).")
     bbox_format: str = option(
@@ -159,7 +159,9 @@ class DataOptions:
             ("validation_coco_annotations", "validation_coco_images"),
         ):
             if (getattr(self, first) is None) != (getattr(self, second) is None):
-                raise ValueError(f"{first} and {second} go together; give both (got only {first if getattr(self, first) else second}).")
+                raise ValueError(
+                    f"{first} and {second} go together; give both (got only {first if getattr(self, first) else second})."
+                )
         for name in (
             "synthetic_train_size", "synthetic_validation_size", "synthetic_image_size", "synthetic_num_classes",
             "max_train_samples", "max_eval_samples", "num_augmentations",
@@ -200,7 +202,7 @@ class ModelOptions:
         "is the preset's or --config_overrides' `backbone`). Default: none (random weights, or --pretrained_backbone)."
     )
     config_overrides: dict | str | None = option(
-        help='Other config fields of a new model, as JSON, e.g. \'{"decoder_layers": 4}\' or '
+        help="Other config fields of a new model, as JSON, e.g. '{\"decoder_layers\": 4}' or "
         '\'{"backbone_kwargs": {"out_indices": [2]}}\' (features at stride 8).'
     )
     image_size: int | None = option(help="Canvas size (default: the preset's, or the saved processor's).")
@@ -238,7 +240,9 @@ class ModelOptions:
             except json.JSONDecodeError as error:
                 raise ValueError(f"config_overrides is not valid JSON ({error}): {self.config_overrides!r}") from None
         if self.config_overrides is not None and not isinstance(self.config_overrides, dict):
-            raise ValueError(f"config_overrides must be a JSON object of config fields, got {self.config_overrides!r}.")
+            raise ValueError(
+                f"config_overrides must be a JSON object of config fields, got {self.config_overrides!r}."
+            )
         for name in ("image_size", "max_objects", "num_bins"):
             _check_at_least(name, getattr(self, name), 1)
         for name in ("coordinate_label_sigma", "auxiliary_loss_weight"):
@@ -415,7 +419,8 @@ class RunOptions:
         "machine; `accelerate launch` sets OMP_NUM_THREADS=1, which would leave one core working)."
     )
     cpu: bool = option(
-        False, help="Train on the CPU even if a GPU is there (automatic for several processes on a machine without CUDA)."
+        False,
+        help="Train on the CPU even if a GPU is there (automatic for several processes on a machine without CUDA).",
     )
     mixed_precision: str = option(
         "auto",
@@ -467,9 +472,9 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     `TrainingArguments` for `examples/run_object_detection.py` (the `Trainer`), whose optimisation options default to
     `examples/train.py`'s recipe (`RecipeOptions`, under the `Trainer`'s names: `max_steps` is `max_train_steps`,
     `warmup_steps` is `num_warmup_steps`, and both spellings are accepted), with the recipe's options that
-    `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`, `max_train_minutes`). The values left unset are resolved
-    with the data by the script (`RecipeOptions.resolved` and `RecipeOptions.plan`), as `examples/train.py` resolves
-    them. `do_train` and `do_eval` are on by default. Defined in the package rather than in the script so that the
+    `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`, `lr_decay_fraction`, `max_train_minutes`). The values
+    left unset are resolved with the data by the script (`RecipeOptions.resolved` and `RecipeOptions.plan`), as
+    `examples/train.py` resolves them. `do_train` and `do_eval` are on by default. Defined in the package rather than in the script so that the
     `training_args.bin` of its checkpoints loads anywhere.
     """
 
@@ -486,7 +491,7 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     num_train_epochs: float | None = option_of(RecipeOptions, "num_train_epochs")
     max_steps: int | None = option_of(RecipeOptions, "max_train_steps", aliases=["--max_train_steps"])
     lr_scheduler_type: str = option_of(RecipeOptions, "lr_scheduler_type")
-    lr_decay_fraction: float = option_of(RecipeOptions, "lr_decay_fraction")
+    lr_decay_fraction: float | None = option_of(RecipeOptions, "lr_decay_fraction")
     warmup_steps: float | None = option_of(RecipeOptions, "num_warmup_steps", aliases=["--num_warmup_steps"])
     seed: int = option_of(RecipeOptions, "seed")
     recipe: str | None = option_of(RecipeOptions, "recipe")

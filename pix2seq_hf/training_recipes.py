@@ -72,6 +72,7 @@ RECIPES: dict[str, TrainingRecipe] = {
                 "adam_beta1": 0.9,
                 "adam_beta2": 0.95,
                 "lr_scheduler_type": "linear",
+                "lr_decay_fraction": 1.0,
                 "num_warmup_steps": 2 * math.ceil(COCO_TRAIN2017_IMAGES / _FINETUNE_BATCH),
             },
             source="the paper, appendix A (COCO fine-tuning: batch 128 for ResNet backbones, 60 epochs, learning rate "
@@ -119,8 +120,8 @@ def recipe_defaults(
     if remainder or not per_device:
         raise ValueError(
             f"Recipe {name!r} trains with a global batch of {recipe.global_batch_size} images, which "
-            f"{num_processes} processes x {accumulation} accumulation steps do not divide; pass "
-            "--per_device_train_batch_size (and scale --learning_rate with the global batch) or change "
-            "--gradient_accumulation_steps."
+            f"{num_processes} processes x {accumulation} accumulation steps do not divide; give "
+            "per_device_train_batch_size (and scale learning_rate with the global batch) or change "
+            "gradient_accumulation_steps."
         )
     return {**recipe.options, "per_device_train_batch_size": per_device}

@@ -145,6 +145,23 @@ def test_without_warmup_steps_the_trainer_takes_the_planned_warmup(script, tmp_p
     assert rates[1] < peak and min(step for step, rate in rates.items() if rate == peak) <= 4
 
 
+def test_a_resumed_time_budget_counts_the_minutes_before_the_resume(script):
+    """The `Trainer` loads the scheduler state (its elapsed time) before `on_train_begin`: the clock goes on from it."""
+    import time
+
+    from pix2seq_hf.training_plan import plan_training
+    from pix2seq_hf.training_setup import LinearDecayToBudget
+
+    plan = plan_training(100, per_device_batch_size=4, max_train_minutes=10.0)
+    budget = script.TimeBudget(plan)
+    budget.schedule = LinearDecayToBudget.for_plan(plan)
+    budget.schedule.set_elapsed(300.0)  # as restored from a checkpoint
+    budget.on_train_begin(None, None, None)
+    budget.on_step_begin(None, None, None)
+    assert 300.0 <= budget.schedule.elapsed_seconds < 330.0
+    assert abs((time.time() - budget.start) - budget.schedule.elapsed_seconds) < 30.0
+
+
 def test_max_train_minutes_ends_the_trainer_run_and_its_linear_decay(script, tmp_path):
     """As in examples/train.py: the run stops after the step in which the minutes ran out, the rate decayed to 0."""
     argv = [

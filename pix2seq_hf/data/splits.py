@@ -134,6 +134,12 @@ def load_detection_splits(
     check_images, on_bad_image = options.check_images, options.on_bad_image
     train_split = validation = None
 
+    if not train and options.coco_annotations and not options.validation_coco_annotations:
+        raise ValueError(
+            "Only the validation split is to be loaded, but validation_coco_annotations is not set (coco_annotations "
+            f"is {options.coco_annotations!r}, the training json): give the json to evaluate as "
+            "validation_coco_annotations with validation_coco_images."
+        )
     if options.coco_annotations or (not train and options.validation_coco_annotations):
         source = f"COCO json {options.coco_annotations if train else options.validation_coco_annotations}"
         coco_kwargs = {
