@@ -145,6 +145,16 @@ def test_without_warmup_steps_the_trainer_takes_the_planned_warmup(script, tmp_p
     assert rates[1] < peak and min(step for step, rate in rates.items() if rate == peak) <= 4
 
 
+def test_do_train_false_only_evaluates(script, tmp_path):
+    argv = [
+        "--do_train", "false", "--synthetic_validation_size", "4", "--image_size", "64", "--report_to", "none",
+        "--use_cpu", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert script.main(argv) == 0
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert "eval_map" in metrics and not (tmp_path / "out" / "train_results.json").exists()
+
+
 def test_a_resumed_time_budget_counts_the_minutes_before_the_resume(script):
     """The `Trainer` loads the scheduler state (its elapsed time) before `on_train_begin`: the clock goes on from it."""
     import time
