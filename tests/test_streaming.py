@@ -154,6 +154,10 @@ READER_SCRIPT = textwrap.dedent(
     if accelerator.is_main_process:
         output = {"backend": str(accelerator.state.backend), "read": everything, "state": state}
         json.dump(output, open(sys.argv[2], "w"))
+    # Workers and the process group ended before the interpreter exits (gloo's threads abort otherwise).
+    del batches
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     """
 )
 
