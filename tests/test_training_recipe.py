@@ -409,6 +409,21 @@ def test_training_benchmark_runs_all_three_detectors(tmp_path):
         assert all(isinstance(entry["map"], float) and entry["minutes"] >= 0 for entry in history)
 
 
+def test_training_benchmark_runs_on_the_dense_scenes(tmp_path):
+    benchmark = load_example("benchmarks/benchmark_training")
+    output = tmp_path / "report.json"
+    argv = [
+        "--dataset", "dense", "--detectors", "pix2seq", "fcos", "--max_train_steps", "1", "--batch_size", "2",
+        "--image_size", "96", "--synthetic_train_size", "2", "--synthetic_validation_size", "2", "--num_threads", "1",
+        "--output_file", str(output),
+    ]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    report = json.loads(output.read_text())
+    assert report["settings"]["dataset"] == "dense" and report["settings"]["mixed_precision"] in ("no", "bf16")
+    assert set(report["detectors"]) == {"pix2seq", "fcos"}
+    assert all([entry["step"] for entry in history] == [1] for history in report["detectors"].values())
+
+
 def test_training_step_benchmark_times_every_cpu_setting(tmp_path, capsys):
     benchmark = load_example("benchmarks/benchmark_training_step")
     output = tmp_path / "steps.json"

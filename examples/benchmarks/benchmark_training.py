@@ -17,6 +17,12 @@ with `--max_objects 64` and the same `light` augmentation:
 
     python examples/benchmarks/benchmark_training.py --dataset coins --detectors pix2seq fcos --max_train_minutes 15
 
+`--dataset dense` uses the synthetic set's dense variant (384 px, 20 to 60 objects of 12 to 38 pixels; Pix2Seq with
+`--synthetic_variant dense --max_objects 64`).
+
+Every detector gets the same CPU speed settings: channels-last convolutions, fused optimizer steps, and bf16 autocast
+where `examples/train.py` chooses it (CPUs with AMX; float32 elsewhere).
+
 - `pix2seq`: `examples/train.py` with its defaults (the tiny preset and the from-scratch recipe), in this process.
 - `detr`: `transformers.DetrForObjectDetection`, d_model 128, 2+2 layers, 4 heads, FFN 512, 20 queries (the tiny
   preset's size), AdamW 1e-4 (backbone 1e-5), weight decay 1e-4, gradient clipping 0.1 (DETR's recipe).
@@ -35,6 +41,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,7 @@ from pix2seq_hf.data.images import open_image  # noqa: E402
 from pix2seq_hf.data.real_images import build_coins_dataset  # noqa: E402
 from pix2seq_hf.data.transforms import apply_transforms  # noqa: E402
 from pix2seq_hf.evaluation import METRIC_KEYS, CocoDetectionEvaluator  # noqa: E402
+from pix2seq_hf.training_setup import default_mixed_precision  # noqa: E402
 
 
 DETECTORS = ("pix2seq", "detr", "fcos")
@@ -66,9 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         default="synthetic",
-        choices=["synthetic", "coins"],
-        help="'synthetic': the synthetic shapes set; 'coins': real photographs with about 16 coins each, built from "
-        "scikit-image's coins photograph (`pix2seq_hf.data.real_images`; needs scikit-image).",
+        choices=["synthetic", "dense", "coins"],
+        help="'synthetic': the synthetic shapes set; 'dense': its dense variant (384 px, 20 to 60 small objects); "
+        "'coins': real photographs with about 16 coins each, built from scikit-image's coins photograph "
+        "(`pix2seq_hf.data.real_images`; needs scikit-image).",
     )
     parser.add_argument("--coins_train_size", type=int, default=48, help="Training images of the coins set.")
     parser.add_argument("--coins_validation_size", type=int, default=16, help="Validation images of the coins set.")
@@ -81,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--synthetic_validation_size", type=int, default=200, help="Images of the synthetic validation split."
     )
     parser.add_argument(
-        "--image_size", type=int, default=None, help="Canvas (default: 128 on the synthetic set, 384 on the coins)."
+        "--image_size", type=int, default=None, help="Canvas (default: 128 on the synthetic set, 384 on the others)."
     )
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the data, the weights and the data order.")
@@ -90,8 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_train_steps < 1 or args.eval_steps < 1 or args.batch_size < 1:
         parser.error("--max_train_steps, --eval_steps and --batch_size must be positive")
     if args.image_size is None:
-        args.image_size = 384 if args.dataset == "coins" else 128
+        args.image_size = 128 if args.dataset == "synthetic" else 384
     args.coco = None  # the coins set's files, once built
+    args.mixed_precision = default_mixed_precision(on_cpu=True)  # what examples/train.py chooses on this CPU
     return args
 
 
@@ -162,7 +172,7 @@ def coco_metrics(predict, dataset, id2label, batch_size: int = 32) -> dict:
 # ----- the detectors ---------------------------------------------------------------------------------------------------
 
 
-def build_detr(num_classes: int, id2label: dict):
+def build_detr(num_classes: int, id2label: dict, autocast):
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
     config = DetrConfig(
@@ -182,7 +192,9 @@ def build_detr(num_classes: int, id2label: dict):
     model = DetrForObjectDetection(config)
     backbone = [p for n, p in model.named_parameters() if "backbone" in n]
     rest = [p for n, p in model.named_parameters() if "backbone" not in n]
-    optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(
+        [{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4, fused=True
+    )
     post = DetrImageProcessor()
 
     def step(images, targets):
@@ -194,7 +206,8 @@ def build_detr(num_classes: int, id2label: dict):
             cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
             labels.append({"class_labels": target["labels"], "boxes": cxcywh})
         pixel_mask = torch.stack([target["mask"] for target in targets])
-        loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+        with autocast():
+            loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -210,7 +223,7 @@ def build_detr(num_classes: int, id2label: dict):
     return model, step, predict
 
 
-def build_fcos(num_classes: int, image_size: int):
+def build_fcos(num_classes: int, image_size: int, autocast):
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -223,11 +236,12 @@ def build_fcos(num_classes: int, image_size: int):
         extra_blocks=LastLevelP6P7(256, 256),
     )
     model = FCOS(backbone, num_classes=num_classes, min_size=image_size, max_size=image_size, score_thresh=0.05)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
 
     def step(images, targets):
-        losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        with autocast():
+            losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
@@ -245,10 +259,15 @@ def train_baseline(name: str, args, splits) -> list[dict]:
     """Trains DETR or FCOS; returns the evaluations (step, minutes of training, loss, metrics)."""
     torch.manual_seed(args.seed)
     num_classes = len(splits.id2label)
+    # Pix2Seq's CPU speed settings (`training_setup`): bf16 autocast where it trains in bf16, channels-last kernels,
+    # fused optimizer steps.
+    bf16 = args.mixed_precision == "bf16"
+    autocast = partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16, enabled=bf16)
     if name == "detr":
-        model, step, predict = build_detr(num_classes, splits.id2label)
+        model, step, predict = build_detr(num_classes, splits.id2label, autocast)
     else:
-        model, step, predict = build_fcos(num_classes, args.image_size)
+        model, step, predict = build_fcos(num_classes, args.image_size, autocast)
+    model.to(memory_format=torch.channels_last)
     collate = AugmentedBatches(build_train_transforms("light", args.image_size), args.seed, args.image_size)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=generator)
@@ -299,6 +318,9 @@ def train_pix2seq(args) -> list[dict]:
         else:
             argv += ["--synthetic_train_size", str(args.synthetic_train_size)]
             argv += ["--synthetic_validation_size", str(args.synthetic_validation_size)]
+            argv += ["--synthetic_image_size", str(args.image_size)]
+        if args.dataset == "dense":
+            argv += ["--synthetic_variant", "dense", "--max_objects", "64"]
         if args.max_train_minutes is not None:
             argv += ["--max_train_minutes", str(args.max_train_minutes)]
         if args.num_threads:
@@ -358,6 +380,7 @@ def main(argv=None) -> int:
                 synthetic_train_size=args.synthetic_train_size,
                 synthetic_validation_size=args.synthetic_validation_size,
                 synthetic_image_size=args.image_size,
+                synthetic_variant="dense" if args.dataset == "dense" else "shapes",
                 seed=args.seed,
             )
         report["detectors"][name] = train_baseline(name, args, splits)
