@@ -13,6 +13,7 @@ checkpoint). Prints the metrics and writes them, with every prediction in the CO
 category ids), to `--output_file`. Several processes: `torchrun --nproc_per_node N examples/evaluate.py ...`.
 """
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -82,6 +83,9 @@ def parse_args(argv=None) -> tuple[DataOptions, EvaluationOptions, EvaluateArgum
     parser = HfArgumentParser(
         (DataOptions, EvaluationOptions, EvaluateArguments), description=__doc__, formatter_class=HelpFormatter
     )
+    for action in parser._actions:
+        if action.dest in DataOptions.TRAINING_ONLY:
+            action.help = argparse.SUPPRESS  # still parsed (a training command line can be reused), not listed
     try:
         data, evaluation, arguments = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:

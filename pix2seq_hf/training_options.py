@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
@@ -93,6 +94,10 @@ class DataOptions:
     """Where the images of a run come from (see `pix2seq_hf.data.load_detection_splits`) and their augmentation."""
 
     _argument_group_name = "data"
+    # What only a training run reads (an evaluation reads its validation split whole, never augmented).
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = (
+        "train_split", "streaming", "synthetic_train_size", "max_train_samples", "augmentation", "num_augmentations",
+    )  # fmt: skip
 
     dataset_name: str | None = option(help="Hub id or local path of a HF dataset (default: the synthetic set).")
     dataset_config: str | None = option(help="Config name of the dataset.")

@@ -39,7 +39,11 @@ def script_parsers(name: str, monkeypatch) -> list[argparse.ArgumentParser]:
 
 
 def own_actions(parser: argparse.ArgumentParser, name: str) -> list[argparse.Action]:
-    actions = [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+    actions = [
+        action
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and action.help != argparse.SUPPRESS
+    ]
     if name == "run_object_detection":
         # TrainingArguments' options are transformers' own; the script's dataclasses come first.
         from transformers import TrainingArguments
@@ -65,6 +69,16 @@ def test_help_describes_every_option_and_shows_defaults_once(name, monkeypatch):
     rendered = parser.format_help()
     assert "(default: None)" not in rendered
     assert ") (default" not in rendered.replace("\n", " ")
+
+
+def test_evaluate_help_leaves_out_the_training_only_data_options(capsys):
+    evaluate = load_example("evaluate")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--validation_split" in text and "--synthetic_validation_size" in text
+    for option in ("--train_split", "--streaming", "--augmentation", "--max_train_samples"):
+        assert option not in text
 
 
 def test_train_help_prints_no_escaped_backticks(capsys):

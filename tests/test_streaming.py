@@ -16,7 +16,12 @@ from helpers import EXAMPLES, free_port, load_example
 from PIL import Image
 from safetensors.torch import load_file
 
-from pix2seq_hf.data.streaming import StreamingDataLoader, StreamingDetectionDataset, open_stream
+from pix2seq_hf.data.streaming import (
+    StreamingDataLoader,
+    StreamingDetectionDataset,
+    load_streaming_splits,
+    open_stream,
+)
 
 
 def detection_dataset(num_images=24, seed=0, size=(32, 24)) -> datasets.Dataset:
@@ -122,6 +127,15 @@ def test_parquet_files_stream_in_the_common_format(tmp_path):
     assert example["image"]["bytes"] is not None and (example["width"], example["height"]) == (32, 24)
 
 
+def test_a_single_saved_split_has_no_validation_split(tmp_path):
+    folder = tmp_path / "single"
+    detection_dataset(4).save_to_disk(folder)
+    with pytest.raises(ValueError, match=r"holds a single split \(read as 'train'\); it has no split 'validation'"):
+        load_streaming_splits(str(folder), validation_split="validation")
+    train, validation = load_streaming_splits(str(folder), validation_split="none")
+    assert validation is None and train.id2label
+
+
 def test_a_stream_without_class_names_is_refused(tmp_path):
     data = detection_dataset(4)
     data = data.cast_column("objects", {**data.features["objects"], "category": datasets.List(datasets.Value("int64"))})
@@ -135,7 +149,12 @@ READER_SCRIPT = textwrap.dedent(
     import json, sys
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from pix2seq_hf.data.streaming import StreamingDataLoader, StreamingDetectionDataset, open_stream
+    from pix2seq_hf.data.streaming import (
+    StreamingDataLoader,
+    StreamingDetectionDataset,
+    load_streaming_splits,
+    open_stream,
+)
 
     def image_ids(examples):
         return {"image_ids": [example["image_id"] for example in examples]}

@@ -57,6 +57,32 @@ _READ_BATCH_SIZE = 64
 _READER_KEY = "_stream_reader"
 
 
+def _saved_split(name: str, split: str) -> datasets.Dataset | None:
+    """
+    Split `split` of a folder saved with `save_to_disk` (a `DatasetDict`, or a single dataset standing for "train"),
+    or `None` when `name` is no such folder.
+
+    Raises:
+        `ValueError` naming the folder and the splits it has when it has no split `split`.
+    """
+    if not (
+        os.path.isdir(name)
+        and any(os.path.isfile(os.path.join(name, marker)) for marker in ("dataset_dict.json", "state.json"))
+    ):
+        return None
+    data = datasets.load_from_disk(name)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{name} has no split {split!r}; its splits are {list(data)}.")
+        return data[split]
+    if split != "train":
+        raise ValueError(
+            f"{name} holds a single split (read as 'train'); it has no split {split!r}. Save a DatasetDict with "
+            "both splits, or pass --validation_split none."
+        )
+    return data
+
+
 def open_stream(name: str, config: str | None = None, split: str = "train") -> datasets.IterableDataset:
     """
     One split of a dataset as an `IterableDataset`: a folder saved with `save_to_disk` (read from its memory-mapped
@@ -66,20 +92,12 @@ def open_stream(name: str, config: str | None = None, split: str = "train") -> d
     Raises:
         `ValueError` when a `save_to_disk` folder has no split `split` (naming the splits it has).
     """
-    if os.path.isdir(name) and any(
-        os.path.isfile(os.path.join(name, marker)) for marker in ("dataset_dict.json", "state.json")
-    ):
-        data = datasets.load_from_disk(name)
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise ValueError(f"{name} has no split {split!r}; its splits are {list(data)}.")
-            data = data[split]
-        elif split != "train":
-            raise ValueError(f"{name} holds a single split; it has no split {split!r}.")
-        stream = data.to_iterable_dataset(num_shards=max(1, min(LOCAL_NUM_SHARDS, len(data))))
-        stream.info.splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=len(data))})
-        return stream
-    return datasets.load_dataset(name, config, split=split, streaming=True)
+    data = _saved_split(name, split)
+    if data is None:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    stream = data.to_iterable_dataset(num_shards=max(1, min(LOCAL_NUM_SHARDS, len(data))))
+    stream.info.splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=len(data))})
+    return stream
 
 
 def _rows(stream: datasets.IterableDataset) -> Iterator[dict]:
@@ -364,12 +382,8 @@ def load_streaming_splits(
     )
     if validation_split is None or str(validation_split).lower() == "none":
         return train, None
-    if os.path.isdir(dataset_name) and os.path.isfile(os.path.join(dataset_name, "dataset_dict.json")):
-        data = datasets.load_from_disk(dataset_name)
-        if validation_split not in data:
-            raise ValueError(f"{dataset_name} has no split {validation_split!r}; its splits are {list(data)}.")
-        data = data[validation_split]
-    else:
+    data = _saved_split(dataset_name, validation_split)
+    if data is None:
         data = datasets.load_dataset(dataset_name, dataset_config, split=validation_split)
     if max_eval_samples is not None:
         data = data.select(range(min(max_eval_samples, len(data))))
