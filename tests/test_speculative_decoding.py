@@ -228,3 +228,24 @@ def test_filler_repeats_the_last_written_object():
     assert generator.get_candidates(torch.tensor([[10, 201]]))[0].shape[1] == 2  # nothing written to repeat yet
     candidates, _ = generator.get_candidates(torch.tensor([[10, 201, 202, 203, 204, 40, 230]]))
     assert candidates[0, 7:].tolist() == [202, 203, 204, 40, 201, 202, 203, 204, 40, 201]  # two objects' worth
+
+
+def test_processors_are_called_without_signature_checks_only_when_all_take_two_arguments():
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
+
+    from pix2seq_hf.speculative_decoding import _TwoArgumentProcessors, _without_signature_checks
+
+    plain = LogitsProcessorList([TemperatureLogitsWarper(2.0)])
+    fast = _without_signature_checks(plain)
+    assert isinstance(fast, _TwoArgumentProcessors)
+    scores = torch.tensor([[2.0, 4.0]])
+    assert torch.equal(
+        fast(torch.zeros(1, 1, dtype=torch.long), scores), plain(torch.zeros(1, 1, dtype=torch.long), scores)
+    )
+
+    class NeedsLength:
+        def __call__(self, input_ids, scores, length):
+            return scores
+
+    with_kwargs = LogitsProcessorList([NeedsLength()])
+    assert _without_signature_checks(with_kwargs) is with_kwargs
