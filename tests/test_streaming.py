@@ -149,12 +149,7 @@ READER_SCRIPT = textwrap.dedent(
     import json, sys
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from pix2seq_hf.data.streaming import (
-    StreamingDataLoader,
-    StreamingDetectionDataset,
-    load_streaming_splits,
-    open_stream,
-)
+    from pix2seq_hf.data.streaming import StreamingDataLoader, StreamingDetectionDataset, open_stream
 
     def image_ids(examples):
         return {"image_ids": [example["image_id"] for example in examples]}
