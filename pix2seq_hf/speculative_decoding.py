@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 
 from .auxiliary_dense_head import cell_centres, feature_grid
 from .box_codec import OBJECT_ORDERS, Pix2SeqBoxCodec
+from .fast_generation import Pix2SeqStaticDecoding
 
 
 @dataclass
@@ -443,7 +443,7 @@ class _TwoArgumentProcessors(LogitsProcessorList):
 
 def _without_signature_checks(logits_processor: LogitsProcessorList) -> LogitsProcessorList:
     """`logits_processor` as a `_TwoArgumentProcessors` when every processor takes `(input_ids, scores)` only."""
-    if all(len(inspect.signature(processor.__call__).parameters) <= 2 for processor in logits_processor):
+    if all(Pix2SeqStaticDecoding.accepts_processor(processor) for processor in logits_processor):
         return _TwoArgumentProcessors(logits_processor)
     return logits_processor
 
