@@ -10,7 +10,6 @@ from PIL import Image
 from transformers.generation.utils import GenerateEncoderDecoderOutput
 
 from pix2seq_hf.box_codec import Pix2SeqTokenLayout
-from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
 from pix2seq_hf.image_processing_pix2seq import Pix2SeqImageProcessor
 from pix2seq_hf.processing_pix2seq import Pix2SeqProcessor
 from helpers import TINY_LAYOUT

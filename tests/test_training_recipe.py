@@ -2,14 +2,13 @@
 batch, the dense synthetic variant and fine-tuning a saved model onto a new label set with examples/train.py."""
 
 import json
-import math
 
 import pytest
 import torch
 from helpers import TINY_LAYOUT, load_example, tiny_config
 
 from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
-from pix2seq_hf.auxiliary_dense_head import feature_grid, objects_from_labels
+from pix2seq_hf.auxiliary_dense_head import objects_from_labels
 from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
 
 

@@ -52,7 +52,6 @@ import platform
 import statistics
 import sys
 import time
-from collections import defaultdict
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
