@@ -16,6 +16,7 @@ from helpers import EXAMPLES, free_port, load_example
 from PIL import Image
 from safetensors.torch import load_file
 
+from pix2seq_hf.data.schema import detection_features
 from pix2seq_hf.data.streaming import (
     StreamingDataLoader,
     StreamingDetectionDataset,
@@ -43,20 +44,8 @@ def detection_dataset(num_images=24, seed=0, size=(32, 24)) -> datasets.Dataset:
                 "category": [int(c) for c in rng.integers(0, 3, count)],
             }
         )
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "image_id": datasets.Value("int64"),
-            "width": datasets.Value("int32"),
-            "height": datasets.Value("int32"),
-            "objects": {
-                "id": datasets.List(datasets.Value("int64")),
-                "area": datasets.List(datasets.Value("float32")),
-                "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-                "category": datasets.List(datasets.ClassLabel(names=["red", "green", "blue"])),
-            },
-        }
-    )
+    features = detection_features(["red", "green", "blue"])
+    del features["objects"]["iscrowd"]  # as in many Hub sets
     return datasets.Dataset.from_dict(rows, features=features)
 
 
