@@ -112,6 +112,7 @@ RUN_ARGUMENTS = (
     "adam_beta1",
     "adam_beta2",
     "max_grad_norm",
+    "ema_decay",
     "lr_scheduler_type",
     "lr_decay_fraction",
     "num_warmup_steps",
@@ -245,10 +246,11 @@ def run_arguments(args, accelerator) -> dict:
 
 
 def run_evaluation(accelerator, model, processor, dataloader, args) -> dict:
+    """COCO metrics (`METRIC_KEYS`) of `model` (unwrapped) on the validation batches; leaves it in training mode."""
     generation_kwargs = options(EvaluationOptions, args).generation_kwargs()
     model.eval()
     metrics = evaluate_model(
-        accelerator.unwrap_model(model),
+        model,
         processor,
         dataloader,
         generation_kwargs=generation_kwargs,
@@ -409,6 +411,10 @@ def train(args, interrupt: StopOnSignal) -> int:
     if accelerator.device.type == "cpu":
         training_setup.speed_up_cpu_training(model, accelerator.mixed_precision)
     optimizer = build_optimizer(model, args, accelerator.device)
+    weight_average = None
+    if args.ema_decay is not None:
+        weight_average = training_setup.build_weight_average(model, args.ema_decay).to(accelerator.device)
+        accelerator.register_for_checkpointing(weight_average)
     # Without an epoch count (only --max_train_minutes) the minutes end the run.
     updates_per_epoch, num_epochs = plan.steps_per_epoch, plan.num_epochs or sys.maxsize
     scheduler, budget = build_scheduler(optimizer, args, accelerator.num_processes, plan)
@@ -419,6 +425,10 @@ def train(args, interrupt: StopOnSignal) -> int:
         model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
+
+    def trained_model() -> torch.nn.Module:
+        """The model to evaluate, save and upload: the weight average with --ema_decay, else the model trained."""
+        return weight_average.module if weight_average is not None else accelerator.unwrap_model(model)
 
     if args.with_tracking:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -446,7 +456,8 @@ def train(args, interrupt: StopOnSignal) -> int:
             starting_epoch = num_epochs
 
     logger.info(
-        f"{plan.describe()} Training at learning rate {args.learning_rate}, x{args.num_augmentations} augmentations."
+        f"{plan.describe()} Training at learning rate {args.learning_rate}, x{args.num_augmentations} augmentations"
+        + (f", evaluating and saving the weights' moving average (decay {args.ema_decay})." if weight_average else ".")
     )
     # `disable=None`: tqdm draws its bar on a terminal only; elsewhere the loss is logged every `logging_steps`.
     progress = tqdm(
@@ -490,6 +501,8 @@ def train(args, interrupt: StopOnSignal) -> int:
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
+            if weight_average is not None:
+                weight_average.update_parameters(accelerator.unwrap_model(model))
             progress.update(1)
             loss = running_loss / running_count
             running_loss, running_count = 0.0, 0
@@ -508,7 +521,7 @@ def train(args, interrupt: StopOnSignal) -> int:
                     )  # fmt: skip
                     if args.push_to_hub and args.hub_strategy == "every_save" and accelerator.is_main_process:
                         push_to_hub(
-                            accelerator.unwrap_model(model), processor, args,
+                            trained_model(), processor, args,
                             commit_message=f"Training in progress, step {completed_steps}",
                         )  # fmt: skip
             if interrupt.should_stop(accelerator):
@@ -526,7 +539,7 @@ def train(args, interrupt: StopOnSignal) -> int:
             last_step = out_of_time or (args.max_train_steps is not None and completed_steps >= args.max_train_steps)
             if eval_dataloader is not None and args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
                 eval_start = time.time()
-                metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
+                metrics = run_evaluation(accelerator, trained_model(), processor, eval_dataloader, args)
                 eval_seconds += time.time() - eval_start
                 minutes = (time.time() - start_time) / 60
                 history.append(
@@ -572,7 +585,7 @@ def train(args, interrupt: StopOnSignal) -> int:
         logger.warning(f"Skipped {skipped} unreadable training images (--on_bad_image skip).")
     results["skipped_bad_images"] = skipped
     if eval_dataloader is not None:
-        metrics = run_evaluation(accelerator, model, processor, eval_dataloader, args)
+        metrics = run_evaluation(accelerator, trained_model(), processor, eval_dataloader, args)
         history.append(
             {
                 "step": completed_steps,
@@ -592,7 +605,7 @@ def train(args, interrupt: StopOnSignal) -> int:
     if args.with_tracking:
         accelerator.end_training()
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = trained_model()
         if eval_dataset is not None and args.num_visualizations:
             results["visualizations"] = save_visualizations(unwrapped, processor, eval_dataset, args, output_dir)
 

@@ -292,6 +292,11 @@ class RecipeOptions:
         "squared gradients, steadier for Transformers trained at high learning rates).",
     )
     max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0: no clipping).")
+    ema_decay: float | None = option(
+        help="Keep an exponential moving average of the weights, updated after each step with this decay (e.g. "
+        "0.999: an average over about the last 1000 steps); the evaluations and the saved model use the average. "
+        "Default: none (the weights as trained)."
+    )
     lr_scheduler_type: str = option(
         "linear",
         help="A transformers scheduler name. With --max_train_minutes, `linear` (the default) decays to 0 at "
@@ -333,6 +338,8 @@ class RecipeOptions:
             _check_at_least(name, getattr(self, name), 0)
         if self.lr_decay_fraction is not None and not 0 < self.lr_decay_fraction <= 1:
             raise ValueError(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction!r}.")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}.")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")

@@ -218,6 +218,23 @@ def speed_up_cpu_training(model: torch.nn.Module, mixed_precision: str) -> torch
     return model
 
 
+def build_weight_average(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """
+    An exponential moving average of `model`'s parameters and buffers (torch's `AveragedModel`): a copy of `model`
+    that `update_parameters(model)` moves by `1 - decay` towards the current weights (the first call copies them).
+
+    Args:
+        model (`torch.nn.Module`): the model being trained (not wrapped for distribution).
+        decay (`float`): the share of the average kept at each update, in (0, 1).
+
+    Returns:
+        `AveragedModel`: its `.module` is a model like `model`, for evaluation and saving; its state (the average and
+        the update count) goes into the run's checkpoints.
+    """
+    swa_utils = torch.optim.swa_utils
+    return swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def optimizer_param_groups(
     model: torch.nn.Module, learning_rate: float, weight_decay: float, encoder_lr_scale: float = 1.0
 ) -> list[dict]:
@@ -350,6 +367,7 @@ __all__ = [
     "SCRATCH_RECIPE",
     "TRAINING_CONFIG_OPTIONS",
     "build_model_and_processor",
+    "build_weight_average",
     "default_mixed_precision",
     "optimizer_param_groups",
     "relabel_model",

@@ -126,6 +126,29 @@ def test_killed_saves_resume_to_the_uninterrupted_weights(killed_processes, refe
         assert not list(output_dir.glob("*.partial")), point
 
 
+def test_a_weight_average_is_what_is_saved_and_it_resumes(train_module, tmp_path, capsys):
+    # --ema_decay 0.5 over 4 steps: the saved model is 0.5^(4 - t) w_t summed (w_1 weighing 0.5^3), the trained weights
+    # w_t being those of each step's checkpoint; a run resumed from step 2 saves the same average.
+    argv = RUN + ["--ema_decay", "0.5", "--checkpointing_steps", "1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train_module.main(argv + ["--output_dir", str(full)]) == 0
+    saved = load_file(full / "model.safetensors")
+    trained = [load_file(full / f"step_{step}" / "model.safetensors") for step in range(1, 5)]
+    weights = (0.125, 0.125, 0.25, 0.5)
+    for name, tensor in saved.items():
+        if tensor.is_floating_point():
+            expected = sum(weight * step[name] for weight, step in zip(weights, trained))
+            torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(saved[name], trained[-1][name]) for name in saved)
+    resumed.mkdir()
+    shutil.copytree(full / "step_2", resumed / "step_2")
+    assert train_module.main(argv + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]) == 0
+    _assert_same_weights(full / "model.safetensors", resumed / "model.safetensors")
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["--ema_decay", "1"])
+    assert "ema_decay must be in (0, 1), got 1.0" in capsys.readouterr().err
+
+
 def test_checkpoints_total_limit_keeps_the_newest(reference):
     complete, incomplete = list_checkpoints(reference)
     assert [path.name for path in complete] == ["step_4"] and incomplete == []
