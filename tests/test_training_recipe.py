@@ -10,6 +10,7 @@ from helpers import TINY_LAYOUT, load_example, tiny_config
 from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 from pix2seq_hf.auxiliary_dense_head import objects_from_labels
 from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
+from pix2seq_hf.training_options import SYNTHETIC_AUGMENTATION
 
 
 COORD, BINS = TINY_LAYOUT["coord_token_offset"], TINY_LAYOUT["num_bins"]
@@ -403,6 +404,7 @@ def test_training_benchmark_runs_all_three_detectors(tmp_path):
     assert benchmark.main(argv) == 0
     report = json.loads(output.read_text())
     assert set(report["detectors"]) == {"pix2seq", "detr", "fcos"}
+    assert report["settings"]["augmentation"] == SYNTHETIC_AUGMENTATION  # the baselines' is Pix2Seq's default
     for history in report["detectors"].values():
         assert [entry["step"] for entry in history] == [1, 2]
         assert all(isinstance(entry["map"], float) and entry["minutes"] >= 0 for entry in history)

@@ -5,7 +5,7 @@ trained from scratch on the same data, with the same budget and the same COCO ev
     python examples/benchmarks/benchmark_training.py --detectors fcos detr --max_train_steps 2000 --num_threads 1
 
 Data: the synthetic shapes set of `examples/train.py` (4000 training and 200 validation images of 128 px, seed 42),
-the same `light` augmentation (seeded per epoch and image), batch 8. Every detector starts from random weights (a
+the same augmentation (seeded per epoch and image; none on the synthetic sets, Pix2Seq's default there), batch 8. Every detector starts from random weights (a
 ResNet-18 backbone) and is evaluated on the validation split with pycocotools (`CocoDetectionEvaluator`) every
 `--eval_steps` steps and at the end. Minutes count training, batch loading and augmentation included (evaluations
 excluded).
@@ -13,7 +13,7 @@ excluded).
 `--dataset coins` trains and evaluates on real photographs instead: 48 training and 16 validation images of 384 px with
 about 16 coins each, mosaics of crops of scikit-image's coins photograph with boxes from a classical segmentation
 (`pix2seq_hf.data.real_images.build_coins_dataset`; validation shows coins never trained on). Pix2Seq then trains
-with `--max_objects 64` and the same `light` augmentation:
+with `--max_objects 64`, all detectors with the `light` augmentation (scale jitter [0.8, 1.25], flips):
 
     python examples/benchmarks/benchmark_training.py --dataset coins --detectors pix2seq fcos --max_train_minutes 15
 
@@ -58,6 +58,7 @@ from pix2seq_hf.data.images import open_image  # noqa: E402
 from pix2seq_hf.data.real_images import build_coins_dataset  # noqa: E402
 from pix2seq_hf.data.transforms import apply_transforms  # noqa: E402
 from pix2seq_hf.evaluation import METRIC_KEYS, CocoDetectionEvaluator  # noqa: E402
+from pix2seq_hf.training_options import SYNTHETIC_AUGMENTATION  # noqa: E402
 from pix2seq_hf.training_setup import default_mixed_precision  # noqa: E402
 
 
@@ -101,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.image_size is None:
         args.image_size = 128 if args.dataset == "synthetic" else 384
     args.coco = None  # the coins set's files, once built
+    # One augmentation for every detector: Pix2Seq's default on the synthetic sets, `light` on the coins.
+    args.augmentation = "light" if args.dataset == "coins" else SYNTHETIC_AUGMENTATION
     args.mixed_precision = default_mixed_precision(on_cpu=True)  # what examples/train.py chooses on this CPU
     return args
 
@@ -124,9 +127,10 @@ class AugmentedBatches:
             objects = example["objects"]
             boxes = torch.as_tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
             labels = torch.as_tensor(objects["category"], dtype=torch.int64)
-            image, boxes, labels = apply_transforms(
-                self.transforms, pixels.permute(2, 0, 1), boxes, labels, seed=derive_seed(self.seed, self.epoch, image_id, 0)
-            )
+            image = pixels.permute(2, 0, 1)
+            if self.transforms is not None:
+                seed = derive_seed(self.seed, self.epoch, image_id, 0)
+                image, boxes, labels = apply_transforms(self.transforms, image, boxes, labels, seed=seed)
             height, width = image.shape[-2:]
             padded = torch.zeros(3, self.canvas, self.canvas)
             padded[:, :height, :width] = image.float() / 255
@@ -268,7 +272,7 @@ def train_baseline(name: str, args, splits) -> list[dict]:
     else:
         model, step, predict = build_fcos(num_classes, args.image_size, autocast)
     model.to(memory_format=torch.channels_last)
-    collate = AugmentedBatches(build_train_transforms("light", args.image_size), args.seed, args.image_size)
+    collate = AugmentedBatches(build_train_transforms(args.augmentation, args.image_size), args.seed, args.image_size)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=generator)
     history, steps, seconds, losses, epoch = [], 0, 0.0, [], 0
@@ -311,10 +315,11 @@ def train_pix2seq(args) -> list[dict]:
             "--seed", str(args.seed),
             "--image_size", str(args.image_size),
             "--num_visualizations", "0",
+            "--augmentation", args.augmentation,
         ]  # fmt: skip
         if args.coco:
-            # The baselines' augmentation; up to 64 objects a sequence (the images hold about 16 coins, up to 25).
-            argv += [*coco_arguments(args.coco), "--augmentation", "light", "--max_objects", "64"]
+            # Up to 64 objects a sequence (the images hold about 16 coins, up to 25).
+            argv += [*coco_arguments(args.coco), "--max_objects", "64"]
         else:
             argv += ["--synthetic_train_size", str(args.synthetic_train_size)]
             argv += ["--synthetic_validation_size", str(args.synthetic_validation_size)]
