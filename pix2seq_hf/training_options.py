@@ -54,6 +54,8 @@ SYNTHETIC_EVAL_STEPS = 1000
 SYNTHETIC_AUGMENTATION = "none"
 # Options that `TrainingArguments` spells otherwise (the `Trainer` script's name -> `RecipeOptions`' name).
 TRAINING_ARGUMENTS_NAMES = {"max_steps": "max_train_steps", "warmup_steps": "num_warmup_steps"}
+# `RecipeOptions` that only examples/train.py's own loop takes (the `Trainer` has no weight average).
+TRAIN_SCRIPT_ONLY_OPTIONS = ("ema_decay",)
 
 
 def option(default=None, help: str = "", choices=None, aliases=None, default_factory=None):
@@ -489,7 +491,8 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     `TrainingArguments` for `examples/run_object_detection.py` (the `Trainer`), whose optimisation options default to
     `examples/train.py`'s recipe (`RecipeOptions`, under the `Trainer`'s names: `max_steps` is `max_train_steps`,
     `warmup_steps` is `num_warmup_steps`, and both spellings are accepted), with the recipe's options that
-    `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`, `lr_decay_fraction`, `max_train_minutes`). The values
+    `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`, `lr_decay_fraction`, `max_train_minutes`; not
+    `TRAIN_SCRIPT_ONLY_OPTIONS`). The values
     left unset are resolved with the data by the script (`RecipeOptions.resolved` and `RecipeOptions.plan`), as
     `examples/train.py` resolves them. `do_train` and `do_eval` are on by default. Defined in the package rather than in the script so that the
     `training_args.bin` of its checkpoints loads anywhere.
@@ -532,7 +535,11 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     def recipe_options(self) -> RecipeOptions:
         """The optimisation options as `RecipeOptions` (under `examples/train.py`'s names)."""
         trainer_names = {name: trainer_name for trainer_name, name in TRAINING_ARGUMENTS_NAMES.items()}
-        values = {name: getattr(self, trainer_names.get(name, name)) for name in RecipeOptions.__dataclass_fields__}
+        values = {
+            name: getattr(self, trainer_names.get(name, name))
+            for name in RecipeOptions.__dataclass_fields__
+            if name not in TRAIN_SCRIPT_ONLY_OPTIONS
+        }
         scheduler = values["lr_scheduler_type"]
         values["lr_scheduler_type"] = getattr(scheduler, "value", scheduler)
         return RecipeOptions(**values)
@@ -547,6 +554,7 @@ __all__ = [
     "RecipeOptions",
     "RunOptions",
     "TRAINING_ARGUMENTS_NAMES",
+    "TRAIN_SCRIPT_ONLY_OPTIONS",
     "option",
     "option_of",
 ]
