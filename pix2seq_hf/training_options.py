@@ -492,9 +492,10 @@ class Pix2SeqTrainingArguments(TrainingArguments):
     `examples/train.py`'s recipe (`RecipeOptions`, under the `Trainer`'s names: `max_steps` is `max_train_steps`,
     `warmup_steps` is `num_warmup_steps`, and both spellings are accepted), with the recipe's options that
     `TrainingArguments` lacks (`recipe`, `encoder_lr_scale`, `lr_decay_fraction`, `max_train_minutes`; not
-    `TRAIN_SCRIPT_ONLY_OPTIONS`). The values left unset are resolved with the data by the script (`RecipeOptions.resolved` and `RecipeOptions.plan`), as
-    `examples/train.py` resolves them. `do_train` and `do_eval` are on by default. Defined in the package rather than in the script so that the
-    `training_args.bin` of its checkpoints loads anywhere.
+    `TRAIN_SCRIPT_ONLY_OPTIONS`). The values left unset are resolved with the data by the script
+    (`RecipeOptions.resolved` and `RecipeOptions.plan`), as `examples/train.py` resolves them. `do_train` and
+    `do_eval` are on by default. Defined in the package rather than in the script so that the `training_args.bin` of
+    its checkpoints loads anywhere.
     """
 
     do_train: bool = option(True, help="Train.")
