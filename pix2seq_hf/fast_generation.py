@@ -51,6 +51,35 @@ def decoder_step(
     return model.lm_head(hidden[:, -1]).float()
 
 
+def static_cache(model, memory: torch.Tensor, prompt_length: int, max_length: int | None) -> EncoderDecoderCache:
+    """
+    An empty static cache for decoding up to `max_length` tokens (prompt included) over the encoded images `memory`
+    (`(batch, memory_length, hidden)`): the self-attention keys/values of `max_length - 1` positions (the last token is
+    never fed back) and the cross-attention keys/values of the images.
+
+    Raises:
+        `ValueError`: without a maximum length, or for one beyond the model's position embeddings.
+    """
+    if max_length is None:
+        raise ValueError("Set `max_new_tokens` or `max_length`: the static cache needs a maximum length.")
+    cache_length = max(max_length - 1, prompt_length)
+    max_positions = model.config.max_position_embeddings
+    if cache_length > max_positions:
+        raise ValueError(
+            f"`max_length={max_length}` needs {cache_length} decoder positions, beyond "
+            f"`max_position_embeddings={max_positions}`."
+        )
+    return EncoderDecoderCache(
+        StaticCache(config=model.config, max_cache_len=cache_length),
+        StaticCache(config=model.config, max_cache_len=memory.shape[1]),
+    )
+
+
+def encoded_images(encoder_outputs) -> torch.Tensor:
+    """The encoder's last hidden states from `encoder_outputs` (a model output or a tuple)."""
+    return encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+
+
 class Pix2SeqStaticDecoding:
     r"""
     The decoding loop [`Pix2SeqForObjectDetection.generate`] runs by default (also usable explicitly as
@@ -183,24 +212,10 @@ class Pix2SeqStaticDecoding:
         encoder_outputs = model_kwargs.get("encoder_outputs")
         if encoder_outputs is None:
             raise ValueError("`Pix2SeqStaticDecoding` needs the `encoder_outputs` that `generate` prepares.")
-        memory = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+        memory = encoded_images(encoder_outputs)
 
-        prompt_length = input_ids.shape[1]
         max_length = stopping_criteria.max_length or generation_config.max_length
-        if max_length is None:
-            raise ValueError("Set `max_new_tokens` or `max_length`: the static cache needs a maximum length.")
-        # The last token is never fed back, so the cache holds `max_length - 1` positions.
-        cache_length = max(max_length - 1, prompt_length)
-        max_positions = model.config.max_position_embeddings
-        if cache_length > max_positions:
-            raise ValueError(
-                f"`max_length={max_length}` needs {cache_length} decoder positions, beyond "
-                f"`max_position_embeddings={max_positions}`."
-            )
-        cache = EncoderDecoderCache(
-            StaticCache(config=model.config, max_cache_len=cache_length),
-            StaticCache(config=model.config, max_cache_len=memory.shape[1]),
-        )
+        cache = static_cache(model, memory, input_ids.shape[1], max_length)
         compiled = self._use_compile(model, generation_config)
         compiled_step = self._compiled_step(model, generation_config) if compiled else None
 
@@ -359,4 +374,4 @@ def decoding_loop(
     return sequences[:, :length], scores, raw_logits, active is not None
 
 
-__all__ = ["Pix2SeqStaticDecoding", "decoder_step", "decoding_loop"]
+__all__ = ["Pix2SeqStaticDecoding", "decoder_step", "decoding_loop", "static_cache"]

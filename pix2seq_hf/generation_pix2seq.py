@@ -29,9 +29,9 @@ from transformers.generation.logits_process import (
 from .box_codec import TOKENS_PER_OBJECT, Pix2SeqTokenLayout, best_class_scores
 from .fast_generation import Pix2SeqStaticDecoding
 from .speculative_decoding import (
-    assisted_decoding_per_image,
     candidate_generator,
     check_draft_options,
+    decode_with_draft,
     resolve_drafter,
 )
 
@@ -644,13 +644,16 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         **model_kwargs,
     ):
         """
-        Greedy decoding and sampling: with a `draft`, transformers' assisted decoding with the draft as candidates
-        ([`speculative_decoding`]); else in [`Pix2SeqStaticDecoding`] where it applies, else transformers' loop.
+        Greedy decoding and sampling, in [`Pix2SeqStaticDecoding`] where it applies, else in transformers' loop; with
+        a `draft`, verified over a static cache where the static loop applies, else by transformers' assisted
+        decoding, with the draft as candidates ([`speculative_decoding`]).
         """
+        static = not synced_gpus and self.static_decoding_applies(generation_config, logits_processor, model_kwargs)
         if getattr(generation_config, "draft", None) is not None:
             check_draft_options(self, generation_config)
-            return assisted_decoding_per_image(
+            return decode_with_draft(
                 self,
+                static,
                 input_ids,
                 logits_processor,
                 stopping_criteria,
@@ -660,7 +663,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                 inputs_tensor=inputs_tensor,
                 **model_kwargs,
             )
-        if not synced_gpus and self.static_decoding_applies(generation_config, logits_processor, model_kwargs):
+        if static:
             return self.static_decoding(
                 self,
                 input_ids,

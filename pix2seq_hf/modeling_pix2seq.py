@@ -301,20 +301,27 @@ def is_plain_linear(module: nn.Module) -> bool:
     )
 
 
-def is_decoding_step(module: nn.Module, hidden_states: torch.Tensor, linears: list[nn.Module]) -> bool:
-    """Whether `module` runs a decoding step on `hidden_states`: one token per sequence, outside training, through
-    plain linear `linears` ([`is_plain_linear`]); then they run as [`decoding_linear`]."""
-    return hidden_states.shape[1] == 1 and not module.training and all(is_plain_linear(linear) for linear in linears)
+def is_decoding_step(
+    module: nn.Module, hidden_states: torch.Tensor, linears: list[nn.Module], key_length: int | None = None
+) -> bool:
+    """Whether `module` runs a decoding step on `hidden_states`: one token per sequence (or, with `key_length`, the
+    few tokens of a speculative verification pass over a static cache), outside training, through plain linear
+    `linears` ([`is_plain_linear`]); then they run as [`decoding_linear`]."""
+    return (
+        (hidden_states.shape[1] == 1 or key_length is not None)
+        and not module.training
+        and all(is_plain_linear(linear) for linear in linears)
+    )
 
 
 def decoding_linear(owner: nn.Module, name: str, linears: list[nn.Linear], hidden_states: torch.Tensor) -> torch.Tensor:
     """
     The outputs of `linears` (plain `nn.Linear`s of the same input size), concatenated, for the tokens of one
-    decoding step `hidden_states` (`(batch, 1, in_features)`): one product with their weights stacked and kept
+    decoding step `hidden_states` (`(batch, tokens, in_features)`): one product with their weights stacked and kept
     transposed (built once per `generate` call, see [`concatenated_parameters`]); the same result as calling them.
 
     Returns:
-        `torch.Tensor` of shape `(batch, 1, sum of out_features)`.
+        `torch.Tensor` of shape `(batch, tokens, sum of out_features)`.
     """
     weight = concatenated_parameters(owner, f"{name}_weight", [linear.weight for linear in linears], transpose=True)
     bias = concatenated_parameters(owner, f"{name}_bias", [linear.bias for linear in linears])
@@ -354,20 +361,24 @@ class Pix2SeqAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
-    def is_decoding_step(self, hidden_states: torch.Tensor) -> bool:
-        """Whether `hidden_states` is one token per sequence, outside training, through plain linear projections: then
+    def is_decoding_step(self, hidden_states: torch.Tensor, key_length: int | None = None) -> bool:
+        """Whether `hidden_states` is a decoding step ([`is_decoding_step`]) through plain linear projections: then
         the projections run as [`decoding_linear`] (stacked, transposed weights built once per `generate` call)."""
-        return is_decoding_step(self, hidden_states, [self.q_proj, self.k_proj, self.v_proj, self.out_proj])
+        return is_decoding_step(
+            self, hidden_states, [self.q_proj, self.k_proj, self.v_proj, self.out_proj], key_length=key_length
+        )
 
     def project_query_key_value(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
-        The query, key and value of one decoding step's `hidden_states` (`(batch, 1, hidden)`) in one matrix product.
+        The query, key and value of one decoding step's `hidden_states` (`(batch, tokens, hidden)`) in one matrix
+        product.
 
         Returns:
-            Three `torch.Tensor`s of shape `(batch, heads, 1, head_dim)`.
+            Three `torch.Tensor`s of shape `(batch, heads, tokens, head_dim)`.
         """
         qkv = decoding_linear(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj], hidden_states)
-        return qkv.view(hidden_states.shape[0], 3, self.num_heads, 1, self.head_dim).unbind(1)
+        batch_size, length = hidden_states.shape[:2]
+        return qkv.view(batch_size, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(
         self,
@@ -389,19 +400,20 @@ class Pix2SeqAttention(nn.Module):
             cache_position (`torch.LongTensor` of shape `(length,)`, *optional*): the positions of `hidden_states` in
                 the sequence; with a static cache, where its keys and values are written.
             key_length (`int`, *optional*): with a static cache, how many of its positions are filled after this
-                step's write; attention then reads only those (and `attention_mask` must be `None`).
+                step's write; self-attention then reads only those (with `attention_mask` `None` for one token, the
+                causal mask over them for several).
 
         Returns:
             `(attn_output, attn_weights)`; `attn_weights` is `None` unless eager attention is used.
         """
         is_cross_attention = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
-        decoding_step = self.is_decoding_step(hidden_states)
+        decoding_step = self.is_decoding_step(hidden_states, key_length)
 
         if is_cross_attention:
             if decoding_step:
                 query_states = decoding_linear(self, "_q", [self.q_proj], hidden_states)
-                query_states = query_states.view(input_shape[0], self.num_heads, 1, self.head_dim)
+                query_states = query_states.view(*input_shape, self.num_heads, self.head_dim).transpose(1, 2)
             else:
                 query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
             if cache is not None and cache.is_updated.get(self.layer_idx, False):
@@ -433,8 +445,8 @@ class Pix2SeqAttention(nn.Module):
 
         implementation = self.config._attn_implementation
         if implementation == "sdpa" and decoding_step:
-            # A decoding step: transformers' sdpa wrapper without its per-call checks, which concern longer queries (one
-            # query attends to the keys the mask allows, or to all of them).
+            # A decoding step: transformers' sdpa wrapper without its per-call checks, which concern longer queries (the
+            # queries attend to the keys the mask allows: one query needs no mask, a verification pass has one).
             attn_output = nn.functional.scaled_dot_product_attention(
                 query_states, key_states, value_states, attn_mask=attention_mask, scale=self.scaling
             )
@@ -487,8 +499,9 @@ class Pix2SeqMLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.fc2 = nn.Linear(ffn_dim, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if is_decoding_step(self, hidden_states, [self.fc1, self.fc2]):
+    def forward(self, hidden_states: torch.Tensor, key_length: int | None = None) -> torch.Tensor:
+        """`key_length`: given for the tokens of a decoding pass over a static cache ([`is_decoding_step`])."""
+        if is_decoding_step(self, hidden_states, [self.fc1, self.fc2], key_length=key_length):
             # A decoding step: the products with the transposed weights of the `generate` call (`decoding_linear`).
             hidden_states = self.activation_fn(decoding_linear(self, "_fc1", [self.fc1], hidden_states))
             return decoding_linear(self, "_fc2", [self.fc2], hidden_states)
@@ -577,10 +590,11 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
             self.encoder_attn_layer_norm(hidden_states),
             key_value_states=encoder_hidden_states,
             cache=cache,
+            key_length=key_length,
             **kwargs,
         )
         hidden_states = hidden_states + self.drop_path(attn_output)
-        return hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states)))
+        return hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states), key_length=key_length))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -939,18 +953,19 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
 
         A decoding step (one token over a cache, no padding mask) builds no causal mask: the query attends to the
         whole cache, or with a static cache to its positions up to the token's own (a comparison of the cache
-        positions). The first call with a cache fills the cross-attention keys and values of every layer, in one
-        matrix product over the encoded image.
+        positions). Several tokens over a static cache with `key_length` (a speculative verification pass) attend to
+        the filled positions up to their own. The first call with a cache fills the cross-attention keys and values
+        of every layer, in one matrix product over the encoded image.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`): tokens after those in `cache`.
             encoder_hidden_states (`torch.Tensor` of shape `(batch_size, memory_length, decoder_hidden_size)`).
             attention_mask (`torch.Tensor` of shape `(batch_size, past_length + target_length)`, *optional*).
             cache (`EncoderDecoderCache`, *optional*): updated in place.
-            key_length (`int`, *optional*): for a decoding step over a static cache, the number of its positions filled
-                after the step (known to the loop without reading the device): the token attends to those only, with
-                no mask. Without it the step attends over the whole static cache with a mask of the filled positions
-                (fixed shapes, for compilation and CUDA graphs).
+            key_length (`int`, *optional*): with a static cache, the number of its positions filled after this call
+                (known to the loop without reading the device): the tokens attend to those only (one token with no
+                mask, several with a causal mask over them). Without it a decoding step attends over the whole static
+                cache with a mask of the filled positions (fixed shapes, for compilation and CUDA graphs).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, target_length, decoder_hidden_size)`: the final LayerNorm's output.
@@ -965,8 +980,11 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
             self.fill_cross_attention_cache(cache, encoder_hidden_states)
         implementation = self.config._attn_implementation
         decoding_step = target_length == 1 and cache is not None and attention_mask is None
-        if decoding_step and key_length is not None:
-            causal_mask = None
+        # With `key_length`, the layers attend to the filled positions of the static cache only.
+        if cache is None or attention_mask is not None or not (decoding_step or implementation in ("sdpa", "eager")):
+            key_length = None
+        if key_length is not None:
+            causal_mask = None if decoding_step else self._positions_mask(key_length, positions, hidden_states.dtype)
         elif decoding_step and implementation in ("sdpa", "eager"):
             causal_mask = self._decoding_step_mask(cache.self_attention_cache, positions, hidden_states.dtype)
         else:
@@ -984,7 +1002,7 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 encoder_hidden_states,  # positional, so that gradient checkpointing passes its gradient through
                 cache=cache,
                 cache_position=positions,
-                key_length=key_length if decoding_step else None,
+                key_length=key_length,
                 **kwargs,
             )
         return self.layer_norm(hidden_states)
@@ -998,12 +1016,19 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         layer = self_attention_cache.layers[0] if self_attention_cache.layers else None
         if type(layer) is not StaticLayer:
             return None
-        allowed = torch.arange(layer.max_cache_len, device=positions.device) <= positions
+        return self._positions_mask(layer.max_cache_len, positions, dtype)
+
+    def _positions_mask(self, key_length: int, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """
+        The causal mask of queries at `positions` over the first `key_length` cache positions, `(1, 1, queries,
+        key_length)`: booleans for sdpa, additive for eager attention.
+        """
+        allowed = torch.arange(key_length, device=positions.device) <= positions[:, None]
         if self.config._attn_implementation == "eager":
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
                 ~allowed, torch.finfo(dtype).min
             )
-        return allowed.view(1, 1, 1, -1)
+        return allowed[None, None]
 
     def fill_cross_attention_cache(self, cache: EncoderDecoderCache, encoder_hidden_states: torch.Tensor) -> None:
         """

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,11 +41,21 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import batched_nms
 from transformers.generation.candidate_generator import CandidateGenerator
-from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.generation.utils import GenerateEncoderDecoderOutput
 
 from .auxiliary_dense_head import cell_centres, feature_grid
 from .box_codec import OBJECT_ORDERS, Pix2SeqBoxCodec
-from .fast_generation import Pix2SeqStaticDecoding
+from .fast_generation import Pix2SeqStaticDecoding, encoded_images, static_cache
 
 
 @dataclass
@@ -118,6 +129,13 @@ def acceptance_statistics() -> Iterator[DraftStatistics]:
         _STATISTICS.reset(token)
 
 
+# Objects per verification pass when the drafter does not set it. Measured on the default training run's model (batch
+# 1, 2 CPU threads): greedy decoding is fastest with 4 (kept drafted tokens are many and the Jacobi predictions after a
+# rejection start the next draft), top-p sampling with 1 (a pass keeps about 2 tokens whatever the draft's length, so
+# a longer draft only costs).
+DEFAULT_OBJECTS_PER_PASS = {"greedy": 4, "sampling": 1}
+
+
 class Pix2SeqLookaheadDrafter:
     """
     Drafts no objects of its own: the draft of every pass is the model's predictions from the last pass (see
@@ -125,14 +143,22 @@ class Pix2SeqLookaheadDrafter:
     (`draft="lookahead"`), so it serves models without one, such as converted official checkpoints.
 
     Args:
-        objects_per_pass (`int`, *optional*, defaults to 4): how many objects' worth of tokens one verification pass
-            checks at most.
+        objects_per_pass (`int`, *optional*): how many objects' worth of tokens one verification pass checks at most;
+            by default [`DEFAULT_OBJECTS_PER_PASS`] of the decoding mode (4 for greedy decoding, 1 for sampling).
     """
 
-    def __init__(self, objects_per_pass: int = 4):
-        if isinstance(objects_per_pass, bool) or not isinstance(objects_per_pass, int) or objects_per_pass < 1:
+    def __init__(self, objects_per_pass: int | None = None):
+        if objects_per_pass is not None and (
+            isinstance(objects_per_pass, bool) or not isinstance(objects_per_pass, int) or objects_per_pass < 1
+        ):
             raise ValueError(f"`objects_per_pass` of the draft must be a positive int, got {objects_per_pass!r}.")
         self.objects_per_pass = objects_per_pass
+
+    def objects_per_pass_for(self, do_sample: bool) -> int:
+        """The objects one verification pass checks at most, for sampling (`do_sample`) or greedy decoding."""
+        if self.objects_per_pass is not None:
+            return self.objects_per_pass
+        return DEFAULT_OBJECTS_PER_PASS["sampling" if do_sample else "greedy"]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(objects_per_pass={self.objects_per_pass})"
@@ -163,8 +189,8 @@ class Pix2SeqAuxiliaryDrafter(Pix2SeqLookaheadDrafter):
             in `"random"` order gets a draft in `"dist2ori"` order, which it follows only by chance).
         score_threshold (`float`, *optional*, defaults to 0.3): the least class score of a drafted object.
         iou_threshold (`float`, *optional*, defaults to 0.5): boxes of one class overlapping more are one object.
-        objects_per_pass (`int`, *optional*, defaults to 4): how many objects one verification pass checks at most
-            (a longer draft costs a longer pass where it is rejected early).
+        objects_per_pass (`int`, *optional*): how many objects one verification pass checks at most (a longer
+            draft costs a longer pass where it is rejected early); by default [`DEFAULT_OBJECTS_PER_PASS`].
     """
 
     def __init__(
@@ -172,7 +198,7 @@ class Pix2SeqAuxiliaryDrafter(Pix2SeqLookaheadDrafter):
         object_order: str = "dist2ori",
         score_threshold: float = 0.3,
         iou_threshold: float = 0.5,
-        objects_per_pass: int = 4,
+        objects_per_pass: int | None = None,
     ):
         if object_order not in OBJECT_ORDERS:
             raise ValueError(f"Unknown `object_order` {object_order!r} of the draft; choose one of {OBJECT_ORDERS}.")
@@ -408,7 +434,7 @@ def candidate_generator(model, generation_config, input_ids, inputs_tensor, mode
         draft,
         prompt_length=input_ids.shape[1],
         max_length=generation_config.max_length,
-        objects_per_pass=drafter.objects_per_pass,
+        objects_per_pass=drafter.objects_per_pass_for(generation_config.do_sample),
         num_bins=model.config.num_bins,
     )
 
@@ -448,14 +474,149 @@ def _without_signature_checks(logits_processor: LogitsProcessorList) -> LogitsPr
     return logits_processor
 
 
-def assisted_decoding_per_image(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+# Warpers whose output row depends on that row of scores only (not on the tokens written): a verification pass applies
+# them to all its positions at once.
+ROW_WISE_WARPERS = (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+)
+
+
+def split_row_wise_processors(logits_processor) -> tuple[list, list]:
     """
-    transformers' assisted decoding (`GenerationMixin._assisted_decoding`, one image at a time: it refuses batches)
-    for every image of the batch, with the outputs put together as `_sample` returns them: sequences padded with
-    `pad_token_id` after an image's end, and its raw logits / scores after its end zeros.
+    `logits_processor` as `(per_position, row_wise)`: the processors to call once per position (with that position's
+    tokens), then the trailing run of row-wise warpers ([`ROW_WISE_WARPERS`], and the official top-p warper), which
+    can process every position's scores in one call.
+    """
+    from .generation_pix2seq import Pix2SeqTopPLogitsWarper  # imports this module
+
+    processors = list(logits_processor)
+    start = len(processors)
+    while start > 0 and isinstance(processors[start - 1], (*ROW_WISE_WARPERS, Pix2SeqTopPLogitsWarper)):
+        start -= 1
+    return processors[:start], processors[start:]
+
+
+def sample_rows(scores: torch.Tensor) -> torch.LongTensor:
+    """
+    One token per row of the processed logits `scores` (`(rows, vocab_size)`), drawn from their softmax by inverse
+    transform sampling (one uniform number per row, where `torch.multinomial` draws one per token and costs a hundred
+    times more on a CPU); in float64, so that rounding cannot pick a token of probability zero in practice.
+
+    Returns:
+        `torch.LongTensor` of shape `(rows,)`.
+    """
+    cumulative = scores.double().softmax(dim=-1).cumsum(dim=-1)
+    uniform = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=scores.shape[-1] - 1).view(-1)
+
+
+def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+    """
+    Speculative decoding of one image over a static cache: the draft of [`Pix2SeqObjectCandidateGenerator`] is
+    verified by the model's own decoder (one pass over the unverified tokens and the draft, attending to the filled
+    cache positions), and the cache is cut back past the first rejected token. Tokens are chosen as transformers'
+    assisted decoding chooses them (every position's processed logits, the `argmax` or one draw each, the draft kept
+    up to the first mismatch, and cut after an EOS), without its per-pass input preparation, output objects and cache
+    copies; the row-wise warpers (top-p, ...) process all positions at once and the draws are [`sample_rows`].
 
     Args:
         model: the model `generate` was called on.
+        input_ids (`torch.LongTensor` of shape `(1, prompt_length)`), logits_processor (processors taking
+        `(input_ids, scores)`), stopping_criteria, generation_config: as `generate` prepares them.
+        kwargs: the decoding kwargs of `generate` (`encoder_outputs`, `streamer`, `inputs_tensor`, ...).
+
+    Returns:
+        What `_sample` returns: a `GenerateEncoderDecoderOutput` or the token tensor.
+    """
+    encoder_outputs = kwargs["encoder_outputs"]
+    memory = encoded_images(encoder_outputs)
+    streamer = kwargs.get("streamer")
+    generator = candidate_generator(model, generation_config, input_ids, kwargs.get("inputs_tensor"), kwargs)
+    prompt_length = input_ids.shape[1]
+    max_length = stopping_criteria.max_length or generation_config.max_length
+    cache = static_cache(model, memory, prompt_length, max_length)
+    per_position, row_wise = split_row_wise_processors(logits_processor)
+    eos_token_id = getattr(generation_config, "_eos_token_tensor", None)
+    return_dict = generation_config.return_dict_in_generate
+    scores = () if return_dict and generation_config.output_scores else None
+    raw_logits = () if return_dict and generation_config.output_logits else None
+
+    sequences = input_ids.new_empty((1, max(max_length, prompt_length)))
+    sequences[:, :prompt_length] = input_ids
+    length, cached = prompt_length, 0
+    while length < max_length:
+        candidates, _ = generator.get_candidates(sequences[:, :length])
+        drafted = candidates.shape[1] - length
+        sequences[:, length : length + drafted] = candidates[:, length:]
+        key_length = length + drafted
+        hidden = model.model.decoder.decode(
+            sequences[:, cached:key_length], memory, cache=cache, key_length=key_length
+        )
+        logits = model.lm_head(hidden[:, -(drafted + 1) :]).float()
+        processed = []
+        for position in range(drafted + 1):
+            position_scores = logits[:, position]
+            for processor in per_position:
+                position_scores = processor(sequences[:, : length + position], position_scores)
+            processed.append(position_scores)
+        processed = torch.cat(processed)
+        for processor in row_wise:
+            processed = processor(sequences[:, :length].expand(drafted + 1, -1), processed)
+        chosen = sample_rows(processed) if generation_config.do_sample else processed.argmax(dim=-1)
+        processed, chosen = processed[None], chosen[None]
+        # The drafted tokens up to the first that differs from the model's choice, then the model's own token.
+        agreed = chosen[:, :drafted] == sequences[:, length:key_length]
+        new_tokens = chosen[:, : int(agreed.cumprod(dim=-1).sum()) + 1]
+        if eos_token_id is not None:
+            ends = torch.isin(new_tokens[0], eos_token_id.to(new_tokens.device)).nonzero()
+            if ends.numel():
+                new_tokens = new_tokens[:, : int(ends[0]) + 1]
+        accepted = new_tokens.shape[1] - 1
+        sequences[:, length : length + accepted + 1] = new_tokens
+        length += accepted + 1
+        # The cache keeps the positions of the tokens written before the last one.
+        cache.self_attention_cache.crop(-(key_length - (length - 1)))
+        cached = length - 1
+        generator.update_candidate_strategy(sequences[:, :length], processed, accepted)
+        if scores is not None:
+            scores += tuple(processed[:, position] for position in range(accepted + 1))
+        if raw_logits is not None:
+            raw_logits += tuple(logits[:, position] for position in range(accepted + 1))
+        if streamer is not None:
+            streamer.put(new_tokens.cpu())
+        if stopping_criteria(sequences[:, :length], scores).any():
+            break
+    if streamer is not None:
+        streamer.end()
+    if not return_dict:
+        return sequences[:, :length]
+    return GenerateEncoderDecoderOutput(
+        sequences=sequences[:, :length],
+        scores=scores,
+        logits=raw_logits,
+        encoder_attentions=encoder_outputs.get("attentions") if hasattr(encoder_outputs, "get") else None,
+        encoder_hidden_states=encoder_outputs.get("hidden_states") if hasattr(encoder_outputs, "get") else None,
+    )
+
+
+def decode_with_draft(
+    model, static: bool, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs
+):
+    """
+    Speculative decoding of every image of the batch, one after the other: [`verify_drafts`] over a static cache
+    (`static`), else transformers' assisted decoding (`GenerationMixin._assisted_decoding`, which refuses batches).
+    The outputs are put together as `_sample` returns them: sequences padded with `pad_token_id` after an image's
+    end, and its raw logits / scores after its end zeros.
+
+    Args:
+        model: the model `generate` was called on.
+        static (`bool`): verify over a static cache with the model's own decoder.
         input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`), logits_processor, stopping_criteria,
         generation_config: as `generate` prepares them.
         kwargs: the decoding kwargs of `generate` (`encoder_outputs`, `cache`, `streamer`, `inputs_tensor`, ...).
@@ -463,10 +624,15 @@ def assisted_decoding_per_image(model, input_ids, logits_processor, stopping_cri
     Returns:
         What `_sample` returns: a `GenerateEncoderDecoderOutput` or the token tensor.
     """
-    logits_processor = _without_signature_checks(logits_processor)
+    if static:
+        kwargs.pop("synced_gpus", None)
+        decode_image = functools.partial(verify_drafts, model)
+    else:
+        logits_processor = _without_signature_checks(logits_processor)
+        decode_image = model._assisted_decoding
     batch_size = input_ids.shape[0]
     if batch_size == 1:
-        return model._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+        return decode_image(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
     if kwargs.get("streamer") is not None:
         raise ValueError("`draft` decodes the images of a batch one after the other and cannot stream a batch.")
     encoder_outputs = kwargs["encoder_outputs"]
@@ -488,9 +654,7 @@ def assisted_decoding_per_image(model, input_ids, logits_processor, stopping_cri
                 type(cache.cross_attention_cache)(config=model.config),
             )
         results.append(
-            model._assisted_decoding(
-                input_ids[row : row + 1], logits_processor, stopping_criteria, generation_config, **row_kwargs
-            )
+            decode_image(input_ids[row : row + 1], logits_processor, stopping_criteria, generation_config, **row_kwargs)
         )
     return_dict = not isinstance(results[0], torch.Tensor)
     rows = [result.sequences if return_dict else result for result in results]

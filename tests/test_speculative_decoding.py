@@ -49,15 +49,24 @@ def written_objects(sequence, config):
     return torch.tensor(generated[: len(generated) // 5 * 5], dtype=torch.long).view(-1, 5)
 
 
-def test_auxiliary_draft_gives_the_greedy_tokens_and_logits():
-    model = head_model()
+@pytest.mark.parametrize(
+    ("static_decoding", "attn_implementation"), [(True, "sdpa"), (True, "eager"), (False, "sdpa")]
+)
+def test_auxiliary_draft_gives_the_greedy_tokens_and_logits(static_decoding, attn_implementation):
+    """Verified over the static cache (the default) with either attention, or by transformers' assisted decoding."""
+    model = head_model(attn_implementation=attn_implementation)
     pixel_values = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     options = dict(do_sample=False, min_objects=4, max_new_tokens=40)
     reference = model.generate(pixel_values, **options)
     (draft,) = Pix2SeqAuxiliaryDrafter().draft_objects(model.model.encoder(pixel_values[:1]), model.config)
     assert len(draft) > 0  # the head drafts objects
+    assisted = []
+    model._assisted_decoding = lambda *args, **kwargs: assisted.append(1) or type(model)._assisted_decoding(
+        model, *args, **kwargs
+    )
     with acceptance_statistics() as statistics:
-        drafted = model.generate(pixel_values, draft="auxiliary", **options)
+        drafted = model.generate(pixel_values, draft="auxiliary", static_decoding=static_decoding, **options)
+    assert len(assisted) == (0 if static_decoding else 3)
     torch.testing.assert_close(drafted.sequences, reference.sequences, rtol=0, atol=0)
     steps = reference.sequences.shape[1] - 1
     for step in range(steps):
@@ -118,10 +127,12 @@ def chi_square_critical(degrees: int, z: float = 3.29) -> float:
     return degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
 
 
-def test_sampling_with_a_draft_keeps_the_distribution():
+@pytest.mark.parametrize("static_decoding", [True, False])
+def test_sampling_with_a_draft_keeps_the_distribution(static_decoding):
     """
     The first two tokens of top-p samples drafted with a fixed (deterministic) object, against their exact
-    distribution under the model's processed logits: a chi-square goodness-of-fit test over the pairs.
+    distribution under the model's processed logits: a chi-square goodness-of-fit test over the pairs. Verified over
+    the static cache (the default) and by transformers' assisted decoding.
     """
     model = head_model(seed=4)
     with torch.no_grad():
@@ -156,7 +167,9 @@ def test_sampling_with_a_draft_keeps_the_distribution():
         for _ in range(num_batches):
             # A batch is decoded image by image, each from the same draft.
             drafter = GivenDrafter([draft] * batch_size)
-            sequences = model.generate(pixel_values.expand(batch_size, -1, -1, -1), draft=drafter, **options).sequences
+            sequences = model.generate(
+                pixel_values.expand(batch_size, -1, -1, -1), draft=drafter, static_decoding=static_decoding, **options
+            ).sequences
             for pair in map(tuple, sequences[:, 1:3].tolist()):
                 counts[pair] = counts.get(pair, 0) + 1
     assert statistics.accepted_tokens > 0  # the draft was accepted at times
@@ -249,3 +262,47 @@ def test_processors_are_called_without_signature_checks_only_when_all_take_two_a
 
     with_kwargs = LogitsProcessorList([NeedsLength()])
     assert _without_signature_checks(with_kwargs) is with_kwargs
+
+
+def test_rows_are_sampled_from_their_distribution():
+    """`sample_rows` draws each row's token from its softmax (chi-square test), never a token of probability zero."""
+    from pix2seq_hf.speculative_decoding import sample_rows
+
+    probabilities = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.1, 0.0, 0.9]])
+    scores = probabilities.log()  # -inf where the probability is zero
+    torch.manual_seed(0)
+    draws = torch.stack([sample_rows(scores) for _ in range(4000)])
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=4).double()
+        assert counts[probabilities[row] == 0].sum() == 0
+        expected = probabilities[row] * 4000
+        kept = expected > 0
+        chi_square = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+        assert chi_square < chi_square_critical(int(kept.sum()) - 1), (row, counts)
+
+
+def test_row_wise_warpers_process_all_positions_at_once():
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from pix2seq_hf.generation_pix2seq import Pix2SeqTopPLogitsWarper
+    from pix2seq_hf.speculative_decoding import split_row_wise_processors
+
+    grammar, penalty = object(), RepetitionPenaltyLogitsProcessor(1.5)
+    warpers = [TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.4), Pix2SeqTopPLogitsWarper(0.4)]
+    assert split_row_wise_processors(LogitsProcessorList([grammar, *warpers])) == ([grammar], warpers)
+    # A processor that reads the tokens after a warper: the warpers before it go per position too.
+    processors = [grammar, warpers[0], penalty, warpers[1]]
+    assert split_row_wise_processors(LogitsProcessorList(processors)) == (processors[:3], [warpers[1]])
+
+
+def test_draft_length_defaults_to_the_decoding_mode():
+    drafter = Pix2SeqAuxiliaryDrafter()
+    assert drafter.objects_per_pass_for(do_sample=False) == 4 and drafter.objects_per_pass_for(do_sample=True) == 1
+    assert Pix2SeqAuxiliaryDrafter(objects_per_pass=2).objects_per_pass_for(do_sample=True) == 2
+    with pytest.raises(ValueError, match="objects_per_pass"):
+        Pix2SeqAuxiliaryDrafter(objects_per_pass=0)

@@ -68,7 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auxiliary",
         help="The model's auxiliary dense head, no drafted objects, or the objects written for the previous image.",
     )
-    parser.add_argument("--objects_per_pass", type=int, default=4, help="Objects verified per decoder pass at most.")
+    parser.add_argument(
+        "--objects_per_pass",
+        type=int,
+        default=None,
+        help="Objects verified per decoder pass at most (default: 4 for greedy decoding, 1 for sampling).",
+    )
     parser.add_argument("--score_threshold", type=float, default=0.3, help="Auxiliary drafter's score threshold.")
     parser.add_argument("--top_p", type=float, default=0.4, help="Top-p of the sampling run.")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
