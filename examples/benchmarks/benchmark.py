@@ -141,6 +141,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "synthetic validation images (--early_stop_images, --early_stop_seed) with and without `draft='auxiliary'` "
         "(speculative decoding), greedy and with the model's sampling, and count decoder passes per image.",
     )
+    parser.add_argument(
+        "--draft_objects_per_pass",
+        type=int,
+        nargs="*",
+        default=[],
+        help="With --draft, also time drafters of these `objects_per_pass` (besides the default of each mode).",
+    )
+    parser.add_argument(
+        "--draft_batch_size", type=int, default=1, help="With --draft, images per `detect` call (default: 1)."
+    )
     parser.add_argument("--omp_wait_policy", choices=["PASSIVE", "ACTIVE"], default=None,
                         help="OpenMP waiting (see above); default: OpenMP's own.")
     parser.add_argument("--output", default="benchmark_results.json", help="Where the results go (JSON).")
@@ -903,8 +913,9 @@ def early_stop_effect(args, device) -> dict:
 
 def draft_effect(args, device) -> dict:
     """`--draft`: `detect` latency at batch 1 with and without `draft="auxiliary"` (verified in the static-cache loop,
-    and in transformers' assisted loop with `static_decoding=False`) on a trained model's synthetic validation
-    images, interleaved per image, and the decoder passes per image with the draft."""
+    and in transformers' assisted loop with `static_decoding=False`; with the default draft length and those of
+    `--draft_objects_per_pass`) on a trained model's synthetic validation images, interleaved per image, and the
+    decoder passes per image of each drafted configuration."""
     from transformers import AutoModelForObjectDetection, AutoProcessor
 
     from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
@@ -916,32 +927,47 @@ def draft_effect(args, device) -> dict:
         synthetic_validation_size=args.early_stop_images, seed=args.early_stop_seed, train=False
     )
     collator = Pix2SeqCollator(processor, training=False, return_sequences=False)
-    images = [collator([example])["pixel_values"].to(device) for example in splits.validation]
+    examples, size = list(splits.validation), args.draft_batch_size
+    batches = [collator(examples[i : i + size])["pixel_values"].to(device) for i in range(0, len(examples), size)]
     drafter = Pix2SeqAuxiliaryDrafter(object_order=processor.object_order)
-    results = {"model": args.draft, "images": len(images), "draft": repr(drafter), "modes": {}}
+    configurations = {
+        "no draft": {},
+        "draft": {"draft": drafter},
+        "draft, assisted loop": {"draft": drafter, "static_decoding": False},
+    }
+    for objects in args.draft_objects_per_pass:
+        sized = Pix2SeqAuxiliaryDrafter(object_order=processor.object_order, objects_per_pass=objects)
+        configurations[f"draft, {objects} objects per pass"] = {"draft": sized}
+    results = {
+        "model": args.draft,
+        "images": len(examples),
+        "batch_size": size,
+        "draft": repr(drafter),
+        "modes": {},
+    }
     for mode, options in (("greedy", {"do_sample": False}), ("sampling", {})):
-        configurations = {
-            "no draft": {},
-            "draft": {"draft": drafter},
-            "draft, assisted loop": {"draft": drafter, "static_decoding": False},
-        }
         seconds = {name: [] for name in configurations}
-        with acceptance_statistics() as counts:
-            for round_index in range(-1, args.repeats):  # round -1: warm-up
-                for pixel_values in images if round_index >= 0 else images[:1]:
-                    for name, extra in configurations.items():
-                        with torch.inference_mode():
-                            elapsed, _ = timed(lambda: model.detect(pixel_values, **options, **extra), device)
-                        if round_index >= 0:
-                            seconds[name].append(elapsed)
-        entry = {name: sum(values) / len(values) for name, values in seconds.items()}
-        per_round = 1 + args.repeats * len(images)  # the warm-up image is counted too
-        entry["speed_up"] = entry["no draft"] / entry["draft"]
-        entry["speed_up_assisted_loop"] = entry["no draft"] / entry["draft, assisted loop"]
-        # Averaged over the two drafted configurations (the same passes for greedy decoding).
-        entry["passes_per_image"] = counts.passes / per_round / 2
-        entry["tokens_per_pass"] = counts.tokens_per_pass
-        entry["acceptance_rate"] = counts.acceptance_rate
+        counts = {name: [0, 0] for name in configurations}  # passes, tokens written
+        for round_index in range(-1, args.repeats):  # round -1: warm-up
+            for pixel_values in batches if round_index >= 0 else batches[:1]:
+                for name, extra in configurations.items():
+                    with torch.inference_mode(), acceptance_statistics() as statistics:
+                        elapsed, _ = timed(lambda: model.detect(pixel_values, **options, **extra), device)
+                    if round_index >= 0:
+                        seconds[name].append((elapsed, len(pixel_values)))
+                        counts[name][0] += statistics.passes
+                        counts[name][1] += statistics.generated_tokens
+        entry = {}
+        reference = sum(elapsed for elapsed, _ in seconds["no draft"])
+        for name, values in seconds.items():
+            (passes, tokens), elapsed = counts[name], sum(elapsed for elapsed, _ in values)
+            num_images = sum(count for _, count in values)
+            entry[name] = {
+                "seconds_per_image": elapsed / num_images,
+                "speed_up": reference / elapsed,
+                "passes_per_image": passes / num_images if passes else None,
+                "tokens_per_pass": tokens / passes if passes else None,
+            }
         results["modes"][mode] = entry
         logger.info("draft %s: %s", mode, entry)
     return results
@@ -1298,17 +1324,15 @@ def main(argv=None) -> int:
             )
     if args.draft:
         report["draft"] = draft_effect(args, devices[-1])
-        print(
-            "\n| decoding | s per image, no draft | s per image, draft | speed-up | draft in transformers' assisted "
-            "loop (s) | speed-up | passes/image | tokens/pass |"
-        )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for mode, entry in report["draft"]["modes"].items():
-            print(
-                f"| {mode} | {entry['no draft']:.4f} | {entry['draft']:.4f} | {entry['speed_up']:.2f} | "
-                f"{entry['draft, assisted loop']:.4f} | {entry['speed_up_assisted_loop']:.2f} | "
-                f"{entry['passes_per_image']:.1f} | {entry['tokens_per_pass']:.2f} |"
-            )
+        print("\n| decoding | configuration | s per image | speed-up | passes/image | tokens/pass |")
+        print("|---|---|---:|---:|---:|---:|")
+        for mode, entries in report["draft"]["modes"].items():
+            for name, entry in entries.items():
+                passes, tokens = entry["passes_per_image"], entry["tokens_per_pass"]
+                print(
+                    f"| {mode} | {name} | {entry['seconds_per_image']:.4f} | {entry['speed_up']:.2f} | "
+                    f"{'' if passes is None else f'{passes:.1f}'} | {'' if tokens is None else f'{tokens:.2f}'} |"
+                )
     with contextlib.suppress(OSError):
         report["machine"]["load_average_end"] = os.getloadavg()
     report["machine"]["total_seconds"] = time.perf_counter() - start
