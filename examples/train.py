@@ -44,6 +44,7 @@ from pix2seq_hf import hub, training_plan, training_recipes, training_setup
 from pix2seq_hf.checkpointing import (
     check_output_dir,
     check_same_run,
+    check_saved_objects,
     find_checkpoint,
     read_training_state,
     remove_checkpoints,
@@ -385,12 +386,14 @@ def train(args, interrupt: StopOnSignal) -> int:
     )
     eval_collator = Pix2SeqCollator(processor, training=False, on_bad_image=args.on_bad_image)
     # The collators decode the images themselves, so that a bad one met mid-run is named (file, image id) or skipped.
+    checkpointed_objects = []  # what each object registered for checkpointing is, in order
     if args.streaming:
         train_dataloader = StreamingDataLoader(
             train_dataset, args.per_device_train_batch_size, train_collator, args.dataloader_num_workers,
             accelerator.device,
         )  # fmt: skip
         accelerator.register_for_checkpointing(train_dataloader)
+        checkpointed_objects.append("the stream's position (--streaming)")
     else:
         train_dataloader = DataLoader(
             undecoded_images(train_dataset),
@@ -415,6 +418,7 @@ def train(args, interrupt: StopOnSignal) -> int:
     if args.ema_decay is not None:
         weight_average = training_setup.build_weight_average(model, args.ema_decay).to(accelerator.device)
         accelerator.register_for_checkpointing(weight_average)
+        checkpointed_objects.append("the weight average (--ema_decay)")
     # Without an epoch count (only --max_train_minutes) the minutes end the run.
     updates_per_epoch, num_epochs = plan.steps_per_epoch, plan.num_epochs or sys.maxsize
     scheduler, budget = build_scheduler(optimizer, args, accelerator.num_processes, plan)
@@ -440,6 +444,7 @@ def train(args, interrupt: StopOnSignal) -> int:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         state = read_training_state(checkpoint)
         check_same_run(checkpoint, state, run)
+        check_saved_objects(checkpoint, checkpointed_objects)
         accelerator.load_state(str(checkpoint))
         completed_steps = state["completed_steps"]
         resumed_seconds = float(state.get("elapsed_seconds", 0.0))

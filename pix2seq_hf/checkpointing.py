@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,28 @@ def check_same_run(checkpoint: Path, state: Mapping[str, Any], run: Mapping[str,
         raise ValueError(
             f"{checkpoint} belongs to another run: it was written with " + ", ".join(differences) + ". Resume with "
             "the arguments of that run, or start a new run (another --output_dir, or --overwrite_output_dir to "
+            "replace it)."
+        )
+
+
+def check_saved_objects(checkpoint: Path, registered: Sequence[str]) -> None:
+    """
+    Raises `ValueError` when `checkpoint` holds no saved state for one of the objects the run registered for
+    checkpointing (`accelerator.register_for_checkpointing`; Accelerate saves the i-th as `custom_checkpoint_{i}.pkl`),
+    so that resuming names the option that differs instead of failing inside Accelerate's `load_state`.
+
+    Args:
+        checkpoint (`Path`): a complete checkpoint folder.
+        registered (`Sequence[str]`): what each registered object is, in registration order (for the message, e.g.
+            `"the weight average (--ema_decay)"`).
+    """
+    missing = [
+        name for index, name in enumerate(registered) if not (checkpoint / f"custom_checkpoint_{index}.pkl").exists()
+    ]
+    if missing:
+        raise ValueError(
+            f"{checkpoint} holds no saved state of {', '.join(missing)}: it was written by a run without it. Resume "
+            "with the arguments of that run, or start a new run (another --output_dir, or --overwrite_output_dir to "
             "replace it)."
         )
 
@@ -327,6 +349,7 @@ def write_files_atomically(output_dir: str | os.PathLike, write: Callable[[Path]
 __all__ = [
     "TRAINING_STATE_FILE",
     "check_output_dir",
+    "check_saved_objects",
     "check_same_run",
     "find_checkpoint",
     "is_complete_checkpoint",

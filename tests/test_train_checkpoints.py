@@ -149,6 +149,26 @@ def test_a_weight_average_is_what_is_saved_and_it_resumes(train_module, tmp_path
     assert "ema_decay must be in (0, 1), got 1.0" in capsys.readouterr().err
 
 
+def test_resuming_with_a_weight_average_the_checkpoint_lacks_is_refused_by_name(train_module, tmp_path):
+    # A checkpoint of a run without --ema_decay, its recorded arguments from before the option existed (no
+    # `ema_decay`): resuming with --ema_decay names the missing state instead of failing inside Accelerate.
+    output_dir = tmp_path / "run"
+    argv = RUN + ["--max_train_steps", "2", "--output_dir", str(output_dir)]
+    assert train_module.main(argv) == 0
+    state_file = output_dir / "step_2" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["run"]["ema_decay"]
+    state_file.write_text(json.dumps(state))
+    resume = argv + ["--resume_from_checkpoint", "latest", "--ema_decay", "0.9", "--max_train_steps", "3"]
+    with pytest.raises(ValueError, match=r"step_2 holds no saved state of the weight average \(--ema_decay\)"):
+        train_module.main(resume)
+    # With the recorded arguments the run's own check names the difference first.
+    state["run"]["ema_decay"] = None
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"ema_decay=None \(now 0.9\)"):
+        train_module.main(resume)
+
+
 def test_checkpoints_total_limit_keeps_the_newest(reference):
     complete, incomplete = list_checkpoints(reference)
     assert [path.name for path in complete] == ["step_4"] and incomplete == []
