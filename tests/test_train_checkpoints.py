@@ -85,6 +85,14 @@ def reference(tmp_path_factory, train_module):
     return output_dir
 
 
+def _rewrite_training_state(checkpoint: Path, edit) -> None:
+    """Rewrites `checkpoint`'s training_state.json with `edit(state)` (which changes the dict in place)."""
+    state_file = checkpoint / "training_state.json"
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state))
+
+
 def _assert_same_weights(path_a: Path, path_b: Path) -> None:
     a, b = load_file(path_a), load_file(path_b)
     assert a.keys() == b.keys()
@@ -155,16 +163,12 @@ def test_resuming_with_a_weight_average_the_checkpoint_lacks_is_refused_by_name(
     output_dir = tmp_path / "run"
     argv = RUN + ["--max_train_steps", "2", "--output_dir", str(output_dir)]
     assert train_module.main(argv) == 0
-    state_file = output_dir / "step_2" / "training_state.json"
-    state = json.loads(state_file.read_text())
-    del state["run"]["ema_decay"]
-    state_file.write_text(json.dumps(state))
+    _rewrite_training_state(output_dir / "step_2", lambda state: state["run"].pop("ema_decay"))
     resume = argv + ["--resume_from_checkpoint", "latest", "--ema_decay", "0.9", "--max_train_steps", "3"]
     with pytest.raises(ValueError, match=r"step_2 holds no saved state of the weight average \(--ema_decay\)"):
         train_module.main(resume)
     # With the recorded arguments the run's own check names the difference first.
-    state["run"]["ema_decay"] = None
-    state_file.write_text(json.dumps(state))
+    _rewrite_training_state(output_dir / "step_2", lambda state: state["run"].update(ema_decay=None))
     with pytest.raises(ValueError, match=r"ema_decay=None \(now 0.9\)"):
         train_module.main(resume)
 
@@ -183,9 +187,7 @@ def test_a_time_limit_counts_the_time_before_the_resume(train_module, tmp_path):
     output_dir = tmp_path / "run"
     argv = RUN + ["--max_train_minutes", "30", "--output_dir", str(output_dir)]
     assert train_module.main(argv) == 0
-    marker = output_dir / "step_2" / "training_state.json"
-    state = json.loads(marker.read_text())
-    marker.write_text(json.dumps({**state, "elapsed_seconds": 30 * 60.0}))
+    _rewrite_training_state(output_dir / "step_2", lambda state: state.update(elapsed_seconds=30 * 60.0))
     shutil.rmtree(output_dir / "step_4")
     assert train_module.main(argv + ["--resume_from_checkpoint", "latest"]) == 0
     assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == 3
