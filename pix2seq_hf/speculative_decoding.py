@@ -13,10 +13,11 @@ Drafters:
 Either way, a verification pass that rejects a drafted token also yields the model's predictions at the positions
 after it, and these start the next draft (as in Jacobi decoding; [`Pix2SeqObjectCandidateGenerator`]).
 
-The verification is transformers' assisted generation (`GenerationMixin._assisted_decoding`, with
-[`Pix2SeqObjectCandidateGenerator`] as its candidate generator): the decoder runs once over the draft, the longest
-prefix of the draft that the model would have written itself is kept plus the model's own next token, and the cache
-is cropped past it.
+The verification ([`verify_drafts`], in the static-cache loop; transformers' assisted generation,
+`GenerationMixin._assisted_decoding`, where that loop does not apply) takes the draft of
+[`Pix2SeqObjectCandidateGenerator`]: the decoder runs once over the draft, the longest prefix of the draft that the
+model would have written itself is kept plus the model's own next token, and the cache is cut back past it. The
+images of a batch are verified one after the other.
 
 - Greedy decoding: the tokens are those of decoding without a draft (a drafted token is kept only when it is the
   argmax of the model's processed logits at its position).
