@@ -324,6 +324,43 @@ class Pix2SeqLogitsProcessor(LogitsProcessor):
             scores = torch.where(ended[:, None], self._step_tensor("only_eos", scores.device), scores)
         return scores
 
+    def process_positions(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, first_length: int
+    ) -> torch.FloatTensor:
+        """
+        The processed scores of consecutive positions of one sequence in one call (a speculative verification pass):
+        row `i` is what `self(input_ids[:, :first_length + i], scores[i : i + 1])` gives. Without the early stop,
+        which keeps state from call to call (drafting refuses it).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `[1, length]`): the prompt, the tokens written and the drafted ones
+                (at least `first_length + rows - 1` tokens).
+            scores (`torch.FloatTensor` of shape `[rows, vocab_size]`): the logits of the positions.
+            first_length (`int`): the tokens before the first position.
+
+        Returns:
+            `torch.FloatTensor` of shape `[rows, vocab_size]`.
+        """
+        if self.early_stop_patience > 0:
+            raise ValueError("`process_positions` cannot apply the early stop, which counts objects call by call.")
+        rows = scores.shape[0]
+        first = first_length - self.prompt_length
+        if first < 0 or input_ids.shape[1] < first_length + rows - 1:
+            raise ValueError(
+                f"`input_ids` has {input_ids.shape[1]} tokens; {rows} positions from {first_length} need "
+                f"{first_length + rows - 1}, after a prompt of {self.prompt_length}."
+            )
+        cases = [self._disallowed_tokens(first + row, scores.device) for row in range(rows)]
+        scores = scores.masked_fill(torch.stack([disallowed for disallowed, _ in cases]), -float("inf"))
+        eos = self.token_layout.eos_token_id
+        if self.eos_bias != 0.0:
+            allowed = torch.tensor([eos_allowed for _, eos_allowed in cases], device=scores.device)
+            scores[:, eos] += allowed * self.eos_bias
+        # Row i has ended when an EOS is among its first + i generated tokens.
+        generated = input_ids[0, self.prompt_length : first_length + rows - 1]
+        eos_seen = torch.cat([generated.new_zeros(1), (generated == eos).cumsum(0)])[first : first + rows]
+        return torch.where((eos_seen > 0)[:, None], self._step_tensor("only_eos", scores.device), scores)
+
     def _disallowed_tokens(self, num_generated: int, device: torch.device) -> tuple[torch.BoolTensor, bool]:
         """The complement of [`~allowed_tokens`] on `device` (built once per case), and whether EOS is allowed."""
         eos_allowed = self._eos_allowed(num_generated)

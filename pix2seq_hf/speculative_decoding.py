@@ -503,6 +503,30 @@ def split_row_wise_processors(logits_processor) -> tuple[list, list]:
     return processors[:start], processors[start:]
 
 
+def process_positions(
+    processors: list, input_ids: torch.LongTensor, scores: torch.FloatTensor, first_length: int
+) -> torch.FloatTensor:
+    """
+    `processors` applied to the logits `scores` (`(rows, vocab_size)`) of consecutive positions of one sequence
+    `input_ids` (`(1, length)`), row `i` with the tokens `input_ids[:, :first_length + i]`: in one call per processor
+    where all of them have a `process_positions` method (the Pix2Seq grammar), else position by position.
+
+    Returns:
+        `torch.FloatTensor` of shape `(rows, vocab_size)`.
+    """
+    if all(hasattr(processor, "process_positions") for processor in processors):
+        for processor in processors:
+            scores = processor.process_positions(input_ids, scores, first_length)
+        return scores
+    rows = []
+    for row in range(scores.shape[0]):
+        row_scores = scores[row : row + 1]
+        for processor in processors:
+            row_scores = processor(input_ids[:, : first_length + row], row_scores)
+        rows.append(row_scores)
+    return torch.cat(rows)
+
+
 def sample_rows(scores: torch.Tensor) -> torch.LongTensor:
     """
     One token per row of the processed logits `scores` (`(rows, vocab_size)`), drawn from their softmax by inverse
@@ -560,13 +584,7 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
             sequences[:, cached:key_length], memory, cache=cache, key_length=key_length
         )
         logits = model.lm_head(hidden[:, -(drafted + 1) :]).float()
-        processed = []
-        for position in range(drafted + 1):
-            position_scores = logits[:, position]
-            for processor in per_position:
-                position_scores = processor(sequences[:, : length + position], position_scores)
-            processed.append(position_scores)
-        processed = torch.cat(processed)
+        processed = process_positions(per_position, sequences[:, :key_length], logits[0], length)
         for processor in row_wise:
             processed = processor(sequences[:, :length].expand(drafted + 1, -1), processed)
         chosen = sample_rows(processed) if generation_config.do_sample else processed.argmax(dim=-1)

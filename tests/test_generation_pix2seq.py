@@ -122,6 +122,29 @@ def test_vectorised_over_rows_and_ended_rows_stay_valid():
     assert torch.isfinite(scores).any(dim=1).all()
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"eos_bias": -2.0, "min_objects": 1}, {"token_grammar": False, "suppress_noise_class": True}]
+)
+def test_positions_of_a_verification_pass_are_processed_as_one_call_each(options):
+    """`process_positions` gives, row by row, what calling the processor on each prefix gives (an EOS mid-way too)."""
+    processor = Pix2SeqLogitsProcessor(LAYOUT, **options)
+    generator = torch.Generator().manual_seed(0)
+    objects = [COORD + 3, COORD + 4, COORD + 50, COORD + 60, CLASS + 1] * 2
+    sequence = torch.tensor([[BOS, *objects, EOS, COORD + 7, COORD + 8]])
+    for first_length in (1, 4, 6, 10):
+        rows = sequence.shape[1] - first_length + 1
+        scores = torch.randn(rows, VOCAB, generator=generator)
+        together = processor.process_positions(sequence, scores, first_length)
+        one_by_one = torch.cat(
+            [processor(sequence[:, : first_length + row], scores[row : row + 1]) for row in range(rows)]
+        )
+        torch.testing.assert_close(together, one_by_one, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="need 15"):
+        processor.process_positions(sequence, torch.randn(6, VOCAB), first_length=10)
+    with pytest.raises(ValueError, match="early stop"):
+        Pix2SeqLogitsProcessor(LAYOUT, early_stop_patience=1).process_positions(sequence, scores, 10)
+
+
 def test_processor_rejects_bad_options_and_inputs():
     with pytest.raises(ValueError, match="min_objects"):
         Pix2SeqLogitsProcessor(LAYOUT, min_objects=-1)

@@ -306,3 +306,15 @@ def test_draft_length_defaults_to_the_decoding_mode():
     assert Pix2SeqAuxiliaryDrafter(objects_per_pass=2).objects_per_pass_for(do_sample=True) == 2
     with pytest.raises(ValueError, match="objects_per_pass"):
         Pix2SeqAuxiliaryDrafter(objects_per_pass=0)
+
+
+def test_processors_that_read_the_tokens_are_applied_position_by_position():
+    """A processor without a batched form (repetition penalty) runs once per drafted position: greedy tokens kept."""
+    model = head_model(seed=12)
+    pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(13))
+    options = dict(do_sample=False, min_objects=4, max_new_tokens=30, repetition_penalty=1.3)
+    reference = model.generate(pixel_values, **options).sequences
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, draft="auxiliary", **options).sequences
+    assert torch.equal(drafted, reference)
+    assert statistics.passes < reference.shape[1] - 1
