@@ -51,11 +51,13 @@ def decoder_step(
     return model.lm_head(hidden[:, -1]).float()
 
 
-def static_cache(model, memory: torch.Tensor, prompt_length: int, max_length: int | None) -> EncoderDecoderCache:
+def static_cache(
+    model, memory: torch.Tensor, prompt_length: int, max_length: int | None, extra_positions: int = 0
+) -> EncoderDecoderCache:
     """
     An empty static cache for decoding up to `max_length` tokens (prompt included) over the encoded images `memory`
     (`(batch, memory_length, hidden)`): the self-attention keys/values of `max_length - 1` positions (the last token is
-    never fed back) and the cross-attention keys/values of the images.
+    never fed back), plus `extra_positions` slots beyond them, and the cross-attention keys/values of the images.
 
     Raises:
         `ValueError`: without a maximum length, or for one beyond the model's position embeddings.
@@ -70,7 +72,7 @@ def static_cache(model, memory: torch.Tensor, prompt_length: int, max_length: in
             f"`max_position_embeddings={max_positions}`."
         )
     return EncoderDecoderCache(
-        StaticCache(config=model.config, max_cache_len=cache_length),
+        StaticCache(config=model.config, max_cache_len=cache_length + extra_positions),
         StaticCache(config=model.config, max_cache_len=memory.shape[1]),
     )
 

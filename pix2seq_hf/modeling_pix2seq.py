@@ -445,8 +445,8 @@ class Pix2SeqAttention(nn.Module):
 
         implementation = self.config._attn_implementation
         if implementation == "sdpa" and decoding_step:
-            # A decoding step: transformers' sdpa wrapper without its per-call checks, which concern longer queries (the
-            # queries attend to the keys the mask allows: one query needs no mask, a verification pass has one).
+            # A decoding step: transformers' sdpa wrapper without its per-call checks, which concern longer queries
+            # (the queries attend to the keys the mask allows: one query needs no mask, a verification pass has one).
             attn_output = nn.functional.scaled_dot_product_attention(
                 query_states, key_states, value_states, attn_mask=attention_mask, scale=self.scaling
             )
@@ -478,9 +478,16 @@ class Pix2SeqAttention(nn.Module):
         """
         Adds the new keys and values to this layer's self-attention cache and returns all the cached ones. A filled
         static layer is written in place at `cache_position` (the positions the decoder computed once for every
-        layer); other caches through their own `update`.
+        layer; per sequence when `(batch, length)`); other caches through their own `update`.
         """
         layer = layer_cache.layers[self.layer_idx] if self.layer_idx < len(layer_cache.layers) else None
+        if cache_position is not None and cache_position.dim() == 2:
+            if type(layer) is not StaticLayer or not layer.is_initialized:
+                raise ValueError("Per-sequence cache positions need a static cache that the prompt has filled.")
+            rows = torch.arange(key_states.shape[0], device=cache_position.device)[:, None]
+            layer.keys[rows, :, cache_position] = key_states.transpose(1, 2)
+            layer.values[rows, :, cache_position] = value_states.transpose(1, 2)
+            return layer.keys, layer.values
         if cache_position is None or type(layer) is not StaticLayer or not layer.is_initialized:
             return layer_cache.update(key_states, value_states, self.layer_idx)
         layer.keys.index_copy_(2, cache_position, key_states)
@@ -945,6 +952,7 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         key_length: int | None = None,
+        positions: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
@@ -966,15 +974,26 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 (known to the loop without reading the device): the tokens attend to those only (one token with no
                 mask, several with a causal mask over them). Without it a decoding step attends over the whole static
                 cache with a mask of the filled positions (fixed shapes, for compilation and CUDA graphs).
+            positions (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*): with a static cache and
+                `key_length`, each token's position when the sequences of the batch are at different lengths (a
+                batched verification pass): its position embedding, its slot in the cache and its causal mask (a
+                padding token goes to a slot at or past `key_length`, which no token attends to). By default the
+                tokens follow the cache's filled positions.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, target_length, decoder_hidden_size)`: the final LayerNorm's output.
         """
         target_length = input_ids.shape[1]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(target_length, device=input_ids.device) + past_length
         inputs_embeds = self.embed_tokens(input_ids)
-        hidden_states = self.dropout(inputs_embeds + self.embed_positions(positions)[None])
+        if positions is None:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(target_length, device=input_ids.device) + past_length
+            position_embeddings = self.embed_positions(positions)[None]
+        elif cache is None or key_length is None:
+            raise ValueError("Per-sequence `positions` need a static `cache` and `key_length`.")
+        else:
+            position_embeddings = self.embed_positions(positions.clamp(max=self.embed_positions.num_embeddings - 1))
+        hidden_states = self.dropout(inputs_embeds + position_embeddings)
 
         if cache is not None:
             self.fill_cross_attention_cache(cache, encoder_hidden_states)
@@ -984,7 +1003,8 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         if cache is None or attention_mask is not None or not (decoding_step or implementation in ("sdpa", "eager")):
             key_length = None
         if key_length is not None:
-            causal_mask = None if decoding_step else self._positions_mask(key_length, positions, hidden_states.dtype)
+            one_position = decoding_step and positions.dim() == 1
+            causal_mask = None if one_position else self._positions_mask(key_length, positions, hidden_states.dtype)
         elif decoding_step and implementation in ("sdpa", "eager"):
             causal_mask = self._decoding_step_mask(cache.self_attention_cache, positions, hidden_states.dtype)
         else:
@@ -1020,15 +1040,15 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
 
     def _positions_mask(self, key_length: int, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """
-        The causal mask of queries at `positions` over the first `key_length` cache positions, `(1, 1, queries,
-        key_length)`: booleans for sdpa, additive for eager attention.
+        The causal mask of queries at `positions` (`(queries,)`, or `(batch, queries)`) over the first `key_length`
+        cache positions, `(1 or batch, 1, queries, key_length)`: booleans for sdpa, additive for eager attention.
         """
-        allowed = torch.arange(key_length, device=positions.device) <= positions[:, None]
+        allowed = torch.arange(key_length, device=positions.device) <= positions[..., None]
         if self.config._attn_implementation == "eager":
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
                 ~allowed, torch.finfo(dtype).min
             )
-        return allowed[None, None]
+        return allowed[None, None] if positions.dim() == 1 else allowed[:, None]
 
     def fill_cross_attention_cache(self, cache: EncoderDecoderCache, encoder_hidden_states: torch.Tensor) -> None:
         """

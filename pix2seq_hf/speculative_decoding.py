@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -423,21 +422,33 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
             self.statistics.generated_tokens += num_matches + 1
 
 
-def candidate_generator(model, generation_config, input_ids, inputs_tensor, model_kwargs):
+def candidate_generators(model, generation_config, input_ids, inputs_tensor, model_kwargs):
     """
-    The [`Pix2SeqObjectCandidateGenerator`] of the one image of `input_ids`, drafted with `generation_config.draft`
-    (what `Pix2SeqGenerationMixin._get_candidate_generator` returns when a draft is asked for).
+    One [`Pix2SeqObjectCandidateGenerator`] per image of `input_ids`, drafted with `generation_config.draft` from
+    `model_kwargs["encoder_outputs"]`.
     """
     drafter = resolve_drafter(generation_config.draft)
     image_size = tuple(inputs_tensor.shape[-2:]) if inputs_tensor is not None and inputs_tensor.ndim == 4 else None
-    (draft,) = drafter.draft_objects(model_kwargs["encoder_outputs"], model.config, image_size)
-    return Pix2SeqObjectCandidateGenerator(
-        draft,
-        prompt_length=input_ids.shape[1],
-        max_length=generation_config.max_length,
-        objects_per_pass=drafter.objects_per_pass_for(generation_config.do_sample),
-        num_bins=model.config.num_bins,
-    )
+    drafts = drafter.draft_objects(model_kwargs["encoder_outputs"], model.config, image_size)
+    return [
+        Pix2SeqObjectCandidateGenerator(
+            draft,
+            prompt_length=input_ids.shape[1],
+            max_length=generation_config.max_length,
+            objects_per_pass=drafter.objects_per_pass_for(generation_config.do_sample),
+            num_bins=model.config.num_bins,
+        )
+        for draft in drafts
+    ]
+
+
+def candidate_generator(model, generation_config, input_ids, inputs_tensor, model_kwargs):
+    """
+    The [`Pix2SeqObjectCandidateGenerator`] of the one image of `input_ids` (what
+    `Pix2SeqGenerationMixin._get_candidate_generator` returns to transformers' assisted decoding).
+    """
+    (generator,) = candidate_generators(model, generation_config, input_ids, inputs_tensor, model_kwargs)
+    return generator
 
 
 def check_draft_options(model, generation_config) -> None:
@@ -543,82 +554,151 @@ def sample_rows(scores: torch.Tensor) -> torch.LongTensor:
 
 def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
     """
-    Speculative decoding of one image over a static cache: the draft of [`Pix2SeqObjectCandidateGenerator`] is
-    verified by the model's own decoder (one pass over the unverified tokens and the draft, attending to the filled
-    cache positions), and the cache is cut back past the first rejected token. Tokens are chosen as transformers'
-    assisted decoding chooses them (every position's processed logits, the `argmax` or one draw each, the draft kept
-    up to the first mismatch, and cut after an EOS), without its per-pass input preparation, output objects and cache
-    copies; the row-wise warpers (top-p, ...) process all positions at once and the draws are [`sample_rows`].
+    Speculative decoding over a static cache, all images of the batch together: each image's draft (from its
+    [`Pix2SeqObjectCandidateGenerator`]) is verified by one pass of the model's own decoder over the unverified
+    tokens and the drafts of every running image (shorter drafts padded; each token at its own image's position,
+    attending to that image's filled cache positions), and an image's cache is cut back past its first rejected token
+    by writing its next tokens there. Tokens are chosen as transformers' assisted decoding chooses them (every
+    position's processed logits, the `argmax` or one draw each, the draft kept up to the first mismatch, and cut after
+    an EOS), without its per-pass input preparation, output objects and cache copies; processors with a batched form
+    (the Pix2Seq grammar, [`process_positions`]) and the row-wise warpers (top-p, ...) process all positions at once,
+    and the draws are [`sample_rows`]. Images that finished are dropped from the decoder batch.
 
     Args:
         model: the model `generate` was called on.
-        input_ids (`torch.LongTensor` of shape `(1, prompt_length)`), logits_processor (processors taking
+        input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`), logits_processor (processors taking
         `(input_ids, scores)`), stopping_criteria, generation_config: as `generate` prepares them.
         kwargs: the decoding kwargs of `generate` (`encoder_outputs`, `streamer`, `inputs_tensor`, ...).
 
     Returns:
-        What `_sample` returns: a `GenerateEncoderDecoderOutput` or the token tensor.
+        What `_sample` returns: a `GenerateEncoderDecoderOutput` (sequences padded with `pad_token_id` after an
+        image's end, its scores / raw logits after its end zeros) or the token tensor.
     """
     encoder_outputs = kwargs["encoder_outputs"]
     memory = encoded_images(encoder_outputs)
+    batch_size, prompt_length = input_ids.shape
+    device = input_ids.device
     streamer = kwargs.get("streamer")
-    generator = candidate_generator(model, generation_config, input_ids, kwargs.get("inputs_tensor"), kwargs)
-    prompt_length = input_ids.shape[1]
+    if streamer is not None and batch_size > 1:
+        raise ValueError("`draft` cannot stream a batch: stream one image at a time.")
+    generators = candidate_generators(model, generation_config, input_ids, kwargs.get("inputs_tensor"), kwargs)
     max_length = stopping_criteria.max_length or generation_config.max_length
-    cache = static_cache(model, memory, prompt_length, max_length)
+    # One slot past the sequence positions takes the padding of shorter drafts.
+    cache = static_cache(model, memory, prompt_length, max_length, extra_positions=1)
+    padding_slot = cache.self_attention_cache.layers[0].max_cache_len - 1
     per_position, row_wise = split_row_wise_processors(logits_processor)
-    eos_token_id = getattr(generation_config, "_eos_token_tensor", None)
+    eos_token_ids = set() if generation_config._eos_token_tensor is None else set(
+        generation_config._eos_token_tensor.flatten().tolist()
+    )
+    pad_token_id = generation_config._pad_token_tensor
     return_dict = generation_config.return_dict_in_generate
-    scores = () if return_dict and generation_config.output_scores else None
-    raw_logits = () if return_dict and generation_config.output_logits else None
+    keep_scores = return_dict and generation_config.output_scores
+    keep_logits = return_dict and generation_config.output_logits
 
-    sequences = input_ids.new_empty((1, max(max_length, prompt_length)))
+    pad_value = 0 if pad_token_id is None else int(pad_token_id)
+    sequences = input_ids.new_full((batch_size, max(max_length, prompt_length)), pad_value)
     sequences[:, :prompt_length] = input_ids
-    length, cached = prompt_length, 0
-    while length < max_length:
-        candidates, _ = generator.get_candidates(sequences[:, :length])
-        drafted = candidates.shape[1] - length
-        sequences[:, length : length + drafted] = candidates[:, length:]
-        key_length = length + drafted
-        hidden = model.model.decoder.decode(
-            sequences[:, cached:key_length], memory, cache=cache, key_length=key_length
+    lengths = [prompt_length] * batch_size
+    scores, raw_logits = [[] for _ in range(batch_size)], [[] for _ in range(batch_size)]
+    running = list(range(batch_size))  # the images the decoder batch holds, in its order
+    while running:
+        drafts = []
+        for row in running:
+            candidates, _ = generators[row].get_candidates(sequences[row : row + 1, : lengths[row]])
+            drafts.append(candidates[0, lengths[row] :].tolist())
+            sequences[row, lengths[row] : candidates.shape[1]] = candidates[0, lengths[row] :]
+        drafted = [len(draft) for draft in drafts]
+        key_length = max(lengths[row] + count for row, count in zip(running, drafted))
+        rows = torch.tensor(running, device=device)
+        if lengths[running[0]] == prompt_length:
+            # The first pass: the prompts and the drafts, over the empty cache.
+            tokens, positions = sequences[rows, : prompt_length + max(drafted)], None
+            first = prompt_length - 1
+        else:
+            offsets = torch.arange(max(drafted) + 1, device=device)
+            positions = torch.tensor([lengths[row] - 1 for row in running], device=device)[:, None] + offsets
+            tokens = sequences[rows[:, None], positions.clamp(max=sequences.shape[1] - 1)]
+            padding = offsets > torch.tensor(drafted, device=device)[:, None]
+            positions = positions.masked_fill(padding, padding_slot)
+            first = 0
+        hidden = model.model.decoder.decode(tokens, memory, cache=cache, key_length=key_length, positions=positions)
+        # Each image's positions from its last written token on (the last one repeated past its draft).
+        index = torch.tensor(
+            [[first + min(offset, count) for offset in range(max(drafted) + 1)] for count in drafted], device=device
         )
-        logits = model.lm_head(hidden[:, -(drafted + 1) :]).float()
-        processed = process_positions(per_position, sequences[:, :key_length], logits[0], length)
+        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = model.lm_head(hidden).float()
+        processed = torch.cat(
+            [
+                process_positions(
+                    per_position,
+                    sequences[row : row + 1, : lengths[row] + count],
+                    logits[i, : count + 1],
+                    lengths[row],
+                )
+                for i, (row, count) in enumerate(zip(running, drafted))
+            ]
+        )
         for processor in row_wise:
-            processed = processor(sequences[:, :length].expand(drafted + 1, -1), processed)
-        chosen = sample_rows(processed) if generation_config.do_sample else processed.argmax(dim=-1)
-        processed, chosen = processed[None], chosen[None]
-        # The drafted tokens up to the first that differs from the model's choice, then the model's own token.
-        agreed = chosen[:, :drafted] == sequences[:, length:key_length]
-        new_tokens = chosen[:, : int(agreed.cumprod(dim=-1).sum()) + 1]
-        if eos_token_id is not None:
-            ends = torch.isin(new_tokens[0], eos_token_id.to(new_tokens.device)).nonzero()
-            if ends.numel():
-                new_tokens = new_tokens[:, : int(ends[0]) + 1]
-        accepted = new_tokens.shape[1] - 1
-        sequences[:, length : length + accepted + 1] = new_tokens
-        length += accepted + 1
-        # The cache keeps the positions of the tokens written before the last one.
-        cache.self_attention_cache.crop(-(key_length - (length - 1)))
-        cached = length - 1
-        generator.update_candidate_strategy(sequences[:, :length], processed, accepted)
-        if scores is not None:
-            scores += tuple(processed[:, position] for position in range(accepted + 1))
-        if raw_logits is not None:
-            raw_logits += tuple(logits[:, position] for position in range(accepted + 1))
-        if streamer is not None:
-            streamer.put(new_tokens.cpu())
-        if stopping_criteria(sequences[:, :length], scores).any():
-            break
+            processed = processor(input_ids[:1].expand(processed.shape[0], -1), processed)
+        chosen = (sample_rows(processed) if generation_config.do_sample else processed.argmax(dim=-1)).tolist()
+
+        still_running, start = [], 0
+        for i, (row, draft) in enumerate(zip(running, drafts)):
+            end = start + len(draft) + 1
+            row_chosen, row_processed = chosen[start:end], processed[start:end]
+            start = end
+            # The drafted tokens up to the first that differs from the model's choice, then the model's own token,
+            # cut after an EOS.
+            accepted = 0
+            while accepted < len(draft) and row_chosen[accepted] == draft[accepted]:
+                accepted += 1
+            new_tokens = row_chosen[: accepted + 1]
+            ends = [position for position, token in enumerate(new_tokens) if token in eos_token_ids]
+            if ends:
+                new_tokens = new_tokens[: ends[0] + 1]
+            accepted = len(new_tokens) - 1
+            sequences[row, lengths[row] : lengths[row] + len(new_tokens)] = torch.tensor(new_tokens, device=device)
+            lengths[row] += len(new_tokens)
+            written = sequences[row : row + 1, : lengths[row]]
+            generators[row].update_candidate_strategy(written, row_processed[None], accepted)
+            if keep_scores:
+                scores[row].extend(row_processed[: accepted + 1])
+            if keep_logits:
+                raw_logits[row].extend(logits[i, : accepted + 1])
+            if streamer is not None:
+                streamer.put(torch.tensor([new_tokens]))
+            if lengths[row] < max_length and not stopping_criteria(written, None).any():
+                still_running.append(i)
+            else:
+                sequences[row, lengths[row] :] = pad_value  # rejected drafted tokens stood there
+        if len(still_running) < len(running):
+            if still_running:
+                keep = torch.tensor(still_running, device=device)
+                cache.self_attention_cache.reorder_cache(keep)
+                cache.cross_attention_cache.reorder_cache(keep)
+                memory = memory.index_select(0, keep)
+            running = [running[i] for i in still_running]
     if streamer is not None:
         streamer.end()
+
+    sequences = sequences[:, : max(lengths)]
     if not return_dict:
-        return sequences[:, :length]
+        return sequences
+
+    def per_step(rows: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...] | None:
+        if not any(rows):
+            return None
+        template = next(row[0] for row in rows if row)
+        return tuple(
+            torch.stack([row[step] if step < len(row) else torch.zeros_like(template) for row in rows])
+            for step in range(sequences.shape[1] - prompt_length)
+        )
+
     return GenerateEncoderDecoderOutput(
-        sequences=sequences[:, :length],
-        scores=scores,
-        logits=raw_logits,
+        sequences=sequences,
+        scores=per_step(scores) if keep_scores else None,
+        logits=per_step(raw_logits) if keep_logits else None,
         encoder_attentions=encoder_outputs.get("attentions") if hasattr(encoder_outputs, "get") else None,
         encoder_hidden_states=encoder_outputs.get("hidden_states") if hasattr(encoder_outputs, "get") else None,
     )
@@ -628,14 +708,14 @@ def decode_with_draft(
     model, static: bool, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs
 ):
     """
-    Speculative decoding of every image of the batch, one after the other: [`verify_drafts`] over a static cache
-    (`static`), else transformers' assisted decoding (`GenerationMixin._assisted_decoding`, which refuses batches).
-    The outputs are put together as `_sample` returns them: sequences padded with `pad_token_id` after an image's
-    end, and its raw logits / scores after its end zeros.
+    Speculative decoding of the batch: [`verify_drafts`] over a static cache (`static`), else transformers' assisted
+    decoding (`GenerationMixin._assisted_decoding`, which refuses batches) image after image, its outputs put together
+    as `_sample` returns them: sequences padded with `pad_token_id` after an image's end, and its raw logits / scores
+    after its end zeros.
 
     Args:
         model: the model `generate` was called on.
-        static (`bool`): verify over a static cache with the model's own decoder.
+        static (`bool`): verify over a static cache with the model's own decoder, all images together.
         input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`), logits_processor, stopping_criteria,
         generation_config: as `generate` prepares them.
         kwargs: the decoding kwargs of `generate` (`encoder_outputs`, `cache`, `streamer`, `inputs_tensor`, ...).
@@ -645,13 +725,11 @@ def decode_with_draft(
     """
     if static:
         kwargs.pop("synced_gpus", None)
-        decode_image = functools.partial(verify_drafts, model)
-    else:
-        logits_processor = _without_signature_checks(logits_processor)
-        decode_image = model._assisted_decoding
+        return verify_drafts(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+    logits_processor = _without_signature_checks(logits_processor)
     batch_size = input_ids.shape[0]
     if batch_size == 1:
-        return decode_image(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+        return model._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
     if kwargs.get("streamer") is not None:
         raise ValueError("`draft` decodes the images of a batch one after the other and cannot stream a batch.")
     encoder_outputs = kwargs["encoder_outputs"]
@@ -673,7 +751,9 @@ def decode_with_draft(
                 type(cache.cross_attention_cache)(config=model.config),
             )
         results.append(
-            decode_image(input_ids[row : row + 1], logits_processor, stopping_criteria, generation_config, **row_kwargs)
+            model._assisted_decoding(
+                input_ids[row : row + 1], logits_processor, stopping_criteria, generation_config, **row_kwargs
+            )
         )
     return_dict = not isinstance(results[0], torch.Tensor)
     rows = [result.sequences if return_dict else result for result in results]

@@ -24,7 +24,7 @@ class GivenDrafter(Pix2SeqAuxiliaryDrafter):
         self.objects = list(objects)
 
     def draft_objects(self, encoder_outputs, config, image_size=None):
-        return [self.objects.pop(0)]
+        return [self.objects.pop(0) for _ in range(encoder_outputs[0].shape[0])]
 
 
 def head_model(seed=0, **overrides):
@@ -318,3 +318,49 @@ def test_processors_that_read_the_tokens_are_applied_position_by_position():
         drafted = model.generate(pixel_values, draft="auxiliary", **options).sequences
     assert torch.equal(drafted, reference)
     assert statistics.passes < reference.shape[1] - 1
+
+
+class EndAfterSomeObjects:
+    """Ends each sequence (EOS) after 1 to 4 objects, as many as its first coordinate token says (mod 4)."""
+
+    def __init__(self, eos_token_id):
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids.shape[1] - 1
+        if generated == 0 or generated % 5:
+            return scores
+        wanted = 1 + input_ids[:, 1] % 4
+        scores = scores.clone()
+        scores[generated >= 5 * wanted, self.eos_token_id] = 1e4
+        return scores
+
+
+def test_a_batch_is_verified_together_and_images_that_end_drop_out():
+    """Images ending after different numbers of objects, drafted together: the tokens, logits and detections of
+    decoding without a draft, in fewer passes than tokens."""
+    model = head_model(seed=6)
+    with torch.no_grad():  # a decoder that reads the image, so that the images' first objects differ
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.out_proj.weight.mul_(8.0)
+    pixel_values = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(15))
+    options = dict(do_sample=False, max_new_tokens=40)
+    ending = [EndAfterSomeObjects(model.config.eos_token_id)]
+    reference = model.generate(pixel_values, logits_processor=ending, **options)
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, logits_processor=ending, draft="auxiliary", **options)
+    ends = (reference.sequences == model.config.eos_token_id).int().argmax(dim=1)
+    assert len(set(ends.tolist())) > 1 and (ends > 0).all()  # the images end at different lengths
+    assert torch.equal(drafted.sequences, reference.sequences)
+    for step, (got, expected) in enumerate(zip(drafted.logits, reference.logits, strict=True)):
+        running = step + 1 <= ends  # up to each image's EOS (included)
+        torch.testing.assert_close(got[running], expected[running], rtol=1e-4, atol=1e-4)
+        assert not got[~running].any()  # zeros after an image's end
+    torch.testing.assert_close(drafted.detections.pred_boxes, reference.detections.pred_boxes)
+    assert statistics.sequences == 6 and statistics.passes < int(ends.sum())
+    # Right drafts that go on past each image's end: rejected at the EOS, nothing of them left in the sequences.
+    drafts = [written_objects(row, model.config).repeat(2, 1) for row in reference.sequences]
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, logits_processor=ending, draft=GivenDrafter(drafts), **options)
+    assert torch.equal(drafted.sequences, reference.sequences)
+    assert statistics.acceptance_rate < 1.0 and statistics.passes <= 2 * 6
