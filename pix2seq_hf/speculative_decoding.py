@@ -13,11 +13,10 @@ Drafters:
 Either way, a verification pass that rejects a drafted token also yields the model's predictions at the positions
 after it, and these start the next draft (as in Jacobi decoding; [`Pix2SeqObjectCandidateGenerator`]).
 
-The verification ([`verify_drafts`], in the static-cache loop; transformers' assisted generation,
-`GenerationMixin._assisted_decoding`, where that loop does not apply) takes the draft of
-[`Pix2SeqObjectCandidateGenerator`]: the decoder runs once over the draft, the longest prefix of the draft that the
-model would have written itself is kept plus the model's own next token, and the cache is cut back past it. The
-images of a batch are verified one after the other.
+The verification ([`verify_drafts`], in the static-cache loop, the images of a batch together; transformers' assisted
+generation, `GenerationMixin._assisted_decoding`, image after image where that loop does not apply) takes the draft
+of [`Pix2SeqObjectCandidateGenerator`]: the decoder runs once over the draft, the longest prefix of the draft that
+the model would have written itself is kept plus the model's own next token, and the cache is cut back past it.
 
 - Greedy decoding: the tokens are those of decoding without a draft (a drafted token is kept only when it is the
   argmax of the model's processed logits at its position).
@@ -731,7 +730,9 @@ def decode_with_draft(
     if batch_size == 1:
         return model._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
     if kwargs.get("streamer") is not None:
-        raise ValueError("`draft` decodes the images of a batch one after the other and cannot stream a batch.")
+        raise ValueError(
+            "`draft` with `static_decoding=False` decodes a batch image after image and cannot stream it."
+        )
     encoder_outputs = kwargs["encoder_outputs"]
     inputs_tensor = kwargs.get("inputs_tensor")
     results = []

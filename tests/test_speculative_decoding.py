@@ -364,3 +364,24 @@ def test_a_batch_is_verified_together_and_images_that_end_drop_out():
         drafted = model.generate(pixel_values, logits_processor=ending, draft=GivenDrafter(drafts), **options)
     assert torch.equal(drafted.sequences, reference.sequences)
     assert statistics.acceptance_rate < 1.0 and statistics.passes <= 2 * 6
+
+
+def test_a_drafted_image_streams_its_tokens_and_a_batch_is_refused():
+    class Collect:
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.extend(value.flatten().tolist())
+
+        def end(self):
+            self.tokens.append("end")
+
+    model = head_model(seed=16)
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(17))
+    options = dict(do_sample=False, min_objects=2, max_new_tokens=20, draft="auxiliary")
+    streamer = Collect()
+    sequences = model.generate(pixel_values[:1], streamer=streamer, **options).sequences
+    assert streamer.tokens == [*sequences[0].tolist(), "end"]  # the prompt (put by `generate`), then the tokens
+    with pytest.raises(ValueError, match="cannot stream a batch"):
+        model.generate(pixel_values, streamer=Collect(), **options)
