@@ -912,14 +912,18 @@ def early_stop_effect(args, device) -> dict:
 
 
 def draft_effect(args, device) -> dict:
-    """`--draft`: `detect` latency at batch 1 with and without `draft="auxiliary"` (verified in the static-cache loop,
-    and in transformers' assisted loop with `static_decoding=False`; with the default draft length and those of
-    `--draft_objects_per_pass`) on a trained model's synthetic validation images, interleaved per image, and the
-    decoder passes per image of each drafted configuration."""
+    """`--draft`: `detect` latency (batches of `--draft_batch_size`) with and without `draft="auxiliary"` (verified in
+    the static-cache loop, and in transformers' assisted loop with `static_decoding=False`; with the default draft
+    length and those of `--draft_objects_per_pass`) and `draft="lookahead"` on a trained model's synthetic validation
+    images, interleaved per batch, and the decoder passes per image of each drafted configuration."""
     from transformers import AutoModelForObjectDetection, AutoProcessor
 
     from pix2seq_hf.data import Pix2SeqCollator, load_detection_splits
-    from pix2seq_hf.speculative_decoding import Pix2SeqAuxiliaryDrafter, acceptance_statistics
+    from pix2seq_hf.speculative_decoding import (
+        Pix2SeqAuxiliaryDrafter,
+        Pix2SeqLookaheadDrafter,
+        acceptance_statistics,
+    )
 
     model = AutoModelForObjectDetection.from_pretrained(args.draft).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.draft)
@@ -934,6 +938,7 @@ def draft_effect(args, device) -> dict:
         "no draft": {},
         "draft": {"draft": drafter},
         "draft, assisted loop": {"draft": drafter, "static_decoding": False},
+        "lookahead draft (no head needed)": {"draft": Pix2SeqLookaheadDrafter()},
     }
     for objects in args.draft_objects_per_pass:
         sized = Pix2SeqAuxiliaryDrafter(object_order=processor.object_order, objects_per_pass=objects)
