@@ -165,7 +165,7 @@ def test_sampling_with_a_draft_keeps_the_distribution(static_decoding):
     torch.manual_seed(0)
     with acceptance_statistics() as statistics:
         for _ in range(num_batches):
-            # A batch is decoded image by image, each from the same draft.
+            # Every image of the batch gets the same draft.
             drafter = GivenDrafter([draft] * batch_size)
             sequences = model.generate(
                 pixel_values.expand(batch_size, -1, -1, -1), draft=drafter, static_decoding=static_decoding, **options
