@@ -336,10 +336,11 @@ class EndAfterSomeObjects:
         return scores
 
 
-def test_a_batch_is_verified_together_and_images_that_end_drop_out():
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_batch_is_verified_together_and_images_that_end_drop_out(attn_implementation):
     """Images ending after different numbers of objects, drafted together: the tokens, logits and detections of
     decoding without a draft, in fewer passes than tokens."""
-    model = head_model(seed=6)
+    model = head_model(seed=6, attn_implementation=attn_implementation)
     with torch.no_grad():  # a decoder that reads the image, so that the images' first objects differ
         for layer in model.model.decoder.layers:
             layer.encoder_attn.out_proj.weight.mul_(8.0)
