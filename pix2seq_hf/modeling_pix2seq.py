@@ -1002,6 +1002,11 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         # With `key_length`, the layers attend to the filled positions of the static cache only.
         if cache is None or attention_mask is not None or not (decoding_step or implementation in ("sdpa", "eager")):
             key_length = None
+        if key_length is None and positions.dim() == 2:
+            raise ValueError(
+                f"Per-sequence `positions` need sdpa or eager attention and no `attention_mask` (attention "
+                f"implementation {implementation!r})."
+            )
         if key_length is not None:
             one_position = decoding_step and positions.dim() == 1
             causal_mask = None if one_position else self._positions_mask(key_length, positions, hidden_states.dtype)

@@ -386,3 +386,12 @@ def test_a_drafted_image_streams_its_tokens_and_a_batch_is_refused():
     assert streamer.tokens == [*sequences[0].tolist(), "end"]  # the prompt (put by `generate`), then the tokens
     with pytest.raises(ValueError, match="cannot stream a batch"):
         model.generate(pixel_values, streamer=Collect(), **options)
+
+
+def test_per_sequence_positions_need_a_static_cache_and_key_length():
+    model = head_model(seed=18)
+    decoder = model.model.decoder
+    tokens, memory = torch.tensor([[10, 200]]), torch.zeros(1, 16, model.config.decoder_hidden_size)
+    positions = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="need a static `cache` and `key_length`"):
+        decoder.decode(tokens, memory, positions=positions)
