@@ -349,8 +349,8 @@ def write_files_atomically(output_dir: str | os.PathLike, write: Callable[[Path]
 __all__ = [
     "TRAINING_STATE_FILE",
     "check_output_dir",
-    "check_saved_objects",
     "check_same_run",
+    "check_saved_objects",
     "find_checkpoint",
     "is_complete_checkpoint",
     "list_checkpoints",

@@ -312,7 +312,7 @@ def test_processors_that_read_the_tokens_are_applied_position_by_position():
     """A processor without a batched form (repetition penalty) runs once per drafted position: greedy tokens kept."""
     model = head_model(seed=12)
     pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(13))
-    options = dict(do_sample=False, min_objects=4, max_new_tokens=30, repetition_penalty=1.3)
+    options = {"do_sample": False, "min_objects": 4, "max_new_tokens": 30, "repetition_penalty": 1.3}
     reference = model.generate(pixel_values, **options).sequences
     with acceptance_statistics() as statistics:
         drafted = model.generate(pixel_values, draft="auxiliary", **options).sequences
@@ -345,7 +345,7 @@ def test_a_batch_is_verified_together_and_images_that_end_drop_out(attn_implemen
         for layer in model.model.decoder.layers:
             layer.encoder_attn.out_proj.weight.mul_(8.0)
     pixel_values = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(15))
-    options = dict(do_sample=False, max_new_tokens=40)
+    options = {"do_sample": False, "max_new_tokens": 40}
     ending = [EndAfterSomeObjects(model.config.eos_token_id)]
     reference = model.generate(pixel_values, logits_processor=ending, **options)
     with acceptance_statistics() as statistics:
@@ -380,7 +380,7 @@ def test_a_drafted_image_streams_its_tokens_and_a_batch_is_refused():
 
     model = head_model(seed=16)
     pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(17))
-    options = dict(do_sample=False, min_objects=2, max_new_tokens=20, draft="auxiliary")
+    options = {"do_sample": False, "min_objects": 2, "max_new_tokens": 20, "draft": "auxiliary"}
     streamer = Collect()
     sequences = model.generate(pixel_values[:1], streamer=streamer, **options).sequences
     assert streamer.tokens == [*sequences[0].tolist(), "end"]  # the prompt (put by `generate`), then the tokens
