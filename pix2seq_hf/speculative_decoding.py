@@ -551,6 +551,23 @@ def sample_rows(scores: torch.Tensor) -> torch.LongTensor:
     return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=scores.shape[-1] - 1).view(-1)
 
 
+def stack_steps(per_image: list[list[torch.Tensor]], num_steps: int) -> tuple[torch.Tensor, ...]:
+    """
+    Per-step scores or logits of images decoded to different lengths, as `_sample` returns them: one
+    `(batch_size, vocab_size)` tensor per step, an image's rows zeros after its end.
+
+    Args:
+        per_image (`list[list[torch.Tensor]]`): for each image, its `(vocab_size,)` rows in step order (at least one
+            image has one).
+        num_steps (`int`): the steps of the longest image.
+    """
+    template = next(rows[0] for rows in per_image if rows)
+    return tuple(
+        torch.stack([rows[step] if step < len(rows) else torch.zeros_like(template) for rows in per_image])
+        for step in range(num_steps)
+    )
+
+
 def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
     """
     Speculative decoding over a static cache, all images of the batch together: each image's draft (from its
@@ -609,22 +626,20 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
         drafted = [len(draft) for draft in drafts]
         key_length = max(lengths[row] + count for row, count in zip(running, drafted))
         rows = torch.tensor(running, device=device)
+        offsets = torch.arange(max(drafted) + 1, device=device)
+        counts = torch.tensor(drafted, device=device)[:, None]
         if lengths[running[0]] == prompt_length:
             # The first pass: the prompts and the drafts, over the empty cache.
             tokens, positions = sequences[rows, : prompt_length + max(drafted)], None
             first = prompt_length - 1
         else:
-            offsets = torch.arange(max(drafted) + 1, device=device)
             positions = torch.tensor([lengths[row] - 1 for row in running], device=device)[:, None] + offsets
             tokens = sequences[rows[:, None], positions.clamp(max=sequences.shape[1] - 1)]
-            padding = offsets > torch.tensor(drafted, device=device)[:, None]
-            positions = positions.masked_fill(padding, padding_slot)
+            positions = positions.masked_fill(offsets > counts, padding_slot)
             first = 0
         hidden = model.model.decoder.decode(tokens, memory, cache=cache, key_length=key_length, positions=positions)
         # Each image's positions from its last written token on (the last one repeated past its draft).
-        index = torch.tensor(
-            [[first + min(offset, count) for offset in range(max(drafted) + 1)] for count in drafted], device=device
-        )
+        index = first + torch.minimum(offsets, counts)
         hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = model.lm_head(hidden).float()
         processed = torch.cat(
@@ -684,20 +699,11 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
     sequences = sequences[:, : max(lengths)]
     if not return_dict:
         return sequences
-
-    def per_step(rows: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...] | None:
-        if not any(rows):
-            return None
-        template = next(row[0] for row in rows if row)
-        return tuple(
-            torch.stack([row[step] if step < len(row) else torch.zeros_like(template) for row in rows])
-            for step in range(sequences.shape[1] - prompt_length)
-        )
-
+    num_steps = sequences.shape[1] - prompt_length
     return GenerateEncoderDecoderOutput(
         sequences=sequences,
-        scores=per_step(scores) if keep_scores else None,
-        logits=per_step(raw_logits) if keep_logits else None,
+        scores=stack_steps(scores, num_steps) if keep_scores else None,
+        logits=stack_steps(raw_logits, num_steps) if keep_logits else None,
         encoder_attentions=encoder_outputs.get("attentions") if hasattr(encoder_outputs, "get") else None,
         encoder_hidden_states=encoder_outputs.get("hidden_states") if hasattr(encoder_outputs, "get") else None,
     )
@@ -767,14 +773,10 @@ def decode_with_draft(
         return sequences
 
     def per_step(name):
-        steps = [getattr(result, name) for result in results]
-        if steps[0] is None:
+        if getattr(results[0], name) is None:
             return None
-        template = steps[0][0]
-        return tuple(
-            torch.cat([row[step] if step < len(row) else torch.zeros_like(template) for row in steps])
-            for step in range(length - input_ids.shape[1])
-        )
+        rows = [[step[0] for step in getattr(result, name)] for result in results]
+        return stack_steps(rows, length - input_ids.shape[1])
 
     return type(results[0])(
         sequences=sequences,
