@@ -423,6 +423,7 @@ def run(
         ),
         training=True,
         num_augmentations=data_args.num_augmentations,
+        sequences_per_image=data_args.sequences_per_image,
         seed=training_args.seed,
         on_bad_image=data_args.on_bad_image,
     )

@@ -92,6 +92,7 @@ RUN_ARGUMENTS = (
     "max_train_samples",
     "augmentation",
     "num_augmentations",
+    "sequences_per_image",
     "model_name_or_path",
     "config_preset",
     "pretrained_backbone",
@@ -381,6 +382,7 @@ def train(args, interrupt: StopOnSignal) -> int:
         transforms=build_train_transforms(args.augmentation, canvas),
         training=True,
         num_augmentations=args.num_augmentations,
+        sequences_per_image=args.sequences_per_image,
         seed=args.seed,
         on_bad_image=args.on_bad_image,
     )
@@ -461,7 +463,8 @@ def train(args, interrupt: StopOnSignal) -> int:
             starting_epoch = num_epochs
 
     logger.info(
-        f"{plan.describe()} Training at learning rate {args.learning_rate}, x{args.num_augmentations} augmentations"
+        f"{plan.describe()} Training at learning rate {args.learning_rate}, x{args.num_augmentations} augmentations, "
+        f"{args.sequences_per_image} sequence(s) per image"
         + (f", evaluating and saving the weights' moving average (decay {args.ema_decay})." if weight_average else ".")
     )
     # `disable=None`: tqdm draws its bar on a terminal only; elsewhere the loss is logged every `logging_steps`.

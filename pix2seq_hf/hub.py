@@ -68,6 +68,7 @@ CARD_TRAINING_ARGUMENTS = (
     "seed",
     "augmentation",
     "num_augmentations",
+    "sequences_per_image",
     "mixed_precision",
     "bf16",
     "fp16",

@@ -1124,8 +1124,9 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`, *optional*):
                 Images; not needed when `encoder_outputs` is given.
-            decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`):
-                Decoder tokens, starting with the detection prompt (`config.bos_token_id`).
+            decoder_input_ids (`torch.LongTensor` of shape `(batch_size * k, target_length)`):
+                Decoder tokens, starting with the detection prompt (`config.bos_token_id`): one sequence per image, or
+                `k` per image (image `i`'s at rows `i * k` to `i * k + k - 1`), which then share one encoder pass.
             decoder_attention_mask (`torch.Tensor` of shape `(batch_size, target_length)`, *optional*):
                 Padding mask of the decoder tokens; the causal mask is always applied.
             encoder_outputs (`BaseModelOutput` or `tuple`, *optional*):
@@ -1150,10 +1151,14 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
                 hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
                 attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
             )
+        memory = encoder_outputs.last_hidden_state
+        copies = sequences_per_image(memory.shape[0], decoder_input_ids.shape[0])
+        if copies > 1:
+            memory = memory.repeat_interleave(copies, dim=0)
 
         decoder_outputs = self.decoder(
             decoder_input_ids,
-            encoder_outputs.last_hidden_state,
+            memory,
             attention_mask=decoder_attention_mask,
             cache=cache,
             use_cache=use_cache,
@@ -1193,15 +1198,34 @@ def check_decoder_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def check_batch_sizes(pixel_values, **sequences: torch.Tensor) -> None:
-    """Raises `ValueError` when a sequence tensor (`labels`, `decoder_input_ids`) has not one row per image."""
+    """
+    Raises `ValueError` when a sequence tensor (`labels`, `decoder_input_ids`) has not one row per image, or the same
+    whole number of rows per image (see `sequences_per_image`).
+    """
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim == 0:
         return
     for name, tensor in sequences.items():
-        if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape[0] != pixel_values.shape[0]:
-            raise ValueError(
-                f"`{name}` has {tensor.shape[0]} rows but `pixel_values` holds {pixel_values.shape[0]} images: pass "
-                "one sequence per image."
-            )
+        if isinstance(tensor, torch.Tensor) and tensor.ndim > 0:
+            sequences_per_image(pixel_values.shape[0], tensor.shape[0], name)
+
+
+def sequences_per_image(num_images: int, num_sequences: int, name: str = "decoder_input_ids") -> int:
+    """
+    How many training sequences each image has: a batch may hold `k` sequences per image (e.g. `k` object orders or
+    noise draws), image `i`'s at rows `i * k` to `i * k + k - 1`, so that one encoder pass serves all of them.
+
+    Returns:
+        `int`: `num_sequences // num_images`.
+
+    Raises:
+        `ValueError` when `num_sequences` is not a positive whole multiple of `num_images`.
+    """
+    if num_images <= 0 or num_sequences % num_images or num_sequences == 0:
+        raise ValueError(
+            f"`{name}` has {num_sequences} rows but `pixel_values` holds {num_images} images: pass one sequence per "
+            "image, or the same number k of sequences for every image (image i's at rows i * k to i * k + k - 1)."
+        )
+    return num_sequences // num_images
 
 
 def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -1392,8 +1416,10 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
                 Decoder inputs, detection prompt first (from [`Pix2SeqProcessor`] for training). Built from `labels`
                 (shifted right after the prompt, `-100` as padding) when only `labels` are given.
-            labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
-                Target tokens; `-100` is ignored, EOS/padding weighs `config.eos_token_weight`.
+            labels (`torch.LongTensor` of shape `(batch_size * k, target_length)`, *optional*):
+                Target tokens; `-100` is ignored, EOS/padding weighs `config.eos_token_weight`. One sequence per image,
+                or `k` per image as [`Pix2SeqProcessor`] writes them with `sequences_per_image=k` (image `i`'s at rows
+                `i * k` to `i * k + k - 1`; one encoder pass serves them all).
             decoder_attention_mask, encoder_outputs, cache (or `past_key_values`), use_cache, kwargs
             (`output_attentions`, `output_hidden_states`, `return_dict`):
                 As in [`Pix2SeqModel`].
@@ -1470,10 +1496,12 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
                         "encoder's `auxiliary_logits` and `auxiliary_distances`: pass `pixel_values`, or the "
                         "`Pix2SeqEncoderOutput` of `model.get_encoder()`, not a tuple."
                     )
+                # Every sequence of an image holds the same real objects: the dense head reads the first.
+                copies = sequences_per_image(encoder_outputs.auxiliary_logits.shape[0], labels.shape[0], "labels")
                 loss = loss + self.config.auxiliary_loss_weight * auxiliary_head.loss(
                     encoder_outputs.auxiliary_logits,
                     encoder_outputs.auxiliary_distances,
-                    labels,
+                    labels[::copies],
                     image_size=None if pixel_values is None else tuple(pixel_values.shape[-2:]),
                 )
 
@@ -1504,5 +1532,6 @@ __all__ = [
     "check_label_ids",
     "check_pixel_values",
     "pix2seq_sequence_loss",
+    "sequences_per_image",
     "shift_tokens_right",
 ]

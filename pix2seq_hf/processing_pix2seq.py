@@ -154,6 +154,7 @@ class Pix2SeqProcessor(ProcessorMixin):
         generator: torch.Generator | None = None,
         boxes: list[torch.Tensor] | None = None,
         class_labels: list[torch.Tensor] | None = None,
+        sequences_per_image: int = 1,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -176,12 +177,16 @@ class Pix2SeqProcessor(ProcessorMixin):
                 Instead of `annotations`: per image a `[N, 4]` tensor of `(x_min, y_min, x_max, y_max)` in its pixels.
             class_labels (`list[torch.Tensor]`, *optional*):
                 With `boxes`: per image the `[N]` integer labels of its boxes, in `[0, num_classes)`.
+            sequences_per_image (`int`, *optional*, defaults to 1):
+                Training sequences written per image, each with its own draw of the object order (`"random"`), the
+                noise objects and the class corruption; image `i`'s are rows `i * k` to `i * k + k - 1` of
+                `decoder_input_ids` and `labels`, and the model runs its encoder once for all of them.
             **kwargs:
                 Passed to the image processor (`size`, `do_normalize`, `input_data_format`, ...).
 
         Returns:
             [`BatchFeature`] with `pixel_values` and, with objects, `decoder_input_ids` and `labels`
-            (`[batch_size, 5 * max_objects]`), ready for `model(**inputs)`.
+            (`[batch_size * sequences_per_image, 5 * max_objects]`), ready for `model(**inputs)`.
 
         Raises:
             `ValueError` naming the image, the object and the value for a box that is not finite or has no area in
@@ -191,6 +196,13 @@ class Pix2SeqProcessor(ProcessorMixin):
             raise ValueError("`Pix2SeqProcessor` needs `images`.")
         if (boxes is None) != (class_labels is None):
             raise ValueError("`boxes` and `class_labels` go together: pass both (one tensor of each per image).")
+        if isinstance(sequences_per_image, bool) or not isinstance(sequences_per_image, numbers.Integral):
+            raise ValueError(f"`sequences_per_image` must be a positive int, got {sequences_per_image!r}.")
+        if sequences_per_image < 1 or (sequences_per_image > 1 and annotations is None and boxes is None):
+            raise ValueError(
+                f"`sequences_per_image` must be a positive int, and above 1 only with objects to write (`annotations` "
+                f"or `boxes`), got {sequences_per_image!r}."
+            )
         if annotations is not None and boxes is not None:
             raise ValueError(
                 "Pass the objects either as COCO `annotations` or as `boxes` and `class_labels`, not both."
@@ -210,7 +222,14 @@ class Pix2SeqProcessor(ProcessorMixin):
             inputs = self.image_processor(images, return_tensors="pt", **kwargs)
         data = {"pixel_values": inputs["pixel_values"]}
         if annotations is not None or boxes is not None:
-            data.update(self.box_codec._batch_training_sequences(canvas_boxes, class_labels, generator))
+            repeat = sequences_per_image
+            data.update(
+                self.box_codec._batch_training_sequences(
+                    [item for item in canvas_boxes for _ in range(repeat)],
+                    [item for item in class_labels for _ in range(repeat)],
+                    generator,
+                )
+            )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _label_range_error(self, label: str) -> ValueError:

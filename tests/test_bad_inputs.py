@@ -73,11 +73,11 @@ def test_processors_refuse_an_empty_image_list(processor, images):
 
 
 def test_model_refuses_labels_for_another_number_of_images(model):
-    labels = torch.zeros(2, 10, dtype=torch.long)
-    with pytest.raises(ValueError, match="`labels` has 2 rows but `pixel_values` holds 1 images"):
-        model(_pixels(1), labels=labels)
-    with pytest.raises(ValueError, match="`decoder_input_ids` has 2 rows but `pixel_values` holds 1 images"):
-        model(_pixels(1), decoder_input_ids=torch.full((2, 3), 10))
+    labels = torch.zeros(3, 10, dtype=torch.long)
+    with pytest.raises(ValueError, match="`labels` has 3 rows but `pixel_values` holds 2 images"):
+        model(_pixels(2), labels=labels)
+    with pytest.raises(ValueError, match="`decoder_input_ids` has 3 rows but `pixel_values` holds 2 images"):
+        model(_pixels(2), decoder_input_ids=torch.full((3, 3), 10))
     with pytest.raises(ValueError, match=r"`labels` \(1, 10\) and `decoder_input_ids` \(1, 4\)"):
         model(_pixels(1), labels=labels[:1], decoder_input_ids=torch.full((1, 4), 10))
 

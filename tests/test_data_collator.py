@@ -127,6 +127,17 @@ def test_two_augmentations_per_image():
         Pix2SeqCollator(processor, num_augmentations=0)
 
 
+def test_several_sequences_per_image_in_training_batches_only():
+    processor = RecordingProcessor()
+    collator = Pix2SeqCollator(processor, num_augmentations=2, sequences_per_image=3)
+    collator(EXAMPLES[:2])
+    assert len(processor.calls[-1]["images"]) == 4 and processor.calls[-1]["sequences_per_image"] == 3
+    Pix2SeqCollator(processor, training=False, sequences_per_image=3)(EXAMPLES[:2])
+    assert processor.calls[-1]["sequences_per_image"] == 1
+    with pytest.raises(ValueError, match="sequences_per_image"):
+        Pix2SeqCollator(processor, sequences_per_image=0)
+
+
 def test_training_without_transforms_lets_the_processor_resize():
     processor = RecordingProcessor()
     Pix2SeqCollator(processor, transforms=None)(EXAMPLES)

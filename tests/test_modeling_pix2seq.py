@@ -274,6 +274,27 @@ def test_batch_equals_images_one_by_one(model):
         torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-5, atol=1e-5)
 
 
+def test_several_sequences_per_image_share_one_encoder_pass():
+    """`k` sequences per image (rows `i * k ...`) give what the images repeated `k` times give, auxiliary loss included."""
+    model = make_model(auxiliary_loss_weight=1.0)
+    pixels, labels = make_pixels(2), make_labels(6)
+    shared = model(pixels, labels=labels)
+    repeated = model(pixels.repeat_interleave(3, dim=0), labels=labels)
+    torch.testing.assert_close(shared.logits, repeated.logits, rtol=1e-5, atol=1e-5)
+    # The sequences of one image hold its objects (in other orders): the auxiliary loss reads them once.
+    same_objects = make_labels(2).repeat_interleave(3, dim=0)
+    torch.testing.assert_close(
+        model(pixels, labels=same_objects).loss,
+        model(pixels.repeat_interleave(3, dim=0), labels=same_objects).loss,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    encoder_outputs = model.get_encoder()(pixels)
+    torch.testing.assert_close(model(encoder_outputs=encoder_outputs, labels=labels).loss, shared.loss)
+    with pytest.raises(ValueError, match="`labels` has 5 rows but `pixel_values` holds 2 images"):
+        model(pixels, labels=labels[:5])
+
+
 def test_dropout_and_drop_path_only_in_training():
     model = make_model(dropout=0.1, drop_path_rate=0.1)
     pixels, labels = make_pixels(), make_labels()

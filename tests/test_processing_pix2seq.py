@@ -191,6 +191,27 @@ def test_training_sequence_with_augmentation_is_full_and_seeded():
     assert class_targets[1, 0] == CLASS0 and torch.all(class_targets[1, 1:] == NOISE)
 
 
+def test_several_sequences_per_image_are_separate_draws_of_its_objects():
+    processor = make_processor(object_order="random")
+    annotations = [coco(1, (10, 5, 20, 10, 3), (0, 0, 30, 20, 1), (2, 2, 6, 6, 4)), coco(2, (4, 4, 8, 8, 0))]
+    images = [image(30, 50), image(40, 40)]
+    inputs = processor(images, annotations=annotations, generator=torch.Generator().manual_seed(0), sequences_per_image=3)
+    assert inputs["pixel_values"].shape[0] == 2
+    assert inputs["labels"].shape == inputs["decoder_input_ids"].shape == (6, L)
+    objects = inputs["labels"].view(6, -1, 5)
+    # Rows 0-2 are image 0's: the same three real objects first, each row its own order, noise and corruption.
+    first = sorted(map(tuple, objects[0, :3].tolist()))
+    assert all(sorted(map(tuple, objects[row, :3].tolist())) == first for row in (1, 2))
+    assert sorted(row[4] for row in first) == [CLASS0 + 1, CLASS0 + 3, CLASS0 + 4]
+    assert len({tuple(row.tolist()) for row in inputs["decoder_input_ids"][:3]}) == 3
+    assert torch.all(objects[3:, 0, 4] == CLASS0) and torch.all(objects[3:, 1:, 4] == NOISE)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="sequences_per_image"):
+            processor(images, annotations=annotations, sequences_per_image=bad)
+    with pytest.raises(ValueError, match="only with objects"):
+        processor(images, sequences_per_image=2)
+
+
 def test_image_without_objects():
     with_noise = make_processor()(image(20, 20), annotations=coco(9), generator=torch.Generator().manual_seed(0))
     labels = with_noise["labels"][0].view(-1, 5)

@@ -26,6 +26,7 @@ TINY_RUN = [
     "--use_cpu",
     "--seed", "3",
     "--disable_tqdm", "true",
+    "--sequences_per_image", "2",
 ]  # fmt: skip
 
 

@@ -24,6 +24,7 @@ TINY_RUN = [
     "--num_visualizations", "2",
     "--seed", "3",
     "--num_threads", "1",
+    "--sequences_per_image", "2",  # the runs also check that two sequences per image train, resume and save
 ]  # fmt: skip
 
 

@@ -95,6 +95,7 @@ def test_default_recipe_resolves_as_documented():
         (["--max_train_samples", "0"], "max_train_samples must be at least 1, got 0"),
         (["--coco_annotations", "ann.json"], "coco_annotations and coco_images go together"),
         (["--num_augmentations", "0"], "num_augmentations must be at least 1"),
+        (["--sequences_per_image", "0"], "sequences_per_image must be at least 1"),
         (["--config_overrides", "[1, 2]"], "config_overrides must be a JSON object"),
         (["--encoder_lr_scale", "0"], "encoder_lr_scale must be positive, got 0.0"),
         (["--adam_beta2", "1.5"], "adam_beta2 must be in [0, 1), got 1.5"),

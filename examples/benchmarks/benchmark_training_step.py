@@ -119,7 +119,14 @@ def main(argv=None) -> int:
     base_model, processor = pix2seq_train.build_model_and_processor(train_args, splits.id2label)
     canvas = processor.image_processor.size["longest_edge"]
     transforms = build_train_transforms(train_args.augmentation or "light", canvas)
-    collator = Pix2SeqCollator(processor, transforms=transforms, training=True, seed=0)
+    collator = Pix2SeqCollator(
+        processor,
+        transforms=transforms,
+        training=True,
+        num_augmentations=train_args.num_augmentations,
+        sequences_per_image=train_args.sequences_per_image,
+        seed=0,
+    )
     images = undecoded_images(splits.train)
     count = args.warmup_steps + args.steps
     indices = [[(b * args.batch_size + i) % len(images) for i in range(args.batch_size)] for b in range(count)]

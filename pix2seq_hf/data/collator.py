@@ -57,6 +57,9 @@ class Pix2SeqCollator:
         training (`bool`, *optional*, defaults to `True`): training or evaluation batches.
         num_augmentations (`int`, *optional*, defaults to 1): augmented copies of each image (training only); the
             batch holds `num_augmentations * len(examples)` images, the copies of one image next to each other.
+        sequences_per_image (`int`, *optional*, defaults to 1): training sequences per (augmented) image, each with
+            its own object order, noise objects and class corruption (training only; see [`Pix2SeqProcessor`]): the
+            model's encoder runs once for all of them.
         seed (`int`, *optional*, defaults to 0): the seed of all randomness of the collator.
         return_sequences (`bool`, *optional*, defaults to `True`): also return `decoder_input_ids` and `labels`
             (for evaluation batches: to compute a validation loss).
@@ -75,7 +78,7 @@ class Pix2SeqCollator:
 
     Returns (of `__call__`):
         `dict` with `pixel_values` (`[B, 3, S, S]`), with `return_sequences` `decoder_input_ids` and `labels`
-        (`[B, L]`), and with `return_targets` `targets`: per image a dict with `image_id` (`LongTensor[1]`),
+        (`[B * sequences_per_image, L]`), and with `return_targets` `targets`: per image a dict with `image_id` (`LongTensor[1]`),
         `orig_size` (`LongTensor[2]`, `(height, width)` of the decoded image), `boxes` (`FloatTensor[N, 4]`,
         `(x_min, y_min, x_max, y_max)` in its pixels), `labels` (`LongTensor[N]`), `iscrowd` (`LongTensor[N]`) and
         `area` (`FloatTensor[N]`). Targets come one per example (not per augmented copy) and describe the
@@ -88,6 +91,7 @@ class Pix2SeqCollator:
         transforms: Callable | None = None,
         training: bool = True,
         num_augmentations: int = 1,
+        sequences_per_image: int = 1,
         seed: int = 0,
         return_sequences: bool = True,
         return_targets: bool | None = None,
@@ -96,6 +100,8 @@ class Pix2SeqCollator:
     ):
         if not isinstance(num_augmentations, int) or num_augmentations < 1:
             raise ValueError(f"`num_augmentations` must be a positive int, got {num_augmentations!r}.")
+        if not isinstance(sequences_per_image, int) or sequences_per_image < 1:
+            raise ValueError(f"`sequences_per_image` must be a positive int, got {sequences_per_image!r}.")
         if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
             raise ValueError(f"`on_size_mismatch` must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}.")
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -104,6 +110,7 @@ class Pix2SeqCollator:
         self.transforms = transforms
         self.training = training
         self.num_augmentations = num_augmentations if training else 1
+        self.sequences_per_image = sequences_per_image if training else 1
         self.seed = int(seed)
         self.return_sequences = return_sequences
         self.return_targets = (not training) if return_targets is None else return_targets
@@ -234,7 +241,13 @@ class Pix2SeqCollator:
             generator = torch.Generator().manual_seed(batch_seed)
             try:
                 inputs = self.processor(
-                    images=images, boxes=boxes, class_labels=labels, return_tensors="pt", generator=generator, **kwargs
+                    images=images,
+                    boxes=boxes,
+                    class_labels=labels,
+                    return_tensors="pt",
+                    generator=generator,
+                    sequences_per_image=self.sequences_per_image,
+                    **kwargs,
                 )
             except ValueError as error:
                 raise ValueError(f"{error} (the batch's images, in order, are image_ids {image_of_input})") from error
