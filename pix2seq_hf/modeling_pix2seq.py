@@ -1143,7 +1143,6 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
         if encoder_outputs is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` or `encoder_outputs`.")
-            check_batch_sizes(pixel_values, decoder_input_ids=decoder_input_ids)
             encoder_outputs = self.encoder(pixel_values, **{**kwargs, "return_dict": True})
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(

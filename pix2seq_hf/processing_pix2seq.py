@@ -196,12 +196,16 @@ class Pix2SeqProcessor(ProcessorMixin):
             raise ValueError("`Pix2SeqProcessor` needs `images`.")
         if (boxes is None) != (class_labels is None):
             raise ValueError("`boxes` and `class_labels` go together: pass both (one tensor of each per image).")
-        if isinstance(sequences_per_image, bool) or not isinstance(sequences_per_image, numbers.Integral):
+        if (
+            isinstance(sequences_per_image, bool)
+            or not isinstance(sequences_per_image, numbers.Integral)
+            or sequences_per_image < 1
+        ):
             raise ValueError(f"`sequences_per_image` must be a positive int, got {sequences_per_image!r}.")
-        if sequences_per_image < 1 or (sequences_per_image > 1 and annotations is None and boxes is None):
+        if sequences_per_image > 1 and annotations is None and boxes is None:
             raise ValueError(
-                f"`sequences_per_image` must be a positive int, and above 1 only with objects to write (`annotations` "
-                f"or `boxes`), got {sequences_per_image!r}."
+                f"`sequences_per_image={sequences_per_image}` writes training sequences, which need the objects "
+                "(`annotations`, or `boxes` and `class_labels`)."
             )
         if annotations is not None and boxes is not None:
             raise ValueError(
@@ -222,11 +226,10 @@ class Pix2SeqProcessor(ProcessorMixin):
             inputs = self.image_processor(images, return_tensors="pt", **kwargs)
         data = {"pixel_values": inputs["pixel_values"]}
         if annotations is not None or boxes is not None:
-            repeat = sequences_per_image
             data.update(
                 self.box_codec._batch_training_sequences(
-                    [item for item in canvas_boxes for _ in range(repeat)],
-                    [item for item in class_labels for _ in range(repeat)],
+                    [item for item in canvas_boxes for _ in range(sequences_per_image)],
+                    [item for item in class_labels for _ in range(sequences_per_image)],
                     generator,
                 )
             )

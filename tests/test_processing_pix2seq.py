@@ -208,7 +208,7 @@ def test_several_sequences_per_image_are_separate_draws_of_its_objects():
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="sequences_per_image"):
             processor(images, annotations=annotations, sequences_per_image=bad)
-    with pytest.raises(ValueError, match="only with objects"):
+    with pytest.raises(ValueError, match="need the objects"):
         processor(images, sequences_per_image=2)
 
 
