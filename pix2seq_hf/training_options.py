@@ -52,9 +52,9 @@ SYNTHETIC_EVAL_STEPS = 1000
 # validation images do, and within the default budget (6-10 epochs) scale jitter and flips only slowed learning
 # (examples/benchmarks/RESULTS.md). Other data gets the official fine-tuning augmentation.
 SYNTHETIC_AUGMENTATION = "none"
-# Training sequences per image and step when none is given: one, as the paper. Four draws per image (object order,
-# noise objects, class corruption) cost 1.1-1.3x a step; with the paper's random order they gave 1.3x the mAP at 3000
-# steps, with the default `dist2ori` order nothing (examples/benchmarks/RESULTS.md).
+# Training sequences per image and step when none is given: one, as the paper. Several draws per image (object order,
+# noise objects, class corruption) cost 1.1-1.3x a step for four; with the paper's random order two to eight gave
+# 1.3-1.45x the mAP at 3000 steps, with the default `dist2ori` order nothing (examples/benchmarks/RESULTS.md).
 SEQUENCES_PER_IMAGE = 1
 # Options that `TrainingArguments` spells otherwise (the `Trainer` script's name -> `RecipeOptions`' name).
 TRAINING_ARGUMENTS_NAMES = {"max_steps": "max_train_steps", "warmup_steps": "num_warmup_steps"}
