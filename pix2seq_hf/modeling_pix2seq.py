@@ -393,8 +393,9 @@ class Pix2SeqAttention(nn.Module):
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(batch, length, hidden)`): the queries' input.
-            key_value_states (`torch.Tensor` of shape `(batch, memory_length, hidden)`, *optional*):
-                The encoded image, for cross-attention.
+            key_value_states (`torch.Tensor` of shape `(batch / k, memory_length, hidden)`, *optional*):
+                The encoded images, for cross-attention; with `k` sequences per image (rows `i * k` to `i * k + k - 1`
+                of `hidden_states` for image `i`), their keys and values are computed once and repeated.
             attention_mask (`torch.Tensor`, *optional*): the mask from `create_causal_mask` (or `None`).
             cache (`EncoderDecoderCache`, *optional*): the decoder cache.
             cache_position (`torch.LongTensor` of shape `(length,)`, *optional*): the positions of `hidden_states` in
@@ -428,6 +429,11 @@ class Pix2SeqAttention(nn.Module):
                         key_states, value_states, self.layer_idx
                     )
                     cache.is_updated[self.layer_idx] = True
+            if key_states.shape[0] != input_shape[0]:
+                # `k` sequences per image: the image's keys and values, projected once, serve each of them.
+                copies = sequences_per_image(key_states.shape[0], input_shape[0])
+                key_states = key_states.repeat_interleave(copies, dim=0)
+                value_states = value_states.repeat_interleave(copies, dim=0)
         else:
             if decoding_step:
                 query_states, key_states, value_states = self.project_query_key_value(hidden_states)
@@ -900,8 +906,9 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`):
                 Decoder tokens (only the new ones when `cache` holds the previous ones).
-            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, memory_length, decoder_hidden_size)`):
-                The encoded image (`Pix2SeqEncoder` output).
+            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size / k, memory_length, decoder_hidden_size)`):
+                The encoded images (`Pix2SeqEncoder` output): one per sequence, or one per `k` sequences (image `i`
+                for rows `i * k` to `i * k + k - 1`).
             attention_mask (`torch.Tensor` of shape `(batch_size, past_length + target_length)`, *optional*):
                 Padding mask of the decoder tokens (1 = attend). Pix2Seq sequences need none: padding is EOS.
             cache (`EncoderDecoderCache`, *optional*):
@@ -1150,14 +1157,12 @@ class Pix2SeqModel(Pix2SeqPreTrainedModel):
                 hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
                 attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
             )
-        memory = encoder_outputs.last_hidden_state
-        copies = sequences_per_image(memory.shape[0], decoder_input_ids.shape[0])
-        if copies > 1:
-            memory = memory.repeat_interleave(copies, dim=0)
+        # `k` sequences per image are decoded over the image's memory (the cross-attention repeats its keys/values).
+        sequences_per_image(encoder_outputs.last_hidden_state.shape[0], decoder_input_ids.shape[0])
 
         decoder_outputs = self.decoder(
             decoder_input_ids,
-            memory,
+            encoder_outputs.last_hidden_state,
             attention_mask=decoder_attention_mask,
             cache=cache,
             use_cache=use_cache,
