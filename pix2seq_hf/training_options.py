@@ -53,7 +53,7 @@ SYNTHETIC_EVAL_STEPS = 1000
 # (examples/benchmarks/RESULTS.md). Other data gets the official fine-tuning augmentation.
 SYNTHETIC_AUGMENTATION = "none"
 # Training sequences per image and step when none is given: one, as the paper. Several draws per image (object order,
-# noise objects, class corruption) cost 1.1-1.3x a step for four; with the paper's random order two to eight gave
+# noise objects, class corruption) cost 1.15-1.35x a step for four; with the paper's random order two to eight gave
 # 1.3-1.45x the mAP at 3000 steps, with the default `dist2ori` order nothing (examples/benchmarks/RESULTS.md).
 SEQUENCES_PER_IMAGE = 1
 # Options that `TrainingArguments` spells otherwise (the `Trainer` script's name -> `RecipeOptions`' name).
