@@ -15,7 +15,7 @@ import torch
 from .configuration_pix2seq import TOKENS_PER_OBJECT, Pix2SeqConfig
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import Pix2SeqForObjectDetection
-from .presets import PRESETS, get_preset_config, get_preset_image_processor_kwargs
+from .presets import get_preset_config, get_preset_image_processor_kwargs
 from .processing_pix2seq import Pix2SeqProcessor
 from .training_options import ModelOptions
 
@@ -142,7 +142,18 @@ def build_model_and_processor(
         if backbone_checkpoint:
             overrides.update(_local_backbone_weights(backbone_checkpoint, config_preset, overrides))
         config = get_preset_config(config_preset, **overrides)
-        model = Pix2SeqForObjectDetection(config)
+        try:
+            model = Pix2SeqForObjectDetection(config)
+        except RuntimeError as error:
+            if not config.use_pretrained_backbone or "size mismatch" not in str(error):
+                raise
+            source = f"The backbone checkpoint {os.fspath(backbone_checkpoint)!r}" if backbone_checkpoint else "ImageNet's checkpoint"
+            model_kwargs = {k: v for k, v in (config.backbone_model_kwargs or {}).items() if k != "pretrained_cfg_overlay"}
+            raise ValueError(
+                f"{source} does not fit the backbone of preset {config_preset!r} (timm arguments {model_kwargs}); give "
+                "the backbone it was saved from with --config_overrides (for a full-width ResNet-18 in the `tiny` "
+                f"preset: '{{\"backbone_model_kwargs\": null}}'). {error}"
+            ) from error
         # The weights now live in the model: a saved config must not load the backbone again, nor name a local file.
         model.config.use_pretrained_backbone = False
         if backbone_checkpoint:
@@ -176,7 +187,7 @@ def _local_backbone_weights(path: str | os.PathLike, config_preset: str, overrid
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The backbone checkpoint {path!r} is not a file.")
-    model_kwargs = overrides.get("backbone_model_kwargs", PRESETS[config_preset]["config"].get("backbone_model_kwargs"))
+    model_kwargs = get_preset_config(config_preset, **overrides).backbone_model_kwargs
     model_kwargs = {**(model_kwargs or {}), "pretrained_cfg_overlay": {"file": path}}
     return {"backbone_model_kwargs": model_kwargs, "use_pretrained_backbone": True}
 

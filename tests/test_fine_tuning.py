@@ -137,3 +137,14 @@ def test_a_backbone_checkpoint_is_refused_where_it_cannot_apply(tmp_path):
     args = train.parse_args(["--backbone_checkpoint", str(missing), "--model_name_or_path", str(tmp_path)])
     with pytest.raises(ValueError, match="has its own weights"):
         train.build_model_and_processor(args, NEW_LABELS)
+
+
+def test_full_width_resnet18_weights_are_refused_by_the_half_width_tiny_preset(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}, weights)
+    train = load_example("train")
+    with pytest.raises(ValueError, match=r"resnet18.safetensors' does not fit the backbone of preset 'tiny'.*null"):
+        train.build_model_and_processor(train.parse_args(["--backbone_checkpoint", str(weights)]), NEW_LABELS)

@@ -6,9 +6,10 @@ trained from scratch on the same data, with the same budget and the same COCO ev
 
 Data: the synthetic shapes set of `examples/train.py` (4000 training and 200 validation images of 128 px, seed 42),
 the same augmentation for every detector (seeded per epoch and image; none on the synthetic sets, Pix2Seq's default
-there), batch 8. Every detector starts from random weights (a ResNet-18 backbone) and is evaluated on the validation
-split with pycocotools (`CocoDetectionEvaluator`) every `--eval_steps` steps and at the end. Minutes count training,
-batch loading and augmentation included (evaluations excluded).
+there), batch 8. Every detector starts from random weights (a ResNet-18 backbone, at half width in Pix2Seq's `tiny`
+preset) and is evaluated on the validation split with pycocotools (`CocoDetectionEvaluator`) every `--eval_steps` steps
+and at the end. Minutes count training, batch loading and augmentation included (evaluations excluded; Pix2Seq's
+`--max_train_minutes` counts its evaluations too, as `examples/train.py` does).
 
 `--dataset coins` trains and evaluates on real photographs instead: 48 training and 16 validation images of 384 px with
 about 16 coins each, mosaics of crops of scikit-image's coins photograph with boxes from a classical segmentation
