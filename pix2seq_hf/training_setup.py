@@ -147,11 +147,14 @@ def build_model_and_processor(
         except RuntimeError as error:
             if not config.use_pretrained_backbone or "size mismatch" not in str(error):
                 raise
-            source = f"The backbone checkpoint {os.fspath(backbone_checkpoint)!r}" if backbone_checkpoint else "ImageNet's checkpoint"
-            model_kwargs = {k: v for k, v in (config.backbone_model_kwargs or {}).items() if k != "pretrained_cfg_overlay"}
+            source = "ImageNet's checkpoint"
+            if backbone_checkpoint:
+                source = f"The backbone checkpoint {os.fspath(backbone_checkpoint)!r}"
+            model_kwargs = dict(config.backbone_model_kwargs or {})
+            model_kwargs.pop("pretrained_cfg_overlay", None)
             raise ValueError(
-                f"{source} does not fit the backbone of preset {config_preset!r} (timm arguments {model_kwargs}); give "
-                "the backbone it was saved from with --config_overrides (for a full-width ResNet-18 in the `tiny` "
+                f"{source} does not fit the backbone of preset {config_preset!r} (timm arguments {model_kwargs}); "
+                "give the backbone it was saved from with --config_overrides (a full-width ResNet-18 in the `tiny` "
                 f"preset: '{{\"backbone_model_kwargs\": null}}'). {error}"
             ) from error
         # The weights now live in the model: a saved config must not load the backbone again, nor name a local file.
