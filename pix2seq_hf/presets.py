@@ -10,7 +10,7 @@ from .configuration_pix2seq import Pix2SeqConfig
 PRESETS: dict[str, dict] = {
     # A small model for the synthetic shapes set and for CPU experiments: ResNet-18 at half width (stages of 32, 64
     # and 128 channels, random weights only) cut at stride 16, 128 px canvas, 10 objects, 128 bins (one bin per pixel).
-    # Half width makes a CPU training step about 1.9x faster than the full ResNet-18, with the same mAP per step on
+    # Half width makes a CPU training step 1.7-2.1x faster than the full ResNet-18, with the same mAP per step on
     # the synthetic set.
     "tiny": {
         "config": {
