@@ -906,7 +906,7 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`):
                 Decoder tokens (only the new ones when `cache` holds the previous ones).
-            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size / k, memory_length, decoder_hidden_size)`):
+            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size / k, memory_length, hidden_size)`):
                 The encoded images (`Pix2SeqEncoder` output): one per sequence, or one per `k` sequences (image `i`
                 for rows `i * k` to `i * k + k - 1`).
             attention_mask (`torch.Tensor` of shape `(batch_size, past_length + target_length)`, *optional*):

@@ -81,9 +81,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def get_preset_config(name: str, **overrides) -> Pix2SeqConfig:
+def preset_config_fields(name: str, **overrides) -> dict:
     """
-    Builds the `Pix2SeqConfig` of a named preset (`tiny`, `r50`, `r50-c4`, `vit-b`).
+    The config fields of a named preset (`tiny`, `r50`, `r50-c4`, `vit-b`) with `overrides` applied.
 
     Args:
         name (`str`): the preset.
@@ -92,14 +92,24 @@ def get_preset_config(name: str, **overrides) -> Pix2SeqConfig:
             `timm.create_model` arguments) unless `overrides` gives its own.
 
     Returns:
-        `Pix2SeqConfig`
+        `dict`: keyword arguments of `Pix2SeqConfig`.
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-    config = dict(PRESETS[name]["config"])
-    if overrides.get("backbone", config.get("backbone")) != config.get("backbone"):
-        config.pop("backbone_model_kwargs", None)
-    return Pix2SeqConfig(**{**config, **overrides})
+    fields = dict(PRESETS[name]["config"])
+    if overrides.get("backbone", fields.get("backbone")) != fields.get("backbone"):
+        fields.pop("backbone_model_kwargs", None)
+    return {**fields, **overrides}
+
+
+def get_preset_config(name: str, **overrides) -> Pix2SeqConfig:
+    """
+    Builds the `Pix2SeqConfig` of a named preset (`preset_config_fields`: the preset's fields with `overrides`).
+
+    Returns:
+        `Pix2SeqConfig`
+    """
+    return Pix2SeqConfig(**preset_config_fields(name, **overrides))
 
 
 def get_preset_image_processor_kwargs(name: str, image_size: int | None = None) -> dict:

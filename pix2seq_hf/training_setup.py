@@ -15,7 +15,7 @@ import torch
 from .configuration_pix2seq import TOKENS_PER_OBJECT, Pix2SeqConfig
 from .image_processing_pix2seq import Pix2SeqImageProcessor
 from .modeling_pix2seq import Pix2SeqForObjectDetection
-from .presets import get_preset_config, get_preset_image_processor_kwargs
+from .presets import get_preset_config, get_preset_image_processor_kwargs, preset_config_fields
 from .processing_pix2seq import Pix2SeqProcessor
 from .training_options import ModelOptions
 
@@ -190,7 +190,7 @@ def _local_backbone_weights(path: str | os.PathLike, config_preset: str, overrid
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The backbone checkpoint {path!r} is not a file.")
-    model_kwargs = get_preset_config(config_preset, **overrides).backbone_model_kwargs
+    model_kwargs = preset_config_fields(config_preset, **overrides).get("backbone_model_kwargs")
     model_kwargs = {**(model_kwargs or {}), "pretrained_cfg_overlay": {"file": path}}
     return {"backbone_model_kwargs": model_kwargs, "use_pretrained_backbone": True}
 

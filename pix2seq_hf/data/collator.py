@@ -81,8 +81,8 @@ class Pix2SeqCollator:
         (`[B * sequences_per_image, L]`), and with `return_targets` `targets`: per image a dict with `image_id`
         (`LongTensor[1]`), `orig_size` (`LongTensor[2]`, `(height, width)` of the decoded image), `boxes`
         (`FloatTensor[N, 4]`, `(x_min, y_min, x_max, y_max)` in its pixels), `labels` (`LongTensor[N]`), `iscrowd`
-        (`LongTensor[N]`) and `area` (`FloatTensor[N]`). Targets come one per example (not per augmented copy) and describe the
-        un-augmented image.
+        (`LongTensor[N]`) and `area` (`FloatTensor[N]`). Targets come one per example (not per augmented copy) and
+        describe the un-augmented image.
     """
 
     def __init__(
