@@ -44,7 +44,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import pix2seq_hf  # noqa: F401  (registers the Auto classes)
 from pix2seq_hf import Pix2SeqProcessor, training_plan, training_recipes, training_setup
 from pix2seq_hf.cli import HelpFormatter
-from pix2seq_hf.data import Pix2SeqCollator, build_train_transforms, load_detection_splits
+from pix2seq_hf.data import Pix2SeqCollator, build_train_transforms, load_detection_splits, objects_per_image
 from pix2seq_hf.data.images import set_max_image_pixels
 from pix2seq_hf.evaluation import KEEP_ALL_THRESHOLD, METRIC_KEYS, CocoDetectionEvaluator
 from pix2seq_hf.hub import remote_code, write_model_card
@@ -406,7 +406,9 @@ def run(
 
     with training_args.main_process_first(desc="loading the data"):
         splits = load_detection_splits(data_args, seed=training_args.seed)
-    model, processor = training_setup.build_model_and_processor(splits.id2label, model_args)
+    model, processor = training_setup.build_model_and_processor(
+        splits.id2label, model_args, objects_per_image(splits.train) if splits.train is not None else None
+    )
     recipe = training_args.recipe_options().resolved(data_args.synthetic, bool(model_args.model_name_or_path))
     plan = time_budget = None
     if training_args.do_train:

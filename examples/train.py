@@ -58,6 +58,7 @@ from pix2seq_hf.data import (
     build_train_transforms,
     decode_image,
     load_detection_splits,
+    objects_per_image,
     undecoded_images,
 )
 from pix2seq_hf.data.images import set_max_image_pixels, to_rgb
@@ -154,9 +155,10 @@ def options(options_class: type, args: argparse.Namespace):
     return options_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options_class)})
 
 
-def build_model_and_processor(args, id2label: dict[int, str]):
-    """The model (a preset or a saved model) and a processor whose token layout matches it."""
-    return training_setup.build_model_and_processor(id2label, options(ModelOptions, args))
+def build_model_and_processor(args, id2label: dict[int, str], objects_per_image=None):
+    """The model (a preset or a saved model) and a processor whose token layout matches it; `objects_per_image`
+    (the training images' object counts) sizes a new model's sequences when `--max_objects` is not given."""
+    return training_setup.build_model_and_processor(id2label, options(ModelOptions, args), objects_per_image)
 
 
 def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -369,7 +371,9 @@ def train(args, interrupt: StopOnSignal) -> int:
         )
     logger.info(f"Train: {num_train_images} images; validation: {len(eval_dataset) if eval_dataset else 0}; {id2label}")
 
-    model, processor = build_model_and_processor(args, id2label)
+    model, processor = build_model_and_processor(
+        args, id2label, None if args.streaming else objects_per_image(train_dataset)
+    )
     logger.info(f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     canvas = processor.image_processor.size["longest_edge"]
     data = options(DataOptions, args)

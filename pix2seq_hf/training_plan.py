@@ -11,6 +11,10 @@ Why each default is what it is (docs/training.md, "How a run is planned"):
 - Epochs are the budget's: `max_train_steps` or `num_epochs` when given; with only a time budget, as many as fit in
   the minutes; with no budget at all `DEFAULT_NUM_EPOCHS`, but never fewer than `MIN_PLANNED_STEPS` steps, so that a
   small set gets many short epochs instead of a few dozen steps.
+- A new model's sequence holds the preset's `max_objects`, or, when a training image holds more objects, that many
+  rounded up to a multiple of `MAX_OBJECTS_MULTIPLE` (at most `MAX_PLANNED_OBJECTS`, the official models' 100):
+  without it the `tiny` preset's 10 would silently keep only 10 objects of a crowded image in its training sequence.
+  The preset's value is never lowered (sequences shorter than the data's would cut objects off too).
 - The warm-up is `WARMUP_FRACTION` of the planned steps (at most `MAX_WARMUP_STEPS`) and, with a time budget, also
   ends once that fraction of the minutes has passed, whichever comes first. A run ended by its steps thus warms up over
   at most 5% of them; a run ended by its minutes over 5% of its time, which stays within the first 10% of its steps
@@ -34,6 +38,9 @@ MIN_PLANNED_STEPS = 2000
 # (long runs warm up over their first 100 steps).
 WARMUP_FRACTION = 0.05
 MAX_WARMUP_STEPS = 100
+# A new model's sequences hold the most objects of a training image in multiples of this many, and at most this many.
+MAX_OBJECTS_MULTIPLE = 8
+MAX_PLANNED_OBJECTS = 100
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,18 @@ def default_warmup_steps(num_training_steps: int | None) -> int:
     if num_training_steps is None:
         return MAX_WARMUP_STEPS
     return min(MAX_WARMUP_STEPS, math.floor(WARMUP_FRACTION * num_training_steps))
+
+
+def plan_max_objects(most_objects: int, preset_max_objects: int) -> int:
+    """
+    Objects per training sequence of a new model: `preset_max_objects` when it holds `most_objects` (the most objects
+    of a training image), otherwise `most_objects` rounded up to a multiple of `MAX_OBJECTS_MULTIPLE`, at most
+    `MAX_PLANNED_OBJECTS` (an image with more keeps that many of its objects in its sequence).
+    """
+    if most_objects <= preset_max_objects:
+        return preset_max_objects
+    rounded = math.ceil(most_objects / MAX_OBJECTS_MULTIPLE) * MAX_OBJECTS_MULTIPLE
+    return max(preset_max_objects, min(MAX_PLANNED_OBJECTS, rounded))
 
 
 def _check_positive(name: str, value) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -18,6 +19,7 @@ from .modeling_pix2seq import Pix2SeqForObjectDetection
 from .presets import get_preset_config, get_preset_image_processor_kwargs, preset_config_fields
 from .processing_pix2seq import Pix2SeqProcessor
 from .training_options import ModelOptions
+from .training_plan import plan_max_objects
 
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,10 @@ def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) ->
 
 
 def build_model_and_processor(
-    id2label: dict[int, str], options: ModelOptions | None = None, **overrides
+    id2label: dict[int, str],
+    options: ModelOptions | None = None,
+    objects_per_image: Sequence[int] | None = None,
+    **overrides,
 ) -> tuple[Pix2SeqForObjectDetection, Pix2SeqProcessor]:
     """
     The model of a training run and a processor whose token layout matches it.
@@ -86,6 +91,9 @@ def build_model_and_processor(
               values;
             - `config_overrides`: other config fields of a new model (e.g. `{"decoder_layers": 4}`), applied last;
               refused when fine-tuning (a saved model keeps its architecture).
+        objects_per_image (`Sequence[int]`, *optional*): the object count of every training image
+            (`data.objects_per_image`). A new model given no `max_objects` then gets sequences for the fullest image
+            (`training_plan.plan_max_objects`); without it, the preset's.
         **overrides: fields of `options` by keyword, taking precedence.
 
     Returns:
@@ -128,6 +136,15 @@ def build_model_and_processor(
         processor = Pix2SeqProcessor.from_config(model.config, image_processor=image_processor, **codec_options)
     else:
         overrides = {"id2label": id2label, "use_pretrained_backbone": options.pretrained_backbone}
+        if not max_objects and objects_per_image is not None and "max_objects" not in (config_overrides or {}):
+            preset_max_objects = preset_config_fields(config_preset).get("max_objects", Pix2SeqConfig.max_objects)
+            most_objects = int(max(objects_per_image, default=0))
+            max_objects = plan_max_objects(most_objects, preset_max_objects)
+            if max_objects != preset_max_objects:
+                logger.info(
+                    f"max_objects {max_objects} (the preset's {preset_max_objects} are fewer than the {most_objects} "
+                    "objects of the fullest training image)"
+                )
         if max_objects:
             overrides["max_objects"] = max_objects
             overrides["max_position_embeddings"] = max(
@@ -175,6 +192,13 @@ def build_model_and_processor(
         + ", ".join(f"{name} {getattr(model.config, name)}" for name in TRAINING_CONFIG_OPTIONS)
     )
     processor.check_model_compatible(model)
+    if objects_per_image is not None:
+        crowded = sum(count > processor.max_objects for count in objects_per_image)
+        if crowded:
+            logger.warning(
+                f"{crowded} training images hold more than max_objects {processor.max_objects} objects; their "
+                f"training sequences keep {processor.max_objects} of them (a new model takes a larger --max_objects)."
+            )
     return model, processor
 
 

@@ -193,6 +193,55 @@ def test_undecoded_images_and_size_mismatch(caplog):
         Pix2SeqCollator(RecordingProcessor())([{"image": EXAMPLES[0]["image"], "image_id": 1, "objects": {}}])
 
 
+def test_decoded_images_are_kept_so_a_small_set_decodes_once(monkeypatch, tmp_path):
+    from pix2seq_hf.data import collator as collator_module
+    from pix2seq_hf.data.images import DecodedImageCache
+
+    raw = []
+    for example in EXAMPLES[:2]:
+        buffer = io.BytesIO()
+        example["image"].save(buffer, format="PNG")
+        raw.append(dict(example, image={"bytes": buffer.getvalue(), "path": None}))
+    path = tmp_path / "13.png"
+    EXAMPLES[2]["image"].save(path)
+    raw.append(dict(EXAMPLES[2], image={"bytes": None, "path": str(path)}))
+    decoded = []
+    real_decode = collator_module.decode_image
+
+    def counting_decode(value, record):
+        decoded.append(record)
+        return real_decode(value, record)
+
+    monkeypatch.setattr(collator_module, "decode_image", counting_decode)
+    transforms = build_train_transforms("light", CANVAS)
+    kept = Pix2SeqCollator(RecordingProcessor(), transforms=transforms, seed=3)
+    batches = []
+    for epoch in range(3):
+        kept.set_epoch(epoch)
+        batches.append(kept(raw))
+    assert len(decoded) == 3  # each image once, from bytes and from a file
+    assert kept.image_cache.used_bytes == sum(e["width"] * e["height"] * 3 for e in EXAMPLES)
+    # The same batches as decoding every time.
+    decoded.clear()
+    uncached = Pix2SeqCollator(RecordingProcessor(), transforms=transforms, seed=3, image_cache_bytes=0)
+    for epoch, batch in enumerate(batches):
+        uncached.set_epoch(epoch)
+        assert torch.equal(uncached(raw)["pixel_values"], batch["pixel_values"])
+    assert len(decoded) == 9
+    # A budget keeps what fits; a changed copy leaves the kept image as it was.
+    cache = DecodedImageCache(80 * 60 * 3)
+    first, second = EXAMPLES[0]["image"], EXAMPLES[1]["image"]
+    cache.put(("path", "a"), first)
+    cache.put(("path", "b"), second)
+    assert cache.get(("path", "b")) is None and cache.used_bytes == 80 * 60 * 3
+    copy = cache.get(("path", "a"))
+    copy.paste((1, 2, 3), (0, 0, 80, 60))
+    assert cache.get(("path", "a")).tobytes() == first.tobytes()
+    assert cache.key(first) is None and DecodedImageCache(0).key({"bytes": b"png", "path": None}) is None
+    with pytest.raises(ValueError, match="image cache size must be an int of at least 0 bytes, got -1"):
+        Pix2SeqCollator(RecordingProcessor(), image_cache_bytes=-1)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # With the real processor
 # ------------------------------------------------------------------------------------------------------------------

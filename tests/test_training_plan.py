@@ -1,5 +1,6 @@
-"""The plan of a training run (batch, epochs, warm-up, decay) from the data and the budget: the planner, the schedule
-that ends the warm-up by steps or by time, and examples/train.py on a 30-image COCO json with a step and a time budget."""
+"""The plan of a training run (batch, epochs, warm-up, decay, a new model's objects per sequence) from the data and the
+budget: the planner, the schedule that ends the warm-up by steps or by time, and examples/train.py on a 30-image COCO
+json with a step and a time budget."""
 
 import json
 import math
@@ -8,11 +9,14 @@ import time
 import pytest
 from helpers import load_example, write_coco_set
 
+from pix2seq_hf.data import objects_per_image
 from pix2seq_hf.training_plan import (
+    MAX_PLANNED_OBJECTS,
     MAX_WARMUP_STEPS,
     MIN_PLANNED_STEPS,
     WARMUP_FRACTION,
     default_batch_size,
+    plan_max_objects,
     plan_training,
 )
 from pix2seq_hf.training_setup import LinearDecayToBudget
@@ -131,10 +135,9 @@ def test_with_both_budgets_the_first_spent_ends_warmup_and_decay():
 # ----- examples/train.py on a 30-image COCO json ---------------------------------------------------------------------
 
 # A small model: the tiny preset with timm's test ResNet and narrow layers.
-SMALL_MODEL = json.dumps(
-    {"backbone": "test_resnet", "encoder_hidden_size": 32, "decoder_hidden_size": 32, "encoder_ffn_dim": 64,
-     "decoder_ffn_dim": 64}
-)  # fmt: skip
+SMALL_OVERRIDES = {"backbone": "test_resnet", "encoder_hidden_size": 32, "decoder_hidden_size": 32,
+                   "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}  # fmt: skip
+SMALL_MODEL = json.dumps(SMALL_OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +204,60 @@ def test_a_time_budget_on_a_small_coco_set_ends_the_warmup_within_a_tenth_of_the
     steps = results["train_steps"]
     assert steps >= 30  # the minutes, not a step count, ended the run
     assert plan["warmup_ended_at_step"] is not None and plan["warmup_ended_at_step"] <= math.floor(0.1 * steps)
+
+
+# ----- objects per sequence from the data ----------------------------------------------------------------------------
+
+
+def test_a_new_model_gets_sequences_for_the_fullest_training_image():
+    assert plan_max_objects(10, preset_max_objects=10) == 10 and plan_max_objects(3, preset_max_objects=100) == 100
+    assert plan_max_objects(11, preset_max_objects=10) == 16 and plan_max_objects(27, preset_max_objects=10) == 32
+    assert plan_max_objects(150, preset_max_objects=10) == MAX_PLANNED_OBJECTS == 100
+    assert plan_max_objects(150, preset_max_objects=120) == 120
+
+
+def test_objects_per_image_reads_the_counts_without_decoding():
+    from pix2seq_hf.data import make_synthetic_detection_dataset
+
+    dataset = make_synthetic_detection_dataset(6, seed=3, image_size=32, max_objects=4)
+    counts = [len(objects["bbox"]) for objects in dataset["objects"]]
+    assert objects_per_image(dataset).tolist() == counts
+    assert objects_per_image(dataset.select([4, 1])).tolist() == [counts[4], counts[1]]
+    assert objects_per_image(dataset.select([])).tolist() == []
+
+
+def test_build_model_and_processor_sizes_a_new_model_from_the_object_counts(caplog):
+    from pix2seq_hf.training_setup import build_model_and_processor
+
+    id2label = {0: "coin"}
+    model, processor = build_model_and_processor(
+        id2label, objects_per_image=[3, 27, 5], config_overrides=SMALL_OVERRIDES
+    )
+    assert model.config.max_objects == processor.max_objects == 32
+    assert model.config.max_position_embeddings >= 5 * 32 + 1
+    # Given values win; images with more objects than the sequence holds are named in a warning.
+    with caplog.at_level("WARNING"):
+        model, processor = build_model_and_processor(
+            id2label, objects_per_image=[3, 27, 12], max_objects=12, config_overrides=SMALL_OVERRIDES
+        )
+    assert model.config.max_objects == processor.max_objects == 12
+    assert "1 training images hold more than max_objects 12 objects" in caplog.text
+    # Without counts, or with few objects, the preset's 10.
+    assert build_model_and_processor(id2label, config_overrides=SMALL_OVERRIDES)[0].config.max_objects == 10
+    few = build_model_and_processor(id2label, objects_per_image=[2], config_overrides=SMALL_OVERRIDES)
+    assert few[1].max_objects == 10
+
+
+def test_train_script_sizes_sequences_from_a_crowded_coco_json(coco_set, tmp_path):
+    annotations, images = coco_set
+    data = json.loads(annotations.read_text())
+    # Image 1 gets 14 more copies of its first object: 15 or more objects, more than the tiny preset's 10.
+    first = next(a for a in data["annotations"] if a["image_id"] == 1)
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"] += [{**first, "id": next_id + i} for i in range(14)]
+    crowded = tmp_path / "crowded.json"
+    crowded.write_text(json.dumps(data))
+    train = load_example("train")
+    _train(train, (crowded, images), tmp_path / "run", "--max_train_steps", "1", "--validation_split", "none")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["max_objects"] == 16

@@ -12,14 +12,17 @@ and at the end. Minutes count training, batch loading and augmentation included 
 `--max_train_minutes` counts its evaluations too, as `examples/train.py` does).
 
 `--dataset coins` trains and evaluates on real photographs instead: 48 training and 16 validation images of 384 px with
-about 16 coins each, mosaics of crops of scikit-image's coins photograph with boxes from a classical segmentation
-(`pix2seq_hf.data.real_images.build_coins_dataset`; validation shows coins never trained on). Pix2Seq then trains
-with `--max_objects 64`, all detectors with the `light` augmentation (scale jitter [0.8, 1.25], flips):
+16 to 27 coins each (seed 42), mosaics of crops of scikit-image's coins photograph with boxes from a classical
+segmentation (`pix2seq_hf.data.real_images.build_coins_dataset`; validation shows coins never trained on), all
+detectors with the `light` augmentation (scale jitter [0.8, 1.25], flips). `--canvas` sets the side every detector
+trains and evaluates at (the augmentation scales the images to it; boxes are scored on the 384 px images):
 
-    python examples/benchmarks/benchmark_training.py --dataset coins --detectors pix2seq fcos --max_train_minutes 15
+    python examples/benchmarks/benchmark_training.py --dataset coins --canvas 128 --detectors pix2seq fcos \\
+        --max_train_steps 100000 --max_train_minutes 15 --eval_steps 100 --num_threads 1
 
-`--dataset dense` uses the synthetic set's dense variant (384 px, 20 to 60 objects of 12 to 38 pixels; Pix2Seq with
-`--synthetic_variant dense --max_objects 64`).
+`--dataset dense` uses the synthetic set's dense variant (384 px, 20 to 60 objects of 12 to 38 pixels). On both,
+`examples/train.py` sizes Pix2Seq's sequences for the fullest training image (32 objects on the coins, 64 on the dense
+set; `training_plan.plan_max_objects`).
 
 Every detector gets the same CPU speed settings: channels-last convolutions, fused optimizer steps, and bf16 autocast
 where `examples/train.py` chooses it (CPUs with AMX; float32 elsewhere).
@@ -92,7 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--synthetic_validation_size", type=int, default=200, help="Images of the synthetic validation split."
     )
     parser.add_argument(
-        "--image_size", type=int, default=None, help="Canvas (default: 128 on the synthetic set, 384 on the others)."
+        "--image_size",
+        type=int,
+        default=None,
+        help="Side of the data's images (default: 128 on the synthetic set, 384 on the others).",
+    )
+    parser.add_argument(
+        "--canvas", type=int, default=None, help="Every detector's canvas (default: --image_size)."
     )
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the data, the weights and the data order.")
@@ -102,9 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max_train_steps, --eval_steps and --batch_size must be positive")
     if args.image_size is None:
         args.image_size = 128 if args.dataset == "synthetic" else 384
+    if args.canvas is None:
+        args.canvas = args.image_size
     args.coco = None  # the coins set's files, once built
     # One augmentation for every detector: Pix2Seq's default on the synthetic sets, `light` on the coins.
     args.augmentation = "light" if args.dataset == "coins" else SYNTHETIC_AUGMENTATION
+    if args.canvas != args.image_size and args.augmentation != "light":
+        parser.error("--canvas other than --image_size needs --dataset coins (the synthetic sets train unaugmented)")
     args.mixed_precision = default_mixed_precision(on_cpu=True)  # what examples/train.py chooses on this CPU
     return args
 
@@ -271,9 +284,9 @@ def train_baseline(name: str, args, splits) -> list[dict]:
     if name == "detr":
         model, step, predict = build_detr(num_classes, splits.id2label, autocast)
     else:
-        model, step, predict = build_fcos(num_classes, args.image_size, autocast)
+        model, step, predict = build_fcos(num_classes, args.canvas, autocast)
     model.to(memory_format=torch.channels_last)
-    collate = AugmentedBatches(build_train_transforms(args.augmentation, args.image_size), args.seed, args.image_size)
+    collate = AugmentedBatches(build_train_transforms(args.augmentation, args.canvas), args.seed, args.canvas)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(splits.train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, generator=generator)
     history, steps, seconds, losses, epoch = [], 0, 0.0, [], 0
@@ -314,19 +327,18 @@ def train_pix2seq(args) -> list[dict]:
             "--eval_steps", str(args.eval_steps),
             "--per_device_train_batch_size", str(args.batch_size),
             "--seed", str(args.seed),
-            "--image_size", str(args.image_size),
+            "--image_size", str(args.canvas),
             "--num_visualizations", "0",
             "--augmentation", args.augmentation,
         ]  # fmt: skip
         if args.coco:
-            # Up to 64 objects a sequence (the images hold about 16 coins, up to 25).
-            argv += [*coco_arguments(args.coco), "--max_objects", "64"]
+            argv += coco_arguments(args.coco)
         else:
             argv += ["--synthetic_train_size", str(args.synthetic_train_size)]
             argv += ["--synthetic_validation_size", str(args.synthetic_validation_size)]
             argv += ["--synthetic_image_size", str(args.image_size)]
         if args.dataset == "dense":
-            argv += ["--synthetic_variant", "dense", "--max_objects", "64"]
+            argv += ["--synthetic_variant", "dense"]
         if args.max_train_minutes is not None:
             argv += ["--max_train_minutes", str(args.max_train_minutes)]
         if args.num_threads:

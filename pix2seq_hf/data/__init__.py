@@ -9,7 +9,7 @@ from .collator import Pix2SeqCollator, derive_seed
 from .hf_datasets import prepare_detection_dataset
 from .images import ImageReadError, decode_image, undecoded_images
 from .real_images import build_coins_dataset
-from .schema import AnnotationStats, DetectionSplit, detection_features, get_id2label
+from .schema import AnnotationStats, DetectionSplit, detection_features, get_id2label, objects_per_image
 from .splits import DetectionSplits, load_detection_splits
 from .synthetic import SHAPE_NAMES, SYNTHETIC_VARIANTS, load_synthetic_detection, make_synthetic_detection_dataset
 from .transforms import (
@@ -46,6 +46,7 @@ __all__ = [
     "load_detection_splits",
     "load_synthetic_detection",
     "make_synthetic_detection_dataset",
+    "objects_per_image",
     "prepare_detection_dataset",
     "undecoded_images",
 ]

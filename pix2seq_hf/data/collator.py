@@ -12,13 +12,15 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as tvF
 
-from .images import BAD_IMAGE_POLICIES, ImageReadError, decode_image, to_rgb
+from .images import BAD_IMAGE_POLICIES, DecodedImageCache, ImageReadError, decode_image, to_rgb
 from .transforms import apply_transforms
 
 
 logger = logging.getLogger(__name__)
 
 SIZE_MISMATCH_POLICIES = ("warn", "error", "skip")
+# Decoded images a collator keeps (per process: each DataLoader worker has its own); a small set fits whole.
+DEFAULT_IMAGE_CACHE_BYTES = 512 * 2**20
 
 
 def derive_seed(*parts) -> int:
@@ -75,6 +77,8 @@ class Pix2SeqCollator:
             "error" (an `ImageReadError` naming the image id and the file) or "skip" the example (logged, counted in
             `stats["skipped_bad_images"]`). Give the collator undecoded images (`undecoded_images(dataset)`) so that
             it decodes them itself: `datasets` would otherwise fail on a bad image before the collator sees it.
+        image_cache_bytes (`int`, *optional*, defaults to `DEFAULT_IMAGE_CACHE_BYTES`, 512 MiB): decoded images kept
+            in memory (`DecodedImageCache`), so that a set that fits is decoded once, not every epoch; 0 keeps none.
 
     Returns (of `__call__`):
         `dict` with `pixel_values` (`[B, 3, S, S]`), with `return_sequences` `decoder_input_ids` and `labels`
@@ -97,6 +101,7 @@ class Pix2SeqCollator:
         return_targets: bool | None = None,
         on_size_mismatch: str = "warn",
         on_bad_image: str = "error",
+        image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
     ):
         if not isinstance(num_augmentations, int) or num_augmentations < 1:
             raise ValueError(f"`num_augmentations` must be a positive int, got {num_augmentations!r}.")
@@ -116,6 +121,7 @@ class Pix2SeqCollator:
         self.return_targets = (not training) if return_targets is None else return_targets
         self.on_size_mismatch = on_size_mismatch
         self.on_bad_image = on_bad_image
+        self.image_cache = DecodedImageCache(image_cache_bytes)
         self.epoch = 0
         self.stats = {"size_mismatches": 0, "skipped_examples": 0, "skipped_bad_images": 0}
         self._warned_size_mismatch = False
@@ -135,19 +141,23 @@ class Pix2SeqCollator:
             raise TypeError(
                 f"{record}: 'image' must be a PIL image or a datasets.Image dict, got {type(value).__name__}."
             )
-        try:
-            image = to_rgb(decode_image(value, record), record)
-        except ImageReadError as error:
-            if self.on_bad_image == "skip":
-                self.stats["skipped_bad_images"] += 1
-                self.stats["skipped_examples"] += 1
-                logger.warning(f"{error} Skipped (on_bad_image='skip').")
-                return None
-            raise ImageReadError(
-                f"{error} Skip such images with on_bad_image='skip', or find "
-                "them all before training with check_images='decode'.",
-                missing=error.missing,
-            ) from None
+        key = self.image_cache.key(value)
+        image = self.image_cache.get(key)
+        if image is None:
+            try:
+                image = to_rgb(decode_image(value, record), record)
+            except ImageReadError as error:
+                if self.on_bad_image == "skip":
+                    self.stats["skipped_bad_images"] += 1
+                    self.stats["skipped_examples"] += 1
+                    logger.warning(f"{error} Skipped (on_bad_image='skip').")
+                    return None
+                raise ImageReadError(
+                    f"{error} Skip such images with on_bad_image='skip', or find "
+                    "them all before training with check_images='decode'.",
+                    missing=error.missing,
+                ) from None
+            self.image_cache.put(key, image)
         expected = (example.get("width"), example.get("height"))
         if None not in expected and tuple(int(v) for v in expected) != image.size:
             self.stats["size_mismatches"] += 1

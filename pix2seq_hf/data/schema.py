@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as tvF
@@ -86,6 +88,22 @@ def unique_label_names(names: Sequence[str], ids: Sequence[int]) -> list[str]:
     for name in names:
         counts[name] = counts.get(name, 0) + 1
     return [name if counts[name] == 1 else f"{name}_{category_id}" for name, category_id in zip(names, ids)]
+
+
+def objects_per_image(dataset: datasets.Dataset) -> np.ndarray:
+    """
+    The number of objects (crowd regions included) of every example of a dataset in the common format, read from its
+    Arrow table: no image is decoded.
+
+    Args:
+        dataset (`datasets.Dataset`): examples with an `objects` column (see the module docstring).
+
+    Returns:
+        `np.ndarray` of int64, one count per example in the dataset's order (empty for an empty dataset).
+    """
+    column = dataset.with_format("arrow")["objects"]
+    counts = [pc.list_value_length(chunk.field("bbox")).to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    return np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, dtype=np.int64)
 
 
 @dataclass
