@@ -225,6 +225,14 @@ def test_objects_per_image_reads_the_counts_without_decoding():
     assert objects_per_image(dataset.select([4, 1])).tolist() == [counts[4], counts[1]]
     assert objects_per_image(dataset.select([])).tolist() == []
 
+    # Crowd regions are left out, as training leaves them out.
+    def first_object_of_odd_images_is_crowd(example, index):
+        objects = example["objects"]
+        return {"objects": {**objects, "iscrowd": [index % 2] + [0] * (len(objects["bbox"]) - 1)}}
+
+    crowded = dataset.map(first_object_of_odd_images_is_crowd, with_indices=True)
+    assert objects_per_image(crowded).tolist() == [count - index % 2 for index, count in enumerate(counts)]
+
 
 def test_build_model_and_processor_sizes_a_new_model_from_the_object_counts(caplog):
     from pix2seq_hf.training_setup import build_model_and_processor

@@ -18,7 +18,7 @@ detectors with the `light` augmentation (scale jitter [0.8, 1.25], flips). `--ca
 trains and evaluates at (the augmentation scales the images to it; boxes are scored on the 384 px images):
 
     python examples/benchmarks/benchmark_training.py --dataset coins --canvas 128 --detectors pix2seq fcos \\
-        --max_train_steps 100000 --max_train_minutes 15 --eval_steps 100 --num_threads 1
+        --max_train_steps 100000 --max_train_minutes 15 --eval_steps 500 --num_threads 2
 
 `--dataset dense` uses the synthetic set's dense variant (384 px, 20 to 60 objects of 12 to 38 pixels). On both,
 `examples/train.py` sizes Pix2Seq's sequences for the fullest training image (32 objects on the coins, 64 on the dense

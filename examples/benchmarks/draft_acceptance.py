@@ -10,6 +10,8 @@ of the set, as a batch-mate's or the previous video frame's detections would be,
 
     python examples/benchmarks/draft_acceptance.py --model runs/my-model --images 100
     python examples/benchmarks/draft_acceptance.py --model runs/my-model --drafter batch_mate
+    python examples/benchmarks/draft_acceptance.py --model runs/coins-model --coco_annotations validation.json \\
+        --coco_images images    # a COCO json's images instead of the synthetic set
 
 Counts only (no timing): run `examples/benchmarks/benchmark.py --draft` on a quiet machine for the speed.
 """
@@ -59,9 +61,11 @@ def written_objects(sequence: torch.Tensor, config) -> torch.Tensor:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="A saved model and processor (e.g. train.py's output_dir).")
-    parser.add_argument("--images", type=int, default=100, help="Synthetic validation images.")
+    parser.add_argument("--images", type=int, default=100, help="Validation images (the first N of a COCO json).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the synthetic set (train.py's default: 42).")
     parser.add_argument("--synthetic_variant", default="shapes", help="Synthetic set: shapes or dense.")
+    parser.add_argument("--coco_annotations", default=None, help="A COCO json to take the images from instead.")
+    parser.add_argument("--coco_images", default=None, help="The folder of the COCO json's images.")
     parser.add_argument(
         "--drafter",
         choices=["auxiliary", "lookahead", "batch_mate"],
@@ -87,9 +91,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model = AutoModelForObjectDetection.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    splits = load_detection_splits(
-        synthetic_validation_size=args.images, synthetic_variant=args.synthetic_variant, seed=args.seed, train=False
-    )
+    if args.coco_annotations:
+        splits = load_detection_splits(
+            validation_coco_annotations=args.coco_annotations,
+            validation_coco_images=args.coco_images,
+            max_eval_samples=args.images,
+            train=False,
+        )
+    else:
+        splits = load_detection_splits(
+            synthetic_validation_size=args.images, synthetic_variant=args.synthetic_variant, seed=args.seed, train=False
+        )
     dataloader = DataLoader(
         splits.validation, batch_size=1, collate_fn=Pix2SeqCollator(processor, training=False, return_sequences=False)
     )
@@ -98,7 +110,7 @@ def main(argv=None) -> dict:
         score_threshold=args.score_threshold,
         objects_per_pass=args.objects_per_pass,
     )
-    results = {"model": args.model, "images": args.images, "drafter": args.drafter, "draft": repr(auxiliary)}
+    results = {"model": args.model, "images": len(splits.validation), "drafter": args.drafter, "draft": repr(auxiliary)}
     for mode, options in (("greedy", {"do_sample": False}), ("sampling", {"do_sample": True, "top_p": args.top_p})):
         torch.manual_seed(0)
         tokens = mismatches = 0

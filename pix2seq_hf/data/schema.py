@@ -92,8 +92,8 @@ def unique_label_names(names: Sequence[str], ids: Sequence[int]) -> list[str]:
 
 def objects_per_image(dataset: datasets.Dataset) -> np.ndarray:
     """
-    The number of objects (crowd regions included) of every example of a dataset in the common format, read from its
-    Arrow table: no image is decoded.
+    The number of objects a training sequence would hold for every example of a dataset in the common format (crowd
+    regions left out, as training leaves them out), read from its Arrow table: no image is decoded.
 
     Args:
         dataset (`datasets.Dataset`): examples with an `objects` column (see the module docstring).
@@ -101,9 +101,16 @@ def objects_per_image(dataset: datasets.Dataset) -> np.ndarray:
     Returns:
         `np.ndarray` of int64, one count per example in the dataset's order (empty for an empty dataset).
     """
-    column = dataset.with_format("arrow")["objects"]
-    counts = [pc.list_value_length(chunk.field("bbox")).to_numpy(zero_copy_only=False) for chunk in column.chunks]
-    return np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, dtype=np.int64)
+    counts = []
+    for chunk in dataset.with_format("arrow")["objects"].chunks:
+        count = pc.list_value_length(chunk.field("bbox")).to_numpy(zero_copy_only=False).astype(np.int64)
+        if "iscrowd" in [field.name for field in chunk.type]:
+            iscrowd = chunk.field("iscrowd")
+            flags = pc.list_flatten(iscrowd).to_numpy(zero_copy_only=False)
+            rows = pc.list_parent_indices(iscrowd).to_numpy(zero_copy_only=False)
+            count -= np.bincount(rows, weights=flags != 0, minlength=len(chunk)).astype(np.int64)
+        counts.append(count)
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
 
 
 @dataclass
