@@ -100,7 +100,10 @@ def main(argv=None) -> dict:
         )
     else:
         splits = load_detection_splits(
-            synthetic_validation_size=args.images, synthetic_variant=args.synthetic_variant, seed=args.seed, train=False
+            synthetic_validation_size=args.images,
+            synthetic_variant=args.synthetic_variant,
+            seed=args.seed,
+            train=False,
         )
     dataloader = DataLoader(
         splits.validation, batch_size=1, collate_fn=Pix2SeqCollator(processor, training=False, return_sequences=False)
@@ -110,7 +113,8 @@ def main(argv=None) -> dict:
         score_threshold=args.score_threshold,
         objects_per_pass=args.objects_per_pass,
     )
-    results = {"model": args.model, "images": len(splits.validation), "drafter": args.drafter, "draft": repr(auxiliary)}
+    results = {"model": args.model, "images": len(splits.validation), "drafter": args.drafter}
+    results["draft"] = repr(auxiliary)
     for mode, options in (("greedy", {"do_sample": False}), ("sampling", {"do_sample": True, "top_p": args.top_p})):
         torch.manual_seed(0)
         tokens = mismatches = 0
