@@ -228,7 +228,10 @@ class ModelOptions:
         '\'{"backbone_kwargs": {"out_indices": [2]}}\' (features at stride 8).'
     )
     image_size: int | None = option(help="Canvas size (default: the preset's, or the saved processor's).")
-    max_objects: int | None = option(help="Objects per image in a sequence (default: the preset's, 100).")
+    max_objects: int | None = option(
+        help="Objects per image in a sequence (default: the preset's, 100 or the tiny preset's 10; a new model gets "
+        "the fullest training image's count, rounded up to a multiple of 8, when that is more)."
+    )
     num_bins: int | None = option(help="Coordinate quantisation bins (default: the preset's, 1000).")
     no_sequence_augmentation: bool = option(
         False, help="Train on real objects then EOS, without the paper's noise objects (sequence augmentation)."
