@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .configuration_pix2seq import TOKENS_PER_OBJECT, Pix2SeqConfig
@@ -100,6 +101,7 @@ def build_model_and_processor(
         `(Pix2SeqForObjectDetection, Pix2SeqProcessor)`.
     """
     options = dataclasses.replace(options or ModelOptions(), **overrides)
+    counts = None if objects_per_image is None else np.asarray(objects_per_image, dtype=np.int64)
     model_name_or_path, config_overrides = options.model_name_or_path, options.config_overrides
     backbone_checkpoint, config_preset = options.backbone_checkpoint, options.config_preset
     image_size, max_objects, num_bins = options.image_size, options.max_objects, options.num_bins
@@ -136,9 +138,9 @@ def build_model_and_processor(
         processor = Pix2SeqProcessor.from_config(model.config, image_processor=image_processor, **codec_options)
     else:
         overrides = {"id2label": id2label, "use_pretrained_backbone": options.pretrained_backbone}
-        if not max_objects and objects_per_image is not None and "max_objects" not in (config_overrides or {}):
+        if not max_objects and counts is not None and "max_objects" not in (config_overrides or {}):
             preset_max_objects = preset_config_fields(config_preset).get("max_objects", Pix2SeqConfig.max_objects)
-            most_objects = int(max(objects_per_image, default=0))
+            most_objects = int(counts.max(initial=0))
             max_objects = plan_max_objects(most_objects, preset_max_objects)
             if max_objects != preset_max_objects:
                 logger.info(
@@ -192,8 +194,8 @@ def build_model_and_processor(
         + ", ".join(f"{name} {getattr(model.config, name)}" for name in TRAINING_CONFIG_OPTIONS)
     )
     processor.check_model_compatible(model)
-    if objects_per_image is not None:
-        crowded = sum(count > processor.max_objects for count in objects_per_image)
+    if counts is not None:
+        crowded = int(np.count_nonzero(counts > processor.max_objects))
         if crowded:
             logger.warning(
                 f"{crowded} training images hold more than max_objects {processor.max_objects} objects; their "
