@@ -13,7 +13,7 @@ from pix2seq_hf.speculative_decoding import (
     acceptance_statistics,
 )
 
-from helpers import tiny_config
+from helpers import TINY_LAYOUT, load_example, tiny_config, write_coco_set
 
 
 class GivenDrafter(Pix2SeqAuxiliaryDrafter):
@@ -206,6 +206,24 @@ def test_detect_with_a_draft_gives_the_same_detections():
     torch.testing.assert_close(drafted.pred_boxes, reference.pred_boxes)
     torch.testing.assert_close(drafted.scores, reference.scores, rtol=1e-4, atol=1e-5)
     assert torch.equal(drafted.labels, reference.labels)
+
+
+def test_draft_acceptance_script_counts_and_times_a_coco_set(tmp_path):
+    from pix2seq_hf import Pix2SeqImageProcessor, Pix2SeqProcessor
+
+    head_model(seed=10).save_pretrained(tmp_path / "model")
+    Pix2SeqProcessor(Pix2SeqImageProcessor(size=64), **TINY_LAYOUT).save_pretrained(tmp_path / "model")
+    annotations, images = write_coco_set(tmp_path / "coco", num_images=3, size=64)
+    script = load_example("benchmarks/draft_acceptance")
+    argv = ["--model", str(tmp_path / "model"), "--coco_annotations", str(annotations), "--coco_images", str(images)]
+    results = script.main([*argv, "--output", str(tmp_path / "results.json")])
+    assert results["images"] == 3 and (tmp_path / "results.json").exists()
+    assert results["greedy"]["images_with_other_tokens"] == 0  # the draft never changes greedy tokens
+    for mode in ("greedy", "sampling"):
+        report = results[mode]
+        assert report["sequences"] == 3 and report["tokens_per_pass"] >= 1
+        assert report["seconds_per_image_with_draft"] > 0 and report["seconds_per_image_without_draft"] > 0
+        assert report["speed_up"] > 0
 
 
 def test_draft_in_the_generation_config_is_saved_and_used(tmp_path):

@@ -13,7 +13,9 @@ of the set, as a batch-mate's or the previous video frame's detections would be,
     python examples/benchmarks/draft_acceptance.py --model runs/coins-model --coco_annotations validation.json \\
         --coco_images images    # a COCO json's images instead of the synthetic set
 
-Counts only (no timing): run `examples/benchmarks/benchmark.py --draft` on a quiet machine for the speed.
+It also times both calls of every image but the first (a warm-up): seconds per image with and without the draft and
+their ratio, meaningful on a quiet machine only (`examples/benchmarks/benchmark.py --draft` times more settings on
+the synthetic set).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -118,11 +121,14 @@ def main(argv=None) -> dict:
     for mode, options in (("greedy", {"do_sample": False}), ("sampling", {"do_sample": True, "top_p": args.top_p})):
         torch.manual_seed(0)
         tokens = mismatches = 0
+        seconds = {"without_draft": 0.0, "with_draft": 0.0}
         previous = torch.zeros(0, 5, dtype=torch.long)
         with acceptance_statistics() as statistics:
-            for batch in dataloader:
+            for index, batch in enumerate(dataloader):
                 pixel_values = batch["pixel_values"]
+                start = time.perf_counter()
                 reference = model.generate(pixel_values, **options).sequences[0]
+                without_draft = time.perf_counter() - start
                 objects = written_objects(reference, model.config)
                 tokens += len(reference) - 1  # a batch of one ends at its EOS: one pass per token
                 if args.drafter == "auxiliary":
@@ -132,13 +138,21 @@ def main(argv=None) -> dict:
                 else:
                     draft = FixedDrafter(previous, args.objects_per_pass)
                     previous = objects
+                start = time.perf_counter()
                 drafted = model.generate(pixel_values, draft=draft, **options).sequences[0]
+                if index > 0:  # the first image warms both paths up
+                    seconds["without_draft"] += without_draft
+                    seconds["with_draft"] += time.perf_counter() - start
                 if mode == "greedy" and not torch.equal(drafted, reference):
                     mismatches += 1
+        timed = max(1, len(dataloader) - 1)
         results[mode] = {
             **statistics.to_dict(),
             "tokens_per_image_without_draft": tokens / len(dataloader),
             "images_with_other_tokens": mismatches if mode == "greedy" else None,
+            "seconds_per_image_without_draft": seconds["without_draft"] / timed,
+            "seconds_per_image_with_draft": seconds["with_draft"] / timed,
+            "speed_up": seconds["without_draft"] / seconds["with_draft"] if seconds["with_draft"] else None,
         }
         logger.info("%s: %s", mode, json.dumps(results[mode]))
     if args.output:
