@@ -94,20 +94,16 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model = AutoModelForObjectDetection.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    if args.coco_annotations:
-        splits = load_detection_splits(
-            validation_coco_annotations=args.coco_annotations,
-            validation_coco_images=args.coco_images,
-            max_eval_samples=args.images,
-            train=False,
-        )
-    else:
-        splits = load_detection_splits(
-            synthetic_validation_size=args.images,
-            synthetic_variant=args.synthetic_variant,
-            seed=args.seed,
-            train=False,
-        )
+    # The COCO json's first `--images` images when one is given, otherwise that many synthetic validation images.
+    splits = load_detection_splits(
+        validation_coco_annotations=args.coco_annotations,
+        validation_coco_images=args.coco_images,
+        max_eval_samples=args.images,
+        synthetic_validation_size=args.images,
+        synthetic_variant=args.synthetic_variant,
+        seed=args.seed,
+        train=False,
+    )
     dataloader = DataLoader(
         splits.validation, batch_size=1, collate_fn=Pix2SeqCollator(processor, training=False, return_sequences=False)
     )
