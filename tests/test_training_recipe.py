@@ -447,10 +447,13 @@ def test_recipe_ablation_reports_metrics_and_image_use(tmp_path):
         "--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "2", "--image_size", "64",
         "--synthetic_train_size", "4", "--synthetic_validation_size", "3", "--num_threads", "1",
         "--diagnostic_images", "3", "--config_overrides", '{"decoder_layers": 1}', "--output_file", str(output),
+        "--synthetic_variant", "dense",
     ]  # fmt: skip
     assert ablation.main(argv) == 0
     report = json.loads(output.read_text())
     assert report["arguments"]["config_overrides"] == {"decoder_layers": 1}
+    # train.py's data-driven defaults: sequences for the fullest (20+ objects) image, the synthetic set's augmentation.
+    assert report["max_objects"] >= 20 and report["arguments"]["augmentation"] == "none"
     assert [entry["step"] for entry in report["history"]] == [1, 2]
     for entry in report["history"]:
         assert {"map", "coordinate_loss", "coordinate_loss_other_image", "class_loss"} <= set(entry)

@@ -16,7 +16,7 @@ the median over rounds printed, so that a change in the machine's load hits all 
 
     python examples/benchmarks/benchmark_training_step.py  # 3 rounds of 20 steps each, about 2 minutes on 2 cores
     python examples/benchmarks/benchmark_training_step.py --num_threads 2 --rounds 5 --steps 30 --output_file step.json
-    python examples/benchmarks/benchmark_training_step.py --synthetic_variant dense --image_size 384 --max_objects 64
+    python examples/benchmarks/benchmark_training_step.py --synthetic_variant dense --image_size 384
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
     build_train_transforms,
     load_detection_splits,
+    objects_per_image,
     undecoded_images,
 )
 from pix2seq_hf.training_options import DataOptions, RecipeOptions  # noqa: E402
@@ -115,10 +116,14 @@ def main(argv=None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(0)
-    splits = load_detection_splits(pix2seq_train.options(DataOptions, train_args), seed=train_args.seed)
-    base_model, processor = pix2seq_train.build_model_and_processor(train_args, splits.id2label)
+    data = pix2seq_train.options(DataOptions, train_args)
+    splits = load_detection_splits(data, seed=train_args.seed)
+    # As examples/train.py: a new model's sequences hold the fullest training image, the augmentation is the data's.
+    base_model, processor = pix2seq_train.build_model_and_processor(
+        train_args, splits.id2label, objects_per_image(splits.train)
+    )
     canvas = processor.image_processor.size["longest_edge"]
-    transforms = build_train_transforms(train_args.augmentation or "light", canvas)
+    transforms = build_train_transforms(data.training_augmentation, canvas)
     collator = Pix2SeqCollator(
         processor,
         transforms=transforms,

@@ -43,6 +43,7 @@ from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
     build_train_transforms,
     load_detection_splits,
+    objects_per_image,
     undecoded_images,
 )
 from pix2seq_hf.evaluation import CocoDetectionEvaluator, evaluate_model  # noqa: E402
@@ -134,9 +135,11 @@ def main(argv=None) -> int:
     own, args = parse_args(argv)
     torch.set_num_threads(args.num_threads or torch.get_num_threads())
     torch.manual_seed(args.seed)
-    splits = load_detection_splits(pix2seq_train.options(DataOptions, args), seed=args.seed)
-    model, processor = pix2seq_train.build_model_and_processor(args, splits.id2label)
-    args.augmentation = args.augmentation or "light"
+    data = pix2seq_train.options(DataOptions, args)
+    splits = load_detection_splits(data, seed=args.seed)
+    # As examples/train.py: a new model's sequences hold the fullest training image, the augmentation is the data's.
+    model, processor = pix2seq_train.build_model_and_processor(args, splits.id2label, objects_per_image(splits.train))
+    args.augmentation = data.training_augmentation
     args.per_device_train_batch_size = args.per_device_train_batch_size or 8
     recipe = pix2seq_train.options(RecipeOptions, args).resolved(True, bool(args.model_name_or_path))
     learning_rate, encoder_lr_scale = recipe.learning_rate, recipe.encoder_lr_scale
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
         epoch += 1
     if own.output_file:
-        Path(own.output_file).write_text(json.dumps({"arguments": vars(args), "history": history}, indent=2))
+        Path(own.output_file).write_text(json.dumps({"arguments": vars(args), "max_objects": model.config.max_objects, "history": history}, indent=2))
     return 0
 
 
