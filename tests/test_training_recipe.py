@@ -9,6 +9,7 @@ from helpers import TINY_LAYOUT, load_example, tiny_config
 
 from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 from pix2seq_hf.auxiliary_dense_head import objects_from_labels
+from pix2seq_hf.data import Pix2SeqCollator
 from pix2seq_hf.modeling_pix2seq import pix2seq_sequence_loss
 from pix2seq_hf.training_options import SYNTHETIC_AUGMENTATION
 
@@ -440,16 +441,25 @@ def test_training_step_benchmark_times_every_cpu_setting(tmp_path, capsys):
         assert f"| {name} | " in printed
 
 
-def test_recipe_ablation_reports_metrics_and_image_use(tmp_path):
+def test_recipe_ablation_reports_metrics_and_image_use(tmp_path, monkeypatch):
     ablation = load_example("benchmarks/recipe_ablation")
     output = tmp_path / "run.json"
+    collators = []
+
+    def recording_collator(*args, **kwargs):
+        collator = Pix2SeqCollator(*args, **kwargs)
+        collators.append(collator)
+        return collator
+
+    monkeypatch.setattr(ablation, "Pix2SeqCollator", recording_collator)
     argv = [
         "--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "2", "--image_size", "64",
         "--synthetic_train_size", "4", "--synthetic_validation_size", "3", "--num_threads", "1",
         "--diagnostic_images", "3", "--config_overrides", '{"decoder_layers": 1}', "--output_file", str(output),
-        "--synthetic_variant", "dense",
+        "--synthetic_variant", "dense", "--sequences_per_image", "2",
     ]  # fmt: skip
     assert ablation.main(argv) == 0
+    assert collators[0].training and collators[0].sequences_per_image == 2
     report = json.loads(output.read_text())
     assert report["arguments"]["config_overrides"] == {"decoder_layers": 1}
     # train.py's data-driven defaults: sequences for the fullest (20+ objects) image, the synthetic set's augmentation.

@@ -146,7 +146,12 @@ def main(argv=None) -> int:
 
     canvas = processor.image_processor.size["longest_edge"]
     collator = Pix2SeqCollator(
-        processor, transforms=build_train_transforms(args.augmentation, canvas), training=True, seed=args.seed
+        processor,
+        transforms=build_train_transforms(args.augmentation, canvas),
+        training=True,
+        num_augmentations=args.num_augmentations,
+        sequences_per_image=args.sequences_per_image,
+        seed=args.seed,
     )
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(
