@@ -212,7 +212,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
         epoch += 1
     if own.output_file:
-        Path(own.output_file).write_text(json.dumps({"arguments": vars(args), "max_objects": model.config.max_objects, "history": history}, indent=2))
+        report = {"arguments": vars(args), "max_objects": model.config.max_objects, "history": history}
+        Path(own.output_file).write_text(json.dumps(report, indent=2))
     return 0
 
 
