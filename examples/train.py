@@ -155,6 +155,21 @@ def options(options_class: type, args: argparse.Namespace):
     return options_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options_class)})
 
 
+def build_train_collator(args, processor) -> Pix2SeqCollator:
+    """The training collator of `args`: the data's augmentation (`--augmentation` or its default) at the processor's
+    canvas, `--num_augmentations` copies and `--sequences_per_image` sequences per image, seeded by `--seed`."""
+    canvas = processor.image_processor.size["longest_edge"]
+    return Pix2SeqCollator(
+        processor,
+        transforms=build_train_transforms(options(DataOptions, args).training_augmentation, canvas),
+        training=True,
+        num_augmentations=args.num_augmentations,
+        sequences_per_image=args.sequences_per_image,
+        seed=args.seed,
+        on_bad_image=args.on_bad_image,
+    )
+
+
 def build_model_and_processor(args, id2label: dict[int, str], objects_per_image=None):
     """The model (a preset or a saved model) and a processor whose token layout matches it; `objects_per_image`
     (the training images' object counts) sizes a new model's sequences when `--max_objects` is not given."""
@@ -375,21 +390,12 @@ def train(args, interrupt: StopOnSignal) -> int:
         args, id2label, None if args.streaming else objects_per_image(train_dataset)
     )
     logger.info(f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    canvas = processor.image_processor.size["longest_edge"]
     data = options(DataOptions, args)
     args.augmentation = data.training_augmentation
     plan = plan_run(args, num_train_images, accelerator.num_processes, data.synthetic)
     if args.eval_steps is None and data.synthetic:
         args.eval_steps = SYNTHETIC_EVAL_STEPS
-    train_collator = Pix2SeqCollator(
-        processor,
-        transforms=build_train_transforms(args.augmentation, canvas),
-        training=True,
-        num_augmentations=args.num_augmentations,
-        sequences_per_image=args.sequences_per_image,
-        seed=args.seed,
-        on_bad_image=args.on_bad_image,
-    )
+    train_collator = build_train_collator(args, processor)
     eval_collator = Pix2SeqCollator(processor, training=False, on_bad_image=args.on_bad_image)
     # The collators decode the images themselves, so that a bad one met mid-run is named (file, image id) or skipped.
     checkpointed_objects = []  # what each object registered for checkpointing is, in order

@@ -451,7 +451,7 @@ def test_recipe_ablation_reports_metrics_and_image_use(tmp_path, monkeypatch):
         collators.append(collator)
         return collator
 
-    monkeypatch.setattr(ablation, "Pix2SeqCollator", recording_collator)
+    monkeypatch.setattr(ablation.pix2seq_train, "Pix2SeqCollator", recording_collator)  # train.py's, which it uses
     argv = [
         "--max_train_steps", "2", "--eval_steps", "1", "--per_device_train_batch_size", "2", "--image_size", "64",
         "--synthetic_train_size", "4", "--synthetic_validation_size", "3", "--num_threads", "1",

@@ -39,8 +39,6 @@ import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_setup  # noqa: E402
 from pix2seq_hf.cli import HelpFormatter  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
-    Pix2SeqCollator,
-    build_train_transforms,
     load_detection_splits,
     objects_per_image,
     undecoded_images,
@@ -118,20 +116,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     data = pix2seq_train.options(DataOptions, train_args)
     splits = load_detection_splits(data, seed=train_args.seed)
-    # As examples/train.py: a new model's sequences hold the fullest training image, the augmentation is the data's.
+    # As examples/train.py: a new model's sequences hold the fullest training image.
     base_model, processor = pix2seq_train.build_model_and_processor(
         train_args, splits.id2label, objects_per_image(splits.train)
     )
-    canvas = processor.image_processor.size["longest_edge"]
-    transforms = build_train_transforms(data.training_augmentation, canvas)
-    collator = Pix2SeqCollator(
-        processor,
-        transforms=transforms,
-        training=True,
-        num_augmentations=train_args.num_augmentations,
-        sequences_per_image=train_args.sequences_per_image,
-        seed=0,
-    )
+    collator = pix2seq_train.build_train_collator(train_args, processor)
     images = undecoded_images(splits.train)
     count = args.warmup_steps + args.steps
     indices = [[(b * args.batch_size + i) % len(images) for i in range(args.batch_size)] for b in range(count)]

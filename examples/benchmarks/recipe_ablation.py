@@ -41,7 +41,6 @@ from pix2seq_hf.cli import HelpFormatter  # noqa: E402
 from pix2seq_hf.auxiliary_dense_head import cell_centres, feature_grid, object_groups  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
-    build_train_transforms,
     load_detection_splits,
     objects_per_image,
     undecoded_images,
@@ -144,15 +143,7 @@ def main(argv=None) -> int:
     recipe = pix2seq_train.options(RecipeOptions, args).resolved(True, bool(args.model_name_or_path))
     learning_rate, encoder_lr_scale = recipe.learning_rate, recipe.encoder_lr_scale
 
-    canvas = processor.image_processor.size["longest_edge"]
-    collator = Pix2SeqCollator(
-        processor,
-        transforms=build_train_transforms(args.augmentation, canvas),
-        training=True,
-        num_augmentations=args.num_augmentations,
-        sequences_per_image=args.sequences_per_image,
-        seed=args.seed,
-    )
+    collator = pix2seq_train.build_train_collator(args, processor)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(
         undecoded_images(splits.train),
