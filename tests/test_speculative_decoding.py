@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pix2seq_hf import Pix2SeqForObjectDetection
+from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
 from pix2seq_hf.speculative_decoding import (
     Pix2SeqAuxiliaryDrafter,
     Pix2SeqObjectCandidateGenerator,
@@ -209,8 +209,6 @@ def test_detect_with_a_draft_gives_the_same_detections():
 
 
 def test_draft_acceptance_script_counts_and_times_a_coco_set(tmp_path):
-    from pix2seq_hf import Pix2SeqImageProcessor, Pix2SeqProcessor
-
     head_model(seed=10).save_pretrained(tmp_path / "model")
     Pix2SeqProcessor(Pix2SeqImageProcessor(size=64), **TINY_LAYOUT).save_pretrained(tmp_path / "model")
     annotations, images = write_coco_set(tmp_path / "coco", num_images=3, size=64)
