@@ -453,6 +453,8 @@ class Runner:
         self.detr = detr
         # `--bf16`: the same model with bfloat16 weights (`model.to(torch.bfloat16)`), for the "bf16" loops.
         self.pix2seq_bf16 = copy.deepcopy(pix2seq).to(torch.bfloat16) if args.bf16 else None
+        # DETR with bf16 weights too, so that the bf16 ratio compares models run with the same speed settings.
+        self.detr_bf16 = copy.deepcopy(detr).to(torch.bfloat16) if args.bf16 else None
         self.autocast_dtype = None
         if device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -542,7 +544,10 @@ class Runner:
         with torch.inference_mode(), self.autocast():
             return self.pix2seq.model.encoder(pixel_values).last_hidden_state
 
-    def detr_forward(self, pixel_values):
+    def detr_forward(self, pixel_values, bf16: bool = False):
+        if bf16:
+            with torch.inference_mode():
+                return self.detr_bf16(pixel_values=pixel_values.to(torch.bfloat16))
         with torch.inference_mode(), self.autocast():
             return self.detr(pixel_values=pixel_values)
 
@@ -563,6 +568,7 @@ class Runner:
             loops.append("compiled")
         if args.bf16:
             loops.append("generate bf16")
+            configs["detr bf16"] = lambda: self.detr_forward(pixel_values, bf16=True)
         for num_objects in args.objects:
             for loop in loops:
                 configs[f"pix2seq {loop} K={num_objects}"] = lambda k=num_objects, l=loop: self.detect(
@@ -1157,18 +1163,19 @@ def check_targets(args, report: dict) -> dict:
                     "target": ">= 10",
                     "met": ratio >= 10,
                 }
-    for batch_size, num_objects, limit, loops in (
-        (1, 10, 1.0, ("generate", "stock", "compiled")),
-        (1, 100, 2.5, ("generate", "stock", "compiled")),
-        (8, 100, 1.2, ("generate", "stock", "compiled")),
-        (1, 100, 2.0, ("generate bf16",)),
+    for batch_size, num_objects, limit, loops, detr in (
+        (1, 10, 1.0, ("generate", "stock", "compiled"), "detr"),
+        (1, 100, 2.5, ("generate", "stock", "compiled"), "detr"),
+        (8, 100, 1.2, ("generate", "stock", "compiled"), "detr"),
+        (1, 100, 2.0, ("generate bf16",), "detr"),
+        (1, 100, 2.0, ("generate bf16",), "detr bf16"),
     ):
         detection = report["detection"].get(str(batch_size), {})
         for loop in loops:
             name = f"pix2seq {loop} K={num_objects}"
-            if name in detection:
-                ratio = detection[name]["median_s"] / detection["detr"]["median_s"]
-                targets[f"detection {loop} K={num_objects} / DETR, batch {batch_size}"] = {
+            if name in detection and detr in detection:
+                ratio = detection[name]["median_s"] / detection[detr]["median_s"]
+                targets[f"detection {loop} K={num_objects} / {detr.replace('detr', 'DETR')}, batch {batch_size}"] = {
                     "ratio": ratio,
                     "target": f"<= {limit}",
                     "met": ratio <= limit,
@@ -1266,6 +1273,17 @@ def load_average() -> list[float] | None:
     return None
 
 
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bf16 instruction sets named in `/proc/cpuinfo` (`avx512_bf16`, `amx_bf16`); empty where there are
+    none or the file does not exist."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(flag for flag in set(flags) if flag in ("avx512_bf16", "amx_bf16"))
+
+
 def machine_info(args) -> dict:
     info = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -1277,6 +1295,9 @@ def machine_info(args) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # Whether bf16 products run natively (AVX512-BF16, AMX) or emulated decides what `--bf16` measures.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_flags": cpu_bf16_flags(),
         "settings": vars(args),
     }
     with contextlib.suppress(OSError):
