@@ -61,3 +61,24 @@ def test_config_with_flex_attention_builds_with_a_transformers_resnet_backbone()
     assert model.config._attn_implementation == "flex_attention"
     with torch.no_grad():
         assert model(pixels(), do_sample=False, max_new_tokens=5).sequences.shape == (2, 6)
+
+
+def test_bfloat16_decoding_steps_match_the_teacher_forced_forward(saved):
+    # A bf16 decoding step (one token over the static cache, its own attention path): the cached steps of `generate`
+    # give the logits of the whole sequence run at once, to bf16 precision.
+    model = Pix2SeqForObjectDetection.from_pretrained(saved).eval()
+    with torch.no_grad():
+        # Sharper attention than at initialisation, so that the logits depend on how each step attends.
+        for layer in model.model.decoder.layers:
+            for attention in (layer.self_attn, layer.encoder_attn):
+                for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+                    projection.weight.mul_(8)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        output = model.generate(
+            pixels(), do_sample=False, max_new_tokens=10, output_logits=True, return_dict_in_generate=True
+        )
+        stepped = torch.stack(output.logits, dim=1)
+        forward = model(pixels(), decoder_input_ids=output.sequences[:, :-1]).logits.float()
+    assert stepped.dtype == torch.float32
+    torch.testing.assert_close(stepped, forward, rtol=0, atol=0.01)
