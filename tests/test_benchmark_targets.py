@@ -1,4 +1,5 @@
-"""The speed benchmark's targets: each ratio is read from the run's own timings, against the DETR of the same settings."""
+"""The speed benchmark's targets: each ratio is read from the run's own timings, against the DETR of the same
+settings."""
 
 import argparse
 
