@@ -1274,14 +1274,10 @@ def load_average() -> list[float] | None:
 
 
 def cpu_bf16_flags() -> list[str]:
-    """The CPU's bf16 instruction sets named in `/proc/cpuinfo` (`avx512_bf16`, `amx_bf16`); empty where there are
-    none or the file does not exist."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(flag for flag in set(flags) if flag in ("avx512_bf16", "amx_bf16"))
+    """The CPU's bf16 instruction sets (`avx512_bf16`, `amx_bf16`) as torch detects them (`training_setup` reads the
+    same capabilities to choose bf16 autocast)."""
+    capabilities = torch.cpu.get_capabilities()
+    return sorted(flag for flag in ("avx512_bf16", "amx_bf16") if capabilities.get(flag, False))
 
 
 def machine_info(args) -> dict:
