@@ -55,6 +55,49 @@ def dequantize_coordinates(bins: torch.Tensor, num_bins: int) -> torch.FloatTens
     return torch.as_tensor(bins).float() / (num_bins - 1)
 
 
+def check_coordinate_window(window) -> None:
+    """Raises a `ValueError` unless `window` (the `coordinate_window` option) is a non-negative int."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"`coordinate_window` must be a non-negative int (bins), got {window!r}.")
+
+
+def read_coordinate_distributions(
+    coordinate_logits: torch.Tensor, bins: torch.Tensor, window: int
+) -> tuple[torch.FloatTensor, torch.FloatTensor]:
+    """
+    Reads the model's distributions over the coordinate bins around the written bins:
+
+    - a sub-bin position: the mean bin under the softmax over the coordinate bins, restricted to the `window` bins
+      either side of the written bin (fewer where the written bin is nearer than that to the first or last, so that
+      edges are not pulled inwards). It recovers the part of a box's position that the bins' spacing and the model's
+      spread round off, without moving a coordinate towards another object's edge farther away;
+    - a confidence: the probability mass within `window` bins of the written bin (the bins that exist), the
+      probability that the coordinate lies there.
+
+    Args:
+        coordinate_logits (`torch.Tensor` of shape `[..., num_bins]`): raw logits of the coordinate tokens.
+        bins (`torch.LongTensor` of shape `[...]`): the written bins, in `[0, num_bins)`.
+        window (`int`): bins either side of the written one that count (at least 1).
+
+    Returns:
+        `(positions, confidences)`: `torch.FloatTensor`s of shape `[...]`, fractional bins (for
+        `dequantize_coordinates`) and probabilities.
+    """
+    check_coordinate_window(window)
+    if window == 0:
+        raise ValueError("`coordinate_window=0` reads the written bins: there is no distribution to read.")
+    num_bins = coordinate_logits.shape[-1]
+    offsets = torch.arange(-window, window + 1, device=bins.device)
+    unclipped = bins[..., None] + offsets
+    neighbours = unclipped.clamp(0, num_bins - 1)
+    log_probs = torch.log_softmax(coordinate_logits.float(), dim=-1).gather(-1, neighbours)
+    exists = (unclipped >= 0) & (unclipped < num_bins)
+    confidences = log_probs.masked_fill(~exists, float("-inf")).exp().sum(-1)
+    symmetric = offsets.abs() <= torch.minimum(bins, num_bins - 1 - bins)[..., None]
+    weights = torch.softmax(log_probs.masked_fill(~symmetric, float("-inf")), dim=-1)
+    return (weights * neighbours).sum(-1), confidences
+
+
 def best_class_scores(class_logits: torch.Tensor, token_layout) -> tuple[torch.FloatTensor, torch.LongTensor]:
     """
     The score and label of objects from the raw logits at their class token: the best real class under a softmax
@@ -424,7 +467,11 @@ class Pix2SeqBoxCodec:
     # ---------------------------------------------------------------------------------------------------------------
 
     def decode_groups(
-        self, sequences: torch.Tensor, logits: torch.Tensor | None = None, mode: str = "strict"
+        self,
+        sequences: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        mode: str = "strict",
+        coordinate_window: int = 0,
     ) -> dict:
         """
         Reads generated sequences object by object into padded tensors: the one reader of Pix2Seq tokens.
@@ -446,9 +493,14 @@ class Pix2SeqBoxCodec:
             sequences (`torch.LongTensor` of shape `[B, T]` or `[T]`): generated tokens *without* the BOS prompt.
             logits (`torch.FloatTensor` of shape `[B, T, V]` or `[T, V]`, *optional*): the raw logits that produced
                 each token. With them, the label is the best class under a softmax over the full vocabulary at the
-                class slot and the score its probability. Without them (strict mode only), the label is read from the
+                class slot and the score its probability (times the box's coordinate confidence with a
+                `coordinate_window`). Without them (strict mode only), the label is read from the
                 class token and the score is 1.
             mode (`str`, *optional*, defaults to `"strict"`): `"strict"` or `"official"`, as above.
+            coordinate_window (`int`, *optional*, defaults to 0): with `logits` in strict mode and above 0, each
+                coordinate is the mean bin of the model's distribution within this many bins of the written one, and
+                the score is multiplied by the geometric mean of the four coordinates' probability mass there
+                ([`read_coordinate_distributions`]); 0 reads the written bins and scores the class alone.
 
         Returns:
             `dict` with, for `G = T // TOKENS_PER_OBJECT` groups: `boxes` (`[B, G, 4]` xyxy normalised to the canvas),
@@ -458,6 +510,7 @@ class Pix2SeqBoxCodec:
         """
         if mode not in ("strict", "official"):
             raise ValueError(f'`mode` must be "strict" or "official", got {mode!r}.')
+        check_coordinate_window(coordinate_window)
         if mode == "official" and logits is None:
             raise ValueError("The official reading takes the class and score from the raw `logits`; pass them.")
         layout = self.layout
@@ -488,6 +541,12 @@ class Pix2SeqBoxCodec:
         coord_tokens, class_tokens = groups[..., :4], groups[..., 4]
 
         bins = (coord_tokens - layout.coord_token_offset).clamp(0, layout.num_bins - 1)
+        box_confidences = None
+        if mode == "strict" and logits is not None and coordinate_window > 0:
+            slots = logits[:, : TOKENS_PER_OBJECT * num_groups].unflatten(1, (num_groups, TOKENS_PER_OBJECT))
+            coordinate_logits = slots[:, :, :4, layout.coord_token_offset : layout.coord_token_end]
+            bins, confidences = read_coordinate_distributions(coordinate_logits, bins, coordinate_window)
+            box_confidences = confidences.clamp_min(torch.finfo(torch.float32).tiny).log().mean(-1).exp()
         y0, x0, y1, x1 = dequantize_coordinates(bins, layout.num_bins).unbind(-1)
         class_log_probs = None
         if logits is not None:
@@ -514,7 +573,7 @@ class Pix2SeqBoxCodec:
             )
             if logits is not None:
                 best, labels = class_log_probs.max(dim=-1)
-                scores = best.exp()
+                scores = best.exp() if box_confidences is None else best.exp() * box_confidences
             else:
                 labels = class_tokens - layout.class_token_offset
                 scores = torch.ones(batch_size, num_groups, device=sequences.device)
@@ -529,7 +588,9 @@ class Pix2SeqBoxCodec:
             decoded["class_log_probs"] = class_log_probs
         return decoded
 
-    def decode(self, sequences: torch.Tensor, logits: torch.Tensor | None = None) -> list[dict]:
+    def decode(
+        self, sequences: torch.Tensor, logits: torch.Tensor | None = None, coordinate_window: int = 0
+    ) -> list[dict]:
         """
         Reads objects out of generated sequences.
 
@@ -546,12 +607,15 @@ class Pix2SeqBoxCodec:
                 vocabulary at its class slot, and its score the probability of that class (a sampled noise object thus
                 gets the best real class, as in the paper). Without them the label is read from the class token, the
                 score is 1 and noise objects are dropped.
+            coordinate_window (`int`, *optional*, defaults to 0): with `logits`, read each coordinate as the mean bin
+                within this many bins of the written one and weigh the score by the mass there (see
+                [`~decode_groups`]).
 
         Returns:
             `list[dict]`, one per sequence, with `boxes` (`torch.FloatTensor` `[n, 4]` xyxy normalised to the canvas),
             `labels` (`torch.LongTensor` `[n]`) and `scores` (`torch.FloatTensor` `[n]`), in the order written.
         """
-        groups = self.decode_groups(sequences, logits)
+        groups = self.decode_groups(sequences, logits, coordinate_window=coordinate_window)
         mask = groups["mask"]
         return [
             {key: groups[key][index][mask[index]] for key in ("boxes", "labels", "scores")}
@@ -568,4 +632,5 @@ __all__ = [
     "best_class_scores",
     "dequantize_coordinates",
     "quantize_coordinates",
+    "read_coordinate_distributions",
 ]

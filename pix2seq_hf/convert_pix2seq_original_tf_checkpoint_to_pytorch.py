@@ -521,6 +521,9 @@ def convert_pix2seq_checkpoint(
     model.load_state_dict(convert_state_dict(variables, model), strict=True)
     model.tie_weights()
     model.eval()
+    # The official reading of the coordinates (the written bins, the class probability as the score), with which the
+    # published numbers were measured.
+    model.generation_config.coordinate_window = 0
     processor = Pix2SeqProcessor.from_config(config, image_processor=official_image_processor(image_size))
 
     if pytorch_dump_folder_path:

@@ -26,7 +26,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from .box_codec import TOKENS_PER_OBJECT, Pix2SeqTokenLayout, best_class_scores
+from .box_codec import TOKENS_PER_OBJECT, Pix2SeqTokenLayout, best_class_scores, check_coordinate_window
 from .fast_generation import Pix2SeqStaticDecoding
 from .speculative_decoding import (
     candidate_generator,
@@ -58,8 +58,8 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # the maximum length): an image gets EOS at the next object boundary once this many objects in a row scored below
     # `early_stop_threshold`. 0 turns it off.
     "early_stop_patience": 0,
-    # The score (probability of the best real class at the class token, from the raw logits, as in the detections)
-    # under which an object counts towards `early_stop_patience`.
+    # The probability of an object's best real class at its class token (from the raw logits; the detections' score
+    # before the coordinate confidence of `coordinate_window`) under which it counts towards `early_stop_patience`.
     "early_stop_threshold": 0.0,
     # Use the official code's top-p rule (keep the largest set of tokens whose mass stays <= top_p) instead of the
     # paper's / transformers' rule (the smallest set whose mass reaches top_p).
@@ -68,6 +68,12 @@ PIX2SEQ_GENERATION_DEFAULTS = {
     # to this value on every call, so an image gets the same detections every time; the global random state is left as
     # it was. None: draw from the global random state. `generate` never uses it (the paper's unseeded sampling).
     "detect_seed": 0,
+    # How the detections read the model's distributions over the coordinate bins
+    # (`box_codec.read_coordinate_distributions`): each box coordinate is the mean bin within this many bins of the
+    # written token (sub-bin positions), and an object's score is its class probability times the geometric mean of
+    # its four coordinates' probability mass there (well-placed boxes rank first). 0: the written bins and the class
+    # probability alone, as the official code reads them. The tokens themselves do not change.
+    "coordinate_window": 3,
     # Speculative decoding of whole objects (`speculative_decoding`): "auxiliary" drafts the next objects from the
     # model's auxiliary dense head, "lookahead" from the model's own predictions, and one decoder pass verifies them
     # (same tokens for greedy decoding, same distribution for sampling). None: no draft.
@@ -599,6 +605,7 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         top_p = generation_config.top_p
         if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"`top_p` is the probability mass kept when sampling, in (0, 1]; got {top_p!r}.")
+        check_coordinate_window(generation_config.coordinate_window)
         generation_config.draft = resolve_drafter(generation_config.draft)
         return generation_config, model_kwargs
 
@@ -747,7 +754,10 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             if outputs.get("logits") is not None and outputs.get("detections") is None:
                 beam = isinstance(outputs, GenerateBeamEncoderDecoderOutput)
                 output_class = Pix2SeqGenerateBeamOutput if beam else Pix2SeqGenerateOutput
-                outputs = output_class(**outputs, detections=self.detections_from_generation(outputs))
+                given = {"coordinate_window": kwargs["coordinate_window"]} if "coordinate_window" in kwargs else {}
+                options = pix2seq_generation_options(kwargs.get("generation_config"), self.generation_config, **given)
+                detections = self.detections_from_generation(outputs, coordinate_window=options["coordinate_window"])
+                outputs = output_class(**outputs, detections=detections)
         return outputs
 
     # ----- detection -------------------------------------------------------------------------------------------------
@@ -791,14 +801,22 @@ class Pix2SeqGenerationMixin(GenerationMixin):
         with seeded_random_state(seed, pixel_values.device):
             return self.generate(pixel_values, **generate_kwargs).detections
 
-    def detections_from_generation(self, generate_output) -> Pix2SeqObjectDetectionOutput:
+    def detections_from_generation(
+        self, generate_output, coordinate_window: int | None = None
+    ) -> Pix2SeqObjectDetectionOutput:
         """
         Turns a `generate` output (with `sequences` and the raw per-step `logits`) into DETR-shaped detections, read by
-        `Pix2SeqBoxCodec.decode_groups` (box from the coordinate tokens; class and score from the raw logits at the
-        class token, restricted to the real classes; reading stops at the first EOS).
+        `Pix2SeqBoxCodec.decode_groups` (box from the coordinate tokens and, within `coordinate_window` bins of each,
+        the logits; class and score from the raw logits at the class token, restricted to the real classes; reading
+        stops at the first EOS).
 
         A beam-search output gives each returned sequence the logits of the beams that wrote its tokens
         (`beam_indices`).
+
+        Args:
+            generate_output: a `generate` dict output with `sequences` and `logits`.
+            coordinate_window (`int`, *optional*): see the `coordinate_window` decoding option; `None`: the model's
+                generation config's.
 
         Returns:
             [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots, the
@@ -812,7 +830,9 @@ class Pix2SeqGenerationMixin(GenerationMixin):
                 "The `generate` output has no raw `logits`; call `generate(..., return_dict_in_generate=True, "
                 "output_logits=True)` (the model's defaults)."
             )
-        decoded = self.box_codec.decode_groups(tokens, logits)
+        if coordinate_window is None:
+            coordinate_window = pix2seq_generation_options(self.generation_config)["coordinate_window"]
+        decoded = self.box_codec.decode_groups(tokens, logits, coordinate_window=coordinate_window)
         return Pix2SeqObjectDetectionOutput.from_decoded(
             decoded, generate_output["sequences"], min_slots=self.config.max_objects
         )

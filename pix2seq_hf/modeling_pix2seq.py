@@ -63,7 +63,9 @@ class Pix2SeqObjectDetectionOutput(ModelOutput):
         pred_boxes (`torch.FloatTensor` of shape `(batch_size, N, 4)`):
             Boxes `(x_min, y_min, x_max, y_max)` normalised to the padded square canvas. Zeros in empty slots.
         scores (`torch.FloatTensor` of shape `(batch_size, N)`):
-            Probability of the predicted class. Zero in empty slots.
+            Probability of the predicted class, times the box's coordinate confidence (the geometric mean of its
+            four coordinates' probability mass near the written bins; see the `coordinate_window` decoding option).
+            Zero in empty slots.
         labels (`torch.LongTensor` of shape `(batch_size, N)`):
             Predicted class (`0..num_classes-1`, the best real class even when the model wrote the noise token). `-1`
             in empty slots.

@@ -14,7 +14,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import TensorType
 
 from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
-from .generation_pix2seq import generated_tokens_and_logits
+from .generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, generated_tokens_and_logits
 from .image_processing_pix2seq import Pix2SeqImageProcessor, post_process_object_detection
 
 
@@ -310,7 +310,9 @@ class Pix2SeqProcessor(ProcessorMixin):
             )
         return sequences, logits
 
-    def batch_decode(self, sequences, logits=None) -> list[dict[str, torch.Tensor]]:
+    def batch_decode(
+        self, sequences, logits=None, coordinate_window: int | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         """
         Reads objects out of generated token sequences with the box codec.
 
@@ -320,12 +322,17 @@ class Pix2SeqProcessor(ProcessorMixin):
             logits (`torch.FloatTensor` `[B, T, V]` or tuple of `T` tensors `[B, V]`, *optional*):
                 Raw logits of each generated token (taken from a `generate` output when not given); without them
                 every object scores 1.
+            coordinate_window (`int`, *optional*):
+                With logits, each coordinate is the mean bin of the model's distribution within this many bins of the
+                written one (the `coordinate_window` decoding option); `None`: that option's default.
 
         Returns:
             `list[dict]`: per image, `boxes` (`[N, 4]`, XYXY normalised to the canvas), `labels` and `scores`.
         """
         sequences, logits = self._sequences_and_logits(sequences, logits)
-        return self.box_codec.decode(sequences, logits)
+        if coordinate_window is None:
+            coordinate_window = PIX2SEQ_GENERATION_DEFAULTS["coordinate_window"]
+        return self.box_codec.decode(sequences, logits, coordinate_window=coordinate_window)
 
     def post_process_object_detection(
         self,

@@ -23,6 +23,7 @@ from typing import ClassVar
 from transformers import TrainingArguments
 
 from . import training_plan, training_recipes
+from .box_codec import check_coordinate_window
 from .data.images import MAX_IMAGE_PIXELS_HELP
 from .data.synthetic import SYNTHETIC_VARIANTS
 from .data.transforms import AUGMENTATION_PRESETS
@@ -421,15 +422,26 @@ class EvaluationOptions:
         help="Sample with this nucleus mass at evaluation (unset: greedy decoding).", aliases=["--top_p"]
     )
 
+    eval_coordinate_window: int | None = option(
+        help="Read each box coordinate as the mean bin of the model's distribution within this many bins of the "
+        "written one (0: the written bins, as the official code reads them). Unset: the model's generation config "
+        "(`coordinate_window`).",
+        aliases=["--coordinate_window"],
+    )
+
     def __post_init__(self):
         if self.eval_top_p is not None and not 0 < self.eval_top_p <= 1:
             raise ValueError(f"eval_top_p must be in (0, 1], got {self.eval_top_p!r}.")
+        if self.eval_coordinate_window is not None:
+            check_coordinate_window(self.eval_coordinate_window)
 
     def generation_kwargs(self) -> dict:
-        """The `generate` arguments of an evaluation: greedy, or nucleus sampling with `eval_top_p`."""
-        if self.eval_top_p is None:
-            return {"do_sample": False}
-        return {"do_sample": True, "top_p": self.eval_top_p}
+        """The `generate` arguments of an evaluation: greedy, or nucleus sampling with `eval_top_p`, and the
+        coordinate reading `eval_coordinate_window` when set."""
+        kwargs = {"do_sample": False} if self.eval_top_p is None else {"do_sample": True, "top_p": self.eval_top_p}
+        if self.eval_coordinate_window is not None:
+            kwargs["coordinate_window"] = self.eval_coordinate_window
+        return kwargs
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pix2seq_hf.box_codec import (
     Pix2SeqTokenLayout,
     dequantize_coordinates,
     quantize_coordinates,
+    read_coordinate_distributions,
 )
 
 
@@ -559,6 +560,52 @@ def test_decode_reads_full_sequences():
 
     assert [len(d["labels"]) for d in codec.decode(sequences, logits)] == [100] * 8
     assert [len(d["labels"]) for d in codec.decode(sequences)] == [100] * 8
+
+
+def test_coordinate_window_reads_the_mean_bin_and_the_mass_near_the_written_one():
+    logits = torch.full((5, 100), -30.0)
+    logits[0, [40, 41]] = 3.0  # written 40, as much mass on 41: half a bin up
+    logits[1, [39, 40, 41]] = 3.0  # symmetric around the written bin: unchanged
+    logits[2, 40], logits[2, 90] = 3.0, 3.0  # far mass (another object's edge) outside the window does not count
+    logits[3, [0, 1, 2]] = 3.0  # the first bin: no room below, the edge is not pulled inwards
+    logits[4, [97, 98, 99]] = 3.0  # next to the last bin: one bin either side, symmetric
+    bins = torch.tensor([40, 40, 40, 0, 98])
+    positions, confidences = read_coordinate_distributions(logits, bins, 2)
+    torch.testing.assert_close(positions, torch.tensor([40.5, 40.0, 40.0, 0.0, 98.0]))
+    # The mass within 2 bins (of the bins that exist): all of it, all, half (the rest is at bin 90), all, all.
+    torch.testing.assert_close(confidences, torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0]))
+    # A window wide enough takes in the far mode (written bin 50: the mode at 90 is 40 bins away).
+    position, confidence = read_coordinate_distributions(logits[2:3], torch.tensor([50]), 45)
+    assert float(position) > 60 and float(confidence) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no distribution to read"):
+        read_coordinate_distributions(logits, bins, 0)
+
+
+def test_decode_with_a_coordinate_window_moves_boxes_and_weighs_scores():
+    codec = Pix2SeqBoxCodec(LAYOUT)
+    tokens = torch.tensor([_object(10, 20, 30, 40, 1) + _object(50, 50, 60, 60, 2)])
+    logits = torch.zeros(1, 10, 300)
+    for slot, bin_ in enumerate((10, 20, 30, 40)):
+        logits[0, slot, 200 + bin_ + 1] = 12.0  # each coordinate of object 0 sure, one bin up from the written one
+    logits[0, 4, 40 + 1] = logits[0, 9, 40 + 2] = 8.0  # both classes equally sure; object 1's coordinates uniform
+    plain = codec.decode(tokens, logits)[0]
+    torch.testing.assert_close(plain["boxes"][0], torch.tensor([20, 10, 40, 30]) / 99)
+    torch.testing.assert_close(plain["scores"][0], plain["scores"][1])
+    read = codec.decode(tokens, logits, coordinate_window=3)[0]
+    shift = read["boxes"][0] - plain["boxes"][0]
+    assert bool((shift > 0.9 / 99).all()) and bool((shift < 1 / 99).all())
+    # Object 1's coordinates spread over all 100 bins: 7 of them within the window, its score falls accordingly.
+    torch.testing.assert_close(read["scores"][1], plain["scores"][1] * 0.07, rtol=1e-4, atol=0)
+    assert 0.99 * plain["scores"][0] < read["scores"][0] <= plain["scores"][0]
+    # Without logits there is no distribution to read: the written bins.
+    torch.testing.assert_close(codec.decode(tokens, coordinate_window=3)[0]["boxes"], plain["boxes"])
+    # The official reading keeps the written bins and the class probabilities.
+    official = codec.decode_groups(tokens, logits, mode="official", coordinate_window=3)
+    torch.testing.assert_close(official["boxes"][0], plain["boxes"])
+    torch.testing.assert_close(official["scores"][0], plain["scores"])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="`coordinate_window` must be a non-negative int"):
+            codec.decode(tokens, logits, coordinate_window=bad)
 
 
 def test_official_reading_reads_every_group_past_eos_and_masks_what_coco_ignores():

@@ -307,6 +307,7 @@ def test_converted_folder_loads_with_auto_classes_and_pipeline(tmp_path):
     assert model.config.stem_pool_padding == "same" and model.config.id2label[1] == "person"
     assert processor.image_processor.official_resize and not processor.image_processor.do_normalize
     assert processor.image_processor.size["longest_edge"] == 96
+    assert model.generation_config.coordinate_window == 0  # the official reading of the coordinates
 
     reference = np.load(os.path.join(fixture_path("official_tiny_r50_c4"), "reference.npz"))
     pixels = processor.image_processor(reference["image"], return_tensors="pt")["pixel_values"]

@@ -253,7 +253,11 @@ def test_detections_and_output_formats_match(model):
     torch.testing.assert_close(fast.scores, reference.scores)
     # The detections are what the box codec reads out of the tokens.
     generated = model.generate(pixels, do_sample=False, min_objects=3, max_new_tokens=20)
-    decoded = model.box_codec.decode(generated.sequences[:, 1:], torch.stack(generated.logits, dim=1))
+    decoded = model.box_codec.decode(
+        generated.sequences[:, 1:],
+        torch.stack(generated.logits, dim=1),
+        coordinate_window=model.generation_config.coordinate_window,
+    )
     for index, objects in enumerate(decoded):
         count = int(fast.object_mask[index].sum())
         assert count == len(objects["labels"]) >= 3

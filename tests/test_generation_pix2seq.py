@@ -6,7 +6,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from pix2seq_hf.box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
-from pix2seq_hf.generation_pix2seq import Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
+from pix2seq_hf.generation_pix2seq import PIX2SEQ_GENERATION_DEFAULTS, Pix2SeqLogitsProcessor, Pix2SeqTopPLogitsWarper
 from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection, Pix2SeqObjectDetectionOutput
 from helpers import tiny_config as shared_tiny_config
 
@@ -349,11 +349,15 @@ def test_forward_without_decoder_inputs_detects(model):
     assert ((outputs.labels[mask] >= 0) & (outputs.labels[mask] < NUM_CLASSES)).all()
     assert ((outputs.scores[mask] > 0) & (outputs.scores[mask] <= 1)).all()
     assert (outputs.labels[~mask] == -1).all() and (outputs.scores[~mask] == 0).all()
-    # Class log-probabilities: their argmax is the label, their exp at the label the score.
+    # Class log-probabilities: their argmax is the label, their exp at the label the score read with
+    # `coordinate_window=0`; the default weighs it by the box's coordinate confidence (at most 1).
     torch.testing.assert_close(outputs.logits[mask].argmax(-1), outputs.labels[mask])
-    torch.testing.assert_close(
-        outputs.logits[mask].exp().gather(1, outputs.labels[mask][:, None])[:, 0], outputs.scores[mask]
-    )
+    class_probs = outputs.logits[mask].exp().gather(1, outputs.labels[mask][:, None])[:, 0]
+    assert (outputs.scores[mask] <= class_probs * (1 + 1e-6)).all()
+    torch.manual_seed(4)
+    class_scored = model(make_pixels(3), coordinate_window=0)
+    assert torch.equal(class_scored.sequences, outputs.sequences)
+    torch.testing.assert_close(class_scored.scores[mask], class_probs)
     for sequence in outputs.sequences:
         assert_parses(sequence, 50)
 
@@ -363,13 +367,38 @@ def test_detections_agree_with_the_codec_on_whole_sequences(model):
     generated = model.generate(make_pixels(3))
     detections = model.detections_from_generation(generated)
     logits = torch.stack(generated.logits, dim=1)
-    expected = Pix2SeqBoxCodec(LAYOUT).decode(generated.sequences[:, 1:], logits)
+    window = model.generation_config.coordinate_window
+    assert window == PIX2SEQ_GENERATION_DEFAULTS["coordinate_window"] > 0
+    expected = Pix2SeqBoxCodec(LAYOUT).decode(generated.sequences[:, 1:], logits, coordinate_window=window)
     for row, image in enumerate(expected):
         mask = detections.object_mask[row]
         assert int(mask.sum()) == len(image["labels"])
         torch.testing.assert_close(detections.pred_boxes[row][mask], image["boxes"].float())
         torch.testing.assert_close(detections.labels[row][mask], image["labels"].long())
         torch.testing.assert_close(detections.scores[row][mask], image["scores"].float())
+
+
+def test_coordinate_window_option_reads_the_boxes_from_the_logits(model):
+    pixels = make_pixels(2)
+    greedy = {"do_sample": False, "min_objects": 3}
+    written = model.generate(pixels, coordinate_window=0, **greedy)
+    default = model.generate(pixels, **greedy)
+    assert torch.equal(written.sequences, default.sequences)  # the tokens do not change, only their reading
+    codec, logits = Pix2SeqBoxCodec(LAYOUT), torch.stack(default.logits, dim=1)
+    tokens = default.sequences[:, 1:]
+    for window, output in ((0, written), (PIX2SEQ_GENERATION_DEFAULTS["coordinate_window"], default)):
+        groups = codec.decode_groups(tokens, logits, coordinate_window=window)
+        torch.testing.assert_close(output.detections.pred_boxes[:, :3], groups["boxes"][:, :3])
+    assert not torch.allclose(written.detections.pred_boxes, default.detections.pred_boxes)
+    # The model's generation config holds the option for `detect` (and the pipeline, and evaluation).
+    model.generation_config.coordinate_window = 0
+    try:
+        detected = model.detect(pixels, **greedy)
+    finally:
+        model.generation_config.coordinate_window = PIX2SEQ_GENERATION_DEFAULTS["coordinate_window"]
+    torch.testing.assert_close(detected.pred_boxes, written.detections.pred_boxes)
+    with pytest.raises(ValueError, match="`coordinate_window` must be a non-negative int"):
+        model.generate(pixels, coordinate_window=-2, **greedy)
 
 
 def test_no_objects_gives_empty_detections(model):
@@ -418,7 +447,7 @@ def test_detections_keep_writing_order_stop_at_eos_and_grow_past_max_objects(mod
     sequences = torch.tensor([[BOS] + row for row in rows])
     logits = torch.randn(3, 20, VOCAB, generator=torch.Generator().manual_seed(0))
     output = GenerateEncoderDecoderOutput(sequences=sequences, logits=tuple(logits.unbind(1)))
-    detections = model.detections_from_generation(output)
+    detections = model.detections_from_generation(output, coordinate_window=0)
     assert detections.object_mask.tolist() == [[True] * 2 + [False] * 8, [False] * 10, [True] * 4 + [False] * 6]
     torch.testing.assert_close(detections.pred_boxes[0, 1], torch.tensor([20, 10, 40, 30]) / 99)
     torch.testing.assert_close(detections.pred_boxes[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))

@@ -55,6 +55,7 @@ def test_every_script_parses_the_package_defaults(scripts, monkeypatch):
         [],
         ["--recipe", "pix2seq-coco-finetune"],
         ["--learning_rate", "5e-4", "--max_train_steps", "30", "--num_warmup_steps", "3", "--eval_top_p", "0.4"],
+        ["--coordinate_window", "0"],
     ],
 )
 def test_both_training_scripts_train_with_the_same_recipe(scripts, argv, monkeypatch):
@@ -76,6 +77,15 @@ def test_both_training_scripts_train_with_the_same_recipe(scripts, argv, monkeyp
     assert training_args.per_device_train_batch_size == plan.per_device_batch_size
     assert training_args.warmup_steps == plan.warmup_steps
     assert training_args.max_steps == plan.max_train_steps
+
+
+def test_evaluation_decodes_as_asked():
+    assert EvaluationOptions().generation_kwargs() == {"do_sample": False}
+    assert EvaluationOptions(eval_top_p=0.4, eval_coordinate_window=0).generation_kwargs() == {
+        "do_sample": True,
+        "top_p": 0.4,
+        "coordinate_window": 0,
+    }
 
 
 def test_default_recipe_resolves_as_documented():
@@ -100,6 +110,7 @@ def test_default_recipe_resolves_as_documented():
         (["--encoder_lr_scale", "0"], "encoder_lr_scale must be positive, got 0.0"),
         (["--adam_beta2", "1.5"], "adam_beta2 must be in [0, 1), got 1.5"),
         (["--eval_top_p", "0"], "eval_top_p must be in (0, 1]"),
+        (["--coordinate_window", "-1"], "`coordinate_window` must be a non-negative int (bins), got -1"),
     ],
 )
 def test_a_refused_value_is_named_by_every_script(scripts, argv, message, capsys):
