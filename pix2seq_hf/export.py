@@ -29,8 +29,15 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateEncoderDecoderOutput
 
+from .box_codec import Pix2SeqBoxCodec, Pix2SeqTokenLayout
 from .fast_generation import decoding_loop
-from .generation_pix2seq import _GRAMMAR_OPTIONS, Pix2SeqLogitsProcessor, pix2seq_generation_options
+from .generation_pix2seq import (
+    _GRAMMAR_OPTIONS,
+    PIX2SEQ_GENERATION_DEFAULTS,
+    Pix2SeqLogitsProcessor,
+    detections_from_tokens,
+    pix2seq_generation_options,
+)
 
 
 GRAPH_NAMES = ("encoder", "decoder", "decoder_with_past")
@@ -186,6 +193,7 @@ def _export_config(model, image_size: int) -> dict:
         "max_position_embeddings": config.max_position_embeddings,
         "token_layout": config.token_layout.to_dict(),
         "grammar": grammar,
+        "coordinate_window": options["coordinate_window"],
     }
 
 
@@ -259,8 +267,6 @@ class ExportedPix2Seq:
     """
 
     def __init__(self, graphs: dict, export_config: dict, backend: str):
-        from .box_codec import Pix2SeqTokenLayout
-
         self.graphs = graphs
         self.config = export_config
         self.backend = backend
@@ -336,10 +342,12 @@ class ExportedPix2Seq:
             **grammar: `Pix2SeqLogitsProcessor` options replacing the saved ones (`eos_bias`, `min_objects`, ...).
 
         Returns:
-            `GenerateEncoderDecoderOutput` with `sequences` (`[batch, 1 + steps]`, finished rows padded) and `logits`
-            (the raw logits of each step, zeros for rows that had ended), as `model.generate(...,
-            return_dict_in_generate=True, output_logits=True)`.
+            `Pix2SeqGenerateOutput` with `sequences` (`[batch, 1 + steps]`, finished rows padded), `logits` (the raw
+            logits of each step, zeros for rows that had ended) and the `detections` read from them with the model's
+            `coordinate_window`, as `model.generate(..., return_dict_in_generate=True, output_logits=True)`.
         """
+        from .modeling_pix2seq import Pix2SeqGenerateOutput
+
         layout = self.token_layout
         max_new_tokens = max_new_tokens or self.config["max_new_tokens"]
         limit = self.config["max_position_embeddings"] - 1
@@ -376,7 +384,11 @@ class ExportedPix2Seq:
             pad_token_id=layout.pad_token_id,
             output_logits=True,
         )
-        return GenerateEncoderDecoderOutput(sequences=sequences, logits=logits)
+        output = GenerateEncoderDecoderOutput(sequences=sequences, logits=logits)
+        # Files written before the option existed read as the package reads by default.
+        window = self.config.get("coordinate_window", PIX2SEQ_GENERATION_DEFAULTS["coordinate_window"])
+        detections = detections_from_tokens(output, Pix2SeqBoxCodec(layout), window, layout.max_objects)
+        return Pix2SeqGenerateOutput(**output, detections=detections)
 
 
 __all__ = [

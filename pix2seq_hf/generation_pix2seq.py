@@ -822,20 +822,38 @@ class Pix2SeqGenerationMixin(GenerationMixin):
             [`Pix2SeqObjectDetectionOutput`] with `N = max(config.max_objects, most objects in an image)` slots, the
             objects of each image first, in the order the model wrote them.
         """
-        from .modeling_pix2seq import Pix2SeqObjectDetectionOutput
-
-        tokens, logits = generated_tokens_and_logits(generate_output)
-        if logits is None:
-            raise ValueError(
-                "The `generate` output has no raw `logits`; call `generate(..., return_dict_in_generate=True, "
-                "output_logits=True)` (the model's defaults)."
-            )
         if coordinate_window is None:
             coordinate_window = pix2seq_generation_options(self.generation_config)["coordinate_window"]
-        decoded = self.box_codec.decode_groups(tokens, logits, coordinate_window=coordinate_window)
-        return Pix2SeqObjectDetectionOutput.from_decoded(
-            decoded, generate_output["sequences"], min_slots=self.config.max_objects
+        return detections_from_tokens(generate_output, self.box_codec, coordinate_window, self.config.max_objects)
+
+
+def detections_from_tokens(
+    generate_output, box_codec, coordinate_window: int, min_slots: int
+) -> Pix2SeqObjectDetectionOutput:
+    """
+    The detections of a `generate` output, read by `box_codec.decode_groups` with `coordinate_window`, in
+    `max(min_slots, most objects in an image)` slots: what [`Pix2SeqGenerationMixin.detections_from_generation`]
+    returns, for the model and for runners of exported graphs alike.
+
+    Args:
+        generate_output: a `generate` dict output with `sequences` and the raw `logits`.
+        box_codec (`Pix2SeqBoxCodec`): the model's codec.
+        coordinate_window (`int`): the `coordinate_window` decoding option.
+        min_slots (`int`): the model's `max_objects`.
+
+    Returns:
+        `Pix2SeqObjectDetectionOutput`.
+    """
+    from .modeling_pix2seq import Pix2SeqObjectDetectionOutput
+
+    tokens, logits = generated_tokens_and_logits(generate_output)
+    if logits is None:
+        raise ValueError(
+            "The `generate` output has no raw `logits`; call `generate(..., return_dict_in_generate=True, "
+            "output_logits=True)` (the model's defaults)."
         )
+    decoded = box_codec.decode_groups(tokens, logits, coordinate_window=coordinate_window)
+    return Pix2SeqObjectDetectionOutput.from_decoded(decoded, generate_output["sequences"], min_slots=min_slots)
 
 
 def generated_tokens_and_logits(generate_output) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
@@ -910,6 +928,7 @@ __all__ = [
     "Pix2SeqGenerationMixin",
     "Pix2SeqLogitsProcessor",
     "Pix2SeqTopPLogitsWarper",
+    "detections_from_tokens",
     "generated_tokens_and_logits",
     "logits_of_returned_sequences",
     "pix2seq_generation_options",

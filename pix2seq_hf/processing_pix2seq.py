@@ -324,7 +324,8 @@ class Pix2SeqProcessor(ProcessorMixin):
                 every object scores 1.
             coordinate_window (`int`, *optional*):
                 With logits, each coordinate is the mean bin of the model's distribution within this many bins of the
-                written one (the `coordinate_window` decoding option); `None`: that option's default.
+                written one and each score is weighed by the mass there (the `coordinate_window` decoding option);
+                `None`: that option's default.
 
         Returns:
             `list[dict]`: per image, `boxes` (`[N, 4]`, XYXY normalised to the canvas), `labels` and `scores`.

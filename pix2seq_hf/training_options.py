@@ -424,7 +424,8 @@ class EvaluationOptions:
 
     eval_coordinate_window: int | None = option(
         help="Read each box coordinate as the mean bin of the model's distribution within this many bins of the "
-        "written one (0: the written bins, as the official code reads them). Unset: the model's generation config "
+        "written one and weigh each score by the coordinates' probability mass there (0: the written bins and the "
+        "class probability, as the official code reads them). Unset: the model's generation config "
         "(`coordinate_window`).",
         aliases=["--coordinate_window"],
     )

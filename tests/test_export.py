@@ -85,6 +85,15 @@ def test_exported_graphs_match_pytorch_for_any_batch_size(exported, backend):
             torch.testing.assert_close(mine["boxes"], theirs["boxes"])
             torch.testing.assert_close(mine["scores"], theirs["scores"], rtol=1e-4, atol=1e-5)
             assert torch.equal(mine["labels"], theirs["labels"])
+        # The runner's detections are read as the model reads them (its `coordinate_window`).
+        torch.testing.assert_close(outputs.detections.pred_boxes, reference.detections.pred_boxes)
+    assert runner.config["coordinate_window"] == model.generation_config.coordinate_window
+    runner.config["coordinate_window"] = 0
+    with torch.no_grad():
+        reference = model.generate(pixel_values, do_sample=False, coordinate_window=0)
+    written_bins = runner.generate(pixel_values).detections
+    torch.testing.assert_close(written_bins.pred_boxes, reference.detections.pred_boxes)
+    torch.testing.assert_close(written_bins.scores, reference.detections.scores, rtol=1e-4, atol=1e-5)
     # The grammar options of the model's generation config can be changed per call, as with `generate`.
     pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
