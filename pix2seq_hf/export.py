@@ -272,6 +272,7 @@ class ExportedPix2Seq:
         self.backend = backend
         self.num_layers = export_config["num_layers"]
         self.token_layout = Pix2SeqTokenLayout(**export_config["token_layout"])
+        self.box_codec = Pix2SeqBoxCodec(self.token_layout)
         self.io_names = graph_io_names(self.num_layers)
 
     @classmethod
@@ -387,7 +388,7 @@ class ExportedPix2Seq:
         output = GenerateEncoderDecoderOutput(sequences=sequences, logits=logits)
         # Files written before the option existed read as the package reads by default.
         window = self.config.get("coordinate_window", PIX2SEQ_GENERATION_DEFAULTS["coordinate_window"])
-        detections = detections_from_tokens(output, Pix2SeqBoxCodec(layout), window, layout.max_objects)
+        detections = detections_from_tokens(output, self.box_codec, window, layout.max_objects)
         return Pix2SeqGenerateOutput(**output, detections=detections)
 
 
