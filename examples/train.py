@@ -107,6 +107,7 @@ RUN_ARGUMENTS = (
     "coordinate_label_sigma",
     "auxiliary_loss_weight",
     "coordinate_embedding_init",
+    "auxiliary_copy",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "learning_rate",

@@ -1,7 +1,7 @@
 """Auxiliary supervision of Pix2Seq, read from the training sequence itself (no extra data plumbing).
 
 Pix2Seq learns from one signal, the next token, and from scratch it learns slowly where objects are. An extra loss
-gives that signal directly; detection does not use it:
+gives that signal directly; detection reads the head only in a model with `auxiliary_copy` (see `auxiliary_copy.py`):
 
 - `Pix2SeqAuxiliaryDenseHead` (one-to-many, as in Co-DETR / H-DETR, with FCOS's assignment): the cells of the encoder
   output near an object's centre and inside its box predict its class and the distances to its four sides, every other

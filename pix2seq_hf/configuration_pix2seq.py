@@ -128,7 +128,12 @@ class Pix2SeqConfig(PreTrainedConfig):
             Weight of an auxiliary dense loss on the encoder output during training (one-to-many, as FCOS): the
             feature cells near an object's centre and inside its box predict its class and the distances to its sides
             (focal + GIoU loss), the others background. Its head is built only when the weight is positive; detection
-            does not use it. 0: no head, no loss.
+            does not use it (unless `auxiliary_copy`). 0: no head, no loss.
+        auxiliary_copy (`bool`, *optional*, defaults to `False`):
+            Coordinate and class tokens partly copied from the auxiliary head (needs `auxiliary_loss_weight > 0`): at
+            each position the decoder points at memory cells and mixes its next-token distribution with the pointed
+            cells' box coordinates or class probabilities (see `auxiliary_copy.Pix2SeqAuxiliaryCopy`). Training and
+            detection both use it.
         coordinate_embedding_init (`str`, *optional*, defaults to `"normal"`):
             How the embeddings of the coordinate tokens (tied to the output projection) start: `"normal"` like every
             other token, or `"sincos"`, the 1D sine-cosine code of the bin's position (the encoder's position code of
@@ -202,6 +207,7 @@ class Pix2SeqConfig(PreTrainedConfig):
     coordinate_label_sigma: float | int = 0.0
     auxiliary_loss_weight: float | int = 0.0
     coordinate_embedding_init: str = "normal"
+    auxiliary_copy: bool = False
 
     def __post_init__(self, **kwargs):
         for name in REMOVED_OPTIONS:
@@ -358,6 +364,11 @@ class Pix2SeqConfig(PreTrainedConfig):
             raise ValueError(f"`coordinate_label_sigma` must be non-negative, got {self.coordinate_label_sigma}.")
         if not 0 <= self.auxiliary_loss_weight:
             raise ValueError(f"`auxiliary_loss_weight` must be non-negative, got {self.auxiliary_loss_weight}.")
+        if self.auxiliary_copy and not self.auxiliary_loss_weight > 0:
+            raise ValueError(
+                "`auxiliary_copy=True` copies the auxiliary dense head's predictions: it needs "
+                f"`auxiliary_loss_weight > 0`, got {self.auxiliary_loss_weight}."
+            )
         if self.coordinate_embedding_init not in ("normal", "sincos"):
             raise ValueError(
                 f'`coordinate_embedding_init` must be "normal" or "sincos", got {self.coordinate_embedding_init!r}.'

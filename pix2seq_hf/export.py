@@ -76,6 +76,15 @@ class Pix2SeqEncoderExport(nn.Module):
         return self.encoder(pixel_values).last_hidden_state
 
 
+class _EncoderSetAside(nn.Module):
+    """Stands in for the encoder in the decoder graphs: runs nothing, and holds the auxiliary head only for a model
+    with `auxiliary_copy`, whose logits read it at every step."""
+
+    def __init__(self, encoder, config):
+        super().__init__()
+        self.auxiliary_head = encoder.auxiliary_head if config.auxiliary_copy else None
+
+
 @contextlib.contextmanager
 def _without_encoder(model):
     """
@@ -83,7 +92,7 @@ def _without_encoder(model):
     program keeps every parameter of the module it was exported from.
     """
     encoder = model.model.encoder
-    model.model.encoder = nn.Identity()
+    model.model.encoder = _EncoderSetAside(encoder, model.config)
     try:
         yield model
     finally:

@@ -48,7 +48,12 @@ def decoder_step(
         `torch.FloatTensor` of shape `(batch, vocab_size)`: the next-token logits, float32.
     """
     hidden = model.model.decoder.decode(token_ids, encoder_hidden_states, cache=cache, key_length=key_length)
-    return model.lm_head(hidden[:, -1]).float()
+    position = None
+    if model.auxiliary_copy is not None:
+        # The last token's position: the filled cache positions less one (counted on the device when compiled).
+        filled = key_length if key_length is not None else cache.self_attention_cache.get_seq_length()
+        position = torch.as_tensor(filled, device=token_ids.device).reshape(1) - 1
+    return model.output_logits(hidden[:, -1:], encoder_hidden_states, position)[:, 0].float()
 
 
 def static_cache(

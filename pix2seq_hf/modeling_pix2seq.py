@@ -33,6 +33,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .auxiliary_dense_head import Pix2SeqAuxiliaryDenseHead
+from .auxiliary_copy import Pix2SeqAuxiliaryCopy
 from .box_codec import Pix2SeqBoxCodec
 from .configuration_pix2seq import Pix2SeqConfig
 from .generation_pix2seq import DECODING_WEIGHTS, Pix2SeqGenerationMixin
@@ -656,6 +657,9 @@ class Pix2SeqPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
             if module is getattr(self, "embed_tokens", None) and self.config.coordinate_embedding_init == "sincos":
                 self._init_coordinate_embeddings(module.weight)
+            if module is getattr(getattr(self, "auxiliary_copy", None), "gate", None):
+                # The auxiliary copy starts as an even mixture of the decoder's and the copied distribution.
+                init.zeros_(module.weight)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -1363,6 +1367,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         self.model = Pix2SeqModel(config)
         # The output projection: its weight is the token embedding (tied), its bias the official output bias.
         self.lm_head = nn.Linear(config.decoder_hidden_size, config.vocab_size, bias=True)
+        # A training option beyond the paper: tokens partly copied from the auxiliary head's predictions.
+        self.auxiliary_copy = Pix2SeqAuxiliaryCopy(config) if config.auxiliary_copy else None
         self._box_codec = None
         self.post_init()
         if self.generation_config is not None:
@@ -1383,6 +1389,34 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         if self._box_codec is None or self._box_codec.layout != layout:
             self._box_codec = Pix2SeqBoxCodec(layout)
         return self._box_codec
+
+    def output_logits(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, positions: torch.LongTensor
+    ) -> torch.Tensor:
+        """
+        The next-token logits of decoder outputs: the output projection, and for a model with `config.auxiliary_copy`
+        the mixture with the auxiliary head's boxes and classes ([`Pix2SeqAuxiliaryCopy`]). Every path that turns
+        decoder outputs into logits (`forward`, the decoding loops, speculative verification, export) calls this.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, length, decoder_hidden_size)`): the decoder output.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size / k, memory_length, decoder_hidden_size)`):
+                the encoded images (one per `k` sequences, as the decoder takes them); read only with the copy.
+            positions (`torch.LongTensor` of shape `(length,)` or `(batch_size, length)`): the outputs' positions in
+                the sequence (0: the prompt); read only with the copy.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, length, vocab_size)`: logits (with the copy, float32
+            log-probabilities).
+        """
+        logits = self.lm_head(hidden_states)
+        if self.auxiliary_copy is None:
+            return logits
+        memory = encoder_hidden_states
+        if memory.shape[0] != hidden_states.shape[0]:
+            memory = memory.repeat_interleave(sequences_per_image(memory.shape[0], hidden_states.shape[0]), dim=0)
+        class_logits, distances = self.model.encoder.auxiliary_head(memory)
+        return self.auxiliary_copy(logits, hidden_states, memory, class_logits, distances, positions)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -1471,6 +1505,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
                 # The auxiliary loss reads the encoder's dense predictions, which the sequence output does not carry.
                 encoder_outputs = self.model.encoder(pixel_values, **{**kwargs, "return_dict": True})
 
+        past_length = cache.get_seq_length() if cache is not None else 0
         outputs = self.model(
             pixel_values,
             decoder_input_ids=decoder_input_ids,
@@ -1480,7 +1515,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             use_cache=use_cache,
             **{**kwargs, "return_dict": True},
         )
-        logits = self.lm_head(outputs.last_hidden_state)
+        positions = torch.arange(decoder_input_ids.shape[1], device=decoder_input_ids.device) + past_length
+        logits = self.output_logits(outputs.last_hidden_state, outputs.encoder_last_hidden_state, positions)
 
         loss = None
         if labels is not None:

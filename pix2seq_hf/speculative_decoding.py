@@ -641,7 +641,11 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
         # Each image's positions from its last written token on (the last one repeated past its draft).
         index = first + torch.minimum(offsets, counts)
         hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = model.lm_head(hidden).float()
+        # Their positions in the sequences (the first pass starts at 0).
+        starts = 0
+        if positions is not None:
+            starts = torch.tensor([lengths[row] - 1 for row in running], device=device)[:, None]
+        logits = model.output_logits(hidden, memory, starts + index).float()
         processed = torch.cat(
             [
                 process_positions(

@@ -255,6 +255,11 @@ class ModelOptions:
         "their bins). Default: the recipe's (see docs/training.md).",
         choices=["normal", "sincos"],
     )
+    auxiliary_copy: bool | None = option(
+        help="Coordinate and class tokens partly copied from the auxiliary head's boxes and classes, through a "
+        "pointer over the memory cells (needs the auxiliary head). Default: the saved model's when fine-tuning, else "
+        "the recipe's: on with the auxiliary head (see docs/training.md).",
+    )
 
     def __post_init__(self):
         _check_choice("config_preset", self.config_preset, PRESETS)

@@ -32,9 +32,12 @@ SCRATCH_RECIPE = {
     "coordinate_label_sigma": 1.0,
     "auxiliary_loss_weight": 1.0,
     "coordinate_embedding_init": "sincos",
+    "auxiliary_copy": True,  # with the auxiliary head only
 }
 # The config fields among them: a saved model keeps its own.
-TRAINING_CONFIG_OPTIONS = ("coordinate_label_sigma", "auxiliary_loss_weight", "coordinate_embedding_init")
+TRAINING_CONFIG_OPTIONS = (
+    "coordinate_label_sigma", "auxiliary_loss_weight", "coordinate_embedding_init", "auxiliary_copy"
+)
 
 
 def relabel_model(model: Pix2SeqForObjectDetection, id2label: dict[int, str]) -> None:
@@ -87,9 +90,9 @@ def build_model_and_processor(
               (vocabulary and positions grow to fit);
             - `object_order`, `no_sequence_augmentation`: the training sequences (default: the saved processor's, or
               `SCRATCH_RECIPE`'s from scratch);
-            - `coordinate_label_sigma`, `auxiliary_loss_weight`, `coordinate_embedding_init`: training options of the
-              config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch); a saved model refuses other
-              values;
+            - `coordinate_label_sigma`, `auxiliary_loss_weight`, `coordinate_embedding_init`, `auxiliary_copy`:
+              training options of the config (default: the saved model's, or `SCRATCH_RECIPE`'s from scratch, the
+              copy only with an auxiliary head); a saved model refuses other values;
             - `config_overrides`: other config fields of a new model (e.g. `{"decoder_layers": 4}`), applied last;
               refused when fine-tuning (a saved model keeps its architecture).
         objects_per_image (`Sequence[int]`, *optional*): the object count of every training image
@@ -157,6 +160,9 @@ def build_model_and_processor(
             overrides["vocab_size"] = max(Pix2SeqConfig.vocab_size, Pix2SeqConfig.coord_token_offset + num_bins)
         for name, value in config_options.items():
             overrides[name] = SCRATCH_RECIPE[name] if value is None else value
+        if config_options["auxiliary_copy"] is None:
+            # The recipe copies from the auxiliary head where there is one.
+            overrides["auxiliary_copy"] = SCRATCH_RECIPE["auxiliary_copy"] and overrides["auxiliary_loss_weight"] > 0
         overrides.update(config_overrides or {})
         if backbone_checkpoint:
             overrides.update(_local_backbone_weights(backbone_checkpoint, config_preset, overrides))

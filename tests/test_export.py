@@ -131,3 +131,30 @@ def test_torch_export_graphs_are_loaded_only_from_a_trusted_source(exported):
     with pytest.raises(ValueError, match="trusted_source=True"):
         ExportedPix2Seq.from_torch_export(root / "out")
     assert ExportedPix2Seq.from_torch_export(root / "out", trusted_source=True).backend == "torch"
+
+
+def test_a_model_with_the_auxiliary_copy_exports_with_its_head(tmp_path):
+    """The decoder graphs of a model with `auxiliary_copy` hold the auxiliary head, whose predictions its logits mix
+    in at every step: the same greedy tokens as PyTorch in both formats."""
+    from helpers import tiny_config
+
+    from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+
+    torch.manual_seed(0)
+    labels = {i: f"c{i}" for i in range(5)}
+    model = Pix2SeqForObjectDetection(
+        tiny_config(layers=1, auxiliary_loss_weight=1.0, auxiliary_copy=True, id2label=labels)
+    )
+    with torch.no_grad():
+        model.auxiliary_copy.gate.weight.normal_(0.0, 1.0)
+    model.generation_config.max_new_tokens = 20
+    image_processor = Pix2SeqImageProcessor(size={"longest_edge": 64})
+    processor = Pix2SeqProcessor.from_config(model.config, image_processor=image_processor)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"), "--check", "2", "--no_optimize"]
+    assert load_example("export").main(argv) == 0
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    for backend in ("onnx", "torch"):
+        assert report["check"][backend]["same_tokens"] is True
+        assert report["check"][backend]["max_logit_difference"] < 1e-3

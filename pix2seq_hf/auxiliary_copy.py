@@ -1,0 +1,144 @@
+"""Coordinate and class tokens copied from the auxiliary dense head, through a pointer over the memory cells.
+
+A training option beyond the paper (`config.auxiliary_copy`, for models with an auxiliary dense head). From scratch
+the decoder learns late to write precise coordinates and the right classes, while the auxiliary head, trained on the
+same encoder output, soon knows every object's box and class at the cells near its centre. With the copy, at each
+position the decoder points at memory cells (a softmax over them of a query from its output against keys from the
+memory) and mixes its next-token distribution with what the pointed cells predict:
+
+    p(token) = (1 - g) p_decoder(token) + g sum_n alpha_n q_n(token),    g = sigmoid(w . h)
+
+where, at a coordinate position, `q_n` is a Gaussian over the bins (standard deviation `sigma` bins) around cell
+`n`'s coordinate of the kind being written (`ymin`, `xmin`, `ymax` or `xmax`), and at a class position the head's
+class probabilities at cell `n` (softmax of its class logits). The head's predictions are read without gradient (its
+own loss trains them); the pointer and the gate learn from the token loss. EOS and the noise class come from the
+decoder alone. The tokens are still written one at a time by the decoder's loop, with the same grammar.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .auxiliary_dense_head import cell_centres, feature_grid
+from .configuration_pix2seq import TOKENS_PER_OBJECT, Pix2SeqConfig
+
+
+def cell_box_bins(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """
+    The boxes the auxiliary head predicts at the cells of a square feature grid, in coordinate bins.
+
+    Args:
+        distances (`torch.Tensor` of shape `(batch, cells, 4)`): distances from each cell centre to the left, top,
+            right and bottom sides, in units of the canvas (`Pix2SeqAuxiliaryDenseHead` output).
+        num_bins (`int`): coordinate bins.
+
+    Returns:
+        float32 `torch.Tensor` of shape `(batch, cells, 4)`: `ymin, xmin, ymax, xmax` as (fractional) bins in
+        `[0, num_bins - 1]`, as `quantize_coordinates` maps coordinates before rounding.
+    """
+    grid_h, grid_w = feature_grid(distances.shape[1])
+    centres = cell_centres(grid_h, grid_w, distances.device)
+    x, y = centres[:, 0], centres[:, 1]
+    distances = distances.float()
+    boxes = torch.stack(
+        [y - distances[..., 1], x - distances[..., 0], y + distances[..., 3], x + distances[..., 2]], dim=-1
+    )
+    return boxes.clamp(0, 1) * (num_bins - 1)
+
+
+def gaussian_mixture_over_bins(
+    weights: torch.Tensor, centres: torch.Tensor, num_bins: int, sigma: float
+) -> torch.Tensor:
+    """
+    `sum_n weights_n * k(bin; centres_n)` for every bin: a mixture of Gaussians over the bins (each truncated at about
+    three standard deviations and renormalised over the bins that exist), accumulated with a scatter so that the cost
+    grows with the cells, not with cells x bins.
+
+    Args:
+        weights (`torch.Tensor` of shape `(..., cells)`): mixture weights (summing to 1 over the cells).
+        centres (`torch.Tensor` of shape `(..., cells)`): each component's centre, in bins.
+        num_bins (`int`), sigma (`float`): the bins and the standard deviation in bins.
+
+    Returns:
+        float32 `torch.Tensor` of shape `(..., num_bins)`.
+    """
+    radius = math.ceil(3 * sigma)
+    offsets = torch.arange(-radius, radius + 2, device=centres.device, dtype=torch.float32)
+    bins = centres.float().floor()[..., None] + offsets
+    kernel = torch.exp(-((bins - centres.float()[..., None]) ** 2) / (2 * sigma**2))
+    kernel = kernel * ((bins >= 0) & (bins <= num_bins - 1))
+    kernel = kernel / kernel.sum(-1, keepdim=True)
+    contributions = (weights.float()[..., None] * kernel).flatten(-2)
+    index = bins.clamp(0, num_bins - 1).long().flatten(-2)
+    output = torch.zeros((*weights.shape[:-1], num_bins), device=weights.device, dtype=torch.float32)
+    return output.scatter_add(-1, index, contributions)
+
+
+class Pix2SeqAuxiliaryCopy(nn.Module):
+    """
+    The pointer and the gate of the copy (see the module docstring): a query from the decoder output and a key from
+    each memory cell (`pointer_size` wide), and a gate from the decoder output, zero-initialised by the model (an even
+    mixture at the start). Coordinate positions (`ymin xmin ymax xmax`) copy the pointed cells' boxes, class positions
+    their class probabilities (the auxiliary head's class logits, softmax over the classes).
+    """
+
+    sigma = 1.0
+    pointer_size = 64
+
+    def __init__(self, config: Pix2SeqConfig):
+        super().__init__()
+        # Read at every call: fine-tuning onto a new label set changes the classes.
+        self.config = config
+        self.query = nn.Linear(config.decoder_hidden_size, self.pointer_size)
+        self.key = nn.Linear(config.decoder_hidden_size, self.pointer_size)
+        self.gate = nn.Linear(config.decoder_hidden_size, 1)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        hidden_states: torch.Tensor,
+        memory: torch.Tensor,
+        class_logits: torch.Tensor,
+        distances: torch.Tensor,
+        positions: torch.LongTensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            logits (`torch.Tensor` of shape `(batch, length, vocab_size)`): the decoder's next-token logits.
+            hidden_states (`torch.Tensor` of shape `(batch, length, hidden)`): the decoder output they come from.
+            memory (`torch.Tensor` of shape `(batch, cells, hidden)`): the encoded image of each sequence.
+            class_logits (`torch.Tensor` of shape `(batch, cells, num_classes)`), distances (`torch.Tensor` of shape
+                `(batch, cells, 4)`): the auxiliary head's outputs on `memory`.
+            positions (`torch.LongTensor` of shape `(length,)` or `(batch, length)`): each output's position in the
+                sequence (0: the prompt, whose output predicts the first `ymin`).
+
+        Returns:
+            float32 `torch.Tensor` of shape `(batch, length, vocab_size)`: the log-probabilities of the mixture (the
+            decoder's own distribution wherever the copy puts nothing: EOS, the noise class).
+        """
+        kind = positions % TOKENS_PER_OBJECT
+        if kind.dim() == 1:
+            kind = kind[None].expand(logits.shape[0], -1)
+        config = self.config
+        boxes = cell_box_bins(distances.detach(), config.num_bins)  # (batch, cells, 4)
+        # Each position's coordinate of every cell: (batch, length, cells).
+        centres = boxes.transpose(1, 2).gather(1, kind.clamp(max=3)[..., None].expand(-1, -1, boxes.shape[1]))
+        scores = self.query(hidden_states).float() @ self.key(memory).float().transpose(1, 2)
+        pointer = torch.softmax(scores / math.sqrt(self.pointer_size), dim=-1)
+        copied_bins = gaussian_mixture_over_bins(pointer, centres, config.num_bins, self.sigma)
+        copied_classes = pointer @ torch.softmax(class_logits.detach().float(), dim=-1)
+        gate = torch.sigmoid(self.gate(hidden_states).float())
+        probabilities = torch.softmax(logits.float(), dim=-1) * (1 - gate)
+        copied = torch.zeros_like(probabilities)
+        bins = slice(config.coord_token_offset, config.coord_token_offset + config.num_bins)
+        classes = slice(config.class_token_offset, config.class_token_offset + class_logits.shape[-1])
+        is_class = (kind == TOKENS_PER_OBJECT - 1)[..., None]
+        copied[..., bins] = copied_bins * ~is_class
+        copied[..., classes] = copied_classes * is_class
+        return torch.log((probabilities + gate * copied).clamp_min(torch.finfo(torch.float32).tiny))
+
+
+__all__ = ["Pix2SeqAuxiliaryCopy", "cell_box_bins", "gaussian_mixture_over_bins"]
