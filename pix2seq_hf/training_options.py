@@ -256,9 +256,9 @@ class ModelOptions:
         choices=["normal", "sincos"],
     )
     auxiliary_copy: bool | None = option(
-        help="Coordinate and class tokens partly copied from the auxiliary head's boxes and classes, through a "
-        "pointer over the memory cells (needs the auxiliary head). Default: the saved model's when fine-tuning, else "
-        "the recipe's: on with the auxiliary head (see docs/training.md).",
+        help="true/false: coordinate and class tokens partly copied from the auxiliary head's boxes and classes, "
+        "through a pointer over the memory cells (needs the auxiliary head). Default: the saved model's when "
+        "fine-tuning, else the recipe's: on with the auxiliary head (see docs/training.md).",
     )
 
     def __post_init__(self):

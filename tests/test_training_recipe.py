@@ -484,3 +484,27 @@ def test_config_overrides_reach_a_new_model_only(tmp_path):
     args = train.parse_args(["--config_overrides", '{"decoder_layers": 2}', "--model_name_or_path", str(tmp_path)])
     with pytest.raises(ValueError, match="new model only"):
         train.build_model_and_processor(args, {0: "a", 1: "b"})
+
+
+def test_the_recipe_copies_from_the_auxiliary_head_where_there_is_one(tmp_path):
+    """`--auxiliary_copy` defaults to on with the auxiliary head and off without it; asked for without the head it is
+    refused; a saved model keeps its own."""
+    train = load_example("train")
+    small = ["--config_overrides", '{"backbone": "test_resnet", "encoder_hidden_size": 32, "decoder_hidden_size": 32}']
+    labels = {0: "a", 1: "b"}
+    model, processor = train.build_model_and_processor(train.parse_args(small), labels)
+    assert model.config.auxiliary_copy is True and model.auxiliary_copy is not None
+    plain, _ = train.build_model_and_processor(train.parse_args([*small, "--auxiliary_loss_weight", "0"]), labels)
+    assert plain.config.auxiliary_copy is False and plain.auxiliary_copy is None
+    off, _ = train.build_model_and_processor(train.parse_args([*small, "--auxiliary_copy", "false"]), labels)
+    assert off.config.auxiliary_copy is False and off.model.encoder.auxiliary_head is not None
+    with pytest.raises(ValueError, match="auxiliary_copy=True.*auxiliary_loss_weight > 0"):
+        train.build_model_and_processor(
+            train.parse_args([*small, "--auxiliary_loss_weight", "0", "--auxiliary_copy", "true"]), labels
+        )
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = ["--model_name_or_path", str(tmp_path)]
+    assert train.build_model_and_processor(train.parse_args(saved), labels)[0].config.auxiliary_copy is True
+    with pytest.raises(ValueError, match="auxiliary_copy False differs from the saved model's True"):
+        train.build_model_and_processor(train.parse_args([*saved, "--auxiliary_copy", "false"]), labels)
