@@ -93,7 +93,9 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
         # Read at every call: fine-tuning onto a new label set changes the classes.
         self.config = config
         self.query = nn.Linear(config.decoder_hidden_size, self.pointer_size)
-        self.key = nn.Linear(config.decoder_hidden_size, self.pointer_size)
+        # No key bias: it would add the same score to every cell (no effect on the softmax, a zero gradient that
+        # Adam would turn into noise-driven updates).
+        self.key = nn.Linear(config.decoder_hidden_size, self.pointer_size, bias=False)
         self.gate = nn.Linear(config.decoder_hidden_size, 1)
 
     def forward(
