@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .auxiliary_dense_head import cell_centres, feature_grid
+from .auxiliary_dense_head import cell_boxes
 from .configuration_pix2seq import TOKENS_PER_OBJECT, Pix2SeqConfig
 
 
@@ -31,22 +31,15 @@ def cell_box_bins(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
     The boxes the auxiliary head predicts at the cells of a square feature grid, in coordinate bins.
 
     Args:
-        distances (`torch.Tensor` of shape `(batch, cells, 4)`): distances from each cell centre to the left, top,
-            right and bottom sides, in units of the canvas (`Pix2SeqAuxiliaryDenseHead` output).
+        distances (`torch.Tensor` of shape `(batch, cells, 4)`): the head's distances (see [`cell_boxes`]).
         num_bins (`int`): coordinate bins.
 
     Returns:
         float32 `torch.Tensor` of shape `(batch, cells, 4)`: `ymin, xmin, ymax, xmax` as (fractional) bins in
         `[0, num_bins - 1]`, as `quantize_coordinates` maps coordinates before rounding.
     """
-    grid_h, grid_w = feature_grid(distances.shape[1])
-    centres = cell_centres(grid_h, grid_w, distances.device)
-    x, y = centres[:, 0], centres[:, 1]
-    distances = distances.float()
-    boxes = torch.stack(
-        [y - distances[..., 1], x - distances[..., 0], y + distances[..., 3], x + distances[..., 2]], dim=-1
-    )
-    return boxes.clamp(0, 1) * (num_bins - 1)
+    x0, y0, x1, y1 = cell_boxes(distances.float()).unbind(-1)
+    return torch.stack([y0, x0, y1, x1], dim=-1).clamp(0, 1) * (num_bins - 1)
 
 
 def gaussian_mixture_over_bins(

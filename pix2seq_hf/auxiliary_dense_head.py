@@ -72,6 +72,24 @@ def cell_centres(grid_h: int, grid_w: int, device=None) -> torch.Tensor:
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
+def cell_boxes(distances: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """
+    The boxes the auxiliary head predicts at the cells of a row-major feature grid.
+
+    Args:
+        distances (`torch.Tensor` of shape `(..., cells, 4)`): distances from each cell centre to the left, top,
+            right and bottom sides, in units of the canvas (`Pix2SeqAuxiliaryDenseHead` output).
+        image_size (`tuple[int, int]`, *optional*): pixel height and width, to find the grid's shape (square when not
+            given).
+
+    Returns:
+        `torch.Tensor` of shape `(..., cells, 4)`: `xyxy` boxes normalised to the canvas (not clipped).
+    """
+    grid_h, grid_w = feature_grid(distances.shape[-2], image_size)
+    points = cell_centres(grid_h, grid_w, distances.device).to(distances.dtype)
+    return torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
+
+
 def assign_cells(
     boxes: torch.Tensor, grid_h: int, grid_w: int, center_radius: float = 1.5
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.utils import GenerateEncoderDecoderOutput
 
-from .auxiliary_dense_head import cell_centres, feature_grid
+from .auxiliary_dense_head import cell_boxes
 from .box_codec import OBJECT_ORDERS, Pix2SeqBoxCodec
 from .fast_generation import Pix2SeqStaticDecoding, encoded_images, static_cache
 
@@ -248,13 +248,11 @@ class Pix2SeqAuxiliaryDrafter(Pix2SeqLookaheadDrafter):
                 "`pixel_values` to `generate` (not precomputed `encoder_outputs` without them)."
             )
         class_logits, distances = class_logits.detach().float().cpu(), distances.detach().float().cpu()
-        grid_h, grid_w = feature_grid(class_logits.shape[1], image_size)
-        points = cell_centres(grid_h, grid_w)
+        all_boxes = cell_boxes(distances, image_size).clamp(0.0, 1.0)
         codec = Pix2SeqBoxCodec(config.token_layout, object_order=self.object_order)
         drafts = []
-        for logits, sides in zip(class_logits, distances):
+        for logits, boxes in zip(class_logits, all_boxes):
             scores, labels = logits.sigmoid().max(dim=-1)
-            boxes = torch.cat([points - sides[:, :2], points + sides[:, 2:]], dim=-1).clamp(0.0, 1.0)
             keep = (scores >= self.score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             kept = batched_nms(boxes, scores, labels, self.iou_threshold)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_plan, training_setup  # noqa: E402
 from pix2seq_hf.cli import HelpFormatter  # noqa: E402
-from pix2seq_hf.auxiliary_dense_head import cell_centres, feature_grid, object_groups  # noqa: E402
+from pix2seq_hf.auxiliary_dense_head import cell_boxes, object_groups  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
     Pix2SeqCollator,
     load_detection_splits,
@@ -85,12 +85,11 @@ def auxiliary_head_map(model, eval_loader, max_detections: int = 100, iou_thresh
     evaluator = CocoDetectionEvaluator(model.config.id2label)
     for batch in eval_loader:
         encoded = model.model.encoder(batch["pixel_values"])
-        grid = feature_grid(encoded.auxiliary_logits.shape[1], tuple(batch["pixel_values"].shape[-2:]))
-        points = cell_centres(*grid)
-        for logits, distances, target in zip(encoded.auxiliary_logits, encoded.auxiliary_distances, batch["targets"]):
+        all_boxes = cell_boxes(encoded.auxiliary_distances, tuple(batch["pixel_values"].shape[-2:]))
+        for logits, boxes, target in zip(encoded.auxiliary_logits, all_boxes, batch["targets"]):
             height, width = (int(v) for v in target["orig_size"])
             # Normalised to the padded square canvas, which the longer side of the image fills.
-            boxes = torch.cat([points - distances[:, :2], points + distances[:, 2:]], dim=-1) * max(height, width)
+            boxes = boxes * max(height, width)
             scores, index = logits.sigmoid().flatten().topk(min(10 * max_detections, logits.numel()))
             cells, labels = index // logits.shape[1], index % logits.shape[1]
             keep = batched_nms(boxes[cells], scores, labels, iou_threshold)[:max_detections]
