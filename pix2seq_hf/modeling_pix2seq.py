@@ -613,6 +613,131 @@ class Pix2SeqDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.drop_path(self.mlp(self.final_layer_norm(hidden_states), key_length=key_length))
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether `module` or any module inside it has forward hooks or pre-hooks (also registered globally)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
+
+
+class Pix2SeqSingleTokenStep:
+    """
+    The decoder on one new token per sequence over a filled static cache, as one flat sequence of tensor operations:
+    the arithmetic of the layers' decoding step ([`Pix2SeqDecoderLayer`] with `key_length`, the same operators on
+    the same stacked, transposed weights of [`decoding_linear`]) without the modules around it. At batch 1 a token's
+    products take about 2 ms on a CPU, and the per-module work between them (module calls, the checks and weight
+    look-ups of each projection, mask and position bookkeeping) about as much again; here that work is done once per
+    `generate` call, when the step is built.
+
+    Built by [`Pix2SeqDecoder.decode`] inside [`decoding_weights_cache`] (every `generate` call) where it computes
+    exactly what the layers compute: inference, sdpa attention, plain `nn.Linear` projections and no hooks.
+
+    Args:
+        decoder (`Pix2SeqDecoder`): the decoder whose parameters the step reads (not copied, except the stacked
+            transposed projections of [`concatenated_parameters`], shared with the layers' own decoding steps).
+    """
+
+    def __init__(self, decoder: Pix2SeqDecoder):
+        def projection(owner: nn.Module, name: str, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+            # The same tensors `decoding_linear(owner, name, linears, ...)` uses: (bias, transposed weight).
+            weight = concatenated_parameters(owner, f"{name}_weight", [linear.weight for linear in linears], True)
+            return concatenated_parameters(owner, f"{name}_bias", [linear.bias for linear in linears]), weight
+
+        def norm(layer_norm: nn.LayerNorm) -> tuple:
+            return layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
+
+        self.token_embeddings = decoder.embed_tokens.weight
+        self.position_embeddings = decoder.embed_positions.weight
+        self.final_norm = norm(decoder.layer_norm)
+        attention = decoder.layers[0].self_attn
+        self.num_heads, self.head_dim, self.scaling = attention.num_heads, attention.head_dim, attention.scaling
+        self.layers = []
+        for layer in decoder.layers:
+            self_attn, cross_attn, mlp = layer.self_attn, layer.encoder_attn, layer.mlp
+            self.layers.append(
+                (
+                    norm(layer.self_attn_layer_norm),
+                    projection(self_attn, "_qkv", [self_attn.q_proj, self_attn.k_proj, self_attn.v_proj]),
+                    projection(self_attn, "_out", [self_attn.out_proj]),
+                    norm(layer.encoder_attn_layer_norm),
+                    projection(cross_attn, "_q", [cross_attn.q_proj]),
+                    projection(cross_attn, "_out", [cross_attn.out_proj]),
+                    norm(layer.final_layer_norm),
+                    projection(mlp, "_fc1", [mlp.fc1]),
+                    mlp.activation_fn,
+                    projection(mlp, "_fc2", [mlp.fc2]),
+                )
+            )
+
+    @staticmethod
+    def applies_to(decoder: Pix2SeqDecoder) -> bool:
+        """Whether the step computes what `decoder`'s layers compute: inference, sdpa attention, plain linear
+        projections ([`is_plain_linear`]), identity dropout / drop path, no hooks anywhere in the decoder."""
+        if decoder.training or decoder.config._attn_implementation != "sdpa" or has_hooks(decoder):
+            return False
+        return all(
+            is_plain_linear(linear)
+            for layer in decoder.layers
+            for linear in (
+                *(getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj")),
+                layer.encoder_attn.q_proj,
+                layer.encoder_attn.out_proj,
+                layer.mlp.fc1,
+                layer.mlp.fc2,
+            )
+        )
+
+    def __call__(self, input_ids: torch.LongTensor, cache: EncoderDecoderCache, key_length: int) -> torch.Tensor:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, 1)`): the new token of each sequence.
+            cache (`EncoderDecoderCache`): static self-attention layers holding `key_length - 1` positions (the new
+                token's keys and values are written at position `key_length - 1`), cross-attention keys and values
+                filled (one image per `k` sequences allowed).
+            key_length (`int`): the positions filled after this step.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, 1, hidden_size)`: the decoder's output (final LayerNorm applied).
+        """
+        functional = nn.functional
+        position = key_length - 1
+        batch_size = input_ids.shape[0]
+        heads, head_dim = self.num_heads, self.head_dim
+        hidden = functional.embedding(input_ids[:, 0], self.token_embeddings) + self.position_embeddings[position]
+        self_layers = cache.self_attention_cache.layers
+        cross_layers = cache.cross_attention_cache.layers
+        for index, (norm1, qkv, out1, norm2, query, out2, norm3, fc1, activation, fc2) in enumerate(self.layers):
+            # Self-attention: the token's query/key/value in one product, its key/value written into the cache.
+            states = torch.addmm(qkv[0], functional.layer_norm(hidden, *norm1), qkv[1])
+            query_states, key_states, value_states = states.view(batch_size, 1, 3, heads, head_dim).permute(
+                2, 0, 3, 1, 4
+            ).unbind(0)
+            layer = self_layers[index]
+            layer.keys.select(2, position).copy_(key_states[:, :, 0])
+            layer.values.select(2, position).copy_(value_states[:, :, 0])
+            layer.cumulative_length.add_(1)
+            attended = functional.scaled_dot_product_attention(
+                query_states,
+                layer.keys[:, :, :key_length],
+                layer.values[:, :, :key_length],
+                scale=self.scaling,
+            )
+            hidden = hidden + torch.addmm(out1[0], attended.transpose(1, 2).reshape(batch_size, -1), out1[1])
+            # Cross-attention to the image's cached keys/values.
+            query_states = torch.addmm(query[0], functional.layer_norm(hidden, *norm2), query[1])
+            query_states = query_states.view(batch_size, 1, heads, head_dim).transpose(1, 2)
+            keys, values = cross_layers[index].keys, cross_layers[index].values
+            if keys.shape[0] != batch_size:
+                copies = sequences_per_image(keys.shape[0], batch_size)
+                keys, values = keys.repeat_interleave(copies, dim=0), values.repeat_interleave(copies, dim=0)
+            attended = functional.scaled_dot_product_attention(query_states, keys, values, scale=self.scaling)
+            hidden = hidden + torch.addmm(out2[0], attended.transpose(1, 2).reshape(batch_size, -1), out2[1])
+            # Feed-forward block.
+            inner = activation(torch.addmm(fc1[0], functional.layer_norm(hidden, *norm3), fc1[1]))
+            hidden = hidden + torch.addmm(fc2[0], inner, fc2[1])
+        return functional.layer_norm(hidden, *self.final_norm)[:, None]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
@@ -996,6 +1121,10 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         Returns:
             `torch.Tensor` of shape `(batch_size, target_length, decoder_hidden_size)`: the final LayerNorm's output.
         """
+        if key_length is not None and positions is None and attention_mask is None and not kwargs:
+            single_token_step = self.single_token_step(input_ids, cache)
+            if single_token_step is not None:
+                return single_token_step(input_ids, cache, key_length)
         target_length = input_ids.shape[1]
         inputs_embeds = self.embed_tokens(input_ids)
         if positions is None:
@@ -1044,6 +1173,29 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
                 **kwargs,
             )
         return self.layer_norm(hidden_states)
+
+    def single_token_step(
+        self, input_ids: torch.LongTensor, cache: EncoderDecoderCache | None
+    ) -> Pix2SeqSingleTokenStep | None:
+        """
+        The [`Pix2SeqSingleTokenStep`] of this decoder for the current `generate` call (built at its first step and
+        kept in [`decoding_weights_cache`]), or `None` where the layers must run themselves: outside such a call,
+        for more than one token, before the prompt filled the static cache, or where the step does not apply
+        ([`Pix2SeqSingleTokenStep.applies_to`]).
+        """
+        weights = DECODING_WEIGHTS.get()
+        if weights is None or cache is None or input_ids.shape[1] != 1:
+            return None
+        layers = cache.self_attention_cache.layers
+        if not layers or type(layers[0]) is not StaticLayer or not layers[0].is_initialized:
+            return None
+        if not all(cache.is_updated.get(index, False) for index in range(len(self.layers))):
+            return None
+        # Per call, the parameters cannot change; a model moved or cast mid-call has new tensors.
+        key = ("single_token_step", id(self), self.embed_tokens.weight.data_ptr(), self.embed_tokens.weight.dtype)
+        if key not in weights:
+            weights[key] = Pix2SeqSingleTokenStep(self) if Pix2SeqSingleTokenStep.applies_to(self) else None
+        return weights[key]
 
     def _decoding_step_mask(self, self_attention_cache, positions: torch.Tensor, dtype: torch.dtype):
         """
@@ -1409,7 +1561,10 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             `torch.Tensor` of shape `(batch_size, length, vocab_size)`: logits (with the copy, float32
             log-probabilities).
         """
-        logits = self.lm_head(hidden_states)
+        if is_decoding_step(self, hidden_states, [self.lm_head]):
+            logits = decoding_linear(self, "_lm_head", [self.lm_head], hidden_states)
+        else:
+            logits = self.lm_head(hidden_states)
         if self.auxiliary_copy is None:
             return logits
         memory = encoder_hidden_states

@@ -178,6 +178,60 @@ def test_a_decoding_step_is_one_product_per_projection_group_no_mask_and_one_hos
     assert masks == []
 
 
+def record_single_token_steps(monkeypatch) -> list[int]:
+    """Records the batch size of every call of the decoder's single-token step."""
+    batch_sizes = []
+    original_call = modeling_pix2seq.Pix2SeqSingleTokenStep.__call__
+
+    def recording_call(self, input_ids, *args):
+        batch_sizes.append(input_ids.shape[0])
+        return original_call(self, input_ids, *args)
+
+    monkeypatch.setattr(modeling_pix2seq.Pix2SeqSingleTokenStep, "__call__", recording_call)
+    return batch_sizes
+
+
+def test_every_token_after_the_prompt_runs_the_single_token_step_with_the_layers_results(model, monkeypatch):
+    pixels = make_pixels()
+    kwargs = dict(max_new_tokens=30, top_p=0.9, logits_processor=LogitsProcessorList([EndRowsAt([4, 1, 6])]))
+    steps = record_single_token_steps(monkeypatch)
+    torch.manual_seed(3)
+    fast = model.generate(pixels, **kwargs)
+    # Every call after the prompt, for the rows still running (row 1 ends after 1 object, row 0 after 4).
+    assert steps == [3] * 5 + [2] * 15 + [1] * 9
+    # The same generation through the layers themselves (the step refused), and through transformers' loop.
+    monkeypatch.setattr(modeling_pix2seq.Pix2SeqSingleTokenStep, "applies_to", staticmethod(lambda decoder: False))
+    torch.manual_seed(3)
+    layers = model.generate(pixels, **kwargs)
+    assert len(steps) == 29
+    assert_same_generation(layers, fast, atol=1e-5)
+    torch.manual_seed(3)
+    assert_same_generation(model.generate(pixels, **STOCK, **kwargs), fast)
+
+
+@pytest.mark.parametrize("change", ["layer_norm_hook", "eager_attention"])
+def test_the_single_token_step_steps_aside_where_it_would_differ(change, monkeypatch):
+    torch.manual_seed(0)
+    model = Pix2SeqForObjectDetection(tiny_config()).eval()
+    decoder = model.model.decoder
+    assert modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
+    decoder.train()
+    assert not modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
+    decoder.eval()
+    pixels = make_pixels(1)
+    kwargs = dict(do_sample=False, max_new_tokens=10, suppress_eos=True)
+    if change == "layer_norm_hook":
+        # A hook on a module the step does not call as a module: the layers run, so that the hook acts.
+        decoder.layers[0].final_layer_norm.register_forward_hook(lambda module, args, output: output * 0.0)
+    else:
+        model.set_attn_implementation("eager")
+    assert not modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
+    steps = record_single_token_steps(monkeypatch)
+    fast = model.generate(pixels, **kwargs)
+    assert steps == []
+    assert_same_generation(model.generate(pixels, **STOCK, **kwargs), fast, atol=1e-5)
+
+
 def test_stacked_projection_weights_follow_the_parameters_and_stay_out_of_the_state_dict(model):
     pixels = make_pixels(2)
     kwargs = dict(do_sample=False, max_new_tokens=15, min_objects=3)
