@@ -91,48 +91,71 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
         self.key = nn.Linear(config.decoder_hidden_size, self.pointer_size, bias=False)
         self.gate = nn.Linear(config.decoder_hidden_size, 1)
 
+    def cell_inputs(
+        self, memory: torch.Tensor, class_logits: torch.Tensor, distances: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        What the copy reads of each memory cell, the same at every position of a sequence (so that a decoding loop can
+        compute it once per image).
+
+        Args:
+            memory (`torch.Tensor` of shape `(batch, cells, hidden)`): the encoded image of each sequence.
+            class_logits (`torch.Tensor` of shape `(batch, cells, num_classes)`), distances (`torch.Tensor` of shape
+                `(batch, cells, 4)`): the auxiliary head's outputs on `memory`.
+
+        Returns:
+            float32 `(boxes, keys, class_probabilities)`: the cells' boxes in bins `(batch, cells, 4)` (see
+            [`cell_box_bins`]), their pointer keys `(batch, cells, pointer_size)` and class probabilities `(batch,
+            cells, num_classes)`.
+        """
+        boxes = cell_box_bins(distances.detach(), self.config.num_bins)
+        return boxes, self.key(memory).float(), torch.softmax(class_logits.detach().float(), dim=-1)
+
     def forward(
         self,
         logits: torch.Tensor,
         hidden_states: torch.Tensor,
-        memory: torch.Tensor,
-        class_logits: torch.Tensor,
-        distances: torch.Tensor,
-        positions: torch.LongTensor,
+        cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        positions: torch.LongTensor | int,
     ) -> torch.Tensor:
         """
         Args:
             logits (`torch.Tensor` of shape `(batch, length, vocab_size)`): the decoder's next-token logits.
             hidden_states (`torch.Tensor` of shape `(batch, length, hidden)`): the decoder output they come from.
-            memory (`torch.Tensor` of shape `(batch, cells, hidden)`): the encoded image of each sequence.
-            class_logits (`torch.Tensor` of shape `(batch, cells, num_classes)`), distances (`torch.Tensor` of shape
-                `(batch, cells, 4)`): the auxiliary head's outputs on `memory`.
-            positions (`torch.LongTensor` of shape `(length,)` or `(batch, length)`): each output's position in the
-                sequence (0: the prompt, whose output predicts the first `ymin`).
+            cells (`tuple`): [`cell_inputs`] of each sequence's encoded image.
+            positions (`torch.LongTensor` of shape `(length,)` or `(batch, length)`, or `int`): each output's position
+                in the sequence (0: the prompt, whose output predicts the first `ymin`); an `int` for one position
+                shared by every row (a decoding step), which then copies only the kind of token written there.
 
         Returns:
             float32 `torch.Tensor` of shape `(batch, length, vocab_size)`: the log-probabilities of the mixture (the
             decoder's own distribution wherever the copy puts nothing: EOS, the noise class).
         """
-        kind = positions % TOKENS_PER_OBJECT
-        if kind.dim() == 1:
-            kind = kind[None].expand(logits.shape[0], -1)
+        boxes, keys, class_probabilities = cells
         config = self.config
-        boxes = cell_box_bins(distances.detach(), config.num_bins)  # (batch, cells, 4)
-        # Each position's coordinate of every cell: (batch, length, cells).
-        centres = boxes.transpose(1, 2).gather(1, kind.clamp(max=3)[..., None].expand(-1, -1, boxes.shape[1]))
-        scores = self.query(hidden_states).float() @ self.key(memory).float().transpose(1, 2)
+        num_bins = config.num_bins
+        scores = self.query(hidden_states).float() @ keys.transpose(1, 2)
         pointer = torch.softmax(scores / math.sqrt(self.pointer_size), dim=-1)
-        copied_bins = gaussian_mixture_over_bins(pointer, centres, config.num_bins, self.sigma)
-        copied_classes = pointer @ torch.softmax(class_logits.detach().float(), dim=-1)
         gate = torch.sigmoid(self.gate(hidden_states).float())
         probabilities = torch.softmax(logits.float(), dim=-1) * (1 - gate)
         copied = torch.zeros_like(probabilities)
-        bins = slice(config.coord_token_offset, config.coord_token_offset + config.num_bins)
-        classes = slice(config.class_token_offset, config.class_token_offset + class_logits.shape[-1])
-        is_class = (kind == TOKENS_PER_OBJECT - 1)[..., None]
-        copied[..., bins] = copied_bins * ~is_class
-        copied[..., classes] = copied_classes * is_class
+        bins = slice(config.coord_token_offset, config.coord_token_offset + num_bins)
+        classes = slice(config.class_token_offset, config.class_token_offset + class_probabilities.shape[-1])
+        if isinstance(positions, int):
+            kind = positions % TOKENS_PER_OBJECT
+            if kind == TOKENS_PER_OBJECT - 1:
+                copied[..., classes] = pointer @ class_probabilities
+            else:
+                copied[..., bins] = gaussian_mixture_over_bins(pointer, boxes[..., kind][:, None], num_bins, self.sigma)
+        else:
+            kind = positions % TOKENS_PER_OBJECT
+            if kind.dim() == 1:
+                kind = kind[None].expand(logits.shape[0], -1)
+            # Each position's coordinate of every cell: (batch, length, cells).
+            centres = boxes.transpose(1, 2).gather(1, kind.clamp(max=3)[..., None].expand(-1, -1, boxes.shape[1]))
+            is_class = (kind == TOKENS_PER_OBJECT - 1)[..., None]
+            copied[..., bins] = gaussian_mixture_over_bins(pointer, centres, num_bins, self.sigma) * ~is_class
+            copied[..., classes] = (pointer @ class_probabilities) * is_class
         return torch.log((probabilities + gate * copied).clamp_min(torch.finfo(torch.float32).tiny))
 
 

@@ -51,8 +51,11 @@ def decoder_step(
     position = None
     if model.auxiliary_copy is not None:
         # The last token's position: the filled cache positions less one (counted on the device when compiled).
-        filled = key_length if key_length is not None else cache.self_attention_cache.get_seq_length()
-        position = torch.as_tensor(filled, device=token_ids.device).reshape(1) - 1
+        if key_length is not None:
+            position = key_length - 1
+        else:
+            filled = cache.self_attention_cache.get_seq_length()
+            position = torch.as_tensor(filled, device=token_ids.device).reshape(1) - 1
     return model.output_logits(hidden[:, -1:], encoder_hidden_states, position)[:, 0].float()
 
 

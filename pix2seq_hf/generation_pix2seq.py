@@ -462,8 +462,8 @@ def logits_of_returned_sequences(logits: torch.Tensor, beam_indices: torch.Tenso
     return logits[rows, steps]
 
 
-# The stacked / transposed decoding weights that the model's layers build during the current `generate` call
-# (`modeling_pix2seq.concatenated_parameters`; see `decoding_weights_cache`).
+# What the model builds once per `generate` call (stacked / transposed decoding weights, the single-token step, the
+# auxiliary copy's per-image inputs; see `decoding_weights_cache`).
 DECODING_WEIGHTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "pix2seq_decoding_weights", default=None
 )
@@ -472,8 +472,9 @@ DECODING_WEIGHTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 @contextlib.contextmanager
 def decoding_weights_cache() -> Iterator[None]:
     """
-    Keeps the weights that the model's decoding layers stack (`concatenated_parameters`) for the duration of the
-    block, one `generate` call, and drops them at its end. The parameters cannot change during a call, while between
+    Keeps the weights that the model's decoding layers stack (`concatenated_parameters`), the decoder's single-token
+    step and what the auxiliary copy reads of each image's cells for the duration of the block, one `generate` call,
+    and drops them at its end. The parameters cannot change during a call, while between
     calls an optimizer may update them in place without a trace (fused AdamW does not bump tensors' version
     counters), so nothing is kept longer.
     Nested blocks share the outermost one's weights.

@@ -673,8 +673,10 @@ class Pix2SeqSingleTokenStep:
     def applies_to(decoder: Pix2SeqDecoder) -> bool:
         """Whether the step computes what `decoder`'s layers compute: inference, sdpa attention, plain linear
         projections ([`is_plain_linear`]), identity dropout / drop path, no hooks anywhere in the decoder."""
-        if decoder.training or decoder.config._attn_implementation != "sdpa" or has_hooks(decoder):
+        if decoder.config._attn_implementation != "sdpa" or has_hooks(decoder):
             return False
+        if any(module.training for module in decoder.modules()):
+            return False  # dropout and drop path act
         return all(
             is_plain_linear(linear)
             for layer in decoder.layers
@@ -1101,7 +1103,9 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         whole cache, or with a static cache to its positions up to the token's own (a comparison of the cache
         positions). Several tokens over a static cache with `key_length` (a speculative verification pass) attend to
         the filled positions up to their own. The first call with a cache fills the cross-attention keys and values
-        of every layer, in one matrix product over the encoded image.
+        of every layer, in one matrix product over the encoded image. Inside a `generate` call, one token over the
+        filled static cache with `key_length` runs as the decoder's [`Pix2SeqSingleTokenStep`] (the same arithmetic
+        without the modules) wherever it applies.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`): tokens after those in `cache`.
@@ -1543,7 +1547,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         return self._box_codec
 
     def output_logits(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, positions: torch.LongTensor
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, positions: torch.LongTensor | int
     ) -> torch.Tensor:
         """
         The next-token logits of decoder outputs: the output projection, and for a model with `config.auxiliary_copy`
@@ -1554,8 +1558,9 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             hidden_states (`torch.Tensor` of shape `(batch_size, length, decoder_hidden_size)`): the decoder output.
             encoder_hidden_states (`torch.Tensor` of shape `(batch_size / k, memory_length, decoder_hidden_size)`):
                 the encoded images (one per `k` sequences, as the decoder takes them); read only with the copy.
-            positions (`torch.LongTensor` of shape `(length,)` or `(batch_size, length)`): the outputs' positions in
-                the sequence (0: the prompt); read only with the copy.
+            positions (`torch.LongTensor` of shape `(length,)` or `(batch_size, length)`, or `int`): the outputs'
+                positions in the sequence (0: the prompt; an `int`: one position shared by every row, as in a decoding
+                step); read only with the copy.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, length, vocab_size)`: logits (with the copy, float32
@@ -1567,11 +1572,37 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             logits = self.lm_head(hidden_states)
         if self.auxiliary_copy is None:
             return logits
+        cells = self.auxiliary_copy_cells(encoder_hidden_states, hidden_states.shape[0])
+        return self.auxiliary_copy(logits, hidden_states, cells, positions)
+
+    def auxiliary_copy_cells(
+        self, encoder_hidden_states: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The auxiliary copy's [`Pix2SeqAuxiliaryCopy.cell_inputs`] for `batch_size` sequences over the encoded images
+        `encoder_hidden_states` (one per `k` sequences): the auxiliary head on the memory cells and the pointer keys.
+        Within a `generate` call ([`decoding_weights_cache`], no gradients, not compiling) they are computed once per
+        tensor of encoded images and reused by every decoding step; elsewhere at every call.
+        """
+        cache = DECODING_WEIGHTS.get()
+        if cache is not None and (
+            torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        ):
+            cache = None
+        key = ("auxiliary_copy_cells", id(self))
+        if cache is not None:
+            # The entry keeps the encoded images it was computed from, so their identity cannot be reused.
+            images, rows, cells = cache.get(key, (None, None, None))
+            if images is encoder_hidden_states and rows == batch_size:
+                return cells
         memory = encoder_hidden_states
-        if memory.shape[0] != hidden_states.shape[0]:
-            memory = memory.repeat_interleave(sequences_per_image(memory.shape[0], hidden_states.shape[0]), dim=0)
+        if memory.shape[0] != batch_size:
+            memory = memory.repeat_interleave(sequences_per_image(memory.shape[0], batch_size), dim=0)
         class_logits, distances = self.model.encoder.auxiliary_head(memory)
-        return self.auxiliary_copy(logits, hidden_states, memory, class_logits, distances, positions)
+        cells = self.auxiliary_copy.cell_inputs(memory, class_logits, distances)
+        if cache is not None:
+            cache[key] = (encoder_hidden_states, batch_size, cells)
+        return cells
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)

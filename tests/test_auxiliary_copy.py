@@ -3,6 +3,7 @@ same logits and tokens on every path that turns decoder outputs into logits."""
 
 import pytest
 import torch
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
 from pix2seq_hf import Pix2SeqConfig, Pix2SeqForObjectDetection
 from pix2seq_hf.auxiliary_copy import cell_box_bins, gaussian_mixture_over_bins
@@ -94,6 +95,38 @@ def test_every_decoding_path_gives_the_teacher_forced_logits_and_tokens():
     assert torch.equal(plain, reference.sequences)
     for extra in (dict(static_decoding=False), dict(draft="auxiliary"), dict(draft="lookahead")):
         assert torch.equal(model.generate(pixel_values, **options, **extra).sequences, reference.sequences), extra
+
+
+class EndFirstRowAfterOneObject(LogitsProcessor):
+    """Forces EOS in row 0 after its first object, so that the static loop drops that row."""
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - 1 == 5:
+            scores[0] = -float("inf")
+            scores[0, 0] = 0.0
+        return scores
+
+
+def test_decoding_reads_the_head_once_per_set_of_running_images_with_the_same_tokens():
+    model = copy_model()
+    pixel_values = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    end_first_row = LogitsProcessorList([EndFirstRowAfterOneObject()])
+    options = dict(do_sample=False, max_new_tokens=20, logits_processor=end_first_row)
+    calls = []
+    hook = model.model.encoder.auxiliary_head.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        with torch.no_grad():
+            fast = model.generate(pixel_values, **options)
+            head_calls, calls[:] = len(calls), []
+            stock = model.generate(pixel_values, static_decoding=False, **options)
+    finally:
+        hook.remove()
+    assert fast.sequences[0, 6] == 0 and (fast.sequences[1:, 6] != 0).all()
+    assert torch.equal(fast.sequences, stock.sequences)
+    # The encoder's own call, then the three images, then the two still running; transformers' loop keeps every
+    # image in its batch to the end: once.
+    assert head_calls == 1 + 2
+    assert len(calls) == 1 + 1
 
 
 def test_copy_trains_its_pointer_and_survives_save_and_load(tmp_path):

@@ -215,7 +215,8 @@ def test_the_single_token_step_steps_aside_where_it_would_differ(change, monkeyp
     model = Pix2SeqForObjectDetection(tiny_config()).eval()
     decoder = model.model.decoder
     assert modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
-    decoder.train()
+    # Dropout acts in training mode, also when only one layer is in it.
+    decoder.layers[1].mlp.train()
     assert not modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
     decoder.eval()
     pixels = make_pixels(1)
