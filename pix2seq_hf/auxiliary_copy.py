@@ -146,7 +146,8 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
             if kind == TOKENS_PER_OBJECT - 1:
                 copied[..., classes] = pointer @ class_probabilities
             else:
-                copied[..., bins] = gaussian_mixture_over_bins(pointer, boxes[..., kind][:, None], num_bins, self.sigma)
+                centres = boxes[..., kind][:, None]  # (batch, 1, cells)
+                copied[..., bins] = gaussian_mixture_over_bins(pointer, centres, num_bins, self.sigma)
         else:
             kind = positions % TOKENS_PER_OBJECT
             if kind.dim() == 1:

@@ -474,9 +474,9 @@ def decoding_weights_cache() -> Iterator[None]:
     """
     Keeps the weights that the model's decoding layers stack (`concatenated_parameters`), the decoder's single-token
     step and what the auxiliary copy reads of each image's cells for the duration of the block, one `generate` call,
-    and drops them at its end. The parameters cannot change during a call, while between
-    calls an optimizer may update them in place without a trace (fused AdamW does not bump tensors' version
-    counters), so nothing is kept longer.
+    and drops them at its end. The parameters cannot change during a call, while between calls an optimizer may
+    update them in place without a trace (fused AdamW does not bump tensors' version counters), so nothing is kept
+    longer.
     Nested blocks share the outermost one's weights.
     """
     if DECODING_WEIGHTS.get() is not None:
