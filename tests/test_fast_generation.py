@@ -209,6 +209,19 @@ def test_every_token_after_the_prompt_runs_the_single_token_step_with_the_layers
     assert_same_generation(model.generate(pixels, **STOCK, **kwargs), fast)
 
 
+def test_several_sampled_sequences_per_image_run_the_single_token_step_with_the_stock_tokens(model, monkeypatch):
+    pixels = make_pixels(2)
+    kwargs = dict(max_new_tokens=15, top_p=0.9, num_return_sequences=3, suppress_eos=True)
+    steps = record_single_token_steps(monkeypatch)
+    torch.manual_seed(11)
+    fast = model.generate(pixels, **kwargs)
+    assert steps == [6] * 14
+    torch.manual_seed(11)
+    assert_same_generation(model.generate(pixels, **STOCK, **kwargs), fast)
+    # Three different samples of each image.
+    assert len({tuple(row) for row in fast.sequences[:3].tolist()}) > 1
+
+
 @pytest.mark.parametrize("change", ["layer_norm_hook", "eager_attention"])
 def test_the_single_token_step_steps_aside_where_it_would_differ(change, monkeypatch):
     torch.manual_seed(0)
