@@ -620,11 +620,12 @@ def has_hooks(module: nn.Module) -> bool:
     return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
 
 
-class Pix2SeqSingleTokenStep:
+class Pix2SeqDecodingStep:
     """
-    The decoder on one new token per sequence over a filled static cache, as one flat sequence of tensor operations:
-    the arithmetic of the layers' decoding step ([`Pix2SeqDecoderLayer`] with `key_length`, the same operators on
-    the same stacked, transposed weights of [`decoding_linear`]) without the modules around it. At batch 1 a token's
+    The decoder on the new tokens of a decoding step over a filled static cache (one token per sequence, or the
+    tokens of a speculative verification pass at per-sequence positions), as one flat sequence of tensor operations:
+    the arithmetic of the layers' decoding path ([`Pix2SeqDecoderLayer`] with `key_length`, the same operators on the
+    same stacked, transposed weights of [`decoding_linear`]) without the modules around it. At batch 1 a token's
     products take about 2 ms on a CPU, and the per-module work between them (module calls, the checks and weight
     look-ups of each projection, mask and position bookkeeping) about as much again; here that work is done once per
     `generate` call, when the step is built.
@@ -689,55 +690,79 @@ class Pix2SeqSingleTokenStep:
             )
         )
 
-    def __call__(self, input_ids: torch.LongTensor, cache: EncoderDecoderCache, key_length: int) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.LongTensor,
+        cache: EncoderDecoderCache,
+        key_length: int,
+        positions: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, 1)`): the new token of each sequence.
-            cache (`EncoderDecoderCache`): static self-attention layers holding `key_length - 1` positions (the new
-                token's keys and values are written at position `key_length - 1`), cross-attention keys and values
-                filled (one image per `k` sequences allowed).
-            key_length (`int`): the positions filled after this step.
+            input_ids (`torch.LongTensor` of shape `(batch_size, length)`): the new tokens of each sequence.
+            cache (`EncoderDecoderCache`): static self-attention layers (written in place) and the cross-attention
+                keys and values, filled (one image per `k` sequences allowed).
+            key_length (`int`): the self-attention positions filled after this step; the tokens attend to those.
+            positions (`torch.LongTensor` of shape `(batch_size, length)`, *optional*): each token's position (its
+                position embedding, its cache slot and its causal mask, as in [`Pix2SeqDecoder.decode`]). Without
+                it: one token per sequence, at position `key_length - 1`, attending to every filled position.
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, 1, hidden_size)`: the decoder's output (final LayerNorm applied).
+            `torch.Tensor` of shape `(batch_size, length, hidden_size)`: the decoder's output (final LayerNorm
+            applied).
         """
         functional = nn.functional
-        position = key_length - 1
-        batch_size = input_ids.shape[0]
+        batch_size, length = input_ids.shape
         heads, head_dim = self.num_heads, self.head_dim
-        hidden = functional.embedding(input_ids[:, 0], self.token_embeddings) + self.position_embeddings[position]
+        hidden = functional.embedding(input_ids.reshape(-1), self.token_embeddings)
+        if positions is None:
+            position, mask = key_length - 1, None
+            hidden = hidden + self.position_embeddings[position]
+        else:
+            rows = torch.arange(batch_size, device=input_ids.device)[:, None]
+            slots = positions.clamp(max=self.position_embeddings.shape[0] - 1)
+            hidden = hidden + functional.embedding(slots.reshape(-1), self.position_embeddings)
+            mask = (torch.arange(key_length, device=positions.device) <= positions[..., None])[:, None]
         self_layers = cache.self_attention_cache.layers
         cross_layers = cache.cross_attention_cache.layers
         for index, (norm1, qkv, out1, norm2, query, out2, norm3, fc1, activation, fc2) in enumerate(self.layers):
             # Self-attention: the token's query/key/value in one product, its key/value written into the cache.
             states = torch.addmm(qkv[0], functional.layer_norm(hidden, *norm1), qkv[1])
-            query_states, key_states, value_states = states.view(batch_size, 1, 3, heads, head_dim).permute(
+            query_states, key_states, value_states = states.view(batch_size, length, 3, heads, head_dim).permute(
                 2, 0, 3, 1, 4
             ).unbind(0)
             layer = self_layers[index]
-            layer.keys.select(2, position).copy_(key_states[:, :, 0])
-            layer.values.select(2, position).copy_(value_states[:, :, 0])
-            layer.cumulative_length.add_(1)
+            if positions is None:
+                layer.keys.select(2, position).copy_(key_states[:, :, 0])
+                layer.values.select(2, position).copy_(value_states[:, :, 0])
+                layer.cumulative_length.add_(1)
+            else:
+                # As the layers write per-sequence positions: in place, the count left to the loop.
+                layer.keys[rows, :, positions] = key_states.transpose(1, 2)
+                layer.values[rows, :, positions] = value_states.transpose(1, 2)
             attended = functional.scaled_dot_product_attention(
                 query_states,
                 layer.keys[:, :, :key_length],
                 layer.values[:, :, :key_length],
+                attn_mask=mask,
                 scale=self.scaling,
             )
-            hidden = hidden + torch.addmm(out1[0], attended.transpose(1, 2).reshape(batch_size, -1), out1[1])
+            attended = attended.transpose(1, 2).reshape(batch_size * length, -1)
+            hidden = hidden + torch.addmm(out1[0], attended, out1[1])
             # Cross-attention to the image's cached keys/values.
             query_states = torch.addmm(query[0], functional.layer_norm(hidden, *norm2), query[1])
-            query_states = query_states.view(batch_size, 1, heads, head_dim).transpose(1, 2)
+            query_states = query_states.view(batch_size, length, heads, head_dim).transpose(1, 2)
             keys, values = cross_layers[index].keys, cross_layers[index].values
             if keys.shape[0] != batch_size:
                 copies = sequences_per_image(keys.shape[0], batch_size)
                 keys, values = keys.repeat_interleave(copies, dim=0), values.repeat_interleave(copies, dim=0)
             attended = functional.scaled_dot_product_attention(query_states, keys, values, scale=self.scaling)
-            hidden = hidden + torch.addmm(out2[0], attended.transpose(1, 2).reshape(batch_size, -1), out2[1])
+            attended = attended.transpose(1, 2).reshape(batch_size * length, -1)
+            hidden = hidden + torch.addmm(out2[0], attended, out2[1])
             # Feed-forward block.
             inner = activation(torch.addmm(fc1[0], functional.layer_norm(hidden, *norm3), fc1[1]))
             hidden = hidden + torch.addmm(fc2[0], inner, fc2[1])
-        return functional.layer_norm(hidden, *self.final_norm)[:, None]
+        return functional.layer_norm(hidden, *self.final_norm).view(batch_size, length, -1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1104,8 +1129,8 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         positions). Several tokens over a static cache with `key_length` (a speculative verification pass) attend to
         the filled positions up to their own. The first call with a cache fills the cross-attention keys and values
         of every layer, in one matrix product over the encoded image. Inside a `generate` call, one token over the
-        filled static cache with `key_length` runs as the decoder's [`Pix2SeqSingleTokenStep`] (the same arithmetic
-        without the modules) wherever it applies.
+        filled static cache with `key_length` (or the tokens of a verification pass with `positions`) runs as the
+        decoder's [`Pix2SeqDecodingStep`] (the same arithmetic without the modules) wherever it applies.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`): tokens after those in `cache`.
@@ -1125,10 +1150,10 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         Returns:
             `torch.Tensor` of shape `(batch_size, target_length, decoder_hidden_size)`: the final LayerNorm's output.
         """
-        if key_length is not None and positions is None and attention_mask is None and not kwargs:
-            single_token_step = self.single_token_step(input_ids, cache)
-            if single_token_step is not None:
-                return single_token_step(input_ids, cache, key_length)
+        if key_length is not None and attention_mask is None and not kwargs:
+            decoding_step = self.decoding_step(input_ids, cache, positions)
+            if decoding_step is not None:
+                return decoding_step(input_ids, cache, key_length, positions)
         target_length = input_ids.shape[1]
         inputs_embeds = self.embed_tokens(input_ids)
         if positions is None:
@@ -1178,17 +1203,19 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
             )
         return self.layer_norm(hidden_states)
 
-    def single_token_step(
-        self, input_ids: torch.LongTensor, cache: EncoderDecoderCache | None
-    ) -> Pix2SeqSingleTokenStep | None:
+    def decoding_step(
+        self, input_ids: torch.LongTensor, cache: EncoderDecoderCache | None, positions: torch.LongTensor | None
+    ) -> Pix2SeqDecodingStep | None:
         """
-        The [`Pix2SeqSingleTokenStep`] of this decoder for the current `generate` call (built at its first step and
-        kept in [`decoding_weights_cache`]), or `None` where the layers must run themselves: outside such a call,
-        for more than one token, before the prompt filled the static cache, or where the step does not apply
-        ([`Pix2SeqSingleTokenStep.applies_to`]).
+        The [`Pix2SeqDecodingStep`] of this decoder for the current `generate` call (built at its first step and kept
+        in [`decoding_weights_cache`]), or `None` where the layers must run themselves: outside such a call, for
+        several tokens without per-sequence `positions`, before the prompt filled the static cache, or where the step
+        does not apply ([`Pix2SeqDecodingStep.applies_to`]).
         """
         weights = DECODING_WEIGHTS.get()
-        if weights is None or cache is None or input_ids.shape[1] != 1:
+        if weights is None or cache is None:
+            return None
+        if (input_ids.shape[1] != 1) if positions is None else (positions.shape != input_ids.shape):
             return None
         layers = cache.self_attention_cache.layers
         if not layers or type(layers[0]) is not StaticLayer or not layers[0].is_initialized:
@@ -1196,9 +1223,9 @@ class Pix2SeqDecoder(Pix2SeqPreTrainedModel):
         if not all(cache.is_updated.get(index, False) for index in range(len(self.layers))):
             return None
         # Per call, the parameters cannot change; a model moved or cast mid-call has new tensors.
-        key = ("single_token_step", id(self), self.embed_tokens.weight.data_ptr(), self.embed_tokens.weight.dtype)
+        key = ("decoding_step", id(self), self.embed_tokens.weight.data_ptr(), self.embed_tokens.weight.dtype)
         if key not in weights:
-            weights[key] = Pix2SeqSingleTokenStep(self) if Pix2SeqSingleTokenStep.applies_to(self) else None
+            weights[key] = Pix2SeqDecodingStep(self) if Pix2SeqDecodingStep.applies_to(self) else None
         return weights[key]
 
     def _decoding_step_mask(self, self_attention_cache, positions: torch.Tensor, dtype: torch.dtype):

@@ -178,29 +178,31 @@ def test_a_decoding_step_is_one_product_per_projection_group_no_mask_and_one_hos
     assert masks == []
 
 
-def record_single_token_steps(monkeypatch) -> list[int]:
-    """Records the batch size of every call of the decoder's single-token step."""
+def record_decoding_steps(monkeypatch) -> list[int]:
+    """Records the batch size of every call of the decoder's decoding step (`Pix2SeqDecodingStep`), which must be
+    one token per sequence."""
     batch_sizes = []
-    original_call = modeling_pix2seq.Pix2SeqSingleTokenStep.__call__
+    original_call = modeling_pix2seq.Pix2SeqDecodingStep.__call__
 
     def recording_call(self, input_ids, *args):
+        assert input_ids.shape[1] == 1
         batch_sizes.append(input_ids.shape[0])
         return original_call(self, input_ids, *args)
 
-    monkeypatch.setattr(modeling_pix2seq.Pix2SeqSingleTokenStep, "__call__", recording_call)
+    monkeypatch.setattr(modeling_pix2seq.Pix2SeqDecodingStep, "__call__", recording_call)
     return batch_sizes
 
 
-def test_every_token_after_the_prompt_runs_the_single_token_step_with_the_layers_results(model, monkeypatch):
+def test_every_token_after_the_prompt_runs_the_decoding_step_with_the_layers_results(model, monkeypatch):
     pixels = make_pixels()
     kwargs = dict(max_new_tokens=30, top_p=0.9, logits_processor=LogitsProcessorList([EndRowsAt([4, 1, 6])]))
-    steps = record_single_token_steps(monkeypatch)
+    steps = record_decoding_steps(monkeypatch)
     torch.manual_seed(3)
     fast = model.generate(pixels, **kwargs)
     # Every call after the prompt, for the rows still running (row 1 ends after 1 object, row 0 after 4).
     assert steps == [3] * 5 + [2] * 15 + [1] * 9
     # The same generation through the layers themselves (the step refused), and through transformers' loop.
-    monkeypatch.setattr(modeling_pix2seq.Pix2SeqSingleTokenStep, "applies_to", staticmethod(lambda decoder: False))
+    monkeypatch.setattr(modeling_pix2seq.Pix2SeqDecodingStep, "applies_to", staticmethod(lambda decoder: False))
     torch.manual_seed(3)
     layers = model.generate(pixels, **kwargs)
     assert len(steps) == 29
@@ -209,10 +211,10 @@ def test_every_token_after_the_prompt_runs_the_single_token_step_with_the_layers
     assert_same_generation(model.generate(pixels, **STOCK, **kwargs), fast)
 
 
-def test_several_sampled_sequences_per_image_run_the_single_token_step_with_the_stock_tokens(model, monkeypatch):
+def test_several_sampled_sequences_per_image_run_the_decoding_step_with_the_stock_tokens(model, monkeypatch):
     pixels = make_pixels(2)
     kwargs = dict(max_new_tokens=15, top_p=0.9, num_return_sequences=3, suppress_eos=True)
-    steps = record_single_token_steps(monkeypatch)
+    steps = record_decoding_steps(monkeypatch)
     torch.manual_seed(11)
     fast = model.generate(pixels, **kwargs)
     assert steps == [6] * 14
@@ -223,14 +225,14 @@ def test_several_sampled_sequences_per_image_run_the_single_token_step_with_the_
 
 
 @pytest.mark.parametrize("change", ["layer_norm_hook", "eager_attention"])
-def test_the_single_token_step_steps_aside_where_it_would_differ(change, monkeypatch):
+def test_the_decoding_step_steps_aside_where_it_would_differ(change, monkeypatch):
     torch.manual_seed(0)
     model = Pix2SeqForObjectDetection(tiny_config()).eval()
     decoder = model.model.decoder
-    assert modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
+    assert modeling_pix2seq.Pix2SeqDecodingStep.applies_to(decoder)
     # Dropout acts in training mode, also when only one layer is in it.
     decoder.layers[1].mlp.train()
-    assert not modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
+    assert not modeling_pix2seq.Pix2SeqDecodingStep.applies_to(decoder)
     decoder.eval()
     pixels = make_pixels(1)
     kwargs = dict(do_sample=False, max_new_tokens=10, suppress_eos=True)
@@ -239,8 +241,8 @@ def test_the_single_token_step_steps_aside_where_it_would_differ(change, monkeyp
         decoder.layers[0].final_layer_norm.register_forward_hook(lambda module, args, output: output * 0.0)
     else:
         model.set_attn_implementation("eager")
-    assert not modeling_pix2seq.Pix2SeqSingleTokenStep.applies_to(decoder)
-    steps = record_single_token_steps(monkeypatch)
+    assert not modeling_pix2seq.Pix2SeqDecodingStep.applies_to(decoder)
+    steps = record_decoding_steps(monkeypatch)
     fast = model.generate(pixels, **kwargs)
     assert steps == []
     assert_same_generation(model.generate(pixels, **STOCK, **kwargs), fast, atol=1e-5)

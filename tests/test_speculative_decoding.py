@@ -383,6 +383,37 @@ def test_a_batch_is_verified_together_and_images_that_end_drop_out(attn_implemen
     assert statistics.acceptance_rate < 1.0 and statistics.passes <= 2 * 6
 
 
+def test_verification_passes_run_the_decoding_step_with_the_layers_results(monkeypatch):
+    """With sdpa, a verification pass over the filled cache (each image's tokens at its own positions, padded drafts
+    in the spare slot) runs as the decoder's `Pix2SeqDecodingStep`: the tokens and logits of the layers themselves."""
+    import pix2seq_hf.modeling_pix2seq as modeling_pix2seq
+
+    model = head_model(seed=6)
+    with torch.no_grad():  # a decoder that reads the image, so that the images end after different objects
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.out_proj.weight.mul_(8.0)
+    pixel_values = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(15))
+    options = {"do_sample": False, "max_new_tokens": 40, "draft": "auxiliary"}
+    ending = [EndAfterSomeObjects(model.config.eos_token_id)]
+    shapes = []
+    original_call = modeling_pix2seq.Pix2SeqDecodingStep.__call__
+
+    def recording_call(self, input_ids, cache, key_length, positions=None):
+        shapes.append(tuple(input_ids.shape))
+        return original_call(self, input_ids, cache, key_length, positions)
+
+    monkeypatch.setattr(modeling_pix2seq.Pix2SeqDecodingStep, "__call__", recording_call)
+    drafted = model.generate(pixel_values, logits_processor=ending, **options)
+    # Every pass after the first (the prompts and first drafts fill the cache through the layers).
+    assert shapes and all(length > 1 for _, length in shapes)
+    assert len({rows for rows, _ in shapes}) > 1  # images that ended left the batch
+    monkeypatch.setattr(modeling_pix2seq.Pix2SeqDecodingStep, "applies_to", staticmethod(lambda decoder: False))
+    layers = model.generate(pixel_values, logits_processor=ending, **options)
+    assert torch.equal(drafted.sequences, layers.sequences)
+    for got, expected in zip(drafted.logits, layers.logits, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_drafted_image_streams_its_tokens_and_a_batch_is_refused():
     class Collect:
         def __init__(self):
