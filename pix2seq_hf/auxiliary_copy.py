@@ -42,13 +42,45 @@ def cell_box_bins(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
     return torch.stack([y0, x0, y1, x1], dim=-1).clamp(0, 1) * (num_bins - 1)
 
 
+def gaussian_kernels_over_bins(
+    centres: torch.Tensor, num_bins: int, sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The bins near each centre and a Gaussian's mass on them (truncated at about three standard deviations and
+    renormalised over the bins that exist): the components of [`gaussian_mixture_over_bins`].
+
+    Args:
+        centres (`torch.Tensor` of shape `(..., cells)`): each component's centre, in bins.
+        num_bins (`int`), sigma (`float`): the bins and the standard deviation in bins.
+
+    Returns:
+        `(index, kernel)`, both of shape `(..., cells, width)`: the bins (long) and their float32 masses.
+    """
+    radius = math.ceil(3 * sigma)
+    offsets = torch.arange(-radius, radius + 2, device=centres.device, dtype=torch.float32)
+    bins = centres.float().floor()[..., None] + offsets
+    kernel = torch.exp(-((bins - centres.float()[..., None]) ** 2) / (2 * sigma**2))
+    kernel = kernel * ((bins >= 0) & (bins <= num_bins - 1))
+    return bins.clamp(0, num_bins - 1).long(), kernel / kernel.sum(-1, keepdim=True)
+
+
+def mixture_of_kernels(
+    weights: torch.Tensor, index: torch.Tensor, kernel: torch.Tensor, num_bins: int
+) -> torch.Tensor:
+    """`sum_n weights_n * kernel_n` over the bins, for [`gaussian_kernels_over_bins`] `(index, kernel)` and weights
+    `(..., cells)`, accumulated with a scatter (the cost grows with the cells, not with cells x bins); float32
+    `(..., num_bins)`."""
+    contributions = (weights.float()[..., None] * kernel).flatten(-2)
+    output = torch.zeros((*weights.shape[:-1], num_bins), device=weights.device, dtype=torch.float32)
+    return output.scatter_add(-1, index.flatten(-2), contributions)
+
+
 def gaussian_mixture_over_bins(
     weights: torch.Tensor, centres: torch.Tensor, num_bins: int, sigma: float
 ) -> torch.Tensor:
     """
     `sum_n weights_n * k(bin; centres_n)` for every bin: a mixture of Gaussians over the bins (each truncated at about
-    three standard deviations and renormalised over the bins that exist), accumulated with a scatter so that the cost
-    grows with the cells, not with cells x bins.
+    three standard deviations and renormalised over the bins that exist).
 
     Args:
         weights (`torch.Tensor` of shape `(..., cells)`): mixture weights (summing to 1 over the cells).
@@ -58,16 +90,7 @@ def gaussian_mixture_over_bins(
     Returns:
         float32 `torch.Tensor` of shape `(..., num_bins)`.
     """
-    radius = math.ceil(3 * sigma)
-    offsets = torch.arange(-radius, radius + 2, device=centres.device, dtype=torch.float32)
-    bins = centres.float().floor()[..., None] + offsets
-    kernel = torch.exp(-((bins - centres.float()[..., None]) ** 2) / (2 * sigma**2))
-    kernel = kernel * ((bins >= 0) & (bins <= num_bins - 1))
-    kernel = kernel / kernel.sum(-1, keepdim=True)
-    contributions = (weights.float()[..., None] * kernel).flatten(-2)
-    index = bins.clamp(0, num_bins - 1).long().flatten(-2)
-    output = torch.zeros((*weights.shape[:-1], num_bins), device=weights.device, dtype=torch.float32)
-    return output.scatter_add(-1, index, contributions)
+    return mixture_of_kernels(weights, *gaussian_kernels_over_bins(centres, num_bins, sigma), num_bins)
 
 
 class Pix2SeqAuxiliaryCopy(nn.Module):
@@ -91,9 +114,7 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
         self.key = nn.Linear(config.decoder_hidden_size, self.pointer_size, bias=False)
         self.gate = nn.Linear(config.decoder_hidden_size, 1)
 
-    def cell_inputs(
-        self, memory: torch.Tensor, class_logits: torch.Tensor, distances: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cell_inputs(self, memory: torch.Tensor, class_logits: torch.Tensor, distances: torch.Tensor) -> tuple:
         """
         What the copy reads of each memory cell, the same at every position of a sequence (so that a decoding loop can
         compute it once per image).
@@ -104,18 +125,21 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
                 `(batch, cells, 4)`): the auxiliary head's outputs on `memory`.
 
         Returns:
-            float32 `(boxes, keys, class_probabilities)`: the cells' boxes in bins `(batch, cells, 4)` (see
-            [`cell_box_bins`]), their pointer keys `(batch, cells, pointer_size)` and class probabilities `(batch,
-            cells, num_classes)`.
+            `(boxes, keys, class_probabilities, kernels)`: the cells' boxes in bins `(batch, cells, 4)` (see
+            [`cell_box_bins`]), their pointer keys `(batch, cells, pointer_size)`, class probabilities `(batch,
+            cells, num_classes)` (float32), and the [`gaussian_kernels_over_bins`] of their four coordinates
+            (`(index, kernel)`, each `(batch, 4, cells, width)`).
         """
-        boxes = cell_box_bins(distances.detach(), self.config.num_bins)
-        return boxes, self.key(memory).float(), torch.softmax(class_logits.detach().float(), dim=-1)
+        num_bins = self.config.num_bins
+        boxes = cell_box_bins(distances.detach(), num_bins)
+        kernels = gaussian_kernels_over_bins(boxes.transpose(1, 2), num_bins, self.sigma)
+        return boxes, self.key(memory).float(), torch.softmax(class_logits.detach().float(), dim=-1), kernels
 
     def forward(
         self,
         logits: torch.Tensor,
         hidden_states: torch.Tensor,
-        cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        cells: tuple,
         positions: torch.LongTensor | int,
     ) -> torch.Tensor:
         """
@@ -131,7 +155,7 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
             float32 `torch.Tensor` of shape `(batch, length, vocab_size)`: the log-probabilities of the mixture (the
             decoder's own distribution wherever the copy puts nothing: EOS, the noise class).
         """
-        boxes, keys, class_probabilities = cells
+        boxes, keys, class_probabilities, (index, kernel) = cells
         config = self.config
         num_bins = config.num_bins
         scores = self.query(hidden_states).float() @ keys.transpose(1, 2)
@@ -146,8 +170,9 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
             if kind == TOKENS_PER_OBJECT - 1:
                 copied[..., classes] = pointer @ class_probabilities
             else:
-                centres = boxes[..., kind][:, None]  # (batch, 1, cells)
-                copied[..., bins] = gaussian_mixture_over_bins(pointer, centres, num_bins, self.sigma)
+                # The kernels of this coordinate, computed with the cells: (batch, 1, cells, width).
+                kind_index, kind_kernel = index[:, kind : kind + 1], kernel[:, kind : kind + 1]
+                copied[..., bins] = mixture_of_kernels(pointer, kind_index, kind_kernel, num_bins)
         else:
             kind = positions % TOKENS_PER_OBJECT
             if kind.dim() == 1:
@@ -160,4 +185,10 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
         return torch.log((probabilities + gate * copied).clamp_min(torch.finfo(torch.float32).tiny))
 
 
-__all__ = ["Pix2SeqAuxiliaryCopy", "cell_box_bins", "gaussian_mixture_over_bins"]
+__all__ = [
+    "Pix2SeqAuxiliaryCopy",
+    "cell_box_bins",
+    "gaussian_kernels_over_bins",
+    "gaussian_mixture_over_bins",
+    "mixture_of_kernels",
+]

@@ -1602,9 +1602,7 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         cells = self.auxiliary_copy_cells(encoder_hidden_states, hidden_states.shape[0])
         return self.auxiliary_copy(logits, hidden_states, cells, positions)
 
-    def auxiliary_copy_cells(
-        self, encoder_hidden_states: torch.Tensor, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def auxiliary_copy_cells(self, encoder_hidden_states: torch.Tensor, batch_size: int) -> tuple:
         """
         The auxiliary copy's [`Pix2SeqAuxiliaryCopy.cell_inputs`] for `batch_size` sequences over the encoded images
         `encoder_hidden_states` (one per `k` sequences): the auxiliary head on the memory cells and the pointer keys.
