@@ -630,8 +630,9 @@ class Pix2SeqDecodingStep:
     look-ups of each projection, mask and position bookkeeping) about as much again; here that work is done once per
     `generate` call, when the step is built.
 
-    Built by [`Pix2SeqDecoder.decode`] inside [`decoding_weights_cache`] (every `generate` call) where it computes
-    exactly what the layers compute: inference, sdpa attention, plain `nn.Linear` projections and no hooks.
+    Built by [`Pix2SeqDecoder.decoding_step`] once per `generate` call ([`decoding_weights_cache`]) and called by
+    [`Pix2SeqDecoder.decode`] where it computes exactly what the layers compute: inference, sdpa attention, plain
+    `nn.Linear` projections and no hooks.
 
     Args:
         decoder (`Pix2SeqDecoder`): the decoder whose parameters the step reads (not copied, except the stacked
@@ -1605,7 +1606,8 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
     def auxiliary_copy_cells(self, encoder_hidden_states: torch.Tensor, batch_size: int) -> tuple:
         """
         The auxiliary copy's [`Pix2SeqAuxiliaryCopy.cell_inputs`] for `batch_size` sequences over the encoded images
-        `encoder_hidden_states` (one per `k` sequences): the auxiliary head on the memory cells and the pointer keys.
+        `encoder_hidden_states` (one per `k` sequences): the auxiliary head on the memory cells, the pointer keys and
+        the kernels of the cells' coordinates.
         Within a `generate` call ([`decoding_weights_cache`], no gradients, not compiling) they are computed once per
         tensor of encoded images and reused by every decoding step; elsewhere at every call.
         """
