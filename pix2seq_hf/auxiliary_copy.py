@@ -165,8 +165,8 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
         copied = torch.zeros_like(probabilities)
         bins = slice(config.coord_token_offset, config.coord_token_offset + num_bins)
         classes = slice(config.class_token_offset, config.class_token_offset + class_probabilities.shape[-1])
+        kind = positions % TOKENS_PER_OBJECT
         if isinstance(positions, int):
-            kind = positions % TOKENS_PER_OBJECT
             if kind == TOKENS_PER_OBJECT - 1:
                 copied[..., classes] = pointer @ class_probabilities
             else:
@@ -174,7 +174,6 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
                 kind_index, kind_kernel = index[:, kind : kind + 1], kernel[:, kind : kind + 1]
                 copied[..., bins] = mixture_of_kernels(pointer, kind_index, kind_kernel, num_bins)
         else:
-            kind = positions % TOKENS_PER_OBJECT
             if kind.dim() == 1:
                 kind = kind[None].expand(logits.shape[0], -1)
             # Each position's coordinate of every cell: (batch, length, cells).

@@ -650,6 +650,8 @@ class Pix2SeqDecodingStep:
 
         self.token_embeddings = decoder.embed_tokens.weight
         self.position_embeddings = decoder.embed_positions.weight
+        # The causal mask of a verification pass, as the layers get it.
+        self.positions_mask = decoder._positions_mask
         self.final_norm = norm(decoder.layer_norm)
         attention = decoder.layers[0].self_attn
         self.num_heads, self.head_dim, self.scaling = attention.num_heads, attention.head_dim, attention.scaling
@@ -723,7 +725,7 @@ class Pix2SeqDecodingStep:
             rows = torch.arange(batch_size, device=input_ids.device)[:, None]
             slots = positions.clamp(max=self.position_embeddings.shape[0] - 1)
             hidden = hidden + functional.embedding(slots.reshape(-1), self.position_embeddings)
-            mask = (torch.arange(key_length, device=positions.device) <= positions[..., None])[:, None]
+            mask = self.positions_mask(key_length, positions, hidden.dtype)
         self_layers = cache.self_attention_cache.layers
         cross_layers = cache.cross_attention_cache.layers
         for index, (norm1, qkv, out1, norm2, query, out2, norm3, fc1, activation, fc2) in enumerate(self.layers):
