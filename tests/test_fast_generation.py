@@ -169,7 +169,7 @@ def test_a_decoding_step_is_one_product_per_projection_group_no_mask_and_one_hos
     layers = model.config.decoder_layers
     # Per layer: query/key/value, self-attention output, cross-attention query and output, two feed-forward
     # products; plus the output projection.
-    assert per_step["aten.addmm"] + per_step.get("aten.mm", 0) == 6 * layers + 1
+    assert per_step["aten.addmm"] + per_step.get("aten.mm", 0) + per_step.get("aten.baddbmm", 0) == 6 * layers + 1
     # The loop reads one number per step back to the host (how many images go on); the step builds no causal mask.
     assert per_step["aten._local_scalar_dense"] == 1
     assert masks == []
@@ -246,6 +246,60 @@ def test_the_decoding_step_steps_aside_where_it_would_differ(change, monkeypatch
     fast = model.generate(pixels, **kwargs)
     assert steps == []
     assert_same_generation(model.generate(pixels, **STOCK, **kwargs), fast, atol=1e-5)
+
+
+def test_decoding_products_split_by_output_columns_equal_the_whole_product():
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(12, 8, generator=generator), torch.randn(12, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        for thread_count, expected_blocks in ((1, 1), (3, 3), (5, 4), (7, 6)):
+            torch.set_num_threads(thread_count)
+            assert modeling_pix2seq.decoding_column_blocks(weight) == expected_blocks
+            # Only float32 on the CPU is split (bf16 products gained nothing from it).
+            assert modeling_pix2seq.decoding_column_blocks(weight.bfloat16()) == 1
+    finally:
+        torch.set_num_threads(threads)
+    for blocks in (1, 2, 3, 4):
+        blocked = weight.t().reshape(8, blocks, -1).transpose(0, 1).contiguous()
+        for rows in (1, 5):
+            inputs = torch.randn(rows, 8, generator=generator)
+            product = modeling_pix2seq.decoding_product(bias, blocked if blocks > 1 else blocked[0], inputs)
+            torch.testing.assert_close(product, torch.nn.functional.linear(inputs, weight, bias))
+
+
+def test_decoding_with_several_threads_splits_the_products_and_gives_the_one_thread_tokens(model, monkeypatch):
+    pixels = make_pixels()
+    kwargs = dict(max_new_tokens=30, top_p=0.9, logits_processor=LogitsProcessorList([EndRowsAt([4, 1, 6])]))
+    torch.manual_seed(3)
+    one_thread = model.generate(pixels, **kwargs)
+    layouts = collections.Counter()
+    decoding_product = modeling_pix2seq.decoding_product
+
+    def recording_product(bias, weight, inputs):
+        layouts[tuple(weight.shape[:-2])] += 1
+        return decoding_product(bias, weight, inputs)
+
+    monkeypatch.setattr(modeling_pix2seq, "decoding_product", recording_product)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        torch.manual_seed(3)
+        split = model.generate(pixels, **kwargs)
+        # The layers' own decoding path (the flat step refused) splits them too.
+        with monkeypatch.context() as patch:
+            patch.setattr(modeling_pix2seq.Pix2SeqDecodingStep, "applies_to", staticmethod(lambda decoder: False))
+            torch.manual_seed(3)
+            split_layers = model.generate(pixels, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    # Query/key/value (96 columns) and the output projection (300) in 3 blocks, the other projections (32 and 64) in
+    # 2; in the 30 steps (the prompt's included) of both generations.
+    steps = 2 * 30
+    layers = model.config.decoder_layers
+    assert layouts == {(3,): steps * (layers + 1), (2,): steps * 5 * layers}
+    assert_same_generation(one_thread, split, atol=1e-5)
+    assert_same_generation(one_thread, split_layers, atol=1e-5)
 
 
 def test_stacked_projection_weights_follow_the_parameters_and_stay_out_of_the_state_dict(model):

@@ -353,7 +353,7 @@ TOKEN_CATEGORIES = (
     "sampling",
     "loop bookkeeping (stopping criteria, token writes)",
 )
-_LINEAR_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
+_LINEAR_OPS = {"aten::linear", "aten::addmm", "aten::baddbmm", "aten::mm", "aten::matmul"}
 _ATTENTION_OPS = {"aten::scaled_dot_product_attention", "aten::bmm", "aten::_softmax", "aten::softmax"}
 _NORM_OPS = {"aten::layer_norm", "aten::native_layer_norm", "aten::gelu"}
 _SAMPLING_OPS = {"aten::softmax", "aten::_softmax", "aten::multinomial", "aten::argmax"}
