@@ -1042,6 +1042,12 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         else:
             feature_map = self.backbone(pixel_values, return_dict=True).feature_maps[-1]
         height, width = feature_map.shape[-2:]
+        if self.config.auxiliary_copy and height != width:
+            raise ValueError(
+                "This model copies boxes from its auxiliary head (`config.auxiliary_copy`), which lays the encoder's "
+                f"cells out as a square grid: `pixel_values` of {tuple(pixel_values.shape[-2:])} pixels give "
+                f"{height} x {width} cells. Pad the images to a square canvas, as `Pix2SeqImageProcessor` does."
+            )
         hidden_states = feature_map.flatten(2).transpose(1, 2)
         hidden_states = self.input_layer_norm(self.input_projection(self.input_dropout(hidden_states)))
         hidden_states = hidden_states + build_2d_sincos_position_embedding(

@@ -162,3 +162,11 @@ def test_copy_with_several_sequences_per_image():
             pixel_values=pixel_values.repeat_interleave(2, dim=0), decoder_input_ids=decoder_input_ids
         ).logits
     torch.testing.assert_close(shared, repeated)
+
+
+def test_the_copy_refuses_images_that_are_not_square():
+    model = copy_model()
+    # 64 x 48 pixels are 4 x 3 cells, which the copy would read as a 3 x 4 grid.
+    with pytest.raises(ValueError, match=r"auxiliary_copy.*\(64, 48\) pixels give 4 x 3 cells.*square canvas"):
+        model.generate(torch.randn(1, 3, 64, 48), max_new_tokens=5)
+    model.generate(torch.randn(1, 3, 64, 64), max_new_tokens=5)
