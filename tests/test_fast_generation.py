@@ -250,29 +250,23 @@ def test_the_decoding_step_steps_aside_where_it_would_differ(change, monkeypatch
 
 def test_decoding_products_split_by_output_columns_equal_the_whole_product():
     generator = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(12, 8, generator=generator), torch.randn(12, generator=generator)
-    threads = torch.get_num_threads()
-    try:
-        for thread_count, expected_blocks in ((1, 1), (3, 3), (5, 4), (7, 6)):
-            torch.set_num_threads(thread_count)
-            assert modeling_pix2seq.decoding_column_blocks(weight) == expected_blocks
-            # Only float32 on the CPU is split (bf16 products gained nothing from it).
-            assert modeling_pix2seq.decoding_column_blocks(weight.bfloat16()) == 1
-    finally:
-        torch.set_num_threads(threads)
-    for blocks in (1, 2, 3, 4):
-        blocked = weight.t().reshape(8, blocks, -1).transpose(0, 1).contiguous()
+    weight, bias = torch.randn(48, 8, generator=generator), torch.randn(48, generator=generator)
+    blocks = modeling_pix2seq.decoding_column_blocks
+    # The most blocks of at least 16 columns: 48 -> 3, 300 -> 15 (20 columns each), fewer than 16 -> 1.
+    assert [blocks(torch.empty(out, 8)) for out in (48, 300, 40, 16, 10)] == [3, 15, 2, 1, 1]
+    # Only float32 on the CPU is split (bf16 products were slower split).
+    assert blocks(weight.bfloat16()) == 1
+    for count in (1, 2, 3, 4):
+        blocked = weight.t().reshape(8, count, -1).transpose(0, 1).contiguous()
         for rows in (1, 5):
             inputs = torch.randn(rows, 8, generator=generator)
-            product = modeling_pix2seq.decoding_product(bias, blocked if blocks > 1 else blocked[0], inputs)
+            product = modeling_pix2seq.decoding_product(bias, blocked if count > 1 else blocked[0], inputs)
             torch.testing.assert_close(product, torch.nn.functional.linear(inputs, weight, bias))
 
 
-def test_decoding_with_several_threads_splits_the_products_and_gives_the_one_thread_tokens(model, monkeypatch):
+def test_decoding_splits_the_products_into_column_blocks_with_the_unsplit_tokens(model, monkeypatch):
     pixels = make_pixels()
     kwargs = dict(max_new_tokens=30, top_p=0.9, logits_processor=LogitsProcessorList([EndRowsAt([4, 1, 6])]))
-    torch.manual_seed(3)
-    one_thread = model.generate(pixels, **kwargs)
     layouts = collections.Counter()
     decoding_product = modeling_pix2seq.decoding_product
 
@@ -281,25 +275,25 @@ def test_decoding_with_several_threads_splits_the_products_and_gives_the_one_thr
         return decoding_product(bias, weight, inputs)
 
     monkeypatch.setattr(modeling_pix2seq, "decoding_product", recording_product)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    torch.manual_seed(3)
+    split = model.generate(pixels, **kwargs)
+    # The layers' own decoding path (the flat step refused) splits them too.
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_pix2seq.Pix2SeqDecodingStep, "applies_to", staticmethod(lambda decoder: False))
         torch.manual_seed(3)
-        split = model.generate(pixels, **kwargs)
-        # The layers' own decoding path (the flat step refused) splits them too.
-        with monkeypatch.context() as patch:
-            patch.setattr(modeling_pix2seq.Pix2SeqDecodingStep, "applies_to", staticmethod(lambda decoder: False))
-            torch.manual_seed(3)
-            split_layers = model.generate(pixels, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-    # Query/key/value (96 columns) and the output projection (300) in 3 blocks, the other projections (32 and 64) in
-    # 2; in the 30 steps (the prompt's included) of both generations.
-    steps = 2 * 30
-    layers = model.config.decoder_layers
-    assert layouts == {(3,): steps * (layers + 1), (2,): steps * 5 * layers}
-    assert_same_generation(one_thread, split, atol=1e-5)
-    assert_same_generation(one_thread, split_layers, atol=1e-5)
+        split_layers = model.generate(pixels, **kwargs)
+    # Per layer query/key/value (96 columns) in 6 blocks, the self- and cross-attention outputs, the cross-attention
+    # query and the second feed-forward product (32) in 2, the first feed-forward product (64) in 4; the output
+    # projection (300) in 15; in the 30 steps (the prompt's included) of both generations.
+    steps, layers = 2 * 30, model.config.decoder_layers
+    assert layouts == {(6,): steps * layers, (2,): steps * 4 * layers, (4,): steps * layers, (15,): steps}
+    monkeypatch.setattr(modeling_pix2seq, "decoding_column_blocks", lambda weight: 1)
+    layouts.clear()
+    torch.manual_seed(3)
+    whole = model.generate(pixels, **kwargs)
+    assert set(layouts) == {()}
+    assert_same_generation(whole, split, atol=1e-5)
+    assert_same_generation(whole, split_layers, atol=1e-5)
 
 
 def test_stacked_projection_weights_follow_the_parameters_and_stay_out_of_the_state_dict(model):
