@@ -253,8 +253,11 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-# The narrowest block of output columns a float32 decoding product is split into on a CPU (`decoding_column_blocks`).
+# The narrowest block of output columns a float32 decoding product is split into on a CPU (`decoding_column_blocks`),
+# and the size of a decoder's decoding weights from which they are split (smaller ones stay in the CPU's caches from
+# token to token, where whole products are faster).
 DECODING_BLOCK_COLUMNS = 16
+DECODING_SPLIT_MIN_BYTES = 8 * 2**20
 
 
 def concatenated_parameters(
@@ -294,24 +297,37 @@ def concatenated_parameters(
         with torch.no_grad():
             stacked = torch.cat(tensors)
             if transpose:
-                blocks = decoding_column_blocks(stacked)
+                blocks = decoding_column_blocks(stacked, owner.config)
                 stacked = stacked.t().reshape(stacked.shape[1], blocks, -1).transpose(0, 1).contiguous()
                 stacked = stacked[0] if blocks == 1 else stacked
         cache[key] = stacked
     return stacked
 
 
-def decoding_column_blocks(weight: torch.Tensor) -> int:
-    """
-    In how many blocks of output columns a decoding step multiplies by `weight` (`(out_features, in_features)`): on
-    a CPU in float32, the most blocks of at least `DECODING_BLOCK_COLUMNS` columns that divide `out_features`; else 1.
+def decoding_weight_bytes(config: Pix2SeqConfig) -> int:
+    """The float32 bytes of the weights a decoding step multiplies by: each decoder layer's projections but the
+    cross-attention keys/values (computed once per image), and the output projection."""
+    hidden, ffn = config.decoder_hidden_size, config.decoder_ffn_dim
+    return 4 * (config.decoder_layers * (4 * hidden * hidden + 2 * hidden * ffn) + config.vocab_size * hidden)
 
-    torch multiplies a single row by a whole matrix through a slow matrix-vector path; as one batched product of
-    narrow blocks ([`decoding_product`]) the same numbers come faster and on every thread. Measured at ResNet-50 sizes
-    on a 2-core AVX-512 CPU, decoder alone: 4.4 -> 2.9 ms per token with 2 threads, 4.5 -> 3.5 ms with one; blocks of
-    8 or 4 columns were slower (at batch 8 much slower), and bf16 products slower split.
+
+def decoding_column_blocks(weight: torch.Tensor, config: Pix2SeqConfig) -> int:
+    """
+    In how many blocks of output columns a decoding step multiplies by `weight` (`(out_features, in_features)`) of a
+    model with `config`: on a CPU in float32, when the decoder's decoding weights ([`decoding_weight_bytes`]) reach
+    `DECODING_SPLIT_MIN_BYTES`, the most blocks of at least `DECODING_BLOCK_COLUMNS` columns that divide
+    `out_features`; else 1.
+
+    torch multiplies a single row by a whole matrix through a slow matrix-vector path on one thread; as one batched
+    product of narrow blocks ([`decoding_product`]) the same numbers come faster, on every thread, when the weights
+    come from memory. Measured on a 2-core AVX-512 CPU, decoder alone, ms per token whole -> split: 6 layers of width
+    256 (22 MB) 4.0 -> 2.5, 4 layers (16 MB) 2.5 -> 1.7, 2 layers (9 MB) 1.30 -> 1.08; but width 128, 6 layers (6 MB)
+    1.68 -> 1.86 and 2 layers (3 MB) 0.92 -> 0.94. Blocks of 8 or 4 columns were slower, and bf16 products slower
+    split.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return 1
+    if decoding_weight_bytes(config) < DECODING_SPLIT_MIN_BYTES:
         return 1
     out_features = weight.shape[0]
     most = max(1, out_features // DECODING_BLOCK_COLUMNS)
@@ -553,6 +569,7 @@ class Pix2SeqMLP(nn.Module):
 
     def __init__(self, config: Pix2SeqConfig, hidden_size: int, ffn_dim: int):
         super().__init__()
+        self.config = config
         self.fc1 = nn.Linear(hidden_size, ffn_dim)
         self.activation_fn = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.dropout)

@@ -14,6 +14,7 @@ from pix2seq_hf.fast_generation import Pix2SeqStaticDecoding, decoder_step
 from pix2seq_hf.generation_pix2seq import Pix2SeqGenerationMixin
 from pix2seq_hf.generation_pix2seq import Pix2SeqLogitsProcessor
 from pix2seq_hf.modeling_pix2seq import Pix2SeqForObjectDetection
+from pix2seq_hf.presets import get_preset_config
 from helpers import TINY_LAYOUT, tiny_config
 
 
@@ -252,10 +253,15 @@ def test_decoding_products_split_by_output_columns_equal_the_whole_product():
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(48, 8, generator=generator), torch.randn(48, generator=generator)
     blocks = modeling_pix2seq.decoding_column_blocks
+    # A decoder whose decoding weights stay in a CPU's caches keeps whole products: the tiny and the 2-layer width-128
+    # decoders; 2 layers of width 256 (9 MB) and the ResNet-50 preset's 6 (22 MB) are split.
+    tiny, narrow = tiny_config(), tiny_config(decoder_hidden_size=128, decoder_ffn_dim=512, vocab_size=1128)
+    wide, r50 = tiny_config(decoder_hidden_size=256, decoder_ffn_dim=1024, vocab_size=3000), get_preset_config("r50")
+    assert [blocks(weight, config) for config in (tiny, narrow, wide, r50)] == [1, 1, 3, 3]
     # The most blocks of at least 16 columns: 48 -> 3, 300 -> 15 (20 columns each), fewer than 16 -> 1.
-    assert [blocks(torch.empty(out, 8)) for out in (48, 300, 40, 16, 10)] == [3, 15, 2, 1, 1]
+    assert [blocks(torch.empty(out, 8), r50) for out in (48, 300, 40, 16, 10)] == [3, 15, 2, 1, 1]
     # Only float32 on the CPU is split (bf16 products were slower split).
-    assert blocks(weight.bfloat16()) == 1
+    assert blocks(weight.bfloat16(), r50) == 1
     for count in (1, 2, 3, 4):
         blocked = weight.t().reshape(8, count, -1).transpose(0, 1).contiguous()
         for rows in (1, 5):
@@ -276,6 +282,12 @@ def test_decoding_splits_the_products_into_column_blocks_with_the_unsplit_tokens
 
     monkeypatch.setattr(modeling_pix2seq, "decoding_product", recording_product)
     torch.manual_seed(3)
+    whole = model.generate(pixels, **kwargs)
+    # The tiny decoder's weights stay in the caches: whole products, unless split for this test.
+    assert set(layouts) == {()}
+    monkeypatch.setattr(modeling_pix2seq, "DECODING_SPLIT_MIN_BYTES", 0)
+    layouts.clear()
+    torch.manual_seed(3)
     split = model.generate(pixels, **kwargs)
     # The layers' own decoding path (the flat step refused) splits them too.
     with monkeypatch.context() as patch:
@@ -287,11 +299,6 @@ def test_decoding_splits_the_products_into_column_blocks_with_the_unsplit_tokens
     # projection (300) in 15; in the 30 steps (the prompt's included) of both generations.
     steps, layers = 2 * 30, model.config.decoder_layers
     assert layouts == {(6,): steps * layers, (2,): steps * 4 * layers, (4,): steps * layers, (15,): steps}
-    monkeypatch.setattr(modeling_pix2seq, "decoding_column_blocks", lambda weight: 1)
-    layouts.clear()
-    torch.manual_seed(3)
-    whole = model.generate(pixels, **kwargs)
-    assert set(layouts) == {()}
     assert_same_generation(whole, split, atol=1e-5)
     assert_same_generation(whole, split_layers, atol=1e-5)
 
