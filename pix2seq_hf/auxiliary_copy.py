@@ -125,15 +125,15 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
                 `(batch, cells, 4)`): the auxiliary head's outputs on `memory`.
 
         Returns:
-            `(boxes, keys, class_probabilities, kernels)`: the cells' boxes in bins `(batch, cells, 4)` (see
-            [`cell_box_bins`]), their pointer keys `(batch, cells, pointer_size)`, class probabilities `(batch,
-            cells, num_classes)` (float32), and the [`gaussian_kernels_over_bins`] of their four coordinates
-            (`(index, kernel)`, each `(batch, 4, cells, width)`).
+            `(keys, class_probabilities, kernels)`: the cells' pointer keys `(batch, cells, pointer_size)`, class
+            probabilities `(batch, cells, num_classes)` (float32), and the [`gaussian_kernels_over_bins`] of the four
+            coordinates of their boxes in bins ([`cell_box_bins`]; `(index, kernel)`, each `(batch, 4, cells,
+            width)`).
         """
         num_bins = self.config.num_bins
         boxes = cell_box_bins(distances.detach(), num_bins)
         kernels = gaussian_kernels_over_bins(boxes.transpose(1, 2), num_bins, self.sigma)
-        return boxes, self.key(memory).float(), torch.softmax(class_logits.detach().float(), dim=-1), kernels
+        return self.key(memory).float(), torch.softmax(class_logits.detach().float(), dim=-1), kernels
 
     def forward(
         self,
@@ -155,7 +155,7 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
             float32 `torch.Tensor` of shape `(batch, length, vocab_size)`: the log-probabilities of the mixture (the
             decoder's own distribution wherever the copy puts nothing: EOS, the noise class).
         """
-        boxes, keys, class_probabilities, (index, kernel) = cells
+        keys, class_probabilities, (index, kernel) = cells
         config = self.config
         num_bins = config.num_bins
         scores = self.query(hidden_states).float() @ keys.transpose(1, 2)
@@ -176,10 +176,11 @@ class Pix2SeqAuxiliaryCopy(nn.Module):
         else:
             if kind.dim() == 1:
                 kind = kind[None].expand(logits.shape[0], -1)
-            # Each position's coordinate of every cell: (batch, length, cells).
-            centres = boxes.transpose(1, 2).gather(1, kind.clamp(max=3)[..., None].expand(-1, -1, boxes.shape[1]))
+            # The kernels of each position's coordinate of every cell: (batch, length, cells, width).
+            coordinate = kind.clamp(max=3)[..., None, None].expand(-1, -1, *index.shape[2:])
+            kind_index, kind_kernel = index.gather(1, coordinate), kernel.gather(1, coordinate)
             is_class = (kind == TOKENS_PER_OBJECT - 1)[..., None]
-            copied[..., bins] = gaussian_mixture_over_bins(pointer, centres, num_bins, self.sigma) * ~is_class
+            copied[..., bins] = mixture_of_kernels(pointer, kind_index, kind_kernel, num_bins) * ~is_class
             copied[..., classes] = (pointer @ class_probabilities) * is_class
         return torch.log((probabilities + gate * copied).clamp_min(torch.finfo(torch.float32).tiny))
 
