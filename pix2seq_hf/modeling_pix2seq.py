@@ -329,8 +329,12 @@ def decoding_column_blocks(weight: torch.Tensor, config: Pix2SeqConfig) -> int:
         return 1
     if decoding_weight_bytes(config) < DECODING_SPLIT_MIN_BYTES:
         return 1
-    out_features = weight.shape[0]
-    most = max(1, out_features // DECODING_BLOCK_COLUMNS)
+    return column_blocks(weight.shape[0], DECODING_BLOCK_COLUMNS)
+
+
+def column_blocks(out_features: int, width: int) -> int:
+    """The most blocks of at least `width` columns that divide `out_features` (1 when it has fewer columns)."""
+    most = max(1, out_features // width)
     return max(blocks for blocks in range(1, most + 1) if out_features % blocks == 0)
 
 

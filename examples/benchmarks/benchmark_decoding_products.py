@@ -61,9 +61,7 @@ def blocks_of_width(width: int):
     def column_blocks(weight: torch.Tensor, config) -> int:
         if width is None or weight.dtype != torch.float32:
             return 1
-        out_features = weight.shape[0]
-        most = max(1, out_features // width)
-        return max(blocks for blocks in range(1, most + 1) if out_features % blocks == 0)
+        return modeling_pix2seq.column_blocks(weight.shape[0], width)
 
     return column_blocks
 
