@@ -342,7 +342,8 @@ def decoding_product(bias: torch.Tensor, weight: torch.Tensor, inputs: torch.Ten
     """
     `inputs @ weight + bias` for a decoding step's rows `inputs` (`(rows, in_features)`), `weight` as
     [`concatenated_parameters`] keeps it transposed: `(in_features, out_features)`, or split by output columns,
-    `(blocks, in_features, out_features / blocks)`, multiplied as one batched product.
+    `(blocks, in_features, out_features / blocks)`, multiplied as one batched product. `bias` is `(out_features,)`,
+    or for split weights also `(blocks, 1, out_features / blocks)` ([`decoding_bias`]).
 
     Returns:
         `torch.Tensor` of shape `(rows, out_features)`.
@@ -350,9 +351,15 @@ def decoding_product(bias: torch.Tensor, weight: torch.Tensor, inputs: torch.Ten
     if weight.dim() == 2:
         return torch.addmm(bias, inputs, weight)
     blocks, rows = weight.shape[0], inputs.shape[0]
-    output = torch.baddbmm(bias.view(blocks, 1, -1), inputs.expand(blocks, -1, -1), weight)
+    output = torch.baddbmm(decoding_bias(bias, weight), inputs.expand(blocks, -1, -1), weight)
     # (blocks, rows, columns) -> (rows, out_features): a view for one row.
     return output.view(1, -1) if rows == 1 else output.transpose(0, 1).reshape(rows, -1)
+
+
+def decoding_bias(bias: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`bias` (`(out_features,)`) in the shape [`decoding_product`] adds it to a product with `weight`: unchanged for
+    a 2-D weight, `(blocks, 1, out_features / blocks)` for one split into column blocks (as given if already so)."""
+    return bias if weight.dim() == 2 or bias.dim() == 3 else bias.view(weight.shape[0], 1, -1)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -707,7 +714,8 @@ class Pix2SeqDecodingStep:
         def projection(owner: nn.Module, name: str, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
             # The same tensors `decoding_linear(owner, name, linears, ...)` uses: (bias, transposed weight).
             weight = concatenated_parameters(owner, f"{name}_weight", [linear.weight for linear in linears], True)
-            return concatenated_parameters(owner, f"{name}_bias", [linear.bias for linear in linears]), weight
+            bias = concatenated_parameters(owner, f"{name}_bias", [linear.bias for linear in linears])
+            return decoding_bias(bias, weight), weight
 
         def norm(layer_norm: nn.LayerNorm) -> tuple:
             return layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
@@ -732,7 +740,8 @@ class Pix2SeqDecodingStep:
                     projection(cross_attn, "_out", [cross_attn.out_proj]),
                     norm(layer.final_layer_norm),
                     projection(mlp, "_fc1", [mlp.fc1]),
-                    mlp.activation_fn,
+                    # Its `forward`: no module call around it (the step runs only without hooks).
+                    mlp.activation_fn.forward if isinstance(mlp.activation_fn, nn.Module) else mlp.activation_fn,
                     projection(mlp, "_fc2", [mlp.fc2]),
                 )
             )
@@ -778,11 +787,12 @@ class Pix2SeqDecodingStep:
             `torch.Tensor` of shape `(batch_size, length, hidden_size)`: the decoder's output (final LayerNorm
             applied).
         """
-        functional, product = nn.functional, decoding_product
+        functional, product, layer_norm = nn.functional, decoding_product, torch.layer_norm
         batch_size, length = input_ids.shape
         heads, head_dim = self.num_heads, self.head_dim
+        one_token = positions is None
         hidden = functional.embedding(input_ids.reshape(-1), self.token_embeddings)
-        if positions is None:
+        if one_token:
             position, mask = key_length - 1, None
             hidden = hidden + self.position_embeddings[position]
         else:
@@ -792,18 +802,20 @@ class Pix2SeqDecodingStep:
             mask = self.positions_mask(key_length, positions, hidden.dtype)
         self_layers = cache.self_attention_cache.layers
         cross_layers = cache.cross_attention_cache.layers
+        # With one token per sequence, the heads' layouts need fewer operators (each costs about a microsecond).
         for index, (norm1, qkv, out1, norm2, query, out2, norm3, fc1, activation, fc2) in enumerate(self.layers):
             # Self-attention: the token's query/key/value in one product, its key/value written into the cache.
-            states = product(*qkv, functional.layer_norm(hidden, *norm1))
-            query_states, key_states, value_states = states.view(batch_size, length, 3, heads, head_dim).permute(
-                2, 0, 3, 1, 4
-            ).unbind(0)
+            states = product(*qkv, layer_norm(hidden, *norm1))
             layer = self_layers[index]
-            if positions is None:
-                layer.keys.select(2, position).copy_(key_states[:, :, 0])
-                layer.values.select(2, position).copy_(value_states[:, :, 0])
+            if one_token:
+                query_states, key_states, value_states = states.view(batch_size, 3, heads, 1, head_dim).unbind(1)
+                layer.keys.narrow(2, position, 1).copy_(key_states)
+                layer.values.narrow(2, position, 1).copy_(value_states)
                 layer.cumulative_length.add_(1)
             else:
+                query_states, key_states, value_states = states.view(batch_size, length, 3, heads, head_dim).permute(
+                    2, 0, 3, 1, 4
+                ).unbind(0)
                 # As the layers write per-sequence positions: in place, the count left to the loop.
                 layer.keys[rows, :, positions] = key_states.transpose(1, 2)
                 layer.values[rows, :, positions] = value_states.transpose(1, 2)
@@ -814,22 +826,31 @@ class Pix2SeqDecodingStep:
                 attn_mask=mask,
                 scale=self.scaling,
             )
-            attended = attended.transpose(1, 2).reshape(batch_size * length, -1)
-            hidden = hidden + product(*out1, attended)
+            hidden = hidden + product(*out1, self.merge_heads(attended, one_token))
             # Cross-attention to the image's cached keys/values.
-            query_states = product(*query, functional.layer_norm(hidden, *norm2))
-            query_states = query_states.view(batch_size, length, heads, head_dim).transpose(1, 2)
+            query_states = product(*query, layer_norm(hidden, *norm2))
+            if one_token:
+                query_states = query_states.view(batch_size, heads, 1, head_dim)
+            else:
+                query_states = query_states.view(batch_size, length, heads, head_dim).transpose(1, 2)
             keys, values = cross_layers[index].keys, cross_layers[index].values
             if keys.shape[0] != batch_size:
                 copies = sequences_per_image(keys.shape[0], batch_size)
                 keys, values = keys.repeat_interleave(copies, dim=0), values.repeat_interleave(copies, dim=0)
             attended = functional.scaled_dot_product_attention(query_states, keys, values, scale=self.scaling)
-            attended = attended.transpose(1, 2).reshape(batch_size * length, -1)
-            hidden = hidden + product(*out2, attended)
+            hidden = hidden + product(*out2, self.merge_heads(attended, one_token))
             # Feed-forward block.
-            inner = activation(product(*fc1, functional.layer_norm(hidden, *norm3)))
+            inner = activation(product(*fc1, layer_norm(hidden, *norm3)))
             hidden = hidden + product(*fc2, inner)
-        return functional.layer_norm(hidden, *self.final_norm).view(batch_size, length, -1)
+        return layer_norm(hidden, *self.final_norm).view(batch_size, length, -1)
+
+    @staticmethod
+    def merge_heads(attended: torch.Tensor, one_token: bool) -> torch.Tensor:
+        """Attention outputs `(batch, heads, tokens, head_dim)` as rows `(batch * tokens, heads * head_dim)`."""
+        if one_token:
+            # (batch, heads, 1, head_dim): the heads of a row are adjacent whichever layout sdpa returns.
+            return attended.view(attended.shape[0], -1)
+        return attended.transpose(1, 2).reshape(-1, attended.shape[1] * attended.shape[3])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
