@@ -1089,6 +1089,10 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         if self.backbone is None:
             feature_map = self.patch_embedding(pixel_values)
         else:
+            if pixel_values.device.type == "cpu":
+                # oneDNN's convolutions run faster over channels-last images (a ResNet-50 at 640 px: about a quarter
+                # less time); the same numbers up to float rounding.
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             feature_map = self.backbone(pixel_values, return_dict=True).feature_maps[-1]
         height, width = feature_map.shape[-2:]
         if self.config.auxiliary_copy and height != width:

@@ -317,6 +317,25 @@ def test_encoder_outputs_can_be_reused(model):
     )
 
 
+def test_the_backbone_reads_channels_last_images_on_a_cpu_with_the_same_features(model):
+    pixels = make_pixels()
+    backbone = model.model.encoder.backbone
+    seen = {}
+
+    def record(module, args, kwargs, output):
+        seen["channels_last"] = args[0].is_contiguous(memory_format=torch.channels_last)
+        seen["features"] = output.feature_maps[-1]
+
+    handle = backbone.register_forward_hook(record, with_kwargs=True)
+    try:
+        model.model.encoder(pixels)
+    finally:
+        handle.remove()
+    assert seen["channels_last"] and pixels.is_contiguous()
+    # The backbone called on the images as given (the usual layout): the same features up to float rounding.
+    torch.testing.assert_close(seen["features"], backbone(pixels).feature_maps[-1], rtol=1e-5, atol=1e-5)
+
+
 def test_incremental_decoding_with_cache_matches_full_pass(model):
     """Decoding token by token with the cache (cross-attention keys/values reused) gives the full pass's logits."""
     pixels = make_pixels(2)

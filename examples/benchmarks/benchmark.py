@@ -563,12 +563,18 @@ class Runner:
         }
         if batch_size > 1:
             del configs["pix2seq encoder"]
+        if self.device.type == "cpu":
+            # On a CPU Pix2Seq's encoder hands its backbone channels-last images; DETR gets the same layout here.
+            channels_last = pixel_values.contiguous(memory_format=torch.channels_last)
+            configs["detr channels-last"] = lambda: self.detr_forward(channels_last)
         loops = ["generate", "stock"]
         if args.compile:
             loops.append("compiled")
         if args.bf16:
             loops.append("generate bf16")
             configs["detr bf16"] = lambda: self.detr_forward(pixel_values, bf16=True)
+            if self.device.type == "cpu":
+                configs["detr bf16 channels-last"] = lambda: self.detr_forward(channels_last, bf16=True)
         for num_objects in args.objects:
             for loop in loops:
                 configs[f"pix2seq {loop} K={num_objects}"] = lambda k=num_objects, l=loop: self.detect(
@@ -1173,15 +1179,18 @@ def check_targets(args, report: dict) -> dict:
         (1, 100, 2.0, ("generate bf16",), "detr bf16"),
     ):
         detection = report["detection"].get(str(batch_size), {})
-        for loop in loops:
-            name = f"pix2seq {loop} K={num_objects}"
-            if name in detection and detr in detection:
-                ratio = detection[name]["median_s"] / detection[detr]["median_s"]
-                targets[f"detection {loop} K={num_objects} / {detr.replace('detr', 'DETR')}, batch {batch_size}"] = {
-                    "ratio": ratio,
-                    "target": f"<= {limit}",
-                    "met": ratio <= limit,
-                }
+        # Against DETR as it runs by default and, on a CPU, given the channels-last images Pix2Seq's backbone gets.
+        for reference in (detr, f"{detr} channels-last"):
+            for loop in loops:
+                name = f"pix2seq {loop} K={num_objects}"
+                if name in detection and reference in detection:
+                    ratio = detection[name]["median_s"] / detection[reference]["median_s"]
+                    label = reference.replace("detr", "DETR")
+                    targets[f"detection {loop} K={num_objects} / {label}, batch {batch_size}"] = {
+                        "ratio": ratio,
+                        "target": f"<= {limit}",
+                        "met": ratio <= limit,
+                    }
     detection = report["detection"].get("1", {})
     training = report.get("training")
     if training:
