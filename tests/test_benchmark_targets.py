@@ -45,6 +45,19 @@ def test_without_bf16_models_there_is_no_bf16_target(speed_benchmark):
     assert targets["detection generate K=10 / DETR, batch 1"]["met"] is False
 
 
+def test_detection_is_also_compared_with_detr_given_channels_last_images(speed_benchmark):
+    args = argparse.Namespace(objects=[10, 100])
+    report = detection_report({"detr": 0.6, "detr channels-last": 0.5, "pix2seq generate K=10": 0.55})
+    targets = speed_benchmark.check_targets(args, report)
+
+    assert targets["detection generate K=10 / DETR, batch 1"]["met"] is True
+    assert targets["detection generate K=10 / DETR channels-last, batch 1"] == {
+        "ratio": pytest.approx(1.1),
+        "target": "<= 1.0",
+        "met": False,
+    }
+
+
 def test_machine_info_says_whether_bf16_is_native(speed_benchmark):
     info = speed_benchmark.machine_info(argparse.Namespace(threads=2))
 
