@@ -1074,7 +1074,8 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Images, as prepared by [`Pix2SeqImageProcessor`].
+                Images, as prepared by [`Pix2SeqImageProcessor`], in any memory layout (on a CPU a convolutional
+                backbone reads them channels-last).
             output_attentions / output_hidden_states (`bool`, *optional*):
                 Return the encoder self-attention weights (eager attention only) / hidden states.
             return_dict (`bool`, *optional*):
