@@ -11,6 +11,7 @@ from transformers import CompileConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import pix2seq_hf.modeling_pix2seq as modeling_pix2seq
 from pix2seq_hf.configuration_pix2seq import Pix2SeqConfig
 from pix2seq_hf.modeling_pix2seq import (
     Pix2SeqForObjectDetection,
@@ -334,6 +335,32 @@ def test_the_backbone_reads_channels_last_images_on_a_cpu_with_the_same_features
     assert seen["channels_last"] and pixels.is_contiguous()
     # The backbone called on the images as given (the usual layout): the same features up to float rounding.
     torch.testing.assert_close(seen["features"], backbone(pixels).feature_maps[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_goes_through_the_backbone_in_chunks_of_images_on_a_cpu_with_the_same_features(model, monkeypatch):
+    pixels = make_pixels(batch_size=3)
+    encoder = model.model.encoder
+    at_once = encoder(pixels).last_hidden_state  # three 64 x 64 images are within one chunk's pixels
+    calls = []
+    forward = encoder.backbone.forward
+
+    def counting_forward(pixel_values, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return forward(pixel_values, **kwargs)
+
+    monkeypatch.setattr(encoder.backbone, "forward", counting_forward)
+    monkeypatch.setattr(modeling_pix2seq, "BACKBONE_CHUNK_PIXELS", 2 * 64 * 64)
+    torch.testing.assert_close(encoder(pixels).last_hidden_state, at_once, rtol=1e-5, atol=1e-5)
+    assert calls == [2, 1]
+
+    # A training backbone normalises with the batch's statistics: it reads the batch at once.
+    calls.clear()
+    encoder.backbone.train()
+    try:
+        encoder(pixels)
+    finally:
+        encoder.backbone.eval()
+    assert calls == [3]
 
 
 def test_incremental_decoding_with_cache_matches_full_pass(model):
