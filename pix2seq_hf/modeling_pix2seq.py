@@ -697,6 +697,12 @@ def has_hooks(module: nn.Module) -> bool:
     return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
 
 
+def has_training_modules(module: nn.Module) -> bool:
+    """Whether `module` or any module inside it is in training mode (dropout, drop path, BatchNorm's batch statistics
+    act)."""
+    return any(sub.training for sub in module.modules())
+
+
 class Pix2SeqDecodingStep:
     """
     The decoder on the new tokens of a decoding step over a filled static cache (one token per sequence, or the
@@ -758,7 +764,7 @@ class Pix2SeqDecodingStep:
         projections ([`is_plain_linear`]), identity dropout / drop path, no hooks anywhere in the decoder."""
         if decoder.config._attn_implementation != "sdpa" or has_hooks(decoder):
             return False
-        if any(module.training for module in decoder.modules()):
+        if has_training_modules(decoder):
             return False  # dropout and drop path act
         return all(
             is_plain_linear(linear)
@@ -1089,19 +1095,21 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
         Returns:
             `torch.Tensor` of shape `(batch_size, channels, feature_height, feature_width)`.
         """
+        def features(images: torch.Tensor) -> torch.Tensor:
+            return self.backbone(images, return_dict=True).feature_maps[-1]
+
         if pixel_values.device.type != "cpu":
-            return self.backbone(pixel_values, return_dict=True).feature_maps[-1]
+            return features(pixel_values)
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         per_chunk = max(1, BACKBONE_CHUNK_PIXELS // (pixel_values.shape[-2] * pixel_values.shape[-1]))
         if (
             torch.compiler.is_compiling()  # a batch size that compiled or exported graphs keep dynamic
             or per_chunk >= pixel_values.shape[0]
-            or any(module.training for module in self.backbone.modules())
+            or has_training_modules(self.backbone)
             or has_hooks(self.backbone)
         ):
-            return self.backbone(pixel_values, return_dict=True).feature_maps[-1]
-        chunks = pixel_values.split(per_chunk)
-        return torch.cat([self.backbone(chunk, return_dict=True).feature_maps[-1] for chunk in chunks])
+            return features(pixel_values)
+        return torch.cat([features(chunk) for chunk in pixel_values.split(per_chunk)])
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> Pix2SeqEncoderOutput:
