@@ -1,4 +1,5 @@
-"""The `--help` layout shared by the command-line scripts (the examples and the checkpoint converter)."""
+"""What the command-line scripts (the examples and the checkpoint converter) share: the `--help` layout and checks
+of their options."""
 
 from __future__ import annotations
 
@@ -25,4 +26,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return help_text + " (default: %(default)s)"
 
 
-__all__ = ["HelpFormatter"]
+def require_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Stops through `parser.error` (exit status 2, the option named) when an integer option of `names` in the
+    parsed `args` is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
+__all__ = ["HelpFormatter", "require_at_least_one"]

@@ -22,7 +22,7 @@ import torch
 
 import pix2seq_hf.modeling_pix2seq as modeling_pix2seq
 from pix2seq_hf import Pix2SeqForObjectDetection
-from pix2seq_hf.cli import HelpFormatter
+from pix2seq_hf.cli import HelpFormatter, require_at_least_one
 from pix2seq_hf.presets import get_preset_config
 
 
@@ -35,9 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads (default: the usable cores).")
     parser.add_argument("--output_file", default=None, help="Write the timings here (JSON).")
     args = parser.parse_args(argv)
-    for name in ("image_size", "batch_size", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(parser, args, "image_size", "batch_size", "rounds")
     return args
 
 

@@ -23,7 +23,7 @@ import torch
 
 import pix2seq_hf.modeling_pix2seq as modeling_pix2seq
 from pix2seq_hf import Pix2SeqForObjectDetection
-from pix2seq_hf.cli import HelpFormatter
+from pix2seq_hf.cli import HelpFormatter, require_at_least_one
 from pix2seq_hf.presets import get_preset_config
 
 
@@ -46,9 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         width, _, layers = text.partition("x")
         if not (width.isdigit() and layers.isdigit()):
             parser.error(f"--decoders takes WIDTHxLAYERS such as 256x6, got {text!r}")
-    for name in ("objects", "batch_size", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(parser, args, "objects", "batch_size", "rounds")
     if min(args.widths) < 1:
         parser.error(f"--widths must be at least 1, got {args.widths}")
     return args

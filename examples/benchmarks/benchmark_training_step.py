@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train as pix2seq_train  # noqa: E402  (examples/train.py)
 from pix2seq_hf import training_setup  # noqa: E402
-from pix2seq_hf.cli import HelpFormatter  # noqa: E402
+from pix2seq_hf.cli import HelpFormatter, require_at_least_one  # noqa: E402
 from pix2seq_hf.data import (  # noqa: E402
     load_detection_splits,
     objects_per_image,
@@ -70,9 +70,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     parser.add_argument("--batch_size", type=int, default=8, help="Images per timed step.")
     parser.add_argument("--output_file", default=None, help="Write the timings here (JSON).")
     args, rest = parser.parse_known_args(argv)
-    for name in ("rounds", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(parser, args, "rounds", "steps", "batch_size")
     return args, pix2seq_train.parse_args(rest)
 
 
