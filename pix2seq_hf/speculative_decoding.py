@@ -20,10 +20,13 @@ the model would have written itself is kept plus the model's own next token, and
 
 - Greedy decoding: the tokens are those of decoding without a draft (a drafted token is kept only when it is the
   argmax of the model's processed logits at its position).
-- Sampling (top-p, ...): the draft is deterministic, so the speculative-sampling rule reduces to sampling every
-  position from the model's processed distribution and keeping drafted tokens while they equal the samples; the first
-  sample that differs is kept as the model's token. The output distribution is that of decoding without a draft
-  (the random draws differ, so a seeded call gives other, equally distributed tokens).
+- Sampling (top-p, ...): the speculative-sampling rule ([`accept_sampled_draft`]). A drafted object's tokens are
+  deterministic (kept with the model's probability of them); the predictions after a rejected token are draws from
+  the model's processed distributions there, and each is kept with probability `min(1, p / q)` of the model's
+  probability `p` of it over the one `q` it was drawn with, which is close to 1 where the rejected token hardly
+  changed the distribution. At the first rejection the model's token is drawn from what is left of its distribution.
+  The output distribution is that of decoding without a draft (the random draws differ, so a seeded call gives
+  other, equally distributed tokens).
 
 [`acceptance_statistics`] counts the decoder passes and accepted tokens.
 """
@@ -130,9 +133,9 @@ def acceptance_statistics() -> Iterator[DraftStatistics]:
 
 # Objects per verification pass when the drafter does not set it. Measured on the default training run's model (batch
 # 1, 2 CPU threads): greedy decoding is fastest with 4 (kept drafted tokens are many and the Jacobi predictions after a
-# rejection start the next draft), top-p sampling with 1 (a pass keeps about 2 tokens whatever the draft's length, so
-# a longer draft only costs).
-DEFAULT_OBJECTS_PER_PASS = {"greedy": 4, "sampling": 1}
+# rejection start the next draft), top-p sampling with 2 (1.24x against 1.14x with 1 and 1.15x with 4: a drafted
+# object's tokens are kept only as often as the sample would hit them, so a pass keeps fewer tokens than greedy's).
+DEFAULT_OBJECTS_PER_PASS = {"greedy": 4, "sampling": 2}
 
 
 class Pix2SeqLookaheadDrafter:
@@ -143,7 +146,7 @@ class Pix2SeqLookaheadDrafter:
 
     Args:
         objects_per_pass (`int`, *optional*): how many objects' worth of tokens one verification pass checks at most;
-            by default [`DEFAULT_OBJECTS_PER_PASS`] of the decoding mode (4 for greedy decoding, 1 for sampling).
+            by default [`DEFAULT_OBJECTS_PER_PASS`] of the decoding mode (4 for greedy decoding, 2 for sampling).
     """
 
     def __init__(self, objects_per_pass: int | None = None):
@@ -298,26 +301,48 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
 
     The draft never holds more than `objects_per_pass` objects' worth of tokens.
 
+    For sampling (`do_sample`), a prediction is a token drawn from the model's processed distribution at its
+    position, and the draft comes with the distribution each token was drawn from (`get_candidates`' draft logits): that
+    distribution for a predicted token, all the mass on the token for a drafted or filler one. Verification then applies
+    the speculative-sampling rule ([`accept_sampled_draft`]); a predicted token, drawn from nearly the distribution the
+    model has at its position once the rejected token is replaced, is mostly kept.
+
     Args:
         draft (`torch.LongTensor` of shape `(num_objects, 5)`): the drafted objects' tokens, in writing order.
         prompt_length (`int`): tokens before the first generated one.
         max_length (`int`): the generation's maximum length (prompt included).
         objects_per_pass (`int`): objects proposed per verification at most.
         num_bins (`int`): coordinate bins (the matching tolerance is 5% of them).
+        do_sample (`bool`, *optional*, defaults to `False`): the generation samples (predictions are draws, drafts
+            come with their distributions) rather than decoding greedily (predictions are each position's argmax).
+        vocab_size (`int`, *optional*): the model's vocabulary size; needed for sampling.
     """
 
     def __init__(
-        self, draft: torch.LongTensor, prompt_length: int, max_length: int, objects_per_pass: int, num_bins: int
+        self,
+        draft: torch.LongTensor,
+        prompt_length: int,
+        max_length: int,
+        objects_per_pass: int,
+        num_bins: int,
+        do_sample: bool = False,
+        vocab_size: int | None = None,
     ):
+        if do_sample and vocab_size is None:
+            raise ValueError("A draft for sampling needs the model's `vocab_size` (the drafts' distributions).")
         self.draft = draft.tolist()
         self.prompt_length = prompt_length
         self.max_length = max_length
         self.objects_per_pass = objects_per_pass
         self.match_tolerance = max(1, round(0.05 * num_bins))
+        self.do_sample = do_sample
+        self.vocab_size = vocab_size
         self.remaining = list(range(len(self.draft)))
         self.matched_objects = 0
-        # The model's predictions after the last pass's first rejected token, and the position of the first of them.
+        # The model's predictions after the last pass's first rejected token, and the position of the first of them;
+        # for sampling, the distributions they were drawn from (`(len(predicted), vocab_size)`, float64).
         self.predicted: list[int] = []
+        self.predicted_probabilities: torch.Tensor | None = None
         self.predicted_from = -1
         self.statistics = _STATISTICS.get()
         if self.statistics is not None:
@@ -372,14 +397,18 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
             filler = filler + last
         return filler[:budget]
 
-    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+    def get_candidates(
+        self, input_ids: torch.LongTensor, **kwargs
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(1, length)`): the prompt and the tokens written so far.
 
         Returns:
-            `(candidate_input_ids, None)`: `input_ids` followed by the drafted tokens (none when the draft has nothing
-            to offer), and no draft logits (the draft is deterministic).
+            `(candidate_input_ids, candidate_logits)`: `input_ids` followed by the drafted tokens (none when the draft
+            has nothing to offer); for sampling, the log-probabilities each drafted token was drawn from, `(1,
+            drafted, vocab_size)` float64 (`-inf` but at the token itself for a drafted object's token), for
+            transformers' speculative sampling and [`accept_sampled_draft`]; `None` for greedy decoding or no draft.
         """
         generated = input_ids[0, self.prompt_length :].tolist()
         # Drafted objects the model has written (or passed) are used up.
@@ -393,16 +422,25 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
         budget = min(5 * self.objects_per_pass, max(0, self.max_length - 1 - input_ids.shape[1]))
         predicted = self.predicted if self.predicted_from == input_ids.shape[1] else []
         proposal = predicted[:budget]
+        num_predicted = len(proposal)
         proposal = proposal + self._continuation(generated + proposal, self.remaining, budget - len(proposal))
         self._drafted = len(proposal)
         if not proposal:
             return input_ids, None
+        candidate_logits = None
+        if self.do_sample:
+            drawn_from = torch.zeros(len(proposal), self.vocab_size, dtype=torch.float64)
+            drawn_from[torch.arange(len(proposal)), torch.tensor(proposal)] = 1.0
+            if num_predicted:
+                drawn_from[:num_predicted] = self.predicted_probabilities[:num_predicted].cpu()
+            candidate_logits = drawn_from.log()[None].to(input_ids.device)
         proposal = torch.tensor([proposal], dtype=input_ids.dtype, device=input_ids.device)
-        return torch.cat([input_ids, proposal], dim=1), None
+        return torch.cat([input_ids, proposal], dim=1), candidate_logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """
-        Keeps the model's predictions after the first rejected token for the next draft, and counts the pass.
+        Keeps the model's predictions after the first rejected token for the next draft (each position's argmax,
+        or for sampling a draw from its distribution, kept with it), and counts the pass.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(1, length)`): the sequence after this pass.
@@ -410,7 +448,12 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
             num_matches (`int`): drafted tokens accepted.
         """
         num_matches = int(num_matches)
-        self.predicted = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()
+        after = scores[0, num_matches + 1 :]
+        if self.do_sample:
+            self.predicted_probabilities = after.double().softmax(dim=-1)
+            self.predicted = sample_probabilities(self.predicted_probabilities).tolist()
+        else:
+            self.predicted = after.argmax(dim=-1).tolist()
         self.predicted_from = input_ids.shape[1]
         if self.statistics is not None:
             self.statistics.passes += 1
@@ -434,6 +477,8 @@ def candidate_generators(model, generation_config, input_ids, inputs_tensor, mod
             max_length=generation_config.max_length,
             objects_per_pass=drafter.objects_per_pass_for(generation_config.do_sample),
             num_bins=model.config.num_bins,
+            do_sample=generation_config.do_sample,
+            vocab_size=model.config.vocab_size,
         )
         for draft in drafts
     ]
@@ -535,18 +580,56 @@ def process_positions(
     return torch.cat(rows)
 
 
-def sample_rows(scores: torch.Tensor) -> torch.LongTensor:
+def sample_probabilities(probabilities: torch.Tensor) -> torch.LongTensor:
     """
-    One token per row of the processed logits `scores` (`(rows, vocab_size)`), drawn from their softmax by inverse
-    transform sampling (one uniform number per row, where `torch.multinomial` draws one per token and costs a hundred
-    times more on a CPU); in float64, so that rounding cannot pick a token of probability zero in practice.
+    One token per row of `probabilities` (`(rows, vocab_size)`, non-negative, each row normalised or not), by inverse
+    transform sampling: one uniform number per row, where `torch.multinomial` draws one per token and costs a hundred
+    times more on a CPU. Pass float64 rows, so that rounding cannot pick a token of probability zero in practice.
 
     Returns:
         `torch.LongTensor` of shape `(rows,)`.
     """
-    cumulative = scores.double().softmax(dim=-1).cumsum(dim=-1)
-    uniform = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=scores.shape[-1] - 1).view(-1)
+    cumulative = probabilities.cumsum(dim=-1)
+    uniform = torch.rand(cumulative.shape[0], 1, dtype=cumulative.dtype, device=cumulative.device)
+    tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return tokens.clamp_(max=cumulative.shape[-1] - 1).view(-1)
+
+
+def accept_sampled_draft(
+    draft: torch.LongTensor, drawn_from: torch.Tensor | None, probabilities: torch.Tensor
+) -> tuple[int, int]:
+    """
+    The speculative-sampling rule (Leviathan et al., 2023, algorithm 1; transformers' `_speculative_sampling`) for
+    one sequence: drafted token `i`, drawn from `drawn_from[i]`, is kept with probability `min(1, p_i / q_i)`, `p_i`
+    the model's probability of it and `q_i` the draft's, while all before it were kept; at the first rejected token
+    the model's token is drawn from `max(p - q, 0)` (normalised), after a fully kept draft from the model's next
+    distribution. Each written token then follows the model's distribution, whatever the draft.
+
+    Args:
+        draft (`torch.LongTensor` of shape `(drafted,)`): the drafted tokens.
+        drawn_from (`torch.Tensor` of shape `(drafted, vocab_size)`): the distribution each was drawn from (all the
+            mass on the token for a deterministic draft, which makes the rule "keep it with probability `p_i`");
+            `None` for an empty draft.
+        probabilities (`torch.Tensor` of shape `(drafted + 1, vocab_size)`): the model's processed distribution at
+            each drafted position and after the last one.
+
+    Returns:
+        `(accepted, token)`: how many drafted tokens are kept, and the model's token written after them.
+    """
+    num_drafted = draft.shape[0]
+    accepted = 0
+    if num_drafted:
+        positions = torch.arange(num_drafted, device=draft.device)
+        ratio = probabilities[positions, draft] / drawn_from[positions, draft]
+        kept = torch.rand(num_drafted, dtype=ratio.dtype, device=ratio.device) <= ratio
+        accepted = int(kept.cumprod(dim=0).sum())
+    distribution = probabilities[accepted]
+    if accepted < num_drafted:
+        residual = (distribution - drawn_from[accepted]).clamp_(min=0)
+        # Nothing left where the draft's distribution is the model's up to rounding: the model's then.
+        if residual.sum() > 0:
+            distribution = residual
+    return accepted, int(sample_probabilities(distribution[None]))
 
 
 def stack_steps(per_image: list[list[torch.Tensor]], num_steps: int) -> tuple[torch.Tensor, ...]:
@@ -572,11 +655,12 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
     [`Pix2SeqObjectCandidateGenerator`]) is verified by one pass of the model's own decoder over the unverified
     tokens and the drafts of every running image (shorter drafts padded; each token at its own image's position,
     attending to that image's filled cache positions), and an image's cache is cut back past its first rejected token
-    by writing its next tokens there. Tokens are chosen as transformers' assisted decoding chooses them (every
-    position's processed logits, the `argmax` or one draw each, the draft kept up to the first mismatch, and cut after
-    an EOS), without its per-pass input preparation, output objects and cache copies; processors with a batched form
-    (the Pix2Seq grammar, [`process_positions`]) and the row-wise warpers (top-p, ...) process all positions at once,
-    and the draws are [`sample_rows`]. Images that finished are dropped from the decoder batch.
+    by writing its next tokens there. Tokens are chosen as transformers' assisted decoding chooses them (greedy: every
+    position's `argmax`, the draft kept up to the first mismatch; sampling: the speculative-sampling rule with the
+    draft's distributions, [`accept_sampled_draft`]; cut after an EOS), without its per-pass input preparation, output
+    objects and cache copies; processors with a batched form (the Pix2Seq grammar, [`process_positions`]) and the
+    row-wise warpers (top-p, ...) process all positions at once. Images that finished are dropped from the decoder
+    batch.
 
     Args:
         model: the model `generate` was called on.
@@ -616,10 +700,11 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
     scores, raw_logits = [[] for _ in range(batch_size)], [[] for _ in range(batch_size)]
     running = list(range(batch_size))  # the images the decoder batch holds, in its order
     while running:
-        drafts = []
+        drafts, drawn_from = [], []
         for row in running:
-            candidates, _ = generators[row].get_candidates(sequences[row : row + 1, : lengths[row]])
+            candidates, candidate_logits = generators[row].get_candidates(sequences[row : row + 1, : lengths[row]])
             drafts.append(candidates[0, lengths[row] :].tolist())
+            drawn_from.append(None if candidate_logits is None else candidate_logits[0].exp())
             sequences[row, lengths[row] : candidates.shape[1]] = candidates[0, lengths[row] :]
         drafted = [len(draft) for draft in drafts]
         key_length = max(lengths[row] + count for row, count in zip(running, drafted))
@@ -657,19 +742,29 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
         )
         for processor in row_wise:
             processed = processor(input_ids[:1].expand(processed.shape[0], -1), processed)
-        chosen = (sample_rows(processed) if generation_config.do_sample else processed.argmax(dim=-1)).tolist()
+        do_sample = generation_config.do_sample
+        if do_sample:
+            probabilities = processed.double().softmax(dim=-1)
+        else:
+            chosen = processed.argmax(dim=-1).tolist()
 
         still_running, start = [], 0
         for i, (row, draft) in enumerate(zip(running, drafts)):
             end = start + len(draft) + 1
-            row_chosen, row_processed = chosen[start:end], processed[start:end]
+            row_processed = processed[start:end]
+            if do_sample:
+                accepted, token = accept_sampled_draft(
+                    torch.tensor(draft, dtype=torch.long, device=device), drawn_from[i], probabilities[start:end]
+                )
+            else:
+                # The drafted tokens up to the first that differs from the model's choice, then the model's own.
+                row_chosen, accepted = chosen[start:end], 0
+                while accepted < len(draft) and row_chosen[accepted] == draft[accepted]:
+                    accepted += 1
+                token = row_chosen[accepted]
             start = end
-            # The drafted tokens up to the first that differs from the model's choice, then the model's own token,
-            # cut after an EOS.
-            accepted = 0
-            while accepted < len(draft) and row_chosen[accepted] == draft[accepted]:
-                accepted += 1
-            new_tokens = row_chosen[: accepted + 1]
+            # Cut after an EOS.
+            new_tokens = draft[:accepted] + [token]
             ends = [position for position, token in enumerate(new_tokens) if token in eos_token_ids]
             if ends:
                 new_tokens = new_tokens[: ends[0] + 1]

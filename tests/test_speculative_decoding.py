@@ -281,13 +281,14 @@ def test_processors_are_called_without_signature_checks_only_when_all_take_two_a
 
 
 def test_rows_are_sampled_from_their_distribution():
-    """`sample_rows` draws each row's token from its softmax (chi-square test), never a token of probability zero."""
-    from pix2seq_hf.speculative_decoding import sample_rows
+    """`sample_probabilities` draws each row's token from it, unnormalised rows too (chi-square test), never a token
+    of probability zero."""
+    from pix2seq_hf.speculative_decoding import sample_probabilities
 
-    probabilities = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.1, 0.0, 0.9]])
-    scores = probabilities.log()  # -inf where the probability is zero
+    probabilities = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.1, 0.0, 0.9]], dtype=torch.float64)
+    weights = probabilities * torch.tensor([[2.0], [0.5]], dtype=torch.float64)
     torch.manual_seed(0)
-    draws = torch.stack([sample_rows(scores) for _ in range(4000)])
+    draws = torch.stack([sample_probabilities(weights) for _ in range(4000)])
     for row in range(2):
         counts = torch.bincount(draws[:, row], minlength=4).double()
         assert counts[probabilities[row] == 0].sum() == 0
@@ -318,8 +319,8 @@ def test_row_wise_warpers_process_all_positions_at_once():
 
 def test_draft_length_defaults_to_the_decoding_mode():
     drafter = Pix2SeqAuxiliaryDrafter()
-    assert drafter.objects_per_pass_for(do_sample=False) == 4 and drafter.objects_per_pass_for(do_sample=True) == 1
-    assert Pix2SeqAuxiliaryDrafter(objects_per_pass=2).objects_per_pass_for(do_sample=True) == 2
+    assert drafter.objects_per_pass_for(do_sample=False) == 4 and drafter.objects_per_pass_for(do_sample=True) == 2
+    assert Pix2SeqAuxiliaryDrafter(objects_per_pass=3).objects_per_pass_for(do_sample=True) == 3
     with pytest.raises(ValueError, match="objects_per_pass"):
         Pix2SeqAuxiliaryDrafter(objects_per_pass=0)
 
@@ -442,3 +443,31 @@ def test_per_sequence_positions_need_a_static_cache_and_key_length():
     positions = torch.tensor([[0, 1]])
     with pytest.raises(ValueError, match="need a static `cache` and `key_length`"):
         decoder.decode(tokens, memory, positions=positions)
+
+
+def test_a_draft_drawn_from_other_distributions_writes_the_models_tokens():
+    """`accept_sampled_draft` with drafted tokens drawn from distributions `q` that differ from the model's `p`: the
+    first written token follows `p[0]` and the second `p[1]` (chi-square tests), and tokens are kept where `q` agrees
+    with `p`."""
+    from pix2seq_hf.speculative_decoding import accept_sampled_draft, sample_probabilities
+
+    p = torch.tensor([[0.6, 0.3, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    q = torch.tensor([[0.2, 0.2, 0.3, 0.3], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    torch.manual_seed(0)
+    trials = 6000
+    first, second = torch.zeros(4), torch.zeros(4)
+    for _ in range(trials):
+        draft = sample_probabilities(q)
+        accepted, token = accept_sampled_draft(draft, q, p)
+        written = draft[:accepted].tolist() + [token]
+        first[written[0]] += 1
+        if accepted >= 1:
+            second[written[1]] += 1
+    for counts, expected in ((first, p[0]), (second, p[1])):
+        kept = expected > 0
+        assert counts[~kept].sum() == 0
+        expected = expected * counts.sum()
+        chi_square = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+        assert chi_square < chi_square_critical(int(kept.sum()) - 1), (counts, expected)
+    # A draft drawn from the model's own distributions is always kept.
+    assert all(accept_sampled_draft(torch.tensor([0, 3]), p[:2], p)[0] == 2 for _ in range(50))

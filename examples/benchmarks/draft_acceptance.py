@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--objects_per_pass",
         type=int,
         default=None,
-        help="Objects verified per decoder pass at most (default: 4 for greedy decoding, 1 for sampling).",
+        help="Objects verified per decoder pass at most (default: 4 for greedy decoding, 2 for sampling).",
     )
     parser.add_argument("--score_threshold", type=float, default=0.3, help="Auxiliary drafter's score threshold.")
     parser.add_argument("--top_p", type=float, default=0.4, help="Top-p of the sampling run.")
