@@ -1711,7 +1711,11 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
         return self._box_codec
 
     def output_logits(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, positions: torch.LongTensor | int
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        positions: torch.LongTensor | int,
+        key_length: int | None = None,
     ) -> torch.Tensor:
         """
         The next-token logits of decoder outputs: the output projection, and for a model with `config.auxiliary_copy`
@@ -1725,12 +1729,15 @@ class Pix2SeqForObjectDetection(Pix2SeqPreTrainedModel, Pix2SeqGenerationMixin):
             positions (`torch.LongTensor` of shape `(length,)` or `(batch_size, length)`, or `int`): the outputs'
                 positions in the sequence (0: the prompt; an `int`: one position shared by every row, as in a decoding
                 step); read only with the copy.
+            key_length (`int`, *optional*): given for the outputs of a speculative verification pass (as to
+                [`Pix2SeqDecoder.decode`]), whose few positions are then projected as a decoding step's are
+                ([`decoding_linear`]).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, length, vocab_size)`: logits (with the copy, float32
             log-probabilities).
         """
-        if is_decoding_step(self, hidden_states, [self.lm_head]):
+        if is_decoding_step(self, hidden_states, [self.lm_head], key_length):
             logits = decoding_linear(self, "_lm_head", [self.lm_head], hidden_states)
         else:
             logits = self.lm_head(hidden_states)

@@ -408,7 +408,20 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
             `(candidate_input_ids, candidate_logits)`: `input_ids` followed by the drafted tokens (none when the draft
             has nothing to offer); for sampling, the log-probabilities each drafted token was drawn from, `(1,
             drafted, vocab_size)` float64 (`-inf` but at the token itself for a drafted object's token), for
-            transformers' speculative sampling and [`accept_sampled_draft`]; `None` for greedy decoding or no draft.
+            transformers' speculative sampling; `None` for greedy decoding or no draft.
+        """
+        tokens, drawn_from = self.draft_tokens(input_ids)
+        candidate_logits = None if drawn_from is None else drawn_from.log()[None]
+        return torch.cat([input_ids, tokens[None]], dim=1), candidate_logits
+
+    def draft_tokens(self, input_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """
+        The draft after `input_ids` (`(1, length)`: the prompt and the tokens written so far).
+
+        Returns:
+            `(tokens, drawn_from)`: the drafted tokens `(drafted,)` (maybe none), and for sampling the distribution
+            each was drawn from, `(drafted, vocab_size)` float64, for [`accept_sampled_draft`] (`None` for greedy
+            decoding or no draft).
         """
         generated = input_ids[0, self.prompt_length :].tolist()
         # Drafted objects the model has written (or passed) are used up.
@@ -425,17 +438,15 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
         num_predicted = len(proposal)
         proposal = proposal + self._continuation(generated + proposal, self.remaining, budget - len(proposal))
         self._drafted = len(proposal)
-        if not proposal:
-            return input_ids, None
-        candidate_logits = None
-        if self.do_sample:
-            drawn_from = torch.zeros(len(proposal), self.vocab_size, dtype=torch.float64)
-            drawn_from[torch.arange(len(proposal)), torch.tensor(proposal)] = 1.0
-            if num_predicted:
-                drawn_from[:num_predicted] = self.predicted_probabilities[:num_predicted].cpu()
-            candidate_logits = drawn_from.log()[None].to(input_ids.device)
-        proposal = torch.tensor([proposal], dtype=input_ids.dtype, device=input_ids.device)
-        return torch.cat([input_ids, proposal], dim=1), candidate_logits
+        device = input_ids.device
+        tokens = torch.tensor(proposal, dtype=input_ids.dtype, device=device)
+        if not proposal or not self.do_sample:
+            return tokens, None
+        drawn_from = torch.zeros(len(proposal), self.vocab_size, dtype=torch.float64, device=device)
+        drawn_from[torch.arange(len(proposal), device=device), tokens] = 1.0
+        if num_predicted:
+            drawn_from[:num_predicted] = self.predicted_probabilities[:num_predicted].to(device)
+        return tokens, drawn_from
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """
@@ -700,12 +711,13 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
     scores, raw_logits = [[] for _ in range(batch_size)], [[] for _ in range(batch_size)]
     running = list(range(batch_size))  # the images the decoder batch holds, in its order
     while running:
-        drafts, drawn_from = [], []
+        drafts, draft_tensors, drawn_from = [], [], []
         for row in running:
-            candidates, candidate_logits = generators[row].get_candidates(sequences[row : row + 1, : lengths[row]])
-            drafts.append(candidates[0, lengths[row] :].tolist())
-            drawn_from.append(None if candidate_logits is None else candidate_logits[0].exp())
-            sequences[row, lengths[row] : candidates.shape[1]] = candidates[0, lengths[row] :]
+            tokens, row_drawn_from = generators[row].draft_tokens(sequences[row : row + 1, : lengths[row]])
+            drafts.append(tokens.tolist())
+            draft_tensors.append(tokens)
+            drawn_from.append(row_drawn_from)
+            sequences[row, lengths[row] : lengths[row] + len(tokens)] = tokens
         drafted = [len(draft) for draft in drafts]
         key_length = max(lengths[row] + count for row, count in zip(running, drafted))
         rows = torch.tensor(running, device=device)
@@ -728,7 +740,7 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
         starts = 0
         if positions is not None:
             starts = torch.tensor([lengths[row] - 1 for row in running], device=device)[:, None]
-        logits = model.output_logits(hidden, memory, starts + index).float()
+        logits = model.output_logits(hidden, memory, starts + index, key_length).float()
         processed = torch.cat(
             [
                 process_positions(
@@ -753,9 +765,7 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
             end = start + len(draft) + 1
             row_processed = processed[start:end]
             if do_sample:
-                accepted, token = accept_sampled_draft(
-                    torch.tensor(draft, dtype=torch.long, device=device), drawn_from[i], probabilities[start:end]
-                )
+                accepted, token = accept_sampled_draft(draft_tensors[i], drawn_from[i], probabilities[start:end])
             else:
                 # The drafted tokens up to the first that differs from the model's choice, then the model's own.
                 row_chosen, accepted = chosen[start:end], 0
