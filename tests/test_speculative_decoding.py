@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pix2seq_hf import Pix2SeqForObjectDetection, Pix2SeqImageProcessor, Pix2SeqProcessor
+from pix2seq_hf.modeling_pix2seq import decoding_column_blocks
 from pix2seq_hf.speculative_decoding import (
     Pix2SeqAuxiliaryDrafter,
     Pix2SeqObjectCandidateGenerator,
@@ -77,6 +78,25 @@ def test_auxiliary_draft_gives_the_greedy_tokens_and_logits(static_decoding, att
     # Each image's tokens up to its EOS (included), in fewer passes than tokens.
     eos_seen = (reference.sequences[:, 1:] == model.config.eos_token_id).cumsum(dim=1)
     assert statistics.generated_tokens == int((eos_seen == 0).sum() + (eos_seen[:, -1] > 0).sum())
+    assert statistics.passes < statistics.generated_tokens
+
+
+def test_auxiliary_draft_gives_the_greedy_tokens_at_r50_decoder_widths():
+    """At the ResNet-50 preset's decoder widths (6 layers of 256, FFN 1024) the decoding products are split into
+    column blocks, for the passes' few rows too (their output projection included): the same greedy tokens."""
+    r50_widths = dict(decoder_layers=6, decoder_hidden_size=256, decoder_attention_heads=8, decoder_ffn_dim=1024)
+    model = head_model(**r50_widths)
+    assert decoding_column_blocks(model.lm_head.weight, model.config) > 1
+    with torch.no_grad():
+        for parameter in model.model.decoder.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0.0, 0.1)
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    options = dict(do_sample=False, min_objects=4, max_new_tokens=40)
+    reference = model.generate(pixel_values, **options)
+    with acceptance_statistics() as statistics:
+        drafted = model.generate(pixel_values, draft="auxiliary", **options)
+    torch.testing.assert_close(drafted.sequences, reference.sequences, rtol=0, atol=0)
     assert statistics.passes < statistics.generated_tokens
 
 
