@@ -133,7 +133,7 @@ def acceptance_statistics() -> Iterator[DraftStatistics]:
 
 # Objects per verification pass when the drafter does not set it. Measured on the default training run's model (batch
 # 1, 2 CPU threads): greedy decoding is fastest with 4 (kept drafted tokens are many and the Jacobi predictions after a
-# rejection start the next draft), top-p sampling with 2 (1.24x against 1.14x with 1 and 1.15x with 4: a drafted
+# rejection start the next draft), top-p sampling with 2 (1.39x against 1.28x with 1 and 1.33x with 4: a drafted
 # object's tokens are kept only as often as the sample would hit them, so a pass keeps fewer tokens than greedy's).
 DEFAULT_OBJECTS_PER_PASS = {"greedy": 4, "sampling": 2}
 
@@ -302,7 +302,7 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
     The draft never holds more than `objects_per_pass` objects' worth of tokens.
 
     For sampling (`do_sample`), a prediction is a token drawn from the model's processed distribution at its
-    position, and the draft comes with the distribution each token was drawn from (`get_candidates`' draft logits): that
+    position, and the draft comes with the distribution each token was drawn from ([`draft_tokens`]): that
     distribution for a predicted token, all the mass on the token for a drafted or filler one. Verification then applies
     the speculative-sampling rule ([`accept_sampled_draft`]); a predicted token, drawn from nearly the distribution the
     model has at its position once the rejected token is replaced, is mostly kept.
@@ -713,11 +713,11 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
     while running:
         drafts, draft_tensors, drawn_from = [], [], []
         for row in running:
-            tokens, row_drawn_from = generators[row].draft_tokens(sequences[row : row + 1, : lengths[row]])
-            drafts.append(tokens.tolist())
-            draft_tensors.append(tokens)
+            row_draft, row_drawn_from = generators[row].draft_tokens(sequences[row : row + 1, : lengths[row]])
+            drafts.append(row_draft.tolist())
+            draft_tensors.append(row_draft)
             drawn_from.append(row_drawn_from)
-            sequences[row, lengths[row] : lengths[row] + len(tokens)] = tokens
+            sequences[row, lengths[row] : lengths[row] + len(row_draft)] = row_draft
         drafted = [len(draft) for draft in drafts]
         key_length = max(lengths[row] + count for row, count in zip(running, drafted))
         rows = torch.tensor(running, device=device)
