@@ -448,7 +448,13 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
             drawn_from[:num_predicted] = self.predicted_probabilities[:num_predicted].to(device)
         return tokens, drawn_from
 
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+    def update_candidate_strategy(
+        self,
+        input_ids: torch.LongTensor,
+        scores: torch.Tensor,
+        num_matches: int,
+        probabilities: torch.Tensor | None = None,
+    ):
         """
         Keeps the model's predictions after the first rejected token for the next draft (each position's argmax,
         or for sampling a draw from its distribution, kept with it), and counts the pass.
@@ -457,11 +463,15 @@ class Pix2SeqObjectCandidateGenerator(CandidateGenerator):
             input_ids (`torch.LongTensor` of shape `(1, length)`): the sequence after this pass.
             scores (`torch.FloatTensor` of shape `(1, drafted + 1, vocab_size)`): the processed logits of the pass.
             num_matches (`int`): drafted tokens accepted.
+            probabilities (`torch.Tensor` of shape `(drafted + 1, vocab_size)`, *optional*): for sampling, the
+                float64 softmax of `scores[0]` where the caller has it already (else computed here).
         """
         num_matches = int(num_matches)
         after = scores[0, num_matches + 1 :]
         if self.do_sample:
-            self.predicted_probabilities = after.double().softmax(dim=-1)
+            self.predicted_probabilities = (
+                after.double().softmax(dim=-1) if probabilities is None else probabilities[num_matches + 1 :]
+            )
             self.predicted = sample_probabilities(self.predicted_probabilities).tolist()
         else:
             self.predicted = after.argmax(dim=-1).tolist()
@@ -764,8 +774,9 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
         for i, (row, draft) in enumerate(zip(running, drafts)):
             end = start + len(draft) + 1
             row_processed = processed[start:end]
+            row_probabilities = probabilities[start:end] if do_sample else None
             if do_sample:
-                accepted, token = accept_sampled_draft(draft_tensors[i], drawn_from[i], probabilities[start:end])
+                accepted, token = accept_sampled_draft(draft_tensors[i], drawn_from[i], row_probabilities)
             else:
                 # The drafted tokens up to the first that differs from the model's choice, then the model's own.
                 row_chosen, accepted = chosen[start:end], 0
@@ -782,7 +793,7 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
             sequences[row, lengths[row] : lengths[row] + len(new_tokens)] = torch.tensor(new_tokens, device=device)
             lengths[row] += len(new_tokens)
             written = sequences[row : row + 1, : lengths[row]]
-            generators[row].update_candidate_strategy(written, row_processed[None], accepted)
+            generators[row].update_candidate_strategy(written, row_processed[None], accepted, row_probabilities)
             if keep_scores:
                 scores[row].extend(row_processed[: accepted + 1])
             if keep_logits:
