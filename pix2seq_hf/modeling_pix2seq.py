@@ -1088,7 +1088,7 @@ class Pix2SeqEncoder(Pix2SeqPreTrainedModel):
 
         In inference without gradients (no module of the backbone training, no hooks) the backbone runs with the
         BatchNorms after its early convolutions folded into them ([`batch_norm_folded`]; a ResNet-50 at 640 px took
-        about 12% less time). On a CPU the backbone reads the images channels-last (oneDNN's convolutions are faster
+        about 8% less time). On a CPU the backbone reads the images channels-last (oneDNN's convolutions are faster
         over that layout: a ResNet-50 at 640 px took about a quarter less time) and, where no module of it is training
         (BatchNorm uses its running statistics, so an image's features do not depend on the others) and it has no
         hooks, a batch goes through it in chunks of at most `BACKBONE_CHUNK_PIXELS` pixels, whose activations stay

@@ -1,11 +1,13 @@
-"""The backbone's time per image on a CPU by image layout and by how many images it reads at once.
+"""The backbone's time per image on a CPU by image layout, by how many images it reads at once and by the BatchNorms
+folded into its convolutions.
 
 `Pix2SeqEncoder.backbone_features` hands the backbone channels-last images on a CPU and, in inference, splits a batch
 into chunks of at most `BACKBONE_CHUNK_PIXELS` pixels (one 640 x 640 image) so that the activations stay nearer the
-CPU's caches. This script times the backbone of a preset (random weights, eval mode) on a batch of random images,
-through `backbone_features` with the chunk budget set to 1, 2 and 4 images, to the default and to the whole batch,
-and with the images as given to the backbone directly (no conversion, no chunks), each configuration once per round,
-rounds interleaved, and prints the median ms per image.
+CPU's caches, and folds the BatchNorms after its early convolutions into them (`batch_norm_folding`). This script
+times the backbone of a preset (random weights, eval mode) on a batch of random images, through `backbone_features`
+with the chunk budget set to 1, 2 and 4 images, to the default and to the whole batch; at the default chunks with no
+BatchNorm folded and with every one folded; and with the images as given to the backbone directly (no conversion, no
+chunks, no folding), each configuration once per round, rounds interleaved, and prints the median ms per image.
 
     python examples/benchmarks/benchmark_backbone_chunks.py                 # ResNet-50 at 640 px, 8 images: ~2 minutes
     python examples/benchmarks/benchmark_backbone_chunks.py --preset tiny --image_size 256 --batch_size 16
@@ -20,6 +22,7 @@ import time
 
 import torch
 
+import pix2seq_hf.batch_norm_folding as batch_norm_folding
 import pix2seq_hf.modeling_pix2seq as modeling_pix2seq
 from pix2seq_hf import Pix2SeqForObjectDetection
 from pix2seq_hf.cli import HelpFormatter, require_at_least_one
@@ -64,8 +67,22 @@ def main(argv=None) -> int:
 
         return run
 
+    def folding(min_outputs_per_weight: float):
+        def run():
+            default_rule = batch_norm_folding.FOLD_MIN_OUTPUTS_PER_WEIGHT
+            batch_norm_folding.FOLD_MIN_OUTPUTS_PER_WEIGHT = min_outputs_per_weight
+            try:
+                return encoder.backbone_features(images)
+            finally:
+                batch_norm_folding.FOLD_MIN_OUTPUTS_PER_WEIGHT = default_rule
+
+        return run
+
     configs = {"images as given, whole batch": lambda: encoder.backbone(images, return_dict=True).feature_maps[-1]}
     configs.update({f"channels-last, {size} per chunk": chunked(size) for size in sizes})
+    per_default_chunk = min(default, args.batch_size)
+    configs[f"channels-last, {per_default_chunk} per chunk, no BatchNorm folded"] = folding(float("inf"))
+    configs[f"channels-last, {per_default_chunk} per chunk, every BatchNorm folded"] = folding(0)
     timings = {name: [] for name in configs}
     with torch.inference_mode():
         for run in configs.values():
