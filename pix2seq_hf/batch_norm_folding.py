@@ -43,7 +43,8 @@ def conv_batch_norm_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str
 
     Found from the module's `torch.fx` graph (convolutions and normalisations as calls of their modules): an
     `nn.Conv2d` call whose only user is an `nn.BatchNorm2d` call (exactly these classes: subclasses such as timm's
-    `BatchNormAct2d` do more in their `forward`), each module called once. Where `module` cannot be traced (control flow on its input, a `ModuleList`), its children are searched.
+    `BatchNormAct2d` do more in their `forward`), each module called once. Where `module` cannot be traced (control
+    flow on its input, a `ModuleList`), its children are searched.
 
     Args:
         module (`nn.Module`): the network (a backbone).
@@ -55,9 +56,8 @@ def conv_batch_norm_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str
     try:
         graph = _ConvolutionsAsLeaves().trace(module)
     except Exception:  # noqa: BLE001 - fx raises many kinds of errors on what it cannot trace
-        return [
-            pair for name, child in module.named_children() for pair in conv_batch_norm_pairs(child, f"{prefix}{name}.")
-        ]
+        children = module.named_children()
+        return [pair for name, child in children for pair in conv_batch_norm_pairs(child, f"{prefix}{name}.")]
     calls = [node for node in graph.nodes if node.op == "call_module"]
     called_once = {
         target for target in {node.target for node in calls} if sum(node.target == target for node in calls) == 1
