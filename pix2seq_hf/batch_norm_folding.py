@@ -115,14 +115,33 @@ class BatchNormFoldedConv2d(nn.Module):
             outputs *= hidden_states.shape[-1] // conv.stride[1]
             folded = ()
             if outputs >= FOLD_MIN_OUTPUTS_PER_WEIGHT * conv.weight[0].numel():
-                with torch.no_grad():
-                    folded = fuse_conv_bn_weights(
-                        conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
-                    )
+                folded = fold(conv, norm)
             folds[self] = folded
         if not folded:
             return norm(conv(hidden_states))
         return conv._conv_forward(hidden_states, *folded)
+
+
+def fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The weight and bias of `conv` followed by `norm` (running statistics) as one convolution, computed in float32 (a
+    bf16 model's folded weights are rounded once, not at every step of the fold) and given in `conv`'s dtype, without
+    gradients.
+
+    Returns:
+        `(weight, bias)`.
+    """
+
+    def as_float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.float()
+
+    with torch.no_grad():
+        weight, bias = fuse_conv_bn_weights(
+            *map(as_float32, (conv.weight, conv.bias, norm.running_mean, norm.running_var)),
+            norm.eps,
+            *map(as_float32, (norm.weight, norm.bias)),
+        )
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
 
 def foldable(norm: nn.Module) -> bool:

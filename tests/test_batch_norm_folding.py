@@ -161,3 +161,15 @@ def test_a_transformers_resnet_backbone_folds_its_pairs_with_the_same_features()
         torch.testing.assert_close(
             view(images).feature_maps[-1], backbone(images).feature_maps[-1], rtol=1e-5, atol=1e-5
         )
+
+
+def test_a_bf16_backbone_folded_is_as_close_to_float32_as_with_its_own_batch_norms(model):
+    images = pixels()
+    with torch.no_grad():
+        reference = model.model.encoder.backbone_features(images)
+        encoder = model.model.encoder.to(torch.bfloat16)
+        features = encoder.backbone_features(images.to(torch.bfloat16))
+        unfolded = unfolded_features(model, images.to(torch.bfloat16))
+    assert features.dtype == torch.bfloat16
+    error, unfolded_error = ((values.float() - reference).abs().mean() for values in (features, unfolded))
+    assert error <= 1.25 * unfolded_error, (error, unfolded_error)
