@@ -29,8 +29,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 # (its 94 MB of folded weights are computed at every call).
 FOLD_MIN_OUTPUTS_PER_WEIGHT = 4
 
-# Each backbone's view ([`batch_norm_folded`]), with the modules it was built from.
-_VIEWS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
+# Each backbone's view ([`batch_norm_folded`]; `None` where it has no pairs), with the modules it was built from.
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module | None]] = weakref.WeakKeyDictionary()
 
 # The folded weights of the pairs used in the current call of a view (`BatchNormFoldedConv2d` -> (weight, bias), or
 # `()` where the pair runs unfolded); `None` outside one.
@@ -166,11 +166,12 @@ def batch_norm_folded(backbone: nn.Module) -> Iterator[nn.Module]:
     if found is None or found[0] != modules:
         # A module used twice is left alone: folding it for one use would change the other.
         pairs = [] if len(modules) != len(set(modules)) else conv_batch_norm_pairs(backbone)
-        found = (modules, _view(backbone, pairs) if pairs else backbone)
+        # `None` where there are no pairs: the value must not refer to its key, or the backbone would never be freed.
+        found = (modules, _view(backbone, pairs) if pairs else None)
         _VIEWS[backbone] = found
     token = FOLDED_WEIGHTS.set({})
     try:
-        yield found[1]
+        yield backbone if found[1] is None else found[1]
     finally:
         FOLDED_WEIGHTS.reset(token)
 

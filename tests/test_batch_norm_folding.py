@@ -2,6 +2,8 @@
 (`pix2seq_hf/batch_norm_folding.py`, used by `Pix2SeqEncoder.backbone_features`)."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -173,3 +175,15 @@ def test_a_bf16_backbone_folded_is_as_close_to_float32_as_with_its_own_batch_nor
     assert features.dtype == torch.bfloat16
     error, unfolded_error = ((values.float() - reference).abs().mean() for values in (features, unfolded))
     assert error <= 1.25 * unfolded_error, (error, unfolded_error)
+
+
+@pytest.mark.parametrize("with_pairs", [True, False])
+def test_a_backbone_that_was_run_folded_is_freed_with_its_model(with_pairs):
+    module = (Untraceable() if with_pairs else nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())).eval()
+    with torch.no_grad(), batch_norm_folded(module) as view:
+        view(torch.randn(1, 3, 8, 8))
+    assert (view is not module) == with_pairs
+    reference = weakref.ref(module)
+    del module, view
+    gc.collect()
+    assert reference() is None
