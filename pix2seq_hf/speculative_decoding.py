@@ -774,12 +774,12 @@ def verify_drafts(model, input_ids, logits_processor, stopping_criteria, generat
         for i, (row, draft) in enumerate(zip(running, drafts)):
             end = start + len(draft) + 1
             row_processed = processed[start:end]
-            row_probabilities = probabilities[start:end] if do_sample else None
             if do_sample:
+                row_probabilities = probabilities[start:end]
                 accepted, token = accept_sampled_draft(draft_tensors[i], drawn_from[i], row_probabilities)
             else:
                 # The drafted tokens up to the first that differs from the model's choice, then the model's own.
-                row_chosen, accepted = chosen[start:end], 0
+                row_probabilities, row_chosen, accepted = None, chosen[start:end], 0
                 while accepted < len(draft) and row_chosen[accepted] == draft[accepted]:
                     accepted += 1
                 token = row_chosen[accepted]
